@@ -1,0 +1,1 @@
+//! Flotilla end-to-end test package; see tests/.
