@@ -1,0 +1,1 @@
+//! The local busybox image and containers removed on drop.

@@ -1,0 +1,1 @@
+//! Real etcd: single member, TLS + auth, 3-member cluster.

@@ -1,0 +1,1 @@
+//! HAProxy in master-worker mode (written with the proxyctl issue).
