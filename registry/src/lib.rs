@@ -1,1 +1,22 @@
-//! registry
+//! `flotilla-registry`: the contract shared by Flotilla's daemons.
+//!
+//! - [`keys`]: the etcd key schema (`<prefix>/nodes/<node>`,
+//!   `<prefix>/endpoints/<node>/<service>/<instance>`, `<prefix>/config/...`).
+//! - [`record`]: the `Endpoint` and `Node` records, validated on encode **and** decode.
+//! - [`etcd`]: the etcd options every binary flattens into its CLI, and connecting with them.
+//! - [`cache`]: the watch cache (list at R, watch from R+1, relist on compaction or fault).
+//! - [`backoff`]: jittered capped backoff.
+//! - [`daemon`]: plumbing every daemon shares (logging, `/metrics` + `/healthz`, sd_notify).
+#![warn(missing_docs)]
+
+pub mod backoff;
+pub mod cache;
+pub mod daemon;
+pub mod etcd;
+pub mod keys;
+pub mod record;
+
+pub use cache::{CacheState, CacheStatus, Snapshot, WatchCache};
+pub use etcd::{EtcdArgs, EtcdError};
+pub use keys::{KeyKind, Keys};
+pub use record::{Endpoint, Health, Node, Proto, RecordError};

@@ -1,0 +1,411 @@
+//! The watch cache: an exact in-memory mirror of one etcd prefix.
+//!
+//! A state machine (`Connect → List → Watch`, with `Backoff` on faults):
+//!
+//! - **List** reads the prefix in pages, all pinned to the revision `R` of the first page, into a
+//!   fresh map, and only then swaps it in as one new [`Snapshot`]: a reader never sees a
+//!   half-listed view.
+//! - **Watch** starts at `R + 1`, so nothing between the list and the watch is lost, and applies
+//!   each response's events in order (a put replaces, a delete removes).
+//! - A compacted revision, a cancelled watch (e.g. the member lost its leader: connections use
+//!   `require_leader`), a stream error or an ended stream all lead back to **List**, after a
+//!   jittered, capped backoff for faults. Relisting swaps the whole map atomically, so entries
+//!   deleted while the watch was down disappear and none are duplicated.
+//!
+//! Records under `<prefix>/endpoints/` and `<prefix>/nodes/` are decoded and validated as they
+//! arrive; an invalid one is left out of [`Snapshot::endpoints`] / [`Snapshot::nodes`] with one
+//! warning per write naming the key and field, and listed in [`Snapshot::rejected`].
+//!
+//! The current snapshot is published through `tokio::sync::watch`; the task ends when the last
+//! receiver is dropped.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::backoff::Backoff;
+use crate::etcd::{error_chain, EtcdArgs};
+use crate::keys::{prefix_end, KeyKind, Keys};
+use crate::record::{Endpoint, Node};
+
+/// Keys per page when listing.
+const PAGE: i64 = 1000;
+/// Largest gRPC message accepted from etcd (a watch response can carry many events).
+const MAX_MESSAGE: usize = 256 * 1024 * 1024;
+
+/// One consistent view of the watched prefix at one etcd revision.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The etcd revision this view reflects (0 before the first list).
+    pub revision: i64,
+    /// False until the first complete list has been swapped in.
+    pub complete: bool,
+    /// Every key under the watched prefix with its raw value.
+    pub kvs: Arc<BTreeMap<String, Vec<u8>>>,
+    /// Valid endpoint records, by etcd key.
+    pub endpoints: Arc<BTreeMap<String, Endpoint>>,
+    /// Valid node records, by node name.
+    pub nodes: Arc<BTreeMap<String, Node>>,
+    /// Keys whose value failed validation, with the reason.
+    pub rejected: Arc<BTreeMap<String, String>>,
+}
+
+impl Snapshot {
+    /// Endpoints grouped by service, each list sorted by (node, instance): deterministic, so the
+    /// same registry always renders the same output.
+    pub fn services(&self) -> BTreeMap<String, Vec<Endpoint>> {
+        let mut out: BTreeMap<String, Vec<Endpoint>> = BTreeMap::new();
+        for ep in self.endpoints.values() {
+            out.entry(ep.service.clone()).or_default().push(ep.clone());
+        }
+        for eps in out.values_mut() {
+            eps.sort_by(|a, b| (&a.node, &a.instance).cmp(&(&b.node, &b.instance)));
+        }
+        out
+    }
+}
+
+/// Where the cache is, for `/healthz` and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheState {
+    /// Connecting or listing; no complete view yet (or reconnecting after a fault).
+    Syncing,
+    /// Listed and watching: the snapshot is current.
+    Watching,
+    /// A fault; waiting before the next attempt. The last snapshot stays published (stale).
+    Degraded {
+        /// The fault, one line.
+        error: String,
+    },
+}
+
+/// Health and counters of the cache.
+#[derive(Debug, Clone)]
+pub struct CacheStatus {
+    /// Current state.
+    pub state: CacheState,
+    /// Full lists done (1 after the first sync).
+    pub lists: u64,
+    /// Compactions that forced a relist.
+    pub compactions: u64,
+    /// Faults seen (connect, list or watch errors).
+    pub faults: u64,
+}
+
+/// Handle to a running watch cache task. Dropping it stops the task.
+#[derive(Debug)]
+pub struct WatchCache {
+    snapshot: watch::Receiver<Snapshot>,
+    status: watch::Receiver<CacheStatus>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for WatchCache {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl WatchCache {
+    /// Starts mirroring `watch_prefix` (normally `keys.root()`), connecting with `args`.
+    pub fn spawn(args: EtcdArgs, keys: Keys, watch_prefix: String) -> WatchCache {
+        let (snap_tx, snap_rx) = watch::channel(Snapshot::default());
+        let (status_tx, status_rx) = watch::channel(CacheStatus {
+            state: CacheState::Syncing,
+            lists: 0,
+            compactions: 0,
+            faults: 0,
+        });
+        let worker = Worker { args, keys, prefix: watch_prefix, snap: snap_tx, status: status_tx };
+        let task = tokio::spawn(worker.run());
+        WatchCache { snapshot: snap_rx, status: status_rx, task }
+    }
+
+    /// A receiver of snapshots. `changed()` fires on every applied change.
+    pub fn subscribe(&self) -> watch::Receiver<Snapshot> {
+        self.snapshot.clone()
+    }
+
+    /// A receiver of the cache's health.
+    pub fn status(&self) -> watch::Receiver<CacheStatus> {
+        self.status.clone()
+    }
+
+    /// The current snapshot.
+    pub fn current(&self) -> Snapshot {
+        self.snapshot.borrow().clone()
+    }
+
+    /// Waits until a complete snapshot at or after `revision` is published.
+    pub async fn wait_for_revision(&self, revision: i64) -> Snapshot {
+        let mut rx = self.subscribe();
+        let snap = rx
+            .wait_for(|s| s.complete && s.revision >= revision)
+            .await
+            .expect("cache task ended while its handle is alive");
+        snap.clone()
+    }
+}
+
+/// How a watch ended.
+enum WatchEnd {
+    /// The start revision was compacted: relist at once.
+    Compacted(i64),
+    /// Everyone stopped listening: end the task.
+    Closed,
+    /// A fault: back off, then reconnect and relist.
+    Fault(String),
+}
+
+struct Worker {
+    args: EtcdArgs,
+    keys: Keys,
+    prefix: String,
+    snap: watch::Sender<Snapshot>,
+    status: watch::Sender<CacheStatus>,
+}
+
+impl Worker {
+    async fn run(self) {
+        let mut backoff = Backoff::default();
+        let mut client: Option<Client> = None;
+        loop {
+            if self.snap.is_closed() {
+                return;
+            }
+            let mut c = match client.take() {
+                Some(c) => c,
+                None => match self.args.connect().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        self.fault(e.to_string(), &mut backoff).await;
+                        continue;
+                    }
+                },
+            };
+            let revision = match self.list(&mut c).await {
+                Ok(rev) => rev,
+                Err(e) => {
+                    self.fault(format!("listing {}: {}", self.prefix, error_chain(&e)), &mut backoff).await;
+                    continue;
+                }
+            };
+            backoff.success();
+            self.set_state(CacheState::Watching);
+            match self.watch(&mut c, revision).await {
+                WatchEnd::Closed => return,
+                WatchEnd::Compacted(compact) => {
+                    info!(prefix = %self.prefix, revision, compact, "watch revision compacted; relisting");
+                    self.status.send_modify(|s| s.compactions += 1);
+                    client = Some(c);
+                }
+                WatchEnd::Fault(error) => {
+                    self.fault(format!("watching {}: {error}", self.prefix), &mut backoff).await;
+                }
+            }
+        }
+    }
+
+    fn set_state(&self, state: CacheState) {
+        self.status.send_if_modified(|s| {
+            if s.state == state {
+                return false;
+            }
+            match &state {
+                CacheState::Watching => info!(prefix = %self.prefix, "registry watch is current"),
+                CacheState::Degraded { error } => warn!(prefix = %self.prefix, %error, "registry watch degraded; the last view is kept and retried"),
+                CacheState::Syncing => {}
+            }
+            s.state = state;
+            true
+        });
+    }
+
+    async fn fault(&self, error: String, backoff: &mut Backoff) {
+        debug!(prefix = %self.prefix, %error, "registry watch fault");
+        self.status.send_modify(|s| s.faults += 1);
+        self.set_state(CacheState::Degraded { error });
+        let delay = backoff.next_delay();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = self.snap.closed() => {}
+        }
+    }
+
+    /// Lists the prefix in pages pinned to one revision, then swaps the result in.
+    async fn list(&self, client: &mut Client) -> Result<i64, etcd_client::Error> {
+        let end = prefix_end(&self.prefix);
+        let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+        let mut from = self.prefix.as_bytes().to_vec();
+        let mut revision = 0i64;
+        let mut fresh = Mirror::default();
+        let known_bad = self.snap.borrow().rejected.clone();
+        loop {
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
+            let resp = kv.get(from.clone(), Some(opts)).await?;
+            if revision == 0 {
+                revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            for item in resp.kvs() {
+                let seen = std::str::from_utf8(item.key()).is_ok_and(|k| known_bad.contains_key(k));
+                fresh.put(&self.keys, item.key(), item.value(), !seen);
+            }
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        let count = fresh.kvs.len();
+        self.snap.send_replace(Snapshot {
+            revision,
+            complete: true,
+            kvs: Arc::new(fresh.kvs),
+            endpoints: Arc::new(fresh.endpoints),
+            nodes: Arc::new(fresh.nodes),
+            rejected: Arc::new(fresh.rejected),
+        });
+        self.status.send_modify(|s| s.lists += 1);
+        debug!(prefix = %self.prefix, revision, keys = count, "listed");
+        Ok(revision)
+    }
+
+    /// Watches from `revision + 1`, applying events until the watch ends.
+    async fn watch(&self, client: &mut Client, revision: i64) -> WatchEnd {
+        let opts = WatchOptions::new()
+            .with_range(prefix_end(&self.prefix))
+            .with_start_revision(revision + 1)
+            .with_progress_notify();
+        let mut wc = client.watch_client().max_decoding_message_size(MAX_MESSAGE);
+        let mut stream = match wc.watch(self.prefix.clone(), Some(opts)).await {
+            Ok(s) => s,
+            Err(e) => return WatchEnd::Fault(error_chain(&e)),
+        };
+        loop {
+            let msg = tokio::select! {
+                m = stream.message() => m,
+                _ = self.snap.closed() => return WatchEnd::Closed,
+            };
+            let resp = match msg {
+                Ok(Some(r)) => r,
+                Ok(None) => return WatchEnd::Fault("watch stream ended".into()),
+                Err(e) => return WatchEnd::Fault(error_chain(&e)),
+            };
+            if resp.compact_revision() > 0 {
+                return WatchEnd::Compacted(resp.compact_revision());
+            }
+            if resp.canceled() {
+                let reason = resp.cancel_reason();
+                return WatchEnd::Fault(format!(
+                    "watch cancelled by etcd{}",
+                    if reason.is_empty() { String::new() } else { format!(": {reason}") }
+                ));
+            }
+            let header_rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+            if resp.events().is_empty() {
+                // created / progress notification: only the revision moves.
+                self.snap.send_if_modified(|s| {
+                    if header_rev > s.revision {
+                        s.revision = header_rev;
+                        true
+                    } else {
+                        false
+                    }
+                });
+                continue;
+            }
+            let keys = &self.keys;
+            self.snap.send_modify(|s| {
+                let mut m = Mirror::borrow(s);
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    match ev.event_type() {
+                        EventType::Put => m.put(keys, kv.key(), kv.value(), true),
+                        EventType::Delete => m.delete(keys, kv.key()),
+                    }
+                }
+                m.finish(s);
+                s.revision = header_rev.max(s.revision);
+            });
+        }
+    }
+}
+
+/// The mutable maps of a snapshot, with decode-on-put.
+#[derive(Default)]
+struct Mirror {
+    kvs: BTreeMap<String, Vec<u8>>,
+    endpoints: BTreeMap<String, Endpoint>,
+    nodes: BTreeMap<String, Node>,
+    rejected: BTreeMap<String, String>,
+}
+
+impl Mirror {
+    /// Takes the snapshot's maps out for in-place edits (cloned only if a reader still holds
+    /// them); [`Mirror::finish`] puts them back.
+    fn borrow(s: &mut Snapshot) -> Mirror {
+        Mirror {
+            kvs: std::mem::take(Arc::make_mut(&mut s.kvs)),
+            endpoints: std::mem::take(Arc::make_mut(&mut s.endpoints)),
+            nodes: std::mem::take(Arc::make_mut(&mut s.nodes)),
+            rejected: std::mem::take(Arc::make_mut(&mut s.rejected)),
+        }
+    }
+
+    fn finish(self, s: &mut Snapshot) {
+        *Arc::make_mut(&mut s.kvs) = self.kvs;
+        *Arc::make_mut(&mut s.endpoints) = self.endpoints;
+        *Arc::make_mut(&mut s.nodes) = self.nodes;
+        *Arc::make_mut(&mut s.rejected) = self.rejected;
+    }
+
+    /// Stores `value` at `key`, decoding records; a bad record is warned about if `warn_bad`.
+    fn put(&mut self, keys: &Keys, key: &[u8], value: &[u8], warn_bad: bool) {
+        let Ok(key) = std::str::from_utf8(key) else {
+            warn!(key = %String::from_utf8_lossy(key), "skipping a key that is not UTF-8");
+            return;
+        };
+        self.kvs.insert(key.to_owned(), value.to_vec());
+        self.endpoints.remove(key);
+        self.rejected.remove(key);
+        let result = match keys.parse(key) {
+            Some(KeyKind::Endpoint { .. }) => Endpoint::decode(keys, key, value).map(|ep| {
+                self.endpoints.insert(key.to_owned(), ep);
+            }),
+            Some(KeyKind::Node { node }) => {
+                self.nodes.remove(node);
+                Node::decode(keys, key, value).map(|n| {
+                    self.nodes.insert(n.node.clone(), n);
+                })
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = result {
+            // One warning per write of a bad value (a relist does not repeat it).
+            if warn_bad {
+                warn!(key, field = %e.field, reason = %e.reason, "skipping an invalid record");
+            } else {
+                debug!(key, field = %e.field, reason = %e.reason, "skipping an invalid record");
+            }
+            self.rejected.insert(key.to_owned(), e.to_string());
+        }
+    }
+
+    fn delete(&mut self, keys: &Keys, key: &[u8]) {
+        let Ok(key) = std::str::from_utf8(key) else { return };
+        self.kvs.remove(key);
+        self.endpoints.remove(key);
+        self.rejected.remove(key);
+        if let Some(KeyKind::Node { node }) = keys.parse(key) {
+            self.nodes.remove(node);
+        }
+    }
+}

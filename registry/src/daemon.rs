@@ -1,0 +1,146 @@
+//! Plumbing every Flotilla daemon shares: logging, the `/metrics` + `/healthz` endpoint and
+//! systemd notification. Kept small; a daemon's own logic lives in its crate.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tracing::{debug, warn};
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable text.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging and observability options shared by the daemons.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ObsArgs {
+    /// Log format on stderr. Filter with RUST_LOG (e.g. `info`, `presence=debug`).
+    #[arg(long, env = "FLOTILLA_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Serve Prometheus metrics at /metrics and readiness at /healthz on this address
+    /// (e.g. 127.0.0.1:9180). Off when not given.
+    #[arg(long, env = "FLOTILLA_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// Installs the tracing subscriber: stderr, `RUST_LOG` filter (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// What `/healthz` reports: healthy (200) or not (503), with a one-line-per-check body.
+pub type HealthFn = Arc<dyn Fn() -> (bool, String) + Send + Sync>;
+
+/// Serves `/metrics` (Prometheus text from `registry`) and `/healthz` (from `health`) on
+/// `listener` until the task is dropped. Minimal HTTP/1.0: one request per connection.
+pub async fn serve_observability(listener: TcpListener, registry: Arc<Mutex<Registry>>, health: HealthFn) {
+    loop {
+        let (mut sock, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, "metrics listener accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let registry = registry.clone();
+        let health = health.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            let n = match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let path = req.split_whitespace().nth(1).unwrap_or("/");
+            let (status, ctype, body) = match path {
+                "/metrics" => {
+                    let mut text = String::new();
+                    let reg = registry.lock().expect("metrics registry lock");
+                    let _ = prometheus_client::encoding::text::encode(&mut text, &reg);
+                    ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", text)
+                }
+                "/healthz" => {
+                    let (ok, text) = health();
+                    (if ok { "200 OK" } else { "503 Service Unavailable" }, "text/plain; charset=utf-8", text)
+                }
+                _ => ("404 Not Found", "text/plain", "try /metrics or /healthz\n".to_string()),
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = sock.write_all(head.as_bytes()).await;
+            let _ = sock.write_all(body.as_bytes()).await;
+            let _ = sock.shutdown().await;
+            debug!(%peer, path, "served");
+        });
+    }
+}
+
+/// Binds `addr` and serves observability in a background task; errors name the flag.
+pub async fn spawn_observability(
+    addr: SocketAddr,
+    registry: Arc<Mutex<Registry>>,
+    health: HealthFn,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("--metrics-addr {addr}: cannot listen: {e}"))?;
+    Ok(tokio::spawn(serve_observability(listener, registry, health)))
+}
+
+/// Tells systemd the daemon is ready (no-op outside systemd).
+pub fn notify_ready() {
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+}
+
+/// Tells systemd the daemon is stopping (no-op outside systemd).
+pub fn notify_stopping() {
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+}
+
+/// If systemd set `WatchdogSec`, pings WATCHDOG=1 at half the interval while `alive()` holds;
+/// when it stops holding, pings stop and systemd restarts the daemon.
+pub fn spawn_watchdog(alive: Arc<dyn Fn() -> bool + Send + Sync>) -> Option<tokio::task::JoinHandle<()>> {
+    let mut usec = 0u64;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return None;
+    }
+    let period = Duration::from_micros(usec) / 2;
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            if alive() {
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            }
+        }
+    }))
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
