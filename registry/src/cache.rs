@@ -109,9 +109,22 @@ impl Drop for WatchCache {
     }
 }
 
+/// Knobs for tests; the defaults are what the daemons use.
+#[derive(Debug, Clone, Default)]
+pub struct Tuning {
+    /// Wait this long between a list and the watch that follows it. Tests use it to let the
+    /// listed revision be compacted before the watch starts, forcing the relist path.
+    pub pause_before_watch: std::time::Duration,
+}
+
 impl WatchCache {
     /// Starts mirroring `watch_prefix` (normally `keys.root()`), connecting with `args`.
     pub fn spawn(args: EtcdArgs, keys: Keys, watch_prefix: String) -> WatchCache {
+        Self::spawn_tuned(args, keys, watch_prefix, Tuning::default())
+    }
+
+    /// [`WatchCache::spawn`] with test knobs.
+    pub fn spawn_tuned(args: EtcdArgs, keys: Keys, watch_prefix: String, tuning: Tuning) -> WatchCache {
         let (snap_tx, snap_rx) = watch::channel(Snapshot::default());
         let (status_tx, status_rx) = watch::channel(CacheStatus {
             state: CacheState::Syncing,
@@ -119,7 +132,7 @@ impl WatchCache {
             compactions: 0,
             faults: 0,
         });
-        let worker = Worker { args, keys, prefix: watch_prefix, snap: snap_tx, status: status_tx };
+        let worker = Worker { args, keys, prefix: watch_prefix, snap: snap_tx, status: status_tx, tuning };
         let task = tokio::spawn(worker.run());
         WatchCache { snapshot: snap_rx, status: status_rx, task }
     }
@@ -166,6 +179,7 @@ struct Worker {
     prefix: String,
     snap: watch::Sender<Snapshot>,
     status: watch::Sender<CacheStatus>,
+    tuning: Tuning,
 }
 
 impl Worker {
@@ -194,6 +208,9 @@ impl Worker {
                 }
             };
             backoff.success();
+            if !self.tuning.pause_before_watch.is_zero() {
+                tokio::time::sleep(self.tuning.pause_before_watch).await;
+            }
             self.set_state(CacheState::Watching);
             match self.watch(&mut c, revision).await {
                 WatchEnd::Closed => return,
@@ -311,17 +328,19 @@ impl Worker {
             }
             let header_rev = resp.header().map(|h| h.revision()).unwrap_or(0);
             if resp.events().is_empty() {
-                // created / progress notification: only the revision moves.
-                self.snap.send_if_modified(|s| {
-                    if header_rev > s.revision {
-                        s.revision = header_rev;
-                        true
-                    } else {
-                        false
-                    }
-                });
+                // A progress notification means every event up to its header revision has been
+                // delivered. The `created` response does not: its header is the store's revision
+                // at creation, while the events since `revision + 1` are still to come.
+                if !resp.created() {
+                    self.snap.send_if_modified(|s| {
+                        let moved = header_rev > s.revision;
+                        s.revision = s.revision.max(header_rev);
+                        moved
+                    });
+                }
                 continue;
             }
+            let last_rev = resp.events().iter().filter_map(|e| e.kv()).map(|kv| kv.mod_revision()).max().unwrap_or(0);
             let keys = &self.keys;
             self.snap.send_modify(|s| {
                 let mut m = Mirror::borrow(s);
@@ -333,7 +352,7 @@ impl Worker {
                     }
                 }
                 m.finish(s);
-                s.revision = header_rev.max(s.revision);
+                s.revision = s.revision.max(last_rev);
             });
         }
     }

@@ -199,8 +199,15 @@ impl EtcdArgs {
         let opts = self.connect_options()?;
         let endpoints = self.endpoints.join(",");
         let fut = async {
+            // With a user, connect() authenticates (a wrong password fails here). The status
+            // call then proves the transport (TLS handshake, reachability). A permission error
+            // on it still proves both.
             let mut client = Client::connect(&self.endpoints, Some(opts)).await?;
-            client.get(self.root_probe_key(), Some(etcd_client::GetOptions::new().with_keys_only().with_limit(1))).await?;
+            match client.status().await {
+                Ok(_) => {}
+                Err(e) if error_chain(&e).contains("permission denied") => {}
+                Err(e) => return Err(e),
+            }
             Ok::<_, etcd_client::Error>(client)
         };
         let deadline = self.dial_timeout + Duration::from_secs(2);
@@ -213,10 +220,6 @@ impl EtcdArgs {
                 hint: self.hint(),
             }),
         }
-    }
-
-    fn root_probe_key(&self) -> String {
-        format!("{}/", self.prefix)
     }
 
     fn hint(&self) -> String {

@@ -1,0 +1,304 @@
+//! The registry against a real etcd: round trips, the watch cache's exactness across
+//! compaction, restart and leader loss, and TLS + password authentication.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use etcd_client::{Client, DeleteOptions, GetOptions, PutOptions};
+use flotilla_harness::etcd::{Etcd, EtcdCluster, TlsEtcd};
+use flotilla_registry::record::{Endpoint, Health, Proto};
+use flotilla_registry::{CacheState, EtcdArgs, EtcdError, Keys, Tuning, WatchCache};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn args(endpoints: Vec<String>) -> EtcdArgs {
+    EtcdArgs { endpoints, ..EtcdArgs::default() }
+}
+
+fn keys() -> Keys {
+    Keys::new("/flotilla").unwrap()
+}
+
+fn endpoint(node: &str, service: &str, n: u32) -> Endpoint {
+    let container = format!("{n:012x}");
+    Endpoint {
+        service: service.into(),
+        instance: format!("{node}-{container}-80"),
+        node: node.into(),
+        host: "127.0.0.1".into(),
+        port: 20000 + (n % 40000) as u16,
+        proto: Proto::Tcp,
+        container,
+        image: "web:git-3f2a9c1".into(),
+        tags: vec![format!("n{n}")],
+        meta: BTreeMap::new(),
+        health: Health::None,
+        registered_at: "2026-11-22T07:33:12Z".into(),
+    }
+}
+
+async fn connect_err(a: &EtcdArgs) -> EtcdError {
+    match a.connect().await {
+        Ok(_) => panic!("connecting with {a:?} should fail"),
+        Err(e) => e,
+    }
+}
+
+async fn put(client: &mut Client, ep: &Endpoint) {
+    client.put(ep.key(&keys()), ep.encode(&keys()).unwrap(), None).await.expect("put");
+}
+
+/// Everything under `/flotilla/` in etcd right now, and the revision it was read at.
+async fn etcd_state(client: &mut Client) -> (i64, BTreeMap<String, Vec<u8>>) {
+    let resp = client.get("/flotilla/", Some(GetOptions::new().with_prefix())).await.expect("get");
+    let rev = resp.header().unwrap().revision();
+    let map = resp.kvs().iter().map(|kv| (kv.key_str().unwrap().to_owned(), kv.value().to_vec())).collect();
+    (rev, map)
+}
+
+/// Waits until the cache has caught up with etcd and checks it holds exactly etcd's keys.
+async fn assert_exact(cache: &WatchCache, client: &mut Client, what: &str) {
+    let (rev, want) = tokio::time::timeout(DEADLINE, async {
+        loop {
+            // etcd may be electing a leader: retry reads until one succeeds
+            match client.get("/flotilla/", Some(GetOptions::new().with_prefix())).await {
+                Ok(resp) => {
+                    let rev = resp.header().unwrap().revision();
+                    let map: BTreeMap<_, _> =
+                        resp.kvs().iter().map(|kv| (kv.key_str().unwrap().to_owned(), kv.value().to_vec())).collect();
+                    return (rev, map);
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}: etcd did not answer within {DEADLINE:?}"));
+    let snap = tokio::time::timeout(DEADLINE, cache.wait_for_revision(rev))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: cache did not reach revision {rev} within {DEADLINE:?}: {:?}", cache.status().borrow()));
+    if *snap.kvs != want {
+        let missing: Vec<_> = want.keys().filter(|k| !snap.kvs.contains_key(*k)).collect();
+        let extra: Vec<_> = snap.kvs.keys().filter(|k| !want.contains_key(*k)).collect();
+        let stale: Vec<_> = want.iter().filter(|(k, v)| snap.kvs.get(*k).is_some_and(|c| c != *v)).map(|(k, _)| k).collect();
+        panic!("{what}: cache (revision {}) differs from etcd at revision {rev}: missing {missing:?}, extra {extra:?}, stale {stale:?}", snap.revision);
+    }
+    let decoded: BTreeMap<String, Endpoint> = want
+        .iter()
+        .filter(|(k, _)| k.starts_with("/flotilla/endpoints/"))
+        .filter_map(|(k, v)| Endpoint::decode(&keys(), k, v).ok().map(|e| (k.clone(), e)))
+        .collect();
+    assert_eq!(*snap.endpoints, decoded, "{what}: decoded endpoints differ");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_round_trip_through_real_etcd() {
+    let etcd = Etcd::start();
+    let a = args(vec![etcd.endpoint()]);
+    let mut client = a.connect().await.expect("connect");
+    let ep = endpoint("node-a", "web", 1);
+    put(&mut client, &ep).await;
+    let resp = client.get(ep.key(&keys()), None).await.unwrap();
+    let kv = &resp.kvs()[0];
+    assert_eq!(Endpoint::decode(&keys(), kv.key_str().unwrap(), kv.value()).unwrap(), ep);
+
+    // A bad record written behind our back is skipped by the cache, never served.
+    let cache = WatchCache::spawn(a.clone(), keys(), keys().root());
+    let bad_key = "/flotilla/endpoints/node-a/web/node-a-00000000000b-80";
+    let mut bad = serde_json::to_value(endpoint("node-a", "web", 11)).unwrap();
+    bad["service"] = serde_json::json!("web\n  server evil 1.2.3.4:80");
+    client.put(bad_key, serde_json::to_vec(&bad).unwrap(), None).await.unwrap();
+    assert_exact(&cache, &mut client, "with a bad record").await;
+    let snap = cache.current();
+    assert!(snap.kvs.contains_key(bad_key) && !snap.endpoints.contains_key(bad_key));
+    assert!(snap.rejected[bad_key].contains("service"), "{:?}", snap.rejected);
+    assert_eq!(snap.services()["web"], vec![ep.clone()]);
+
+    // Fixing the value brings it back; deleting removes it.
+    put(&mut client, &endpoint("node-a", "web", 11)).await;
+    assert_exact(&cache, &mut client, "bad record fixed").await;
+    assert!(cache.current().rejected.is_empty());
+    client.delete(bad_key, None).await.unwrap();
+    assert_exact(&cache, &mut client, "after delete").await;
+    assert_eq!(cache.current().endpoints.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_cache_stays_exact_across_compaction() {
+    let etcd = Etcd::start();
+    let a = args(vec![etcd.endpoint()]);
+    let mut client = a.connect().await.unwrap();
+    for n in 0..50 {
+        put(&mut client, &endpoint("node-a", "web", n)).await;
+    }
+    // Pause between list and watch, so the listed revision can be compacted before the watch
+    // starts: the watch is refused as compacted and the cache must relist.
+    let tuning = Tuning { pause_before_watch: Duration::from_secs(2) };
+    let cache = WatchCache::spawn_tuned(a.clone(), keys(), keys().root(), tuning);
+    let mut status = cache.status();
+    tokio::time::timeout(DEADLINE, status.wait_for(|s| s.lists >= 1)).await.unwrap().unwrap();
+    for n in 0..10 {
+        client.delete(endpoint("node-a", "web", n).key(&keys()), None).await.unwrap();
+    }
+    for n in 50..60 {
+        put(&mut client, &endpoint("node-b", "api", n)).await;
+    }
+    let (rev, _) = etcd_state(&mut client).await;
+    client.compact(rev, None).await.expect("compact");
+    tokio::time::timeout(DEADLINE, status.wait_for(|s| s.compactions >= 1))
+        .await
+        .expect("the watch saw the compaction")
+        .unwrap();
+    assert_exact(&cache, &mut client, "after a compacted watch").await;
+    assert_eq!(cache.current().endpoints.len(), 50);
+
+    // A compaction while the watch is current does not disturb it.
+    for n in 60..70 {
+        put(&mut client, &endpoint("node-b", "api", n)).await;
+    }
+    let (rev, _) = etcd_state(&mut client).await;
+    client.compact(rev, None).await.unwrap();
+    client.delete("/flotilla/endpoints/node-b/", Some(DeleteOptions::new().with_prefix())).await.unwrap();
+    assert_exact(&cache, &mut client, "after a live compaction").await;
+    assert_eq!(cache.current().endpoints.len(), 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_cache_stays_exact_across_etcd_restart() {
+    let mut etcd = Etcd::start();
+    let a = args(vec![etcd.endpoint()]);
+    let mut client = a.connect().await.unwrap();
+    for n in 0..30 {
+        put(&mut client, &endpoint("node-a", "web", n)).await;
+    }
+    let cache = WatchCache::spawn(a.clone(), keys(), keys().root());
+    assert_exact(&cache, &mut client, "before the restart").await;
+
+    let mut status = cache.status();
+    etcd.kill();
+    tokio::time::timeout(DEADLINE, status.wait_for(|s| matches!(s.state, CacheState::Degraded { .. })))
+        .await
+        .expect("the cache reports the outage")
+        .unwrap();
+    // The last view stays published while etcd is away.
+    assert_eq!(cache.current().endpoints.len(), 30);
+
+    etcd.restart();
+    // Change things at once, racing the cache's reconnect: deletes, new keys, rewrites.
+    let mut client = a.connect().await.unwrap();
+    for n in 0..10 {
+        client.delete(endpoint("node-a", "web", n).key(&keys()), None).await.unwrap();
+    }
+    for n in 30..40 {
+        put(&mut client, &endpoint("node-a", "web", n)).await;
+    }
+    let mut changed = endpoint("node-a", "web", 20);
+    changed.tags = vec!["rewritten".into()];
+    put(&mut client, &changed).await;
+    assert_exact(&cache, &mut client, "after etcd came back").await;
+    assert_eq!(cache.current().endpoints.len(), 30);
+    tokio::time::timeout(DEADLINE, status.wait_for(|s| s.state == CacheState::Watching)).await.unwrap().unwrap();
+
+    // Stopped cleanly (SIGTERM) and restarted: same result.
+    etcd.stop();
+    etcd.restart();
+    let mut client = a.connect().await.unwrap();
+    client.delete("/flotilla/", Some(DeleteOptions::new().with_prefix())).await.unwrap();
+    put(&mut client, &endpoint("node-c", "db", 99)).await;
+    assert_exact(&cache, &mut client, "after a clean stop and start").await;
+    assert_eq!(cache.current().endpoints.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_cache_survives_losing_each_member_of_a_3_member_cluster() {
+    let mut cluster = EtcdCluster::start(3);
+    let a = args(cluster.endpoints());
+    let mut writer = a.connect().await.unwrap();
+    for n in 0..20 {
+        put(&mut writer, &endpoint("node-a", "web", n)).await;
+    }
+    let cache = WatchCache::spawn(a.clone(), keys(), keys().root());
+    assert_exact(&cache, &mut writer, "cluster, all members up").await;
+
+    // Kill the leader first, then every other member in turn, so whichever member the cache's
+    // watch stream is on gets killed at some point and the stream must move to another member.
+    let first = cluster.leader();
+    let order = [first, (first + 1) % 3, (first + 2) % 3];
+    let mut next = 100;
+    for (round, victim) in order.into_iter().enumerate() {
+        cluster.members[victim].kill();
+        // Writes go on through the surviving quorum (retry while a new leader is elected).
+        for _ in 0..10 {
+            let ep = endpoint("node-b", "api", next);
+            next += 1;
+            tokio::time::timeout(DEADLINE, async {
+                while writer.put(ep.key(&keys()), ep.encode(&keys()).unwrap(), Some(PutOptions::new())).await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+            .await
+            .expect("the surviving quorum accepts writes");
+        }
+        let gone = endpoint("node-a", "web", round as u32).key(&keys());
+        tokio::time::timeout(DEADLINE, async {
+            while writer.delete(gone.clone(), None).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .expect("the surviving quorum accepts deletes");
+        assert_exact(&cache, &mut writer, &format!("member {victim} killed (round {round})")).await;
+        cluster.members[victim].restart();
+        cluster.wait_healthy(Duration::from_secs(60));
+    }
+    assert_eq!(cache.current().endpoints.len(), 20 - 3 + 30);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_password_auth() {
+    let t = TlsEtcd::start();
+    let base = EtcdArgs {
+        endpoints: vec![t.etcd.endpoint()],
+        cacert: Some(t.tls.ca.clone()),
+        cert: Some(t.tls.client_cert.clone()),
+        key: Some(t.tls.client_key.clone()),
+        ..EtcdArgs::default()
+    };
+
+    // node-a may write its own endpoints, but not another node's.
+    let node_a = EtcdArgs { user: Some("node-a".into()), password: Some("node-a-secret".into()), ..base.clone() };
+    let mut c = node_a.connect().await.expect("node-a connects over TLS with its password");
+    put(&mut c, &endpoint("node-a", "web", 1)).await;
+    let other = endpoint("node-b", "web", 2);
+    let err = c.put(other.key(&keys()), other.encode(&keys()).unwrap(), None).await.expect_err("RBAC");
+    assert!(err.to_string().contains("permission denied"), "{err}");
+
+    // The reader sees it through the watch cache.
+    let reader = EtcdArgs { user: Some("reader".into()), password: Some("reader-secret".into()), ..base.clone() };
+    let mut rc = reader.connect().await.expect("reader connects");
+    let cache = WatchCache::spawn(reader.clone(), keys(), keys().root());
+    assert_exact(&cache, &mut rc, "TLS + auth").await;
+    assert_eq!(cache.current().endpoints.len(), 1);
+
+    // A wrong password is reported as such, naming the flag.
+    let wrong = EtcdArgs { user: Some("reader".into()), password: Some("nope".into()), ..base.clone() };
+    let err = connect_err(&wrong).await;
+    assert!(matches!(err, EtcdError::Auth { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("reader") && msg.contains("--etcd-password"), "{msg}");
+
+    // A CA that did not sign the server's certificate fails the handshake, naming the flag.
+    let wrong_ca = EtcdArgs { cacert: Some(t.tls.other_ca.clone()), ..reader.clone() };
+    let err = connect_err(&wrong_ca).await;
+    let msg = err.to_string();
+    assert!(matches!(err, EtcdError::Unreachable { .. }), "{err:?}");
+    assert!(msg.contains("--etcd-cacert") && msg.contains(&t.etcd.endpoint()), "{msg}");
+
+    // A missing file names the flag and the path; http:// with TLS options is refused.
+    let missing = EtcdArgs { cacert: Some("/nonexistent/ca.pem".into()), ..reader.clone() };
+    let msg = connect_err(&missing).await.to_string();
+    assert!(msg.contains("--etcd-cacert") && msg.contains("/nonexistent/ca.pem"), "{msg}");
+    let plain = EtcdArgs { endpoints: vec![t.etcd.endpoint().replace("https", "http")], ..reader.clone() };
+    let msg = connect_err(&plain).await.to_string();
+    assert!(msg.contains("--etcd-endpoints") && msg.contains("https"), "{msg}");
+}
