@@ -36,7 +36,8 @@ pub fn busybox_image() -> &'static str {
         require_engine();
         // Serialise builds across test processes.
         let lock = fs::File::create("/tmp/flotilla-busybox-image.lock").expect("lock file");
-        let _guard = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).expect("flock");
+        let _guard =
+            nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).expect("flock");
         if run(docker().args(["image", "inspect", "-f", "{{.Id}}", IMAGE])).is_ok() {
             return;
         }
@@ -46,12 +47,23 @@ pub fn busybox_image() -> &'static str {
         fs::create_dir(&bin).expect("mkdir bin");
         fs::copy(&busybox, bin.join("busybox")).expect("copy busybox");
         let list = run(Command::new(&busybox).arg("--list")).expect("busybox --list");
-        for applet in list.lines().map(str::trim).filter(|a| !a.is_empty() && *a != "busybox") {
+        for applet in list
+            .lines()
+            .map(str::trim)
+            .filter(|a| !a.is_empty() && *a != "busybox")
+        {
             symlink("busybox", bin.join(applet)).expect("applet symlink");
         }
-        fs::write(ctx.path().join("Dockerfile"), "FROM scratch\nCOPY bin /bin\nCMD [\"/bin/sh\"]\n").expect("Dockerfile");
-        run(docker().env("DOCKER_BUILDKIT", "0").args(["build", "-q", "-t", IMAGE]).arg(ctx.path()))
-            .unwrap_or_else(|e| panic!("building {IMAGE}: {e}"));
+        fs::write(
+            ctx.path().join("Dockerfile"),
+            "FROM scratch\nCOPY bin /bin\nCMD [\"/bin/sh\"]\n",
+        )
+        .expect("Dockerfile");
+        run(docker()
+            .env("DOCKER_BUILDKIT", "0")
+            .args(["build", "-q", "-t", IMAGE])
+            .arg(ctx.path()))
+        .unwrap_or_else(|e| panic!("building {IMAGE}: {e}"));
     });
     IMAGE
 }
@@ -72,7 +84,10 @@ impl Container {
         let _ = docker().args(["rm", "-f", name]).output();
         let out = run(docker().args(["run", "-d", "--name", name]).args(args))
             .unwrap_or_else(|e| panic!("docker run {name}: {e}"));
-        Container { id: out.trim().to_owned(), name: name.to_owned() }
+        Container {
+            id: out.trim().to_owned(),
+            name: name.to_owned(),
+        }
     }
 
     /// The 12-hex short id.
@@ -87,14 +102,20 @@ impl Container {
 
     /// `docker inspect -f FORMAT NAME`.
     pub fn inspect(&self, format: &str) -> anyhow::Result<String> {
-        Ok(run(docker().args(["inspect", "-f", format, &self.name]))?.trim().to_owned())
+        Ok(run(docker().args(["inspect", "-f", format, &self.name]))?
+            .trim()
+            .to_owned())
     }
 
     /// The host port published for `private` (e.g. `"80/tcp"`).
     pub fn host_port(&self, private: &str) -> u16 {
         let out = run(docker().args(["port", &self.name, private])).expect("docker port");
         let first = out.lines().next().unwrap_or_default();
-        first.rsplit(':').next().and_then(|p| p.trim().parse().ok()).unwrap_or_else(|| panic!("no host port for {private}: {out}"))
+        first
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no host port for {private}: {out}"))
     }
 }
 

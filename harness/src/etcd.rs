@@ -58,7 +58,13 @@ impl Etcd {
     /// Starts a single-member etcd and waits until it answers.
     pub fn start() -> Etcd {
         let tmp = tempdir("flotilla-etcd-");
-        let mut e = Etcd::member("solo", tmp.path().to_owned(), free_port(), free_port(), None);
+        let mut e = Etcd::member(
+            "solo",
+            tmp.path().to_owned(),
+            free_port(),
+            free_port(),
+            None,
+        );
         e.initial_cluster = format!("solo=http://127.0.0.1:{}", e.peer_port);
         e._tmp = Some(tmp);
         e.launch();
@@ -66,7 +72,13 @@ impl Etcd {
         e
     }
 
-    fn member(name: &str, dir: PathBuf, client_port: u16, peer_port: u16, tls: Option<TlsFiles>) -> Etcd {
+    fn member(
+        name: &str,
+        dir: PathBuf,
+        client_port: u16,
+        peer_port: u16,
+        tls: Option<TlsFiles>,
+    ) -> Etcd {
         require("etcd", "etcd-server");
         require("etcdctl", "etcd-client");
         Etcd {
@@ -114,7 +126,11 @@ impl Etcd {
     }
 
     fn launch(&mut self) {
-        assert!(self.proc.0.is_none(), "etcd {} is already running", self.name);
+        assert!(
+            self.proc.0.is_none(),
+            "etcd {} is already running",
+            self.name
+        );
         let data = self.dir.join(format!("{}.data", self.name));
         let log = fs::OpenOptions::new()
             .create(true)
@@ -165,9 +181,16 @@ impl Etcd {
     /// `etcdctl` against this member (as root over TLS for the TLS variant).
     pub fn etcdctl(&self, args: &[&str]) -> anyhow::Result<String> {
         let mut cmd = Command::new(require("etcdctl", "etcd-client"));
-        cmd.env("ETCDCTL_API", "3").arg("--endpoints").arg(self.endpoint());
+        cmd.env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(self.endpoint());
         if let Some(tls) = &self.tls {
-            cmd.arg("--cacert").arg(&tls.ca).arg("--cert").arg(&tls.root_cert).arg("--key").arg(&tls.root_key);
+            cmd.arg("--cacert")
+                .arg(&tls.ca)
+                .arg("--cert")
+                .arg(&tls.root_cert)
+                .arg("--key")
+                .arg(&tls.root_key);
         }
         cmd.args(args);
         run(&mut cmd)
@@ -175,7 +198,13 @@ impl Etcd {
 
     /// True when the member answers a health check with a leader.
     pub fn healthy(&self) -> bool {
-        self.etcdctl(&["endpoint", "health", "--command-timeout=1s", "--dial-timeout=500ms"]).is_ok()
+        self.etcdctl(&[
+            "endpoint",
+            "health",
+            "--command-timeout=1s",
+            "--dial-timeout=500ms",
+        ])
+        .is_ok()
     }
 
     fn wait_healthy(&self) {
@@ -183,7 +212,11 @@ impl Etcd {
         let start = std::time::Instant::now();
         while !self.healthy() {
             if start.elapsed() > deadline {
-                panic!("etcd {} did not become healthy within {deadline:?}; log:\n{}", self.name, self.log_tail());
+                panic!(
+                    "etcd {} did not become healthy within {deadline:?}; log:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -197,7 +230,10 @@ impl Etcd {
     /// Stops the member with SIGTERM and waits for it to exit, keeping its data.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.proc.0.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let _ = child.wait();
         }
     }
@@ -218,14 +254,18 @@ impl Etcd {
 
     /// The member's etcd id (hex), from `endpoint status`.
     pub fn member_id(&self) -> Option<u64> {
-        let out = self.etcdctl(&["endpoint", "status", "-w", "json", "--command-timeout=2s"]).ok()?;
+        let out = self
+            .etcdctl(&["endpoint", "status", "-w", "json", "--command-timeout=2s"])
+            .ok()?;
         let v: serde_json::Value = serde_json::from_str(&out).ok()?;
         v[0]["Status"]["header"]["member_id"].as_u64()
     }
 
     /// The leader's id as this member sees it.
     pub fn leader_id(&self) -> Option<u64> {
-        let out = self.etcdctl(&["endpoint", "status", "-w", "json", "--command-timeout=2s"]).ok()?;
+        let out = self
+            .etcdctl(&["endpoint", "status", "-w", "json", "--command-timeout=2s"])
+            .ok()?;
         let v: serde_json::Value = serde_json::from_str(&out).ok()?;
         v[0]["Status"]["leader"].as_u64().filter(|l| *l != 0)
     }
@@ -244,30 +284,60 @@ pub struct TlsEtcd {
 
 impl TlsEtcd {
     /// `(user, password)` pairs created by [`TlsEtcd::start`].
-    pub const USERS: [(&'static str, &'static str); 3] =
-        [("root", "rootpw"), ("reader", "reader-secret"), ("node-a", "node-a-secret")];
+    pub const USERS: [(&'static str, &'static str); 3] = [
+        ("root", "rootpw"),
+        ("reader", "reader-secret"),
+        ("node-a", "node-a-secret"),
+    ];
 
     /// Generates certificates, starts etcd with TLS, creates users and roles and enables auth.
     pub fn start() -> TlsEtcd {
         let tmp = tempdir("flotilla-etcd-tls-");
         let tls = make_certs(tmp.path());
-        let mut e = Etcd::member("tls", tmp.path().to_owned(), free_port(), free_port(), Some(tls.clone()));
+        let mut e = Etcd::member(
+            "tls",
+            tmp.path().to_owned(),
+            free_port(),
+            free_port(),
+            Some(tls.clone()),
+        );
         e.initial_cluster = format!("tls=http://127.0.0.1:{}", e.peer_port);
         e._tmp = Some(tmp);
         e.launch();
         e.wait_healthy();
         let ctl = |args: &[&str]| {
-            e.etcdctl(args).unwrap_or_else(|err| panic!("etcdctl {args:?}: {err}\n{}", e.log_tail()));
+            e.etcdctl(args)
+                .unwrap_or_else(|err| panic!("etcdctl {args:?}: {err}\n{}", e.log_tail()));
         };
         for (user, pw) in Self::USERS {
             ctl(&["user", "add", user, "--new-user-password", pw]);
         }
         ctl(&["role", "add", "flotilla-read"]);
-        ctl(&["role", "grant-permission", "flotilla-read", "read", "/flotilla/", "--prefix=true"]);
+        ctl(&[
+            "role",
+            "grant-permission",
+            "flotilla-read",
+            "read",
+            "/flotilla/",
+            "--prefix=true",
+        ]);
         ctl(&["user", "grant-role", "reader", "flotilla-read"]);
         ctl(&["role", "add", "node-a"]);
-        ctl(&["role", "grant-permission", "node-a", "readwrite", "/flotilla/endpoints/node-a/", "--prefix=true"]);
-        ctl(&["role", "grant-permission", "node-a", "readwrite", "/flotilla/nodes/node-a"]);
+        ctl(&[
+            "role",
+            "grant-permission",
+            "node-a",
+            "readwrite",
+            "/flotilla/endpoints/node-a/",
+            "--prefix=true",
+        ]);
+        ctl(&[
+            "role",
+            "grant-permission",
+            "node-a",
+            "readwrite",
+            "/flotilla/nodes/node-a",
+        ]);
         ctl(&["user", "grant-role", "node-a", "node-a"]);
         ctl(&["user", "grant-role", "root", "root"]);
         ctl(&["auth", "enable"]);
@@ -285,9 +355,25 @@ fn make_ca(dir: &Path, name: &str) {
     openssl(
         dir,
         &[
-            "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
-            "-subj", &format!("/CN={name}"), "-keyout", &format!("{name}.key"), "-out", &format!("{name}.crt"),
-            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.crt"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
         ],
     );
 }
@@ -296,8 +382,19 @@ fn make_leaf(dir: &Path, ca: &str, name: &str, cn: &str) {
     openssl(
         dir,
         &[
-            "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj",
-            &format!("/CN={cn}"), "-keyout", &format!("{name}.key"), "-out", &format!("{name}.csr"),
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
         ],
     );
     let ext = dir.join(format!("{name}.ext"));
@@ -310,8 +407,21 @@ fn make_leaf(dir: &Path, ca: &str, name: &str, cn: &str) {
     openssl(
         dir,
         &[
-            "x509", "-req", "-in", &format!("{name}.csr"), "-CA", &format!("{ca}.crt"), "-CAkey", &format!("{ca}.key"),
-            "-CAcreateserial", "-days", "2", "-out", &format!("{name}.crt"), "-extfile", &format!("{name}.ext"),
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            &format!("{name}.crt"),
+            "-extfile",
+            &format!("{name}.ext"),
         ],
     );
 }
@@ -347,7 +457,15 @@ impl EtcdCluster {
     pub fn start(n: usize) -> EtcdCluster {
         let tmp = tempdir("flotilla-etcd-cluster-");
         let mut members: Vec<Etcd> = (0..n)
-            .map(|i| Etcd::member(&format!("m{i}"), tmp.path().to_owned(), free_port(), free_port(), None))
+            .map(|i| {
+                Etcd::member(
+                    &format!("m{i}"),
+                    tmp.path().to_owned(),
+                    free_port(),
+                    free_port(),
+                    None,
+                )
+            })
             .collect();
         let initial = members
             .iter()
@@ -370,19 +488,29 @@ impl EtcdCluster {
 
     /// Waits until every running member is healthy and they agree on a leader.
     pub fn wait_healthy(&self, timeout: Duration) {
-        wait_for("every running etcd member to be healthy with one leader", timeout, || {
-            let running: Vec<&Etcd> = self.members.iter().filter(|m| m.running()).collect();
-            let leaders: Vec<Option<u64>> = running.iter().map(|m| m.leader_id()).collect();
-            let agreed = leaders.iter().all(|l| l.is_some() && *l == leaders[0]);
-            (agreed && running.iter().all(|m| m.healthy())).then_some(())
-        });
+        wait_for(
+            "every running etcd member to be healthy with one leader",
+            timeout,
+            || {
+                let running: Vec<&Etcd> = self.members.iter().filter(|m| m.running()).collect();
+                let leaders: Vec<Option<u64>> = running.iter().map(|m| m.leader_id()).collect();
+                let agreed = leaders.iter().all(|l| l.is_some() && *l == leaders[0]);
+                (agreed && running.iter().all(|m| m.healthy())).then_some(())
+            },
+        );
     }
 
     /// Index of the current leader.
     pub fn leader(&self) -> usize {
         wait_for("an etcd leader", Duration::from_secs(30), || {
-            let leader = self.members.iter().filter(|m| m.running()).find_map(|m| m.leader_id())?;
-            self.members.iter().position(|m| m.running() && m.member_id() == Some(leader))
+            let leader = self
+                .members
+                .iter()
+                .filter(|m| m.running())
+                .find_map(|m| m.leader_id())?;
+            self.members
+                .iter()
+                .position(|m| m.running() && m.member_id() == Some(leader))
         })
     }
 }

@@ -18,7 +18,13 @@ impl Backoff {
     /// A backoff from `min` to `max`; it resets once the caller reports a healthy period
     /// of at least `healthy_after` (see [`Backoff::success`]).
     pub fn new(min: Duration, max: Duration, healthy_after: Duration) -> Self {
-        Backoff { min, max, current: min, healthy_after, healthy_since: None }
+        Backoff {
+            min,
+            max,
+            current: min,
+            healthy_after,
+            healthy_since: None,
+        }
     }
 
     /// The delay before the next attempt. Ends any healthy period: if it lasted at least
@@ -52,7 +58,11 @@ impl Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff::new(Duration::from_millis(100), Duration::from_secs(5), Duration::from_secs(5))
+        Backoff::new(
+            Duration::from_millis(100),
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+        )
     }
 }
 
@@ -62,18 +72,30 @@ mod tests {
 
     #[test]
     fn grows_to_cap_with_jitter() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1), Duration::from_secs(5));
+        let mut b = Backoff::new(
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+            Duration::from_secs(5),
+        );
         let mut nominal = Duration::from_millis(100);
         for _ in 0..10 {
             let d = b.next_delay();
-            assert!(d >= nominal / 2 && d <= nominal, "{d:?} not in [{:?}, {nominal:?}]", nominal / 2);
+            assert!(
+                d >= nominal / 2 && d <= nominal,
+                "{d:?} not in [{:?}, {nominal:?}]",
+                nominal / 2
+            );
             nominal = (nominal * 2).min(Duration::from_secs(1));
         }
     }
 
     #[test]
     fn short_success_does_not_reset() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(10), Duration::from_secs(60));
+        let mut b = Backoff::new(
+            Duration::from_millis(100),
+            Duration::from_secs(10),
+            Duration::from_secs(60),
+        );
         for _ in 0..5 {
             b.next_delay();
         }

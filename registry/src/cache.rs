@@ -124,7 +124,12 @@ impl WatchCache {
     }
 
     /// [`WatchCache::spawn`] with test knobs.
-    pub fn spawn_tuned(args: EtcdArgs, keys: Keys, watch_prefix: String, tuning: Tuning) -> WatchCache {
+    pub fn spawn_tuned(
+        args: EtcdArgs,
+        keys: Keys,
+        watch_prefix: String,
+        tuning: Tuning,
+    ) -> WatchCache {
         let (snap_tx, snap_rx) = watch::channel(Snapshot::default());
         let (status_tx, status_rx) = watch::channel(CacheStatus {
             state: CacheState::Syncing,
@@ -132,9 +137,20 @@ impl WatchCache {
             compactions: 0,
             faults: 0,
         });
-        let worker = Worker { args, keys, prefix: watch_prefix, snap: snap_tx, status: status_tx, tuning };
+        let worker = Worker {
+            args,
+            keys,
+            prefix: watch_prefix,
+            snap: snap_tx,
+            status: status_tx,
+            tuning,
+        };
         let task = tokio::spawn(worker.run());
-        WatchCache { snapshot: snap_rx, status: status_rx, task }
+        WatchCache {
+            snapshot: snap_rx,
+            status: status_rx,
+            task,
+        }
     }
 
     /// A receiver of snapshots. `changed()` fires on every applied change.
@@ -203,7 +219,11 @@ impl Worker {
             let revision = match self.list(&mut c).await {
                 Ok(rev) => rev,
                 Err(e) => {
-                    self.fault(format!("listing {}: {}", self.prefix, error_chain(&e)), &mut backoff).await;
+                    self.fault(
+                        format!("listing {}: {}", self.prefix, error_chain(&e)),
+                        &mut backoff,
+                    )
+                    .await;
                     continue;
                 }
             };
@@ -220,7 +240,8 @@ impl Worker {
                     client = Some(c);
                 }
                 WatchEnd::Fault(error) => {
-                    self.fault(format!("watching {}: {error}", self.prefix), &mut backoff).await;
+                    self.fault(format!("watching {}: {error}", self.prefix), &mut backoff)
+                        .await;
                 }
             }
         }
@@ -323,7 +344,11 @@ impl Worker {
                 let reason = resp.cancel_reason();
                 return WatchEnd::Fault(format!(
                     "watch cancelled by etcd{}",
-                    if reason.is_empty() { String::new() } else { format!(": {reason}") }
+                    if reason.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {reason}")
+                    }
                 ));
             }
             let header_rev = resp.header().map(|h| h.revision()).unwrap_or(0);
@@ -340,7 +365,13 @@ impl Worker {
                 }
                 continue;
             }
-            let last_rev = resp.events().iter().filter_map(|e| e.kv()).map(|kv| kv.mod_revision()).max().unwrap_or(0);
+            let last_rev = resp
+                .events()
+                .iter()
+                .filter_map(|e| e.kv())
+                .map(|kv| kv.mod_revision())
+                .max()
+                .unwrap_or(0);
             let keys = &self.keys;
             self.snap.send_modify(|s| {
                 let mut m = Mirror::borrow(s);
@@ -419,7 +450,9 @@ impl Mirror {
     }
 
     fn delete(&mut self, keys: &Keys, key: &[u8]) {
-        let Ok(key) = std::str::from_utf8(key) else { return };
+        let Ok(key) = std::str::from_utf8(key) else {
+            return;
+        };
         self.kvs.remove(key);
         self.endpoints.remove(key);
         self.rejected.remove(key);

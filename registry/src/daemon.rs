@@ -36,7 +36,9 @@ pub struct ObsArgs {
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -48,7 +50,11 @@ pub type HealthFn = Arc<dyn Fn() -> (bool, String) + Send + Sync>;
 
 /// Serves `/metrics` (Prometheus text from `registry`) and `/healthz` (from `health`) on
 /// `listener` until the task is dropped. Minimal HTTP/1.0: one request per connection.
-pub async fn serve_observability(listener: TcpListener, registry: Arc<Mutex<Registry>>, health: HealthFn) {
+pub async fn serve_observability(
+    listener: TcpListener,
+    registry: Arc<Mutex<Registry>>,
+    health: HealthFn,
+) {
     loop {
         let (mut sock, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -73,13 +79,29 @@ pub async fn serve_observability(listener: TcpListener, registry: Arc<Mutex<Regi
                     let mut text = String::new();
                     let reg = registry.lock().expect("metrics registry lock");
                     let _ = prometheus_client::encoding::text::encode(&mut text, &reg);
-                    ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", text)
+                    (
+                        "200 OK",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        text,
+                    )
                 }
                 "/healthz" => {
                     let (ok, text) = health();
-                    (if ok { "200 OK" } else { "503 Service Unavailable" }, "text/plain; charset=utf-8", text)
+                    (
+                        if ok {
+                            "200 OK"
+                        } else {
+                            "503 Service Unavailable"
+                        },
+                        "text/plain; charset=utf-8",
+                        text,
+                    )
                 }
-                _ => ("404 Not Found", "text/plain", "try /metrics or /healthz\n".to_string()),
+                _ => (
+                    "404 Not Found",
+                    "text/plain",
+                    "try /metrics or /healthz\n".to_string(),
+                ),
             };
             let head = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -102,7 +124,9 @@ pub async fn spawn_observability(
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("--metrics-addr {addr}: cannot listen: {e}"))?;
-    Ok(tokio::spawn(serve_observability(listener, registry, health)))
+    Ok(tokio::spawn(serve_observability(
+        listener, registry, health,
+    )))
 }
 
 /// Tells systemd the daemon is ready (no-op outside systemd).
@@ -117,7 +141,9 @@ pub fn notify_stopping() {
 
 /// If systemd set `WatchdogSec`, pings WATCHDOG=1 at half the interval while `alive()` holds;
 /// when it stops holding, pings stop and systemd restarts the daemon.
-pub fn spawn_watchdog(alive: Arc<dyn Fn() -> bool + Send + Sync>) -> Option<tokio::task::JoinHandle<()>> {
+pub fn spawn_watchdog(
+    alive: Arc<dyn Fn() -> bool + Send + Sync>,
+) -> Option<tokio::task::JoinHandle<()>> {
     let mut usec = 0u64;
     if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
         return None;

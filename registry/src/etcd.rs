@@ -41,7 +41,11 @@ pub struct EtcdArgs {
     pub user: Option<String>,
 
     /// etcd password of --etcd-user. Prefer the environment variable over the flag.
-    #[arg(long = "etcd-password", env = "FLOTILLA_ETCD_PASSWORD", hide_env_values = true)]
+    #[arg(
+        long = "etcd-password",
+        env = "FLOTILLA_ETCD_PASSWORD",
+        hide_env_values = true
+    )]
     pub password: Option<String>,
 
     /// Key prefix under which Flotilla stores everything.
@@ -129,7 +133,10 @@ impl EtcdArgs {
     /// Checks the options without connecting: endpoint URLs, TLS consistency, readable files.
     pub fn validate(&self) -> Result<(), EtcdError> {
         if self.endpoints.is_empty() || self.endpoints.iter().any(|e| e.trim().is_empty()) {
-            return Err(EtcdError::Option { flag: "--etcd-endpoints", reason: "empty endpoint".into() });
+            return Err(EtcdError::Option {
+                flag: "--etcd-endpoints",
+                reason: "empty endpoint".into(),
+            });
         }
         for e in &self.endpoints {
             let scheme_ok = e.starts_with("http://") || e.starts_with("https://");
@@ -152,7 +159,10 @@ impl EtcdArgs {
                 reason: "give both or neither".into(),
             });
         }
-        self.keys().map_err(|e| EtcdError::Option { flag: "--prefix", reason: e.to_string() })?;
+        self.keys().map_err(|e| EtcdError::Option {
+            flag: "--prefix",
+            reason: e.to_string(),
+        })?;
         Ok(())
     }
 
@@ -161,7 +171,11 @@ impl EtcdArgs {
     }
 
     fn read(flag: &'static str, path: &Path) -> Result<Vec<u8>, EtcdError> {
-        std::fs::read(path).map_err(|source| EtcdError::File { flag, path: path.to_owned(), source })
+        std::fs::read(path).map_err(|source| EtcdError::File {
+            flag,
+            path: path.to_owned(),
+            source,
+        })
     }
 
     /// The connect options: require_leader, keep-alive pings (so a dead or partitioned member is
@@ -234,7 +248,8 @@ impl EtcdArgs {
     pub fn classify(&self, endpoints: &str, e: etcd_client::Error) -> EtcdError {
         let detail = error_chain(&e);
         let lower = detail.to_lowercase();
-        if lower.contains("authentication failed") || lower.contains("invalid user id or password") {
+        if lower.contains("authentication failed") || lower.contains("invalid user id or password")
+        {
             return EtcdError::Auth {
                 endpoints: endpoints.into(),
                 user: self.user.clone().unwrap_or_default(),
@@ -248,12 +263,19 @@ impl EtcdArgs {
                 detail,
             };
         }
-        let hint = if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+        let hint = if lower.contains("certificate")
+            || lower.contains("tls")
+            || lower.contains("handshake")
+        {
             " (TLS: does --etcd-cacert hold the CA that signed etcd's certificate, and is the host name/IP in it?)".into()
         } else {
             self.hint()
         };
-        EtcdError::Unreachable { endpoints: endpoints.into(), detail, hint }
+        EtcdError::Unreachable {
+            endpoints: endpoints.into(),
+            detail,
+            hint,
+        }
     }
 }
 

@@ -56,11 +56,13 @@ impl Keys {
         let ok = prefix.starts_with('/')
             && prefix.len() > 1
             && !prefix.ends_with('/')
-            && prefix[1..]
-                .split('/')
-                .all(|seg| !seg.is_empty() && seg != "." && seg != ".." && seg.chars().all(is_instance_char));
+            && prefix[1..].split('/').all(|seg| {
+                !seg.is_empty() && seg != "." && seg != ".." && seg.chars().all(is_instance_char)
+            });
         if ok {
-            Ok(Keys { prefix: prefix.to_owned() })
+            Ok(Keys {
+                prefix: prefix.to_owned(),
+            })
         } else {
             Err(PrefixError(prefix.to_owned()))
         }
@@ -117,7 +119,11 @@ impl Keys {
                     && !instance.is_empty()
                     && instance.len() <= crate::record::MAX_INSTANCE
                     && instance.chars().all(is_instance_char);
-                ok.then_some(KeyKind::Endpoint { node, service, instance })
+                ok.then_some(KeyKind::Endpoint {
+                    node,
+                    service,
+                    instance,
+                })
             }
             "config" if !rest.is_empty() => Some(KeyKind::Config { rest }),
             _ => None,

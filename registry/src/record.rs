@@ -46,7 +46,11 @@ pub struct RecordError {
 
 impl RecordError {
     pub(crate) fn new(key: &str, field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self { key: key.to_owned(), field: field.into(), reason: reason.into() }
+        Self {
+            key: key.to_owned(),
+            field: field.into(),
+            reason: reason.into(),
+        }
     }
 }
 
@@ -160,7 +164,13 @@ impl Endpoint {
     pub fn validate(&self, key: &str) -> Result<(), RecordError> {
         check_label(key, "service", &self.service)?;
         check_label(key, "node", &self.node)?;
-        check_charset(key, "instance", &self.instance, MAX_INSTANCE, is_instance_char)?;
+        check_charset(
+            key,
+            "instance",
+            &self.instance,
+            MAX_INSTANCE,
+            is_instance_char,
+        )?;
         check_host(key, "host", &self.host)?;
         if self.port == 0 {
             return Err(RecordError::new(key, "port", "must be 1-65535, got 0"));
@@ -170,13 +180,21 @@ impl Endpoint {
             check_charset(key, "image", &self.image, MAX_IMAGE, is_image_char)?;
         }
         if self.tags.len() > MAX_ITEMS {
-            return Err(RecordError::new(key, "tags", format!("at most {MAX_ITEMS} tags")));
+            return Err(RecordError::new(
+                key,
+                "tags",
+                format!("at most {MAX_ITEMS} tags"),
+            ));
         }
         for (i, tag) in self.tags.iter().enumerate() {
             check_charset(key, &format!("tags[{i}]"), tag, MAX_TAG, is_tag_char)?;
         }
         if self.meta.len() > MAX_ITEMS {
-            return Err(RecordError::new(key, "meta", format!("at most {MAX_ITEMS} entries")));
+            return Err(RecordError::new(
+                key,
+                "meta",
+                format!("at most {MAX_ITEMS} entries"),
+            ));
         }
         for (k, v) in &self.meta {
             check_charset(key, "meta (key)", k, MAX_TAG, is_instance_char)?;
@@ -202,18 +220,30 @@ impl Endpoint {
     /// Unknown JSON fields are ignored so the schema can grow.
     pub fn decode(keys: &Keys, key: &str, value: &[u8]) -> Result<Endpoint, RecordError> {
         let (node, service, instance) = match keys.parse(key) {
-            Some(KeyKind::Endpoint { node, service, instance }) => (node, service, instance),
+            Some(KeyKind::Endpoint {
+                node,
+                service,
+                instance,
+            }) => (node, service, instance),
             _ => return Err(RecordError::new(key, "key", "not an endpoint key")),
         };
         let wire: EndpointWire = decode_json(key, value)?;
         let port = u16::try_from(wire.port)
             .ok()
             .filter(|p| *p != 0)
-            .ok_or_else(|| RecordError::new(key, "port", format!("must be 1-65535, got {}", wire.port)))?;
+            .ok_or_else(|| {
+                RecordError::new(key, "port", format!("must be 1-65535, got {}", wire.port))
+            })?;
         let proto = match wire.proto.as_str() {
             "tcp" => Proto::Tcp,
             "udp" => Proto::Udp,
-            other => return Err(RecordError::new(key, "proto", format!("must be tcp or udp, got {}", escaped(other)))),
+            other => {
+                return Err(RecordError::new(
+                    key,
+                    "proto",
+                    format!("must be tcp or udp, got {}", escaped(other)),
+                ))
+            }
         };
         let health = match wire.health.as_str() {
             "healthy" => Health::Healthy,
@@ -251,7 +281,11 @@ impl Endpoint {
                 return Err(RecordError::new(
                     key,
                     field,
-                    format!("body says {} but the key path says {}", escaped(in_body), escaped(in_key)),
+                    format!(
+                        "body says {} but the key path says {}",
+                        escaped(in_body),
+                        escaped(in_key)
+                    ),
                 ));
             }
         }
@@ -286,7 +320,11 @@ impl Node {
             return Err(RecordError::new(
                 key,
                 "node",
-                format!("body says {} but the key path says {}", escaped(&rec.node), escaped(node)),
+                format!(
+                    "body says {} but the key path says {}",
+                    escaped(&rec.node),
+                    escaped(node)
+                ),
             ));
         }
         Ok(rec)
@@ -295,10 +333,15 @@ impl Node {
 
 fn decode_json<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, RecordError> {
     if value.len() > MAX_RECORD_BYTES {
-        return Err(RecordError::new(key, "json", format!("record is {} bytes, limit {MAX_RECORD_BYTES}", value.len())));
+        return Err(RecordError::new(
+            key,
+            "json",
+            format!("record is {} bytes, limit {MAX_RECORD_BYTES}", value.len()),
+        ));
     }
-    let text = std::str::from_utf8(value)
-        .map_err(|e| RecordError::new(key, "json", format!("not UTF-8 (byte {})", e.valid_up_to())))?;
+    let text = std::str::from_utf8(value).map_err(|e| {
+        RecordError::new(key, "json", format!("not UTF-8 (byte {})", e.valid_up_to()))
+    })?;
     serde_json::from_str(text).map_err(|e| {
         // serde_json names the missing or mistyped field in its message.
         RecordError::new(key, "json", format!("{e}"))
@@ -308,7 +351,11 @@ fn decode_json<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Resul
 /// Escapes a value for an error message: control characters and quotes are shown, never acted on.
 pub fn escaped(value: &str) -> String {
     const SHOW: usize = 80;
-    let mut s: String = value.chars().take(SHOW).flat_map(char::escape_debug).collect();
+    let mut s: String = value
+        .chars()
+        .take(SHOW)
+        .flat_map(char::escape_debug)
+        .collect();
     if value.chars().count() > SHOW {
         s.push('…');
     }
@@ -320,7 +367,8 @@ pub fn is_dns_label(s: &str) -> bool {
     let b = s.as_bytes();
     !b.is_empty()
         && b.len() <= MAX_LABEL
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         && b[0] != b'-'
         && b[b.len() - 1] != b'-'
 }
@@ -365,7 +413,11 @@ pub fn is_tag_char(c: char) -> bool {
 /// braces or angle brackets (so a value can start neither a new directive, a new argument, a
 /// comment, nor a template or shell expansion).
 pub fn is_meta_char(c: char) -> bool {
-    c.is_ascii_graphic() && !matches!(c, '"' | '\'' | '`' | '\\' | '#' | ';' | '$' | '{' | '}' | '<' | '>')
+    c.is_ascii_graphic()
+        && !matches!(
+            c,
+            '"' | '\'' | '`' | '\\' | '#' | ';' | '$' | '{' | '}' | '<' | '>'
+        )
 }
 
 fn check_label(key: &str, field: &str, v: &str) -> Result<(), RecordError> {
@@ -375,7 +427,10 @@ fn check_label(key: &str, field: &str, v: &str) -> Result<(), RecordError> {
         Err(RecordError::new(
             key,
             field,
-            format!("{} is not a DNS label (lowercase letters, digits, '-', 1-{MAX_LABEL} chars)", escaped(v)),
+            format!(
+                "{} is not a DNS label (lowercase letters, digits, '-', 1-{MAX_LABEL} chars)",
+                escaped(v)
+            ),
         ))
     }
 }
@@ -384,24 +439,45 @@ fn check_host(key: &str, field: &str, v: &str) -> Result<(), RecordError> {
     if is_host(v) {
         Ok(())
     } else {
-        Err(RecordError::new(key, field, format!("{} is neither an IP literal nor a DNS name", escaped(v))))
+        Err(RecordError::new(
+            key,
+            field,
+            format!("{} is neither an IP literal nor a DNS name", escaped(v)),
+        ))
     }
 }
 
 fn check_container(key: &str, v: &str) -> Result<(), RecordError> {
-    if v.len() == 12 && v.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)) {
+    if v.len() == 12
+        && v.bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+    {
         Ok(())
     } else {
-        Err(RecordError::new(key, "container", format!("{} is not a 12-hex container id", escaped(v))))
+        Err(RecordError::new(
+            key,
+            "container",
+            format!("{} is not a 12-hex container id", escaped(v)),
+        ))
     }
 }
 
-fn check_charset(key: &str, field: &str, v: &str, max: usize, ok: fn(char) -> bool) -> Result<(), RecordError> {
+fn check_charset(
+    key: &str,
+    field: &str,
+    v: &str,
+    max: usize,
+    ok: fn(char) -> bool,
+) -> Result<(), RecordError> {
     if v.is_empty() {
         return Err(RecordError::new(key, field, "is empty"));
     }
     if v.len() > max {
-        return Err(RecordError::new(key, field, format!("is {} bytes, limit {max}", v.len())));
+        return Err(RecordError::new(
+            key,
+            field,
+            format!("is {} bytes, limit {max}", v.len()),
+        ));
     }
     if let Some(bad) = v.chars().find(|c| !ok(*c)) {
         return Err(RecordError::new(
@@ -414,10 +490,17 @@ fn check_charset(key: &str, field: &str, v: &str, max: usize, ok: fn(char) -> bo
 }
 
 fn check_time(key: &str, field: &str, v: &str) -> Result<(), RecordError> {
-    if v.len() <= 64 && humantime::parse_rfc3339_weak(v).is_ok() && v.chars().all(|c| c.is_ascii_graphic()) {
+    if v.len() <= 64
+        && humantime::parse_rfc3339_weak(v).is_ok()
+        && v.chars().all(|c| c.is_ascii_graphic())
+    {
         Ok(())
     } else {
-        Err(RecordError::new(key, field, format!("{} is not an RFC 3339 time", escaped(v))))
+        Err(RecordError::new(
+            key,
+            field,
+            format!("{} is not an RFC 3339 time", escaped(v)),
+        ))
     }
 }
 

@@ -12,7 +12,10 @@ use flotilla_registry::{CacheState, EtcdArgs, EtcdError, Keys, Tuning, WatchCach
 const DEADLINE: Duration = Duration::from_secs(30);
 
 fn args(endpoints: Vec<String>) -> EtcdArgs {
-    EtcdArgs { endpoints, ..EtcdArgs::default() }
+    EtcdArgs {
+        endpoints,
+        ..EtcdArgs::default()
+    }
 }
 
 fn keys() -> Keys {
@@ -45,14 +48,24 @@ async fn connect_err(a: &EtcdArgs) -> EtcdError {
 }
 
 async fn put(client: &mut Client, ep: &Endpoint) {
-    client.put(ep.key(&keys()), ep.encode(&keys()).unwrap(), None).await.expect("put");
+    client
+        .put(ep.key(&keys()), ep.encode(&keys()).unwrap(), None)
+        .await
+        .expect("put");
 }
 
 /// Everything under `/flotilla/` in etcd right now, and the revision it was read at.
 async fn etcd_state(client: &mut Client) -> (i64, BTreeMap<String, Vec<u8>>) {
-    let resp = client.get("/flotilla/", Some(GetOptions::new().with_prefix())).await.expect("get");
+    let resp = client
+        .get("/flotilla/", Some(GetOptions::new().with_prefix()))
+        .await
+        .expect("get");
     let rev = resp.header().unwrap().revision();
-    let map = resp.kvs().iter().map(|kv| (kv.key_str().unwrap().to_owned(), kv.value().to_vec())).collect();
+    let map = resp
+        .kvs()
+        .iter()
+        .map(|kv| (kv.key_str().unwrap().to_owned(), kv.value().to_vec()))
+        .collect();
     (rev, map)
 }
 
@@ -61,11 +74,17 @@ async fn assert_exact(cache: &WatchCache, client: &mut Client, what: &str) {
     let (rev, want) = tokio::time::timeout(DEADLINE, async {
         loop {
             // etcd may be electing a leader: retry reads until one succeeds
-            match client.get("/flotilla/", Some(GetOptions::new().with_prefix())).await {
+            match client
+                .get("/flotilla/", Some(GetOptions::new().with_prefix()))
+                .await
+            {
                 Ok(resp) => {
                     let rev = resp.header().unwrap().revision();
-                    let map: BTreeMap<_, _> =
-                        resp.kvs().iter().map(|kv| (kv.key_str().unwrap().to_owned(), kv.value().to_vec())).collect();
+                    let map: BTreeMap<_, _> = resp
+                        .kvs()
+                        .iter()
+                        .map(|kv| (kv.key_str().unwrap().to_owned(), kv.value().to_vec()))
+                        .collect();
                     return (rev, map);
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
@@ -76,11 +95,20 @@ async fn assert_exact(cache: &WatchCache, client: &mut Client, what: &str) {
     .unwrap_or_else(|_| panic!("{what}: etcd did not answer within {DEADLINE:?}"));
     let snap = tokio::time::timeout(DEADLINE, cache.wait_for_revision(rev))
         .await
-        .unwrap_or_else(|_| panic!("{what}: cache did not reach revision {rev} within {DEADLINE:?}: {:?}", cache.status().borrow()));
+        .unwrap_or_else(|_| {
+            panic!(
+                "{what}: cache did not reach revision {rev} within {DEADLINE:?}: {:?}",
+                cache.status().borrow()
+            )
+        });
     if *snap.kvs != want {
         let missing: Vec<_> = want.keys().filter(|k| !snap.kvs.contains_key(*k)).collect();
         let extra: Vec<_> = snap.kvs.keys().filter(|k| !want.contains_key(*k)).collect();
-        let stale: Vec<_> = want.iter().filter(|(k, v)| snap.kvs.get(*k).is_some_and(|c| c != *v)).map(|(k, _)| k).collect();
+        let stale: Vec<_> = want
+            .iter()
+            .filter(|(k, v)| snap.kvs.get(*k).is_some_and(|c| c != *v))
+            .map(|(k, _)| k)
+            .collect();
         panic!("{what}: cache (revision {}) differs from etcd at revision {rev}: missing {missing:?}, extra {extra:?}, stale {stale:?}", snap.revision);
     }
     let decoded: BTreeMap<String, Endpoint> = want
@@ -100,18 +128,28 @@ async fn endpoints_round_trip_through_real_etcd() {
     put(&mut client, &ep).await;
     let resp = client.get(ep.key(&keys()), None).await.unwrap();
     let kv = &resp.kvs()[0];
-    assert_eq!(Endpoint::decode(&keys(), kv.key_str().unwrap(), kv.value()).unwrap(), ep);
+    assert_eq!(
+        Endpoint::decode(&keys(), kv.key_str().unwrap(), kv.value()).unwrap(),
+        ep
+    );
 
     // A bad record written behind our back is skipped by the cache, never served.
     let cache = WatchCache::spawn(a.clone(), keys(), keys().root());
     let bad_key = "/flotilla/endpoints/node-a/web/node-a-00000000000b-80";
     let mut bad = serde_json::to_value(endpoint("node-a", "web", 11)).unwrap();
     bad["service"] = serde_json::json!("web\n  server evil 1.2.3.4:80");
-    client.put(bad_key, serde_json::to_vec(&bad).unwrap(), None).await.unwrap();
+    client
+        .put(bad_key, serde_json::to_vec(&bad).unwrap(), None)
+        .await
+        .unwrap();
     assert_exact(&cache, &mut client, "with a bad record").await;
     let snap = cache.current();
     assert!(snap.kvs.contains_key(bad_key) && !snap.endpoints.contains_key(bad_key));
-    assert!(snap.rejected[bad_key].contains("service"), "{:?}", snap.rejected);
+    assert!(
+        snap.rejected[bad_key].contains("service"),
+        "{:?}",
+        snap.rejected
+    );
     assert_eq!(snap.services()["web"], vec![ep.clone()]);
 
     // Fixing the value brings it back; deleting removes it.
@@ -133,12 +171,20 @@ async fn watch_cache_stays_exact_across_compaction() {
     }
     // Pause between list and watch, so the listed revision can be compacted before the watch
     // starts: the watch is refused as compacted and the cache must relist.
-    let tuning = Tuning { pause_before_watch: Duration::from_secs(2) };
+    let tuning = Tuning {
+        pause_before_watch: Duration::from_secs(2),
+    };
     let cache = WatchCache::spawn_tuned(a.clone(), keys(), keys().root(), tuning);
     let mut status = cache.status();
-    tokio::time::timeout(DEADLINE, status.wait_for(|s| s.lists >= 1)).await.unwrap().unwrap();
+    tokio::time::timeout(DEADLINE, status.wait_for(|s| s.lists >= 1))
+        .await
+        .unwrap()
+        .unwrap();
     for n in 0..10 {
-        client.delete(endpoint("node-a", "web", n).key(&keys()), None).await.unwrap();
+        client
+            .delete(endpoint("node-a", "web", n).key(&keys()), None)
+            .await
+            .unwrap();
     }
     for n in 50..60 {
         put(&mut client, &endpoint("node-b", "api", n)).await;
@@ -158,7 +204,13 @@ async fn watch_cache_stays_exact_across_compaction() {
     }
     let (rev, _) = etcd_state(&mut client).await;
     client.compact(rev, None).await.unwrap();
-    client.delete("/flotilla/endpoints/node-b/", Some(DeleteOptions::new().with_prefix())).await.unwrap();
+    client
+        .delete(
+            "/flotilla/endpoints/node-b/",
+            Some(DeleteOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
     assert_exact(&cache, &mut client, "after a live compaction").await;
     assert_eq!(cache.current().endpoints.len(), 40);
 }
@@ -176,10 +228,13 @@ async fn watch_cache_stays_exact_across_etcd_restart() {
 
     let mut status = cache.status();
     etcd.kill();
-    tokio::time::timeout(DEADLINE, status.wait_for(|s| matches!(s.state, CacheState::Degraded { .. })))
-        .await
-        .expect("the cache reports the outage")
-        .unwrap();
+    tokio::time::timeout(
+        DEADLINE,
+        status.wait_for(|s| matches!(s.state, CacheState::Degraded { .. })),
+    )
+    .await
+    .expect("the cache reports the outage")
+    .unwrap();
     // The last view stays published while etcd is away.
     assert_eq!(cache.current().endpoints.len(), 30);
 
@@ -187,7 +242,10 @@ async fn watch_cache_stays_exact_across_etcd_restart() {
     // Change things at once, racing the cache's reconnect: deletes, new keys, rewrites.
     let mut client = a.connect().await.unwrap();
     for n in 0..10 {
-        client.delete(endpoint("node-a", "web", n).key(&keys()), None).await.unwrap();
+        client
+            .delete(endpoint("node-a", "web", n).key(&keys()), None)
+            .await
+            .unwrap();
     }
     for n in 30..40 {
         put(&mut client, &endpoint("node-a", "web", n)).await;
@@ -197,13 +255,22 @@ async fn watch_cache_stays_exact_across_etcd_restart() {
     put(&mut client, &changed).await;
     assert_exact(&cache, &mut client, "after etcd came back").await;
     assert_eq!(cache.current().endpoints.len(), 30);
-    tokio::time::timeout(DEADLINE, status.wait_for(|s| s.state == CacheState::Watching)).await.unwrap().unwrap();
+    tokio::time::timeout(
+        DEADLINE,
+        status.wait_for(|s| s.state == CacheState::Watching),
+    )
+    .await
+    .unwrap()
+    .unwrap();
 
     // Stopped cleanly (SIGTERM) and restarted: same result.
     etcd.stop();
     etcd.restart();
     let mut client = a.connect().await.unwrap();
-    client.delete("/flotilla/", Some(DeleteOptions::new().with_prefix())).await.unwrap();
+    client
+        .delete("/flotilla/", Some(DeleteOptions::new().with_prefix()))
+        .await
+        .unwrap();
     put(&mut client, &endpoint("node-c", "db", 99)).await;
     assert_exact(&cache, &mut client, "after a clean stop and start").await;
     assert_eq!(cache.current().endpoints.len(), 1);
@@ -232,7 +299,15 @@ async fn watch_cache_survives_losing_each_member_of_a_3_member_cluster() {
             let ep = endpoint("node-b", "api", next);
             next += 1;
             tokio::time::timeout(DEADLINE, async {
-                while writer.put(ep.key(&keys()), ep.encode(&keys()).unwrap(), Some(PutOptions::new())).await.is_err() {
+                while writer
+                    .put(
+                        ep.key(&keys()),
+                        ep.encode(&keys()).unwrap(),
+                        Some(PutOptions::new()),
+                    )
+                    .await
+                    .is_err()
+                {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             })
@@ -247,7 +322,12 @@ async fn watch_cache_survives_losing_each_member_of_a_3_member_cluster() {
         })
         .await
         .expect("the surviving quorum accepts deletes");
-        assert_exact(&cache, &mut writer, &format!("member {victim} killed (round {round})")).await;
+        assert_exact(
+            &cache,
+            &mut writer,
+            &format!("member {victim} killed (round {round})"),
+        )
+        .await;
         cluster.members[victim].restart();
         cluster.wait_healthy(Duration::from_secs(60));
     }
@@ -266,39 +346,78 @@ async fn tls_and_password_auth() {
     };
 
     // node-a may write its own endpoints, but not another node's.
-    let node_a = EtcdArgs { user: Some("node-a".into()), password: Some("node-a-secret".into()), ..base.clone() };
-    let mut c = node_a.connect().await.expect("node-a connects over TLS with its password");
+    let node_a = EtcdArgs {
+        user: Some("node-a".into()),
+        password: Some("node-a-secret".into()),
+        ..base.clone()
+    };
+    let mut c = node_a
+        .connect()
+        .await
+        .expect("node-a connects over TLS with its password");
     put(&mut c, &endpoint("node-a", "web", 1)).await;
     let other = endpoint("node-b", "web", 2);
-    let err = c.put(other.key(&keys()), other.encode(&keys()).unwrap(), None).await.expect_err("RBAC");
+    let err = c
+        .put(other.key(&keys()), other.encode(&keys()).unwrap(), None)
+        .await
+        .expect_err("RBAC");
     assert!(err.to_string().contains("permission denied"), "{err}");
 
     // The reader sees it through the watch cache.
-    let reader = EtcdArgs { user: Some("reader".into()), password: Some("reader-secret".into()), ..base.clone() };
+    let reader = EtcdArgs {
+        user: Some("reader".into()),
+        password: Some("reader-secret".into()),
+        ..base.clone()
+    };
     let mut rc = reader.connect().await.expect("reader connects");
     let cache = WatchCache::spawn(reader.clone(), keys(), keys().root());
     assert_exact(&cache, &mut rc, "TLS + auth").await;
     assert_eq!(cache.current().endpoints.len(), 1);
 
     // A wrong password is reported as such, naming the flag.
-    let wrong = EtcdArgs { user: Some("reader".into()), password: Some("nope".into()), ..base.clone() };
+    let wrong = EtcdArgs {
+        user: Some("reader".into()),
+        password: Some("nope".into()),
+        ..base.clone()
+    };
     let err = connect_err(&wrong).await;
     assert!(matches!(err, EtcdError::Auth { .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains("reader") && msg.contains("--etcd-password"), "{msg}");
+    assert!(
+        msg.contains("reader") && msg.contains("--etcd-password"),
+        "{msg}"
+    );
 
     // A CA that did not sign the server's certificate fails the handshake, naming the flag.
-    let wrong_ca = EtcdArgs { cacert: Some(t.tls.other_ca.clone()), ..reader.clone() };
+    let wrong_ca = EtcdArgs {
+        cacert: Some(t.tls.other_ca.clone()),
+        ..reader.clone()
+    };
     let err = connect_err(&wrong_ca).await;
     let msg = err.to_string();
     assert!(matches!(err, EtcdError::Unreachable { .. }), "{err:?}");
-    assert!(msg.contains("--etcd-cacert") && msg.contains(&t.etcd.endpoint()), "{msg}");
+    assert!(
+        msg.contains("--etcd-cacert") && msg.contains(&t.etcd.endpoint()),
+        "{msg}"
+    );
 
     // A missing file names the flag and the path; http:// with TLS options is refused.
-    let missing = EtcdArgs { cacert: Some("/nonexistent/ca.pem".into()), ..reader.clone() };
+    let missing = EtcdArgs {
+        cacert: Some("/nonexistent/ca.pem".into()),
+        ..reader.clone()
+    };
     let msg = connect_err(&missing).await.to_string();
-    assert!(msg.contains("--etcd-cacert") && msg.contains("/nonexistent/ca.pem"), "{msg}");
-    let plain = EtcdArgs { endpoints: vec![t.etcd.endpoint().replace("https", "http")], ..reader.clone() };
+    assert!(
+        msg.contains("--etcd-cacert") && msg.contains("/nonexistent/ca.pem"),
+        "{msg}"
+    );
+    let plain = EtcdArgs {
+        endpoints: vec![t.etcd.endpoint().replace("https", "http")],
+        ..reader.clone()
+    };
     let msg = connect_err(&plain).await.to_string();
-    assert!(msg.contains("--etcd-endpoints") && msg.contains("https"), "{msg}");
+    assert!(
+        msg.contains("--etcd-endpoints") && msg.contains("https"),
+        "{msg}"
+    );
 }

@@ -20,7 +20,11 @@ fn good() -> Endpoint {
         container: "0123456789ab".into(),
         image: "registry.local:5000/team/web:git-3f2a9c1".into(),
         tags: vec!["v1".into(), "env=prod".into()],
-        meta: [("path".to_string(), "/api".to_string()), ("mode".to_string(), "http".to_string())].into(),
+        meta: [
+            ("path".to_string(), "/api".to_string()),
+            ("mode".to_string(), "http".to_string()),
+        ]
+        .into(),
         health: Health::Healthy,
         registered_at: "2026-11-22T07:33:12Z".into(),
     }
@@ -44,7 +48,10 @@ fn decode_err(v: &serde_json::Value) -> String {
 fn good_endpoint_round_trips() {
     let ep = good();
     let bytes = ep.encode(&keys()).unwrap();
-    assert_eq!(Endpoint::decode(&keys(), &ep.key(&keys()), &bytes).unwrap(), ep);
+    assert_eq!(
+        Endpoint::decode(&keys(), &ep.key(&keys()), &bytes).unwrap(),
+        ep
+    );
 }
 
 #[test]
@@ -76,7 +83,10 @@ const INJECTIONS: &[&str] = &[
 
 #[test]
 fn service_rejects_injection_on_decode_and_encode() {
-    for bad in INJECTIONS.iter().chain(&["Web", "-web", "web-", "web_app", "web.app"]) {
+    for bad in INJECTIONS
+        .iter()
+        .chain(&["Web", "-web", "web-", "web_app", "web.app"])
+    {
         let mut v = good_json();
         v["service"] = json!(bad);
         // the key path carries the good name, so either the charset or the key/body check fires
@@ -88,7 +98,11 @@ fn service_rejects_injection_on_decode_and_encode() {
     }
     let mut ep = good();
     ep.service = "a".repeat(64);
-    assert_eq!(ep.encode(&keys()).unwrap_err().field, "service", "oversize service");
+    assert_eq!(
+        ep.encode(&keys()).unwrap_err().field,
+        "service",
+        "oversize service"
+    );
 }
 
 #[test]
@@ -96,10 +110,18 @@ fn node_and_instance_reject_injection() {
     for bad in INJECTIONS {
         let mut ep = good();
         ep.node = bad.to_string();
-        assert_eq!(ep.encode(&keys()).unwrap_err().field, "node", "node {bad:?}");
+        assert_eq!(
+            ep.encode(&keys()).unwrap_err().field,
+            "node",
+            "node {bad:?}"
+        );
         let mut ep = good();
         ep.instance = bad.to_string();
-        assert_eq!(ep.encode(&keys()).unwrap_err().field, "instance", "instance {bad:?}");
+        assert_eq!(
+            ep.encode(&keys()).unwrap_err().field,
+            "instance",
+            "instance {bad:?}"
+        );
     }
     let mut ep = good();
     ep.instance = "i".repeat(129);
@@ -108,7 +130,14 @@ fn node_and_instance_reject_injection() {
 
 #[test]
 fn host_rejects_injection_and_accepts_ips_and_names() {
-    for bad in INJECTIONS.iter().chain(&["1.2.3.4:80", "1.2.3.4 backup", "999.1.1.1", "-x.example", "a..b", "[::1]"]) {
+    for bad in INJECTIONS.iter().chain(&[
+        "1.2.3.4:80",
+        "1.2.3.4 backup",
+        "999.1.1.1",
+        "-x.example",
+        "a..b",
+        "[::1]",
+    ]) {
         let mut v = good_json();
         v["host"] = json!(bad);
         assert_eq!(decode_err(&v), "host", "host {bad:?}");
@@ -117,7 +146,14 @@ fn host_rejects_injection_and_accepts_ips_and_names() {
     let mut v = good_json();
     v["host"] = json!(long);
     assert_eq!(decode_err(&v), "host");
-    for ok in ["127.0.0.1", "::1", "fe80::1", "web-1.internal", "localhost", "db.example.com."] {
+    for ok in [
+        "127.0.0.1",
+        "::1",
+        "fe80::1",
+        "web-1.internal",
+        "localhost",
+        "db.example.com.",
+    ] {
         let mut ep = good();
         ep.host = ok.into();
         ep.encode(&keys()).unwrap_or_else(|e| panic!("{ok}: {e}"));
@@ -189,17 +225,32 @@ fn non_utf8_and_oversize_and_garbage_records_are_rejected() {
     assert!(err.reason.contains("UTF-8"), "{err}");
 
     let huge = vec![b' '; 65 * 1024];
-    assert_eq!(Endpoint::decode(&keys(), KEY, &huge).unwrap_err().field, "json");
-    assert_eq!(Endpoint::decode(&keys(), KEY, b"server evil 1.2.3.4:80").unwrap_err().field, "json");
+    assert_eq!(
+        Endpoint::decode(&keys(), KEY, &huge).unwrap_err().field,
+        "json"
+    );
+    assert_eq!(
+        Endpoint::decode(&keys(), KEY, b"server evil 1.2.3.4:80")
+            .unwrap_err()
+            .field,
+        "json"
+    );
     let mut v = good_json();
     v.as_object_mut().unwrap().remove("host");
     let err = Endpoint::decode(&keys(), KEY, &serde_json::to_vec(&v).unwrap()).unwrap_err();
-    assert!(err.reason.contains("host"), "names the missing field: {err}");
+    assert!(
+        err.reason.contains("host"),
+        "names the missing field: {err}"
+    );
 }
 
 #[test]
 fn key_path_must_agree_with_body() {
-    for (field, value) in [("node", "node-b"), ("service", "api"), ("instance", "node-a-0123456789ab-81")] {
+    for (field, value) in [
+        ("node", "node-b"),
+        ("service", "api"),
+        ("instance", "node-a-0123456789ab-81"),
+    ] {
         let mut v = good_json();
         v[field] = json!(value);
         assert_eq!(decode_err(&v), field);
@@ -207,7 +258,12 @@ fn key_path_must_agree_with_body() {
     let bytes = good().encode(&keys()).unwrap();
     let err = Endpoint::decode(&keys(), "/flotilla/endpoints/node-a/web", &bytes).unwrap_err();
     assert_eq!(err.field, "key");
-    let err = Endpoint::decode(&keys(), "/other/endpoints/node-a/web/node-a-0123456789ab-80", &bytes).unwrap_err();
+    let err = Endpoint::decode(
+        &keys(),
+        "/other/endpoints/node-a/web/node-a-0123456789ab-80",
+        &bytes,
+    )
+    .unwrap_err();
     assert_eq!(err.field, "key");
 }
 
@@ -216,9 +272,14 @@ fn error_messages_escape_the_value() {
     let mut v = good_json();
     v["meta"] = json!({"path": "/x\n  server evil 1.2.3.4:80"});
     let bytes = serde_json::to_vec(&v).unwrap();
-    let msg = Endpoint::decode(&keys(), KEY, &bytes).unwrap_err().to_string();
+    let msg = Endpoint::decode(&keys(), KEY, &bytes)
+        .unwrap_err()
+        .to_string();
     assert!(!msg.contains('\n'), "an error message is one line: {msg}");
-    assert!(msg.contains(KEY) && msg.contains("meta.path") && msg.contains("\\n"), "{msg}");
+    assert!(
+        msg.contains(KEY) && msg.contains("meta.path") && msg.contains("\\n"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -231,21 +292,48 @@ fn node_records_validate() {
         advertise_ip: "10.0.0.7".parse().unwrap(),
     };
     let bytes = node.encode(&keys).unwrap();
-    assert_eq!(Node::decode(&keys, "/flotilla/nodes/node-a", &bytes).unwrap(), node);
-    assert_eq!(Node::decode(&keys, "/flotilla/nodes/node-b", &bytes).unwrap_err().field, "node");
+    assert_eq!(
+        Node::decode(&keys, "/flotilla/nodes/node-a", &bytes).unwrap(),
+        node
+    );
+    assert_eq!(
+        Node::decode(&keys, "/flotilla/nodes/node-b", &bytes)
+            .unwrap_err()
+            .field,
+        "node"
+    );
     let mut bad = serde_json::to_value(&node).unwrap();
     bad["version"] = json!("1.0\nserver evil");
-    let err = Node::decode(&keys, "/flotilla/nodes/node-a", &serde_json::to_vec(&bad).unwrap()).unwrap_err();
+    let err = Node::decode(
+        &keys,
+        "/flotilla/nodes/node-a",
+        &serde_json::to_vec(&bad).unwrap(),
+    )
+    .unwrap_err();
     assert_eq!(err.field, "version");
     bad["version"] = json!("1.0");
     bad["advertise_ip"] = json!("10.0.0.7; evil");
-    let err = Node::decode(&keys, "/flotilla/nodes/node-a", &serde_json::to_vec(&bad).unwrap()).unwrap_err();
+    let err = Node::decode(
+        &keys,
+        "/flotilla/nodes/node-a",
+        &serde_json::to_vec(&bad).unwrap(),
+    )
+    .unwrap_err();
     assert_eq!(err.field, "json");
 }
 
 #[test]
 fn prefixes_are_checked() {
-    for bad in ["", "/", "flotilla", "/flotilla/", "/a//b", "/a/../b", "/a b", "/a\nb"] {
+    for bad in [
+        "",
+        "/",
+        "flotilla",
+        "/flotilla/",
+        "/a//b",
+        "/a/../b",
+        "/a b",
+        "/a\nb",
+    ] {
         assert!(Keys::new(bad).is_err(), "{bad:?}");
     }
     let k = Keys::new("/ops/flotilla").unwrap();
@@ -254,7 +342,10 @@ fn prefixes_are_checked() {
 
 /// Characters that could end an argument, a line or start a comment/expansion in a config.
 fn dangerous(c: char) -> bool {
-    c.is_whitespace() || c.is_control() || matches!(c, '"' | '\'' | '`' | '\\' | '#' | ';' | '$' | '{' | '}') || !c.is_ascii()
+    c.is_whitespace()
+        || c.is_control()
+        || matches!(c, '"' | '\'' | '`' | '\\' | '#' | ';' | '$' | '{' | '}')
+        || !c.is_ascii()
 }
 
 proptest! {
