@@ -39,7 +39,9 @@ mod socket;
 use std::path::Path;
 use std::time::Duration;
 
-pub use check::{parse_haproxy_output, parse_nginx_output, CheckReport, Diagnostic, Haproxy, Severity};
+pub use check::{
+    parse_haproxy_output, parse_nginx_output, CheckReport, Diagnostic, Haproxy, Severity,
+};
 pub use error::{Error, ErrorKind};
 pub use master::{MasterProc, MasterSocket, ProcList, ReloadOutcome, WorkerProc};
 pub use nginx::{Nginx, NginxReloadOutcome};

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use proxyctl::{
-    AdminState, CheckReport, Error, ErrorKind, Haproxy, MasterSocket, Nginx, RuntimeApi,
-    ServerRef, StatRow,
+    AdminState, CheckReport, Error, ErrorKind, Haproxy, MasterSocket, Nginx, RuntimeApi, ServerRef,
+    StatRow,
 };
 
 const EXIT_CODES: &str = "\
@@ -89,11 +89,21 @@ struct ProxyArgs {
     config: PathBuf,
 
     /// The haproxy binary.
-    #[arg(long, value_name = "PATH", default_value = "haproxy", env = "FLOTILLA_HAPROXY_BIN")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "haproxy",
+        env = "FLOTILLA_HAPROXY_BIN"
+    )]
     haproxy_bin: PathBuf,
 
     /// The nginx binary.
-    #[arg(long, value_name = "PATH", default_value = "nginx", env = "FLOTILLA_NGINX_BIN")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "nginx",
+        env = "FLOTILLA_NGINX_BIN"
+    )]
     nginx_bin: PathBuf,
 
     /// Print the result as JSON on stdout.
@@ -391,7 +401,9 @@ fn table(rows: &[StatRow]) -> String {
                 r.name.clone(),
                 r.kind.to_string(),
                 r.status.clone(),
-                r.weight.map(|w| w.to_string()).unwrap_or_else(|| "-".into()),
+                r.weight
+                    .map(|w| w.to_string())
+                    .unwrap_or_else(|| "-".into()),
                 r.current_sessions.to_string(),
                 r.total_sessions.to_string(),
                 r.check_status.clone().unwrap_or_else(|| "-".into()),
@@ -441,7 +453,10 @@ fn describe(err: &Error, flags: &Flags) -> String {
     let flag = flags.socket;
     let setup = |path: &Path| {
         if flags.socket_is_master {
-            format!("is HAProxy running in master-worker mode with `-W -S {}`?", path.display())
+            format!(
+                "is HAProxy running in master-worker mode with `-W -S {}`?",
+                path.display()
+            )
         } else {
             format!(
                 "is HAProxy running with `stats socket {} level admin` in its global section?",

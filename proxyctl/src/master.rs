@@ -208,7 +208,7 @@ pub struct ReloadOutcome {
     /// Pids of earlier workers still finishing their connections.
     pub old_workers: Vec<u32>,
     /// From sending `reload` to the new generation answering.
-    #[serde(with = "millis")]
+    #[serde(rename = "elapsed_ms", with = "millis")]
     pub elapsed: Duration,
 }
 
@@ -378,8 +378,7 @@ impl MasterSocket {
                 Err(e) if e.is_transient() => tracing::trace!(error = %e, "master not back yet"),
                 Err(e) => return Err(e),
             }
-            tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now())))
-                .await;
+            tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
             pause = (pause * 2).min(Duration::from_millis(100));
         }
     }
@@ -505,10 +504,18 @@ mod tests {
 
     #[test]
     fn config_args_are_made_absolute() {
-        let args: Vec<String> = ["haproxy", "-W", "-f", "h.cfg", "-f/etc/b.cfg", "-S", "m.sock"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let args: Vec<String> = [
+            "haproxy",
+            "-W",
+            "-f",
+            "h.cfg",
+            "-f/etc/b.cfg",
+            "-S",
+            "m.sock",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         assert_eq!(
             config_args(&args, "-f", Path::new("/srv")),
             vec![PathBuf::from("/srv/h.cfg"), PathBuf::from("/etc/b.cfg")]

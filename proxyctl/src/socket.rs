@@ -28,7 +28,10 @@ pub(crate) async fn exchange(
     timeout: Duration,
     answer: Answer,
 ) -> Result<String, Error> {
-    debug_assert!(!line.contains('\n'), "commands are validated by the callers");
+    debug_assert!(
+        !line.contains('\n'),
+        "commands are validated by the callers"
+    );
     let work = async {
         let mut stream = connect(socket).await?;
         let io_err = |source: io::Error| Error::SocketIo {
@@ -38,7 +41,13 @@ pub(crate) async fn exchange(
         let mut request = String::with_capacity(line.len() + 1);
         request.push_str(line);
         request.push('\n');
-        if let Err(e) = stream.write_all(request.as_bytes()).await {
+        // The master CLI keeps the connection open until the client half-closes it, so always
+        // signal the end of the request.
+        let sent = match stream.write_all(request.as_bytes()).await {
+            Ok(()) => stream.shutdown().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
             return match (answer, e.kind()) {
                 (Answer::Optional, io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) => {
                     Ok(String::new())
@@ -127,15 +136,22 @@ mod tests {
     fn words_that_could_inject_commands_are_rejected() {
         for bad in ["", "a b", "a;show info", "a\nb", "a/b", "a#", "ä"] {
             assert!(
-                matches!(
-                    validate_word("server", bad),
-                    Err(Error::InvalidName { .. })
-                ),
+                matches!(validate_word("server", bad), Err(Error::InvalidName { .. })),
                 "{bad:?} was accepted"
             );
         }
-        for good in ["web", "web-1", "node1-0123456789ab-8080", "app.v2", "x:y", "A_b"] {
-            assert!(validate_word("server", good).is_ok(), "{good:?} was rejected");
+        for good in [
+            "web",
+            "web-1",
+            "node1-0123456789ab-8080",
+            "app.v2",
+            "x:y",
+            "A_b",
+        ] {
+            assert!(
+                validate_word("server", good).is_ok(),
+                "{good:?} was rejected"
+            );
         }
     }
 
@@ -143,9 +159,14 @@ mod tests {
     async fn connect_errors_name_the_socket_and_the_cause() {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing.sock");
-        let err = exchange(&missing, "show info", Duration::from_secs(1), Answer::Required)
-            .await
-            .unwrap_err();
+        let err = exchange(
+            &missing,
+            "show info",
+            Duration::from_secs(1),
+            Answer::Required,
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, Error::SocketMissing { ref socket } if socket == &missing));
 
         let file = dir.path().join("plain-file");
@@ -157,9 +178,14 @@ mod tests {
 
         let stale = dir.path().join("stale.sock");
         drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
-        let err = exchange(&stale, "show info", Duration::from_secs(1), Answer::Required)
-            .await
-            .unwrap_err();
+        let err = exchange(
+            &stale,
+            "show info",
+            Duration::from_secs(1),
+            Answer::Required,
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, Error::SocketRefused { .. }), "{err:?}");
         assert!(err.to_string().contains(&stale.display().to_string()));
     }
@@ -174,9 +200,14 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(5)).await;
             drop(conn);
         });
-        let err = exchange(&path, "show info", Duration::from_millis(200), Answer::Required)
-            .await
-            .unwrap_err();
+        let err = exchange(
+            &path,
+            "show info",
+            Duration::from_millis(200),
+            Answer::Required,
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, Error::SocketTimeout { .. }), "{err:?}");
         accept.abort();
     }
