@@ -260,9 +260,18 @@ impl Flags {
 }
 
 async fn check(args: ProxyArgs) -> Result<(), Failure> {
-    let report = match args.proxy {
-        ProxyKind::Haproxy => Haproxy::new(&args.haproxy_bin).check(&args.config).await?,
-        ProxyKind::Nginx => Nginx::new(&args.nginx_bin).check(&args.config).await?,
+    let result = match args.proxy {
+        ProxyKind::Haproxy => Haproxy::new(&args.haproxy_bin).check(&args.config).await,
+        ProxyKind::Nginx => Nginx::new(&args.nginx_bin).check(&args.config).await,
+    };
+    let report = match result {
+        Ok(report) => report,
+        Err(Error::CheckFailed { report }) if args.json => {
+            // Scripts get the parsed messages on stdout; the human summary still goes to stderr.
+            print_json(&report);
+            return Err(Failure::Proxy(Error::CheckFailed { report }));
+        }
+        Err(e) => return Err(e.into()),
     };
     print_diagnostics(&report);
     if args.json {
