@@ -68,11 +68,8 @@ impl Haproxy {
         let stats_socket = dir.path().join("stats.sock");
         let log = dir.path().join("haproxy.log");
         let global_extra = global_extra.to_string();
-        std::fs::write(
-            &config,
-            render(&stats_socket, &global_extra, sections),
-        )
-        .expect("write haproxy.cfg");
+        std::fs::write(&config, render(&stats_socket, &global_extra, sections))
+            .expect("write haproxy.cfg");
         let log_file = std::fs::File::create(&log).expect("create haproxy.log");
         let child = Command::new(&binary)
             .arg("-W")
@@ -231,7 +228,11 @@ impl Haproxy {
                 .as_mut()
                 .map(|c| matches!(c.try_wait(), Ok(Some(_))))
                 .unwrap_or(true);
-            if exited && workers.iter().all(|&pid| !is_our_process(pid, &self.config)) {
+            if exited
+                && workers
+                    .iter()
+                    .all(|&pid| !is_our_process(pid, &self.config))
+            {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));

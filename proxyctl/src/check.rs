@@ -150,7 +150,9 @@ impl Haproxy {
         if report.valid {
             Ok(report)
         } else {
-            Err(Error::CheckFailed { report })
+            Err(Error::CheckFailed {
+                report: Box::new(report),
+            })
         }
     }
 }
@@ -295,9 +297,19 @@ pub fn parse_nginx_output(output: &str) -> Vec<Diagnostic> {
 
 fn parse_nginx_line(line: &str) -> Option<Diagnostic> {
     let line = line.trim();
-    let rest = line.strip_prefix("nginx:").unwrap_or(line).trim_start();
+    // Two layouts: `nginx: [emerg] msg` before the error log is open, and the error log's
+    // `2026/11/22 07:51:00 [emerg] 21511#21511: msg` once the config names one.
+    let rest = match line.strip_prefix("nginx:") {
+        Some(rest) => rest.trim_start(),
+        None if line.starts_with(|c: char| c.is_ascii_digit()) => &line[line.find('[')?..],
+        None => line,
+    };
     let rest = rest.strip_prefix('[')?;
     let (level, rest) = rest.split_once(']')?;
+    let rest = match rest.trim_start().split_once(": ") {
+        Some((pid, after)) if pid.split('#').all(|n| n.parse::<u32>().is_ok()) => after,
+        _ => rest,
+    };
     let severity = match level {
         "emerg" | "alert" | "crit" | "error" => Severity::Error,
         "warn" => Severity::Warning,
@@ -408,5 +420,14 @@ Configuration file is valid
         );
         assert_eq!(d[1].severity, Severity::Warning);
         assert_eq!(d[1].line, Some(1));
+
+        let d = parse_nginx_output(
+            "2026/11/22 07:51:00 [emerg] 21511#21511: unknown directive \"x\" in /tmp/n.conf:9\n",
+        );
+        assert_eq!(d.len(), 1, "{d:#?}");
+        assert_eq!(
+            d[0].to_string(),
+            "/tmp/n.conf:9: error: unknown directive \"x\""
+        );
     }
 }

@@ -35,7 +35,7 @@ pub enum Error {
         path = .report.config.display(), proxy = .report.proxy, first = .report.first_error())]
     CheckFailed {
         /// Every message the check printed, parsed.
-        report: CheckReport,
+        report: Box<CheckReport>,
     },
 
     /// The proxy binary could not be started.
@@ -164,7 +164,7 @@ pub enum Error {
         /// The deadline.
         timeout: Duration,
         /// The last process list seen, if any.
-        last: Option<ProcList>,
+        last: Option<Box<ProcList>>,
     },
 
     /// The running proxy loads a different configuration than the one given, so a reload would

@@ -372,7 +372,7 @@ impl MasterSocket {
                             return Ok(outcome);
                         }
                     }
-                    last = Some(now);
+                    last = Some(Box::new(now));
                 }
                 // The master re-executes itself: for a moment its socket refuses or is absent.
                 Err(e) if e.is_transient() => tracing::trace!(error = %e, "master not back yet"),

@@ -71,7 +71,9 @@ impl Nginx {
         if report.valid {
             Ok(report)
         } else {
-            Err(Error::CheckFailed { report })
+            Err(Error::CheckFailed {
+                report: Box::new(report),
+            })
         }
     }
 

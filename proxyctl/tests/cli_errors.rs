@@ -38,7 +38,11 @@ fn one_line(run: &Run, needles: &[&str]) {
 
 #[test]
 fn help_documents_every_exit_code() {
-    for args in [&["--help"][..], &["reload", "--help"], &["status", "--help"]] {
+    for args in [
+        &["--help"][..],
+        &["reload", "--help"],
+        &["status", "--help"],
+    ] {
         let run = Run::of(proxyctl().args(args)).expect_code(0);
         assert!(run.stdout.contains("Exit codes:"), "{}", run.stdout);
         for code in 0..=6 {
@@ -58,12 +62,7 @@ fn a_missing_socket_names_the_path_and_the_flag() {
     let run = status(&socket).expect_code(4);
     one_line(&run, &["--socket", &path_str(&socket), "no such socket"]);
 
-    let run = Run::of(
-        proxyctl()
-            .args(["drain", "be/s1", "--socket"])
-            .arg(&socket),
-    )
-    .expect_code(4);
+    let run = Run::of(proxyctl().args(["drain", "be/s1", "--socket"]).arg(&socket)).expect_code(4);
     one_line(&run, &["--socket", &path_str(&socket)]);
 
     let config = dir.path().join("haproxy.cfg");
@@ -110,7 +109,8 @@ fn permission_denied_on_the_socket_names_it() {
     // The socket is mode 600 in a private temp dir. Root may open anything, so as root the
     // check runs proxyctl as `nobody`; otherwise as this user with the socket made unreadable.
     let mut cmd = if nix::unistd::Uid::effective().is_root() {
-        let mut cmd = std::process::Command::new(flotilla_harness::require("setpriv", "util-linux"));
+        let mut cmd =
+            std::process::Command::new(flotilla_harness::require("setpriv", "util-linux"));
         cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
             .arg(env!("CARGO_BIN_EXE_proxyctl"));
         cmd
@@ -123,7 +123,11 @@ fn permission_denied_on_the_socket_names_it() {
     let run = Run::of(cmd.arg("status").arg("--socket").arg(hx.stats_socket())).expect_code(4);
     one_line(
         &run,
-        &["--socket", &path_str(hx.stats_socket()), "permission denied"],
+        &[
+            "--socket",
+            &path_str(hx.stats_socket()),
+            "permission denied",
+        ],
     );
 }
 
@@ -191,7 +195,10 @@ fn check_prints_haproxys_messages_with_file_and_line() {
     let run = Run::of(proxyctl().arg("check").arg("--config").arg(&config)).expect_code(0);
     assert_eq!(
         run.stdout.trim(),
-        format!("{}: configuration is valid (0 warning(s))", config.display())
+        format!(
+            "{}: configuration is valid (0 warning(s))",
+            config.display()
+        )
     );
 
     let bad = good.replace("server s1 127.0.0.1:1", "server s1 127.0.0.1:1 weight 1000");

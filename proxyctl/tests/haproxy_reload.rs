@@ -123,14 +123,19 @@ fn a_broken_config_fails_with_haproxys_line_and_the_old_config_keeps_serving() {
     let cfg = path_str(hx.config_path());
     // HAProxy's own message, with the file and line, then one summary line.
     assert!(
-        run.stderr
-            .contains(&format!("{cfg}:{line}: error: unknown keyword 'bogus-keyword'")),
+        run.stderr.contains(&format!(
+            "{cfg}:{line}: error: unknown keyword 'bogus-keyword'"
+        )),
         "{}",
         run.stderr
     );
     let errors = run.error_lines();
     assert_eq!(errors.len(), 1, "{}", run.stderr);
-    assert!(errors[0].contains(&cfg) && errors[0].contains("bogus-keyword"), "{}", errors[0]);
+    assert!(
+        errors[0].contains(&cfg) && errors[0].contains("bogus-keyword"),
+        "{}",
+        errors[0]
+    );
     assert!(run.stdout.is_empty(), "{}", run.stdout);
 
     let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
@@ -140,8 +145,16 @@ fn a_broken_config_fails_with_haproxys_line_and_the_old_config_keeps_serving() {
     // Nothing was reloaded: same master counters, same worker.
     let after = show_proc(&hx);
     assert_eq!(
-        (after.master.pid, after.master.reloads, after.master.failed_reloads),
-        (before.master.pid, before.master.reloads, before.master.failed_reloads)
+        (
+            after.master.pid,
+            after.master.reloads,
+            after.master.failed_reloads
+        ),
+        (
+            before.master.pid,
+            before.master.reloads,
+            before.master.failed_reloads
+        )
     );
     let pids = |p: &proxyctl::ProcList| p.workers.iter().map(|w| w.pid).collect::<Vec<_>>();
     assert_eq!(pids(&after), pids(&before));
@@ -242,6 +255,9 @@ async fn the_library_reports_the_new_generation_and_the_old_workers() {
         .worker_command(done.reload.new_workers[0], "show info")
         .await
         .unwrap();
-    assert!(info.contains(&format!("Pid: {}", done.reload.new_workers[0])), "{info}");
+    assert!(
+        info.contains(&format!("Pid: {}", done.reload.new_workers[0])),
+        "{info}"
+    );
     drop(held);
 }

@@ -24,9 +24,14 @@ fn row<'a>(rows: &'a [serde_json::Value], proxy: &str, name: &str) -> &'a serde_
 }
 
 fn status_table(hx: &Haproxy) -> String {
-    Run::of(proxyctl().arg("status").arg("--socket").arg(hx.stats_socket()))
-        .expect_code(0)
-        .stdout
+    Run::of(
+        proxyctl()
+            .arg("status")
+            .arg("--socket")
+            .arg(hx.stats_socket()),
+    )
+    .expect_code(0)
+    .stdout
 }
 
 /// The table line of server `name` in backend `be`, split into columns.
@@ -57,7 +62,12 @@ fn drain_shows_drain_in_status_and_enable_brings_the_server_back() {
 
     let table = status_table(&hx);
     assert_eq!(
-        table.lines().next().unwrap().split_whitespace().collect::<Vec<_>>(),
+        table
+            .lines()
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>(),
         ["PROXY", "NAME", "TYPE", "STATUS", "WEIGHT", "CUR", "TOTAL", "CHECK", "ADDR"]
     );
     assert_eq!(table_row(&table, "s1")[3], "no"); // `no check`: no health check configured
@@ -88,7 +98,10 @@ fn drain_shows_drain_in_status_and_enable_brings_the_server_back() {
     let rows = status_json(&hx);
     assert_eq!(row(&rows, "be", "s1")["status"], "no check");
     let bodies: Vec<String> = (0..6).map(|_| get(port)).collect();
-    assert!(bodies.iter().any(|b| b == "A"), "s1 serves again: {bodies:?}");
+    assert!(
+        bodies.iter().any(|b| b == "A"),
+        "s1 serves again: {bodies:?}"
+    );
 }
 
 #[test]
@@ -112,9 +125,17 @@ fn an_unknown_server_is_refused_with_haproxys_message() {
 
     // Names that could smuggle a second command never reach HAProxy.
     let run = state(&hx, "drain", "be/s1;disable frontend fe").expect_code(2);
-    assert!(run.stderr.contains("only letters, digits"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("only letters, digits"),
+        "{}",
+        run.stderr
+    );
     let run = state(&hx, "drain", "s1").expect_code(2);
-    assert!(run.stderr.contains("expected BACKEND/SERVER"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("expected BACKEND/SERVER"),
+        "{}",
+        run.stderr
+    );
     assert_eq!(get(port), "A");
 }
 
@@ -126,7 +147,10 @@ fn a_socket_below_level_admin_explains_the_missing_level() {
     let user_socket = sockets.path().join("user.sock");
     let _hx = Haproxy::start_with_global(
         &site(port, &[("s1", &a.addr())]),
-        &format!("    stats socket {} mode 600 level user\n", user_socket.display()),
+        &format!(
+            "    stats socket {} mode 600 level user\n",
+            user_socket.display()
+        ),
     );
     let run = Run::of(
         proxyctl()
@@ -140,8 +164,12 @@ fn a_socket_below_level_admin_explains_the_missing_level() {
         run.stderr
     );
     // Reading is allowed at level user.
-    let run = Run::of(proxyctl().args(["status", "--json", "--socket"]).arg(&user_socket))
-        .expect_code(0);
+    let run = Run::of(
+        proxyctl()
+            .args(["status", "--json", "--socket"])
+            .arg(&user_socket),
+    )
+    .expect_code(0);
     let rows: Vec<serde_json::Value> = serde_json::from_str(&run.stdout).unwrap();
     assert!(rows.iter().any(|r| r["name"] == "s1"), "{rows:#?}");
 }

@@ -1,6 +1,6 @@
 //! Helpers shared by proxyctl's integration tests: run the built binary, build test configs.
 
-#![allow(dead_code)] // each test binary uses a different subset
+#![allow(dead_code, unused_imports)] // each test binary uses a different subset
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -91,7 +91,10 @@ pub fn site(port: u16, servers: &[(&str, &str)]) -> String {
 pub fn get(port: u16) -> String {
     let (status, body) = http_get(port, "/", Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("GET 127.0.0.1:{port}: {e}"));
-    assert_eq!(status, 200, "GET 127.0.0.1:{port} answered {status}: {body}");
+    assert_eq!(
+        status, 200,
+        "GET 127.0.0.1:{port} answered {status}: {body}"
+    );
     body
 }
 
