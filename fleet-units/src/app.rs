@@ -1,0 +1,222 @@
+//! From input files to output files, without touching the disk: the whole of unitgen that
+//! tests can call directly.
+
+use crate::error::{sort_diagnostics, Diagnostic, Error, SourceFile};
+use crate::hosts::{self, Inventory};
+use crate::lock;
+use crate::path::FieldPath;
+use crate::placement::{self, Assignment, Request, Rule};
+use crate::render::{self, Instance, PlatformTarget, RenderError, RenderOptions};
+use crate::spec::{self, Service, Spec};
+
+/// Output flavour.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// `svc@.service` templates and `svc@N.service` copies with `[X-Fleet]` rules.
+    Fleet,
+    /// `<host>/svc@N.service`, placed by unitgen.
+    Systemd,
+}
+
+/// One run's inputs.
+#[derive(Clone, Debug)]
+pub struct Job {
+    /// `services.yaml`.
+    pub services: SourceFile,
+    /// `hosts.yaml` (systemd format only).
+    pub hosts: Option<SourceFile>,
+    /// The previous placement lock, when there is one.
+    pub lock: Option<SourceFile>,
+    /// Output flavour.
+    pub format: Format,
+    /// Rendering options.
+    pub render: RenderOptions,
+}
+
+/// A file to write, with a `/`-separated path relative to the output directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutFile {
+    /// Relative path, e.g. `node-1/web@1.service`.
+    pub path: String,
+    /// Content.
+    pub content: String,
+}
+
+/// One run's outputs.
+#[derive(Clone, Debug)]
+pub struct Output {
+    /// Unit files, sorted by path.
+    pub files: Vec<OutFile>,
+    /// The new placement (systemd format only).
+    pub placement: Option<Assignment>,
+    /// One line for the operator: what was generated.
+    pub summary: String,
+}
+
+/// Runs unitgen on in-memory inputs.
+pub fn generate(job: &Job) -> Result<Output, Error> {
+    let spec = spec::load(&job.services)?;
+    match job.format {
+        Format::Fleet => {
+            if job.hosts.is_some() {
+                return Err(Error::Usage(
+                    "--hosts places units on named hosts, which only --format systemd does (fleet places units itself)".into(),
+                ));
+            }
+            fleet(job, &spec)
+        }
+        Format::Systemd => {
+            let Some(hosts_src) = &job.hosts else {
+                return Err(Error::Usage(
+                    "--format systemd needs --hosts hosts.yaml to know where units may run".into(),
+                ));
+            };
+            let inventory = hosts::load(hosts_src)?;
+            let previous = match &job.lock {
+                Some(l) => lock::parse(l)?,
+                None => Assignment::new(),
+            };
+            systemd(job, &spec, hosts_src, &inventory, &previous)
+        }
+    }
+}
+
+fn render_err(src: &SourceFile, e: RenderError) -> Error {
+    Error::Invalid(vec![src.error(&e.field, format!("value {}", e.source))])
+}
+
+fn fleet(job: &Job, spec: &Spec) -> Result<Output, Error> {
+    let src = &job.services;
+    let mut files = Vec::new();
+    let mut units = 0;
+    for svc in spec.services.values() {
+        let text = render::service_unit(svc, Instance::Template, true, None, &job.render).map_err(|e| render_err(src, e))?;
+        files.push(OutFile { path: format!("{}@.service", svc.name), content: text.clone() });
+        for i in 1..=svc.instances {
+            files.push(OutFile { path: format!("{}@{i}.service", svc.name), content: text.clone() });
+            units += 1;
+        }
+    }
+    if let Some(p) = &spec.platform {
+        for d in [&p.presence, &p.confgen].into_iter().flatten() {
+            let text = render::platform_unit(d, p, &PlatformTarget::Fleet, &job.render).map_err(|e| render_err(src, e))?;
+            files.push(OutFile { path: format!("{}.service", d.name), content: text });
+            units += 1;
+        }
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(Output {
+        summary: format!("{} services, {units} units (fleet)", spec.services.len()),
+        files,
+        placement: None,
+    })
+}
+
+/// The placement request for a service.
+pub fn request(svc: &Service) -> Request {
+    Request {
+        name: svc.name.clone(),
+        instances: svc.instances,
+        constraints: svc.constraints.clone(),
+        depends_on: svc.depends_on.clone(),
+        host_ports: svc
+            .ports
+            .iter()
+            .filter_map(|p| p.host.map(|h| (p.ip, h, p.proto)))
+            .collect(),
+        port_implies_max: svc.max_per_host_from_port,
+    }
+}
+
+fn placement_diagnostics(src: &SourceFile, spec: &Spec, errors: Vec<placement::PlacementError>) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    for e in errors {
+        let paths: Vec<FieldPath> = match spec.services.get(&e.service) {
+            Some(svc) => {
+                let o = &svc.origins;
+                let mut p = match e.rule {
+                    Rule::Instances => o.instances.clone(),
+                    Rule::Metadata => o.metadata.clone(),
+                    Rule::MaxPerHost => o.max_per_host.clone(),
+                    Rule::Spread => o.spread.clone(),
+                    Rule::DependsOn => o.depends_on.clone(),
+                    Rule::Ports => o.ports.clone(),
+                };
+                p.push(o.service.clone());
+                p
+            }
+            None => vec![FieldPath::keys(&["services", &e.service])],
+        };
+        out.push(src.error_at_first(&paths, e.message));
+    }
+    sort_diagnostics(&mut out);
+    out
+}
+
+fn systemd(job: &Job, spec: &Spec, hosts_src: &SourceFile, inv: &Inventory, previous: &Assignment) -> Result<Output, Error> {
+    let src = &job.services;
+    let requests: Vec<Request> = spec.services.values().map(request).collect();
+    let placed = placement::place(&requests, &inv.hosts, previous)
+        .map_err(|errs| Error::Invalid(placement_diagnostics(src, spec, errs)))?;
+
+    let mut files = Vec::new();
+    for (name, instances) in &placed {
+        let svc = &spec.services[name];
+        for (i, host) in instances {
+            let text = render::service_unit(svc, Instance::Number(*i), false, Some(host), &job.render)
+                .map_err(|e| render_err(src, e))?;
+            files.push(OutFile { path: format!("{host}/{name}@{i}.service"), content: text });
+        }
+    }
+    let mut platform_units = 0;
+    if let Some(p) = &spec.platform {
+        let mut diags = Vec::new();
+        for d in [&p.presence, &p.confgen].into_iter().flatten() {
+            let mut any = false;
+            for (host, md) in &inv.hosts {
+                if !render::runs_on(d, md) {
+                    continue;
+                }
+                any = true;
+                let address = inv.addresses.get(host).copied();
+                if d.name == "presence" && address.is_none() {
+                    diags.push(hosts_src.error(
+                        &FieldPath::keys(&["hosts", host, "address"]),
+                        format!("host {host} runs presence, which needs this host's `address` for --advertise-ip"),
+                    ));
+                    continue;
+                }
+                let target = PlatformTarget::Host { name: host, address };
+                let text = render::platform_unit(d, p, &target, &job.render).map_err(|e| render_err(src, e))?;
+                files.push(OutFile { path: format!("{host}/{}.service", d.name), content: text });
+                platform_units += 1;
+            }
+            if !any {
+                diags.push(src.error(
+                    &d.metadata_origin,
+                    format!("{} is to run on hosts with {}, but none of the {} hosts match", d.name, render::describe(d), inv.hosts.len()),
+                ));
+            }
+        }
+        if !diags.is_empty() {
+            sort_diagnostics(&mut diags);
+            return Err(Error::Invalid(diags));
+        }
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    let instance_count: usize = placed.values().map(|m| m.len()).sum();
+    let moved = placed
+        .iter()
+        .flat_map(|(s, m)| m.iter().map(move |(i, h)| (s, i, h)))
+        .filter(|(s, i, h)| previous.get(*s).and_then(|m| m.get(i)).is_some_and(|old| old != *h))
+        .count();
+    Ok(Output {
+        summary: format!(
+            "{} services, {instance_count} instances on {} hosts, {platform_units} platform units (systemd); {moved} instances moved",
+            spec.services.len(),
+            inv.hosts.len()
+        ),
+        files,
+        placement: Some(placed),
+    })
+}

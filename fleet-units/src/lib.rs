@@ -1,0 +1,22 @@
+//! unitgen: `services.yaml` → systemd / fleet units with pinned images and placement rules.
+//!
+//! The binary (`src/main.rs`) only parses flags and does the I/O; everything else lives here so
+//! that tests can drive it: [`spec`] reads and checks the input, [`image`] enforces pinned image
+//! references, [`placement`] decides which host runs which instance, [`render`] writes unit text
+//! with [`quote`]'s systemd quoting, and [`app::generate`] ties them together.
+
+pub mod app;
+pub mod error;
+pub mod hosts;
+pub mod image;
+pub mod lock;
+pub mod model;
+pub mod output;
+pub mod path;
+pub mod placement;
+pub mod quote;
+pub mod render;
+pub mod spec;
+
+pub use app::{generate, Format, Job, OutFile, Output};
+pub use error::{Diagnostic, Error, SourceFile};
