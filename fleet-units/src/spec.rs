@@ -777,8 +777,11 @@ fn build_service(
             }
         }
     }
+    // Metadata merges key by key (the service wins on a shared key), like env and labels.
+    let mut metadata = d_meta.unwrap_or_default();
+    metadata.extend(s_meta.unwrap_or_default());
     let constraints = Constraints {
-        metadata: s_meta.or(d_meta).unwrap_or_default(),
+        metadata,
         max_per_host,
         spread: s_spread.or(d_spread),
     };
