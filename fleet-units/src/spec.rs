@@ -613,10 +613,7 @@ fn build_metadata(ctx: &mut Ctx<'_>, path: &FieldPath, m: &UniqueMap<OneOrMany>)
             ctx.err(&kp, format!("`{k}` is not a valid metadata key: use [A-Za-z0-9._-], starting with a letter or digit"));
             continue;
         }
-        if values.0.is_empty() {
-            ctx.err(&kp, format!("metadata key `{k}` lists no values, so no host could match"));
-            continue;
-        }
+        // An empty list means "no requirement on this key" (it removes an inherited one).
         let mut set = BTreeSet::new();
         for (i, v) in values.0.iter().enumerate() {
             if !is_metadata_word(&v.0) {
@@ -778,8 +775,10 @@ fn build_service(
         }
     }
     // Metadata merges key by key (the service wins on a shared key), like env and labels.
+    // An empty list under the service drops the inherited key.
     let mut metadata = d_meta.unwrap_or_default();
     metadata.extend(s_meta.unwrap_or_default());
+    metadata.retain(|_, values| !values.is_empty());
     let constraints = Constraints {
         metadata,
         max_per_host,
@@ -1152,6 +1151,12 @@ fn abs_path(ctx: &mut Ctx<'_>, path: &FieldPath, v: &Option<String>, default: Op
     }
 }
 
+fn platform_metadata(ctx: &mut Ctx<'_>, dp: &FieldPath, m: &Option<UniqueMap<OneOrMany>>) -> MetadataMatch {
+    let mut md = m.as_ref().map(|m| build_metadata(ctx, &dp.key("metadata"), m)).unwrap_or_default();
+    md.retain(|_, values| !values.is_empty());
+    md
+}
+
 fn build_platform(ctx: &mut Ctx<'_>, p: RawPlatform) -> Platform {
     let base = FieldPath::keys(&["platform"]);
     let mut etcd_args = Vec::new();
@@ -1254,7 +1259,7 @@ fn build_platform(ctx: &mut Ctx<'_>, p: RawPlatform) -> Platform {
             name: "presence",
             binary: abs_path(ctx, &dp.key("binary"), &r.binary, Some("/usr/local/bin/presence")).unwrap_or_default(),
             args,
-            metadata: r.metadata.as_ref().map(|m| build_metadata(ctx, &dp.key("metadata"), m)).unwrap_or_default(),
+            metadata: platform_metadata(ctx, &dp, &r.metadata),
             metadata_origin: dp.key("metadata"),
         }
     });
@@ -1269,7 +1274,7 @@ fn build_platform(ctx: &mut Ctx<'_>, p: RawPlatform) -> Platform {
             name: "confgen",
             binary: abs_path(ctx, &dp.key("binary"), &r.binary, Some("/usr/local/bin/confgen")).unwrap_or_default(),
             args,
-            metadata: r.metadata.as_ref().map(|m| build_metadata(ctx, &dp.key("metadata"), m)).unwrap_or_default(),
+            metadata: platform_metadata(ctx, &dp, &r.metadata),
             metadata_origin: dp.key("metadata"),
         }
     });

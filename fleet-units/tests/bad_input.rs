@@ -1,0 +1,211 @@
+//! Bad input: every error names the file, line, column and field, says what is wrong, and
+//! nothing is written. Each case runs the real binary and checks its whole stderr.
+
+mod common;
+
+use common::*;
+use std::fs;
+
+const HOSTS: &str = "\
+hosts:
+  h1: {metadata: {role: web, zone: a}}
+  h2: {metadata: {role: web, zone: b}}
+  h3: {metadata: {role: web, zone: b}}
+  h4: {metadata: {role: db, zone: c}}
+";
+
+/// Runs `unitgen services.yaml [extra...] -o out` in a temp dir; expects exit 1 and nothing written.
+fn fail_with(services: &str, extra: &[&str]) -> String {
+    fail_with_hosts(services, HOSTS, extra)
+}
+
+fn fail_with_hosts(services: &str, hosts: &str, extra: &[&str]) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    fs::write(tmp.path().join("services.yaml"), services).unwrap();
+    fs::write(tmp.path().join("hosts.yaml"), hosts).unwrap();
+    let mut args = vec!["services.yaml"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["-o", "out"]);
+    let out = output(unitgen().args(&args).current_dir(tmp.path()));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(1), "unitgen {args:?} should fail with 1:\n{stderr}");
+    assert!(!tmp.path().join("out").exists(), "nothing may be written on error");
+    stderr
+}
+
+fn fail(services: &str) -> String {
+    fail_with(services, &[])
+}
+
+fn assert_errors(stderr: &str, expected: &[&str]) {
+    let mut want: Vec<String> = expected.iter().map(|e| format!("error: {e}")).collect();
+    let n = expected.len();
+    want.push(format!("unitgen: {n} error{}; nothing written", if n == 1 { "" } else { "s" }));
+    assert_eq!(stderr.lines().collect::<Vec<_>>(), want, "full stderr:\n{stderr}");
+}
+
+#[test]
+fn latest_is_rejected() {
+    let e = fail("services:\n  web:\n    image: registry.example.com/web:latest\n");
+    assert_errors(&e, &["services.yaml:3:12: services.web.image: tag `latest` of image `registry.example.com/web:latest` moves (moving tags: latest, stable, main, master); pin an exact tag such as `git-3f2a9c1` or a digest"]);
+}
+
+#[test]
+fn moving_tag_in_the_tag_field_points_at_that_field() {
+    let e = fail("services:\n  web:\n    image: web\n    tag: Stable\n");
+    assert_errors(&e, &["services.yaml:4:10: services.web.tag: tag `Stable` of image `web:Stable` moves (moving tags: latest, stable, main, master); pin an exact tag such as `git-3f2a9c1` or a digest"]);
+}
+
+#[test]
+fn missing_tag_is_rejected() {
+    let e = fail("services:\n  web:\n    image: web\n");
+    assert_errors(&e, &["services.yaml:3:12: services.web.image: image `web` has no tag: pin an exact tag (e.g. `web:git-3f2a9c1`) or a digest (`@sha256:...`)"]);
+    // A registry port is not a tag.
+    let e = fail("services:\n  web:\n    image: reg:5000/app\n");
+    assert_errors(&e, &["services.yaml:3:12: services.web.image: image `reg:5000/app` has no tag: pin an exact tag (e.g. `reg:5000/app:git-3f2a9c1`) or a digest (`@sha256:...`)"]);
+}
+
+#[test]
+fn malformed_reference_is_rejected() {
+    let e = fail("services:\n  web:\n    image: acme//web:1\n");
+    assert_errors(&e, &["services.yaml:3:12: services.web.image: malformed image reference `acme//web:1`: image name `acme//web` has an empty path component (`//` or a leading or trailing `/`)"]);
+    let e = fail("services:\n  web:\n    image: web@sha256:1234\n");
+    assert_errors(&e, &["services.yaml:3:12: services.web.image: malformed image reference `web@sha256:1234`: digest `sha256:1234` is malformed: sha256 takes exactly 64 lowercase hex digits, got 4"]);
+}
+
+#[test]
+fn tag_pattern_is_enforced() {
+    let e = fail("image_policy:\n  tag_pattern: '^git-[0-9a-f]{7,40}$'\nservices:\n  web:\n    image: web:v1.2\n");
+    assert_errors(&e, &["services.yaml:5:12: services.web.image: tag `v1.2` of image `web:v1.2` does not match image_policy.tag_pattern `^git-[0-9a-f]{7,40}$`"]);
+}
+
+#[test]
+fn yaml_syntax_error() {
+    let e = fail("services:\n  web:\n    image: web:1\n   instances: 2\n");
+    assert_errors(&e, &["services.yaml:4:4: (yaml): did not find expected key, while parsing a block mapping at line 2 column 3"]);
+}
+
+#[test]
+fn wrong_type() {
+    let e = fail("services:\n  web:\n    image: web:1\n    instances: three\n");
+    assert_errors(&e, &["services.yaml:4:16: services.web.instances: invalid type: string \"three\", expected u32"]);
+}
+
+#[test]
+fn unknown_field() {
+    let e = fail("services:\n  web:\n    image: web:1\n    constraints:\n      max_per_hots: 1\n");
+    assert_errors(&e, &["services.yaml:5:7: services.web.constraints: unknown field `max_per_hots`, expected one of `metadata`, `max_per_host`, `spread`"]);
+}
+
+#[test]
+fn impossible_constraint() {
+    let e = fail_with(
+        "services:\n  web:\n    image: web:git-1\n    instances: 4\n    constraints:\n      metadata: {role: web}\n      max_per_host: 1\n",
+        &["--format", "systemd", "--hosts", "hosts.yaml"],
+    );
+    assert_errors(&e, &["services.yaml:7:21: services.web.constraints.max_per_host: web needs 4 hosts with role=web (max_per_host 1), 3 match"]);
+}
+
+#[test]
+fn impossible_spread_and_inherited_metadata() {
+    let hosts = "hosts:\n  h1: {metadata: {zone: a}}\n  h2: {metadata: {zone: b}}\n  h3: {metadata: {zone: c}}\n  h4: {metadata: {zone: c}}\n  h5: {metadata: {zone: c}}\n";
+    let e = fail_with_hosts(
+        "defaults:\n  constraints:\n    metadata: {role: gpu}\nservices:\n  a:\n    image: a:1\n  b:\n    image: b:1\n    instances: 5\n    constraints: {metadata: {role: []}, spread: zone, max_per_host: 1}\n",
+        hosts,
+        &["--format", "systemd", "--hosts", "hosts.yaml"],
+    );
+    assert_errors(
+        &e,
+        &[
+            "services.yaml:3:15: defaults.constraints.metadata: a needs hosts with role=gpu; none of the 5 hosts match",
+            "services.yaml:10:49: services.b.constraints.spread: b spreads 5 instances over `zone` (a, b, c), so 2 of the 3 values need 2 instances, but only 1 has room for that",
+        ],
+    );
+}
+
+#[test]
+fn published_host_port_limits_instances_per_host() {
+    let e = fail_with(
+        "services:\n  web:\n    image: web:1\n    instances: 5\n    ports: [\"8080:80\"]\n",
+        &["--format", "systemd", "--hosts", "hosts.yaml"],
+    );
+    assert_errors(&e, &["services.yaml:5:13: services.web.ports[0]: web needs 5 hosts (one per host, because it publishes host port 8080), the inventory has 4"]);
+}
+
+#[test]
+fn control_characters_are_rejected_with_their_field() {
+    let e = fail("services:\n  web:\n    image: web:1\n    env:\n      MOTD: \"hello\\nExecStartPre=/bin/rm -rf /\"\n    command: [\"a\\tb\"]\n");
+    assert_errors(
+        &e,
+        &[
+            "services.yaml:5:13: services.web.env.MOTD: value contains the control character '\\n'; newlines, tabs and other control characters cannot go into a unit file",
+            "services.yaml:6:15: services.web.command[0]: value contains the control character '\\t'; newlines, tabs and other control characters cannot go into a unit file",
+        ],
+    );
+}
+
+#[test]
+fn every_value_error_is_reported_at_once() {
+    let e = fail(
+        "defaults:\n  memory: lots\nservices:\n  Web:\n    image: web:1\n  api:\n    image: api:main\n    depends_on: [nope]\n    ports: [\"70000\"]\n    labels: {flotilla.service: x}\n",
+    );
+    assert_errors(
+        &e,
+        &[
+            "services.yaml:2:11: defaults.memory: `lots` is not a memory limit: write a number with an optional unit b, k, m or g (`512m`)",
+            "services.yaml:5:5: services.Web: service name `Web` must be a DNS label: lowercase letters, digits and `-`, at most 63, not starting or ending with `-`",
+            "services.yaml:7:12: services.api.image: tag `main` of image `api:main` moves (moving tags: latest, stable, main, master); pin an exact tag such as `git-3f2a9c1` or a digest",
+            "services.yaml:8:18: services.api.depends_on[0]: api depends on `nope`, which is not a service in this file",
+            "services.yaml:9:13: services.api.ports[0]: container port `70000` must be a number from 1 to 65535",
+            "services.yaml:10:32: services.api.labels.flotilla.service: label `flotilla.service` is reserved: unitgen writes the flotilla.* labels from the `flotilla:` section",
+        ],
+    );
+}
+
+#[test]
+fn duplicate_keys_and_dependency_cycles() {
+    let e = fail("services:\n  web:\n    image: web:1\n  web:\n    image: web:2\n");
+    assert_errors(&e, &["services.yaml:4:3: services: duplicate key `web`; each key may appear once"]);
+    let e = fail("services:\n  a: {image: a:1, depends_on: [b]}\n  b: {image: b:1, depends_on: [a]}\n");
+    assert_errors(&e, &["services.yaml:2:31: services.a.depends_on: depends_on forms a cycle: a -> b -> a"]);
+}
+
+#[test]
+fn hosts_file_errors_name_the_hosts_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    fs::write(tmp.path().join("services.yaml"), "services: {}\n").unwrap();
+    fs::write(tmp.path().join("hosts.yaml"), "hosts:\n  h1: {address: 10.0.0.300, metadat: {}}\n").unwrap();
+    let out = output(unitgen().args(["services.yaml", "--check", "--format", "systemd", "--hosts", "hosts.yaml"]).current_dir(tmp.path()));
+    assert_eq!(out.status.code(), Some(1));
+    assert_errors(
+        &String::from_utf8(out.stderr).unwrap(),
+        &["hosts.yaml:2:29: hosts.h1: unknown field `metadat`, expected `address` or `metadata`"],
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    fs::write(tmp.path().join("services.yaml"), "services: {}\n").unwrap();
+    let out = output(unitgen().args(["services.yaml", "--format", "systemd"]).current_dir(tmp.path()));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--format systemd needs --hosts hosts.yaml"));
+    let out = output(unitgen().args(["missing.yaml"]).current_dir(tmp.path()));
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.yaml: No such file or directory"));
+}
+
+#[test]
+fn check_validates_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let services = golden_dir("example").join("services.yaml");
+    let hosts = golden_dir("example").join("hosts.yaml");
+    let out = output(unitgen().arg(&services).args(["--check", "--format", "systemd", "--hosts"]).arg(&hosts).args(["-o", "out"]).current_dir(tmp.path()));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "unitgen: ok: 4 services, 13 instances on 6 hosts, 7 platform units (systemd); 0 instances moved\n"
+    );
+    assert!(out.stdout.is_empty());
+    assert!(!tmp.path().join("out").exists());
+}
