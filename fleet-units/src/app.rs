@@ -90,17 +90,28 @@ fn fleet(job: &Job, spec: &Spec) -> Result<Output, Error> {
     let mut files = Vec::new();
     let mut units = 0;
     for svc in spec.services.values() {
-        let text = render::service_unit(svc, Instance::Template, true, None, &job.render).map_err(|e| render_err(src, e))?;
-        files.push(OutFile { path: format!("{}@.service", svc.name), content: text.clone() });
+        let text = render::service_unit(svc, Instance::Template, true, None, &job.render)
+            .map_err(|e| render_err(src, e))?;
+        files.push(OutFile {
+            path: format!("{}@.service", svc.name),
+            content: text.clone(),
+        });
         for i in 1..=svc.instances {
-            files.push(OutFile { path: format!("{}@{i}.service", svc.name), content: text.clone() });
+            files.push(OutFile {
+                path: format!("{}@{i}.service", svc.name),
+                content: text.clone(),
+            });
             units += 1;
         }
     }
     if let Some(p) = &spec.platform {
         for d in [&p.presence, &p.confgen].into_iter().flatten() {
-            let text = render::platform_unit(d, p, &PlatformTarget::Fleet, &job.render).map_err(|e| render_err(src, e))?;
-            files.push(OutFile { path: format!("{}.service", d.name), content: text });
+            let text = render::platform_unit(d, p, &PlatformTarget::Fleet, &job.render)
+                .map_err(|e| render_err(src, e))?;
+            files.push(OutFile {
+                path: format!("{}.service", d.name),
+                content: text,
+            });
             units += 1;
         }
     }
@@ -128,7 +139,11 @@ pub fn request(svc: &Service) -> Request {
     }
 }
 
-fn placement_diagnostics(src: &SourceFile, spec: &Spec, errors: Vec<placement::PlacementError>) -> Vec<Diagnostic> {
+fn placement_diagnostics(
+    src: &SourceFile,
+    spec: &Spec,
+    errors: Vec<placement::PlacementError>,
+) -> Vec<Diagnostic> {
     let mut out = Vec::new();
     for e in errors {
         let paths: Vec<FieldPath> = match spec.services.get(&e.service) {
@@ -153,7 +168,13 @@ fn placement_diagnostics(src: &SourceFile, spec: &Spec, errors: Vec<placement::P
     out
 }
 
-fn systemd(job: &Job, spec: &Spec, hosts_src: &SourceFile, inv: &Inventory, previous: &Assignment) -> Result<Output, Error> {
+fn systemd(
+    job: &Job,
+    spec: &Spec,
+    hosts_src: &SourceFile,
+    inv: &Inventory,
+    previous: &Assignment,
+) -> Result<Output, Error> {
     let src = &job.services;
     let requests: Vec<Request> = spec.services.values().map(request).collect();
     let placed = placement::place(&requests, &inv.hosts, previous)
@@ -163,9 +184,13 @@ fn systemd(job: &Job, spec: &Spec, hosts_src: &SourceFile, inv: &Inventory, prev
     for (name, instances) in &placed {
         let svc = &spec.services[name];
         for (i, host) in instances {
-            let text = render::service_unit(svc, Instance::Number(*i), false, Some(host), &job.render)
-                .map_err(|e| render_err(src, e))?;
-            files.push(OutFile { path: format!("{host}/{name}@{i}.service"), content: text });
+            let text =
+                render::service_unit(svc, Instance::Number(*i), false, Some(host), &job.render)
+                    .map_err(|e| render_err(src, e))?;
+            files.push(OutFile {
+                path: format!("{host}/{name}@{i}.service"),
+                content: text,
+            });
         }
     }
     let mut platform_units = 0;
@@ -186,15 +211,27 @@ fn systemd(job: &Job, spec: &Spec, hosts_src: &SourceFile, inv: &Inventory, prev
                     ));
                     continue;
                 }
-                let target = PlatformTarget::Host { name: host, address };
-                let text = render::platform_unit(d, p, &target, &job.render).map_err(|e| render_err(src, e))?;
-                files.push(OutFile { path: format!("{host}/{}.service", d.name), content: text });
+                let target = PlatformTarget::Host {
+                    name: host,
+                    address,
+                };
+                let text = render::platform_unit(d, p, &target, &job.render)
+                    .map_err(|e| render_err(src, e))?;
+                files.push(OutFile {
+                    path: format!("{host}/{}.service", d.name),
+                    content: text,
+                });
                 platform_units += 1;
             }
             if !any {
                 diags.push(src.error(
                     &d.metadata_origin,
-                    format!("{} is to run on hosts with {}, but none of the {} hosts match", d.name, render::describe(d), inv.hosts.len()),
+                    format!(
+                        "{} is to run on hosts with {}, but none of the {} hosts match",
+                        d.name,
+                        render::describe(d),
+                        inv.hosts.len()
+                    ),
                 ));
             }
         }
@@ -208,7 +245,12 @@ fn systemd(job: &Job, spec: &Spec, hosts_src: &SourceFile, inv: &Inventory, prev
     let moved = placed
         .iter()
         .flat_map(|(s, m)| m.iter().map(move |(i, h)| (s, i, h)))
-        .filter(|(s, i, h)| previous.get(*s).and_then(|m| m.get(i)).is_some_and(|old| old != *h))
+        .filter(|(s, i, h)| {
+            previous
+                .get(*s)
+                .and_then(|m| m.get(i))
+                .is_some_and(|old| old != *h)
+        })
         .count();
     Ok(Output {
         summary: format!(

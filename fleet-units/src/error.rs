@@ -173,7 +173,8 @@ fn is_syntax_error(text: &str) -> bool {
 /// Sorts diagnostics into file order and drops exact duplicates.
 pub fn sort_diagnostics(diags: &mut Vec<Diagnostic>) {
     diags.sort_by(|a, b| {
-        (&a.file, a.location, &a.field, &a.message).cmp(&(&b.file, b.location, &b.field, &b.message))
+        (&a.file, a.location, &a.field, &a.message)
+            .cmp(&(&b.file, b.location, &b.field, &b.message))
     });
     diags.dedup();
 }

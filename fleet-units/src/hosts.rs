@@ -43,7 +43,8 @@ pub fn load(src: &SourceFile) -> Result<Inventory, Error> {
                 Ok(ip) => {
                     inv.addresses.insert(name.clone(), ip);
                 }
-                Err(_) => diags.push(src.error(&base.key("address"), format!("`{a}` is not an IP address"))),
+                Err(_) => diags
+                    .push(src.error(&base.key("address"), format!("`{a}` is not an IP address"))),
             }
         }
         let mut md = BTreeMap::new();

@@ -336,15 +336,24 @@ mod tests {
         let r = ok(&format!("registry.example.com/acme/web:1.4@{D}"));
         assert_eq!(r.domain.as_deref(), Some("registry.example.com"));
         assert_eq!(r.tag.as_deref(), Some("1.4"));
-        assert_eq!(r.to_string(), format!("registry.example.com/acme/web:1.4@{D}"));
+        assert_eq!(
+            r.to_string(),
+            format!("registry.example.com/acme/web:1.4@{D}")
+        );
     }
 
     #[test]
     fn domains() {
         assert_eq!(ok("localhost/app:1").domain.as_deref(), Some("localhost"));
-        assert_eq!(ok("localhost:5000/app:1").domain.as_deref(), Some("localhost:5000"));
+        assert_eq!(
+            ok("localhost:5000/app:1").domain.as_deref(),
+            Some("localhost:5000")
+        );
         assert_eq!(ok("[::1]:5000/app:1").domain.as_deref(), Some("[::1]:5000"));
-        assert_eq!(ok("10.0.0.1:5000/a/b:1").domain.as_deref(), Some("10.0.0.1:5000"));
+        assert_eq!(
+            ok("10.0.0.1:5000/a/b:1").domain.as_deref(),
+            Some("10.0.0.1:5000")
+        );
         // `acme` has no dot or colon: it is a path component, not a registry.
         assert_eq!(ok("acme/web:1").domain, None);
     }
@@ -384,10 +393,22 @@ mod tests {
     fn policy() {
         let p = ImagePolicy::default();
         assert!(matches!(p.check(&ok("web")), Err(PolicyError::Unpinned(_))));
-        assert!(matches!(p.check(&ok("reg:5000/app")), Err(PolicyError::Unpinned(_))));
-        assert!(matches!(p.check(&ok("web:latest")), Err(PolicyError::MovingTag { .. })));
-        assert!(matches!(p.check(&ok("web:Latest")), Err(PolicyError::MovingTag { .. })));
-        assert!(matches!(p.check(&ok("web:master")), Err(PolicyError::MovingTag { .. })));
+        assert!(matches!(
+            p.check(&ok("reg:5000/app")),
+            Err(PolicyError::Unpinned(_))
+        ));
+        assert!(matches!(
+            p.check(&ok("web:latest")),
+            Err(PolicyError::MovingTag { .. })
+        ));
+        assert!(matches!(
+            p.check(&ok("web:Latest")),
+            Err(PolicyError::MovingTag { .. })
+        ));
+        assert!(matches!(
+            p.check(&ok("web:master")),
+            Err(PolicyError::MovingTag { .. })
+        ));
         assert!(matches!(
             p.check(&ok(&format!("web:stable@{D}"))),
             Err(PolicyError::MovingTag { .. })
@@ -399,9 +420,18 @@ mod tests {
             tag_pattern: Some(Regex::new("^git-[0-9a-f]{7,40}$").unwrap()),
         };
         assert!(strict.check(&ok("web:git-3f2a9c1")).is_ok());
-        assert!(matches!(strict.check(&ok("web:edge")), Err(PolicyError::MovingTag { .. })));
-        assert!(matches!(strict.check(&ok("web:v1")), Err(PolicyError::Pattern { .. })));
+        assert!(matches!(
+            strict.check(&ok("web:edge")),
+            Err(PolicyError::MovingTag { .. })
+        ));
+        assert!(matches!(
+            strict.check(&ok("web:v1")),
+            Err(PolicyError::Pattern { .. })
+        ));
         // With its own list, `latest` is only rejected by the pattern.
-        assert!(matches!(strict.check(&ok("web:latest")), Err(PolicyError::Pattern { .. })));
+        assert!(matches!(
+            strict.check(&ok("web:latest")),
+            Err(PolicyError::Pattern { .. })
+        ));
     }
 }

@@ -43,8 +43,12 @@ pub fn render(placement: &Assignment) -> String {
     let mut out = String::new();
     out.push_str(HEADER);
     out.push('\n');
-    out.push_str("# Written by `unitgen --format systemd`; commit it next to services.yaml. The next run\n");
-    out.push_str("# keeps every instance on its host unless the host is gone or a rule forces a move.\n");
+    out.push_str(
+        "# Written by `unitgen --format systemd`; commit it next to services.yaml. The next run\n",
+    );
+    out.push_str(
+        "# keeps every instance on its host unless the host is gone or a rule forces a move.\n",
+    );
     if placement.values().all(|m| m.is_empty()) {
         out.push_str("services: {}\n");
         return out;

@@ -27,7 +27,12 @@ struct Cli {
 
     /// Write units into DIR (created if needed; stale generated units in it are removed).
     /// Without it, units are printed to stdout, each after a `==> path <==` line.
-    #[arg(short = 'o', long = "output", value_name = "DIR", env = "FLOTILLA_UNITGEN_OUTPUT")]
+    #[arg(
+        short = 'o',
+        long = "output",
+        value_name = "DIR",
+        env = "FLOTILLA_UNITGEN_OUTPUT"
+    )]
     output: Option<PathBuf>,
 
     /// The host inventory for --format systemd.
@@ -53,7 +58,12 @@ struct Cli {
     lock: Option<PathBuf>,
 
     /// Absolute path of the docker CLI used in the units.
-    #[arg(long, value_name = "PATH", default_value = "/usr/bin/docker", env = "FLOTILLA_UNITGEN_DOCKER")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/usr/bin/docker",
+        env = "FLOTILLA_UNITGEN_DOCKER"
+    )]
     docker: String,
 }
 
@@ -74,10 +84,17 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         FormatArg::Systemd => Format::Systemd,
     };
     if !cli.docker.starts_with('/') {
-        return Err(Error::Usage(format!("--docker `{}` must be an absolute path", cli.docker)).into());
+        return Err(Error::Usage(format!(
+            "--docker `{}` must be an absolute path",
+            cli.docker
+        ))
+        .into());
     }
     if format == Format::Fleet && cli.lock.is_some() {
-        return Err(Error::Usage("--lock records placement, which only --format systemd does".into()).into());
+        return Err(Error::Usage(
+            "--lock records placement, which only --format systemd does".into(),
+        )
+        .into());
     }
     let services = read_source(&cli.services)?;
     let hosts = cli.hosts.as_deref().map(read_source).transpose()?;
@@ -100,7 +117,11 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         hosts,
         lock,
         format,
-        render: RenderOptions { docker: cli.docker.clone(), pull: !cli.no_pull, source_name },
+        render: RenderOptions {
+            docker: cli.docker.clone(),
+            pull: !cli.no_pull,
+            source_name,
+        },
     };
     let out = generate(&job)?;
     if cli.check {
@@ -142,7 +163,11 @@ fn main() -> ExitCode {
                     for d in diags {
                         eprintln!("error: {d}");
                     }
-                    eprintln!("unitgen: {} error{}; nothing written", diags.len(), if diags.len() == 1 { "" } else { "s" });
+                    eprintln!(
+                        "unitgen: {} error{}; nothing written",
+                        diags.len(),
+                        if diags.len() == 1 { "" } else { "s" }
+                    );
                     return ExitCode::from(1);
                 }
                 Some(Error::Usage(_)) => 2,

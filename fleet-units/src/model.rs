@@ -357,7 +357,8 @@ impl<'de> Deserialize<'de> for RawPort {
                 Ok(RawPort::Short(v.to_string()))
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawPort, A::Error> {
-                RawPortLong::deserialize(de::value::MapAccessDeserializer::new(map)).map(RawPort::Long)
+                RawPortLong::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(RawPort::Long)
             }
         }
         d.deserialize_any(V)
@@ -389,7 +390,9 @@ impl<'de> Deserialize<'de> for RawVolume {
         impl<'de> Visitor<'de> for V {
             type Value = RawVolume;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a volume (`\"/src:/dst[:ro]\"`) or a mapping with `source:` and `target:`")
+                f.write_str(
+                    "a volume (`\"/src:/dst[:ro]\"`) or a mapping with `source:` and `target:`",
+                )
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<RawVolume, E> {
                 Ok(RawVolume::Short(v.to_string()))

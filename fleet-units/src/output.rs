@@ -27,9 +27,15 @@ pub fn write_atomic(path: &Path, content: &str) -> Result<bool, Error> {
     if fs::read(path).ok().as_deref() == Some(content.as_bytes()) {
         return Ok(false);
     }
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.unitgen-tmp"));
     let result = (|| {
         let mut f = fs::File::create(&tmp)?;
@@ -67,7 +73,10 @@ pub fn write_tree(dir: &Path, files: &[OutFile]) -> Result<WriteReport, Error> {
     entries.sort();
     for p in &entries {
         if p.is_dir() {
-            let rel = p.file_name().map(|n| format!("{}/", n.to_string_lossy())).unwrap_or_default();
+            let rel = p
+                .file_name()
+                .map(|n| format!("{}/", n.to_string_lossy()))
+                .unwrap_or_default();
             dirs.push((p.clone(), rel));
         }
     }
@@ -81,7 +90,10 @@ pub fn write_tree(dir: &Path, files: &[OutFile]) -> Result<WriteReport, Error> {
             let is_unit = p.extension().is_some_and(|e| e == "service");
             if is_unit && p.is_file() && !wanted.contains(&p) && is_generated(&p) {
                 fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
-                let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 report.removed.push(format!("{rel}{name}"));
             }
         }
@@ -109,7 +121,10 @@ mod tests {
     use super::*;
 
     fn file(path: &str, content: &str) -> OutFile {
-        OutFile { path: path.into(), content: content.into() }
+        OutFile {
+            path: path.into(),
+            content: content.into(),
+        }
     }
 
     #[test]
@@ -128,7 +143,10 @@ mod tests {
         assert_eq!(r.written, vec!["a/web@2.service".to_string()]);
         assert_eq!(r.unchanged, 1);
         assert_eq!(r.removed, vec!["b/web@2.service".to_string()]);
-        assert!(d.join("b/mine.service").exists(), "a hand-written unit is kept");
+        assert!(
+            d.join("b/mine.service").exists(),
+            "a hand-written unit is kept"
+        );
         assert!(d.join("notes.txt").exists());
         // With b/ holding only generated files, it disappears when emptied.
         fs::remove_file(d.join("b/mine.service")).unwrap();

@@ -185,7 +185,9 @@ impl<'de> Visitor<'de> for Walk<'_> {
         let mut index = 0;
         loop {
             let found = match first {
-                Seg::Index(want) if *want == index => seq.next_element_seed(Probe { path: rest })?,
+                Seg::Index(want) if *want == index => {
+                    seq.next_element_seed(Probe { path: rest })?
+                }
                 _ => seq.next_element::<IgnoredAny>()?.map(|_| ()),
             };
             if found.is_none() {
@@ -293,9 +295,18 @@ services:
 
     #[test]
     fn finds_block_and_flow_values() {
-        assert_eq!(at(&FieldPath::keys(&["services", "web", "image"])), Some((4, 12)));
-        assert_eq!(at(&FieldPath::keys(&["services", "web", "env", "A"])), Some((7, 10)));
-        assert_eq!(at(&FieldPath::keys(&["services", "db", "instances"])), Some((8, 32)));
+        assert_eq!(
+            at(&FieldPath::keys(&["services", "web", "image"])),
+            Some((4, 12))
+        );
+        assert_eq!(
+            at(&FieldPath::keys(&["services", "web", "env", "A"])),
+            Some((7, 10))
+        );
+        assert_eq!(
+            at(&FieldPath::keys(&["services", "db", "instances"])),
+            Some((8, 32))
+        );
         let ports = FieldPath::keys(&["services", "web", "ports"]);
         assert_eq!(at(&ports.index(0)), Some((5, 13)));
         assert_eq!(at(&ports.index(1).key("host")), Some((5, 40)));
@@ -305,7 +316,10 @@ services:
     fn missing_paths_are_none_and_nearest_falls_back() {
         let missing = FieldPath::keys(&["services", "web", "instances"]);
         assert_eq!(at(&missing), None);
-        assert_eq!(at(&FieldPath::keys(&["services", "web", "ports"]).index(5)), None);
+        assert_eq!(
+            at(&FieldPath::keys(&["services", "web", "ports"]).index(5)),
+            None
+        );
         let (found, loc) = locate_nearest(DOC, &missing).unwrap();
         assert_eq!(found.to_string(), "services.web");
         assert_eq!((loc.line, loc.column), (4, 5));
@@ -320,7 +334,9 @@ services:
 
     #[test]
     fn displays_like_serde_norway() {
-        let p = FieldPath::keys(&["services", "web", "ports"]).index(2).key("host");
+        let p = FieldPath::keys(&["services", "web", "ports"])
+            .index(2)
+            .key("host");
         assert_eq!(p.to_string(), "services.web.ports[2].host");
         assert_eq!(FieldPath::root().to_string(), ".");
     }

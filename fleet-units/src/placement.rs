@@ -112,7 +112,10 @@ fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
 }
 
 /// Does a host's metadata satisfy a match? AND across keys, OR within a key.
-pub fn matches(metadata: &BTreeMap<String, String>, want: &BTreeMap<String, BTreeSet<String>>) -> bool {
+pub fn matches(
+    metadata: &BTreeMap<String, String>,
+    want: &BTreeMap<String, BTreeSet<String>>,
+) -> bool {
     want.iter()
         .all(|(k, values)| metadata.get(k).is_some_and(|v| values.contains(v)))
 }
@@ -133,7 +136,12 @@ pub fn eligible_hosts<'h>(req: &Request, hosts: &'h Hosts) -> Vec<&'h str> {
     hosts
         .iter()
         .filter(|(_, md)| matches(md, &req.constraints.metadata))
-        .filter(|(_, md)| req.constraints.spread.as_ref().is_none_or(|k| md.contains_key(k)))
+        .filter(|(_, md)| {
+            req.constraints
+                .spread
+                .as_ref()
+                .is_none_or(|k| md.contains_key(k))
+        })
         .map(|(h, _)| h.as_str())
         .collect()
 }
@@ -151,7 +159,11 @@ struct Plan<'a> {
 }
 
 /// Places every request. All unsatisfiable rules are reported, not just the first.
-pub fn place(reqs: &[Request], hosts: &Hosts, previous: &Assignment) -> Result<Assignment, Vec<PlacementError>> {
+pub fn place(
+    reqs: &[Request],
+    hosts: &Hosts,
+    previous: &Assignment,
+) -> Result<Assignment, Vec<PlacementError>> {
     let mut errors = Vec::new();
     let by_name: BTreeMap<&str, &Request> = reqs.iter().map(|r| (r.name.as_str(), r)).collect();
     let order = match topo_order(&by_name) {
@@ -215,7 +227,9 @@ pub fn place(reqs: &[Request], hosts: &Hosts, previous: &Assignment) -> Result<A
     if errors.is_empty() {
         Ok(result)
     } else {
-        errors.sort_by(|a, b| (&a.service, a.rule, &a.message).cmp(&(&b.service, b.rule, &b.message)));
+        errors.sort_by(|a, b| {
+            (&a.service, a.rule, &a.message).cmp(&(&b.service, b.rule, &b.message))
+        });
         Err(errors)
     }
 }
@@ -237,7 +251,11 @@ fn topo_order(by_name: &BTreeMap<&str, &Request>) -> Result<Vec<String>, Placeme
             users.entry(d.as_str()).or_default().push(name);
         }
     }
-    let mut ready: BTreeSet<&str> = indegree.iter().filter(|(_, n)| **n == 0).map(|(k, _)| *k).collect();
+    let mut ready: BTreeSet<&str> = indegree
+        .iter()
+        .filter(|(_, n)| **n == 0)
+        .map(|(k, _)| *k)
+        .collect();
     let mut order = Vec::new();
     while let Some(n) = ready.pop_first() {
         order.push(n.to_string());
@@ -250,7 +268,11 @@ fn topo_order(by_name: &BTreeMap<&str, &Request>) -> Result<Vec<String>, Placeme
         }
     }
     if order.len() != by_name.len() {
-        let stuck: Vec<&str> = indegree.iter().filter(|(_, n)| **n > 0).map(|(k, _)| *k).collect();
+        let stuck: Vec<&str> = indegree
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(k, _)| *k)
+            .collect();
         return Err(PlacementError {
             service: stuck[0].to_string(),
             rule: Rule::DependsOn,
@@ -260,17 +282,36 @@ fn topo_order(by_name: &BTreeMap<&str, &Request>) -> Result<Vec<String>, Placeme
     Ok(order)
 }
 
-fn plan_root<'a>(req: &'a Request, hosts: &'a Hosts, prev: &BTreeMap<u32, String>) -> Result<Plan<'a>, PlacementError> {
+fn plan_root<'a>(
+    req: &'a Request,
+    hosts: &'a Hosts,
+    prev: &BTreeMap<u32, String>,
+) -> Result<Plan<'a>, PlacementError> {
     let n = req.instances;
     let name = &req.name;
     let c = &req.constraints;
-    let err = |rule, message: String| PlacementError { service: name.clone(), rule, message };
+    let err = |rule, message: String| PlacementError {
+        service: name.clone(),
+        rule,
+        message,
+    };
     let eligible = eligible_hosts(req, hosts);
     let cap = c.max_per_host.unwrap_or(u32::MAX).max(1);
     let desc = describe_match(&c.metadata);
-    let with = if c.metadata.is_empty() { String::new() } else { format!(" with {desc}") };
+    let with = if c.metadata.is_empty() {
+        String::new()
+    } else {
+        format!(" with {desc}")
+    };
     if n == 0 {
-        return Ok(Plan { req, eligible, zone_of: BTreeMap::new(), target: BTreeMap::new(), cap, assigned: BTreeMap::new() });
+        return Ok(Plan {
+            req,
+            eligible,
+            zone_of: BTreeMap::new(),
+            target: BTreeMap::new(),
+            cap,
+            assigned: BTreeMap::new(),
+        });
     }
 
     if eligible.is_empty() {
@@ -305,7 +346,11 @@ fn plan_root<'a>(req: &'a Request, hosts: &'a Hosts, prev: &BTreeMap<u32, String
         } else {
             format!("{name} needs room for {n} instances, but the {} hosts{with} hold at most {room} ({why})", eligible.len())
         };
-        let rule = if req.port_implies_max.is_some() || c.max_per_host.is_some() { Rule::MaxPerHost } else { Rule::Instances };
+        let rule = if req.port_implies_max.is_some() || c.max_per_host.is_some() {
+            Rule::MaxPerHost
+        } else {
+            Rule::Instances
+        };
         return Err(err(rule, message));
     }
 
@@ -364,10 +409,18 @@ fn plan_root<'a>(req: &'a Request, hosts: &'a Hosts, prev: &BTreeMap<u32, String
         }
         let mut kept: BTreeMap<&str, u32> = zones.keys().map(|z| (*z, 0)).collect();
         for h in assigned.values() {
-            *kept.get_mut(zone_of[h.as_str()]).expect("kept hosts are eligible") += 1;
+            *kept
+                .get_mut(zone_of[h.as_str()])
+                .expect("kept hosts are eligible") += 1;
         }
         let mut ranked = big.clone();
-        ranked.sort_by_key(|z| (Reverse(kept[z]), Reverse(stable_hash(&[name, "zone", z])), *z));
+        ranked.sort_by_key(|z| {
+            (
+                Reverse(kept[z]),
+                Reverse(stable_hash(&[name, "zone", z])),
+                *z,
+            )
+        });
         for z in zones.keys() {
             target.insert(*z, q);
         }
@@ -387,7 +440,14 @@ fn plan_root<'a>(req: &'a Request, hosts: &'a Hosts, prev: &BTreeMap<u32, String
             }
         }
     }
-    Ok(Plan { req, eligible, zone_of, target, cap, assigned })
+    Ok(Plan {
+        req,
+        eligible,
+        zone_of,
+        target,
+        cap,
+        assigned,
+    })
 }
 
 fn fill<'a>(plan: &mut Plan<'a>, load: &mut BTreeMap<&'a str, u32>) {
@@ -395,7 +455,11 @@ fn fill<'a>(plan: &mut Plan<'a>, load: &mut BTreeMap<&'a str, u32>) {
     let mut mine: BTreeMap<&str, u32> = BTreeMap::new();
     let mut in_zone: BTreeMap<&str, u32> = BTreeMap::new();
     for h in plan.assigned.values() {
-        let h = plan.eligible.iter().find(|e| **e == h.as_str()).expect("kept hosts are eligible");
+        let h = plan
+            .eligible
+            .iter()
+            .find(|e| **e == h.as_str())
+            .expect("kept hosts are eligible");
         *mine.entry(h).or_default() += 1;
         if let Some(z) = plan.zone_of.get(h) {
             *in_zone.entry(z).or_default() += 1;
@@ -433,10 +497,18 @@ fn fill<'a>(plan: &mut Plan<'a>, load: &mut BTreeMap<&'a str, u32>) {
     }
 }
 
-fn derive_dependent(req: &Request, hosts: &Hosts, placed: &Assignment) -> Result<BTreeMap<u32, String>, PlacementError> {
+fn derive_dependent(
+    req: &Request,
+    hosts: &Hosts,
+    placed: &Assignment,
+) -> Result<BTreeMap<u32, String>, PlacementError> {
     let name = &req.name;
     let c = &req.constraints;
-    let err = |rule, message: String| PlacementError { service: name.clone(), rule, message };
+    let err = |rule, message: String| PlacementError {
+        service: name.clone(),
+        rule,
+        message,
+    };
     let mut out = BTreeMap::new();
     for i in 1..=req.instances {
         let mut host: Option<(&str, &str)> = None;
@@ -459,11 +531,16 @@ fn derive_dependent(req: &Request, hosts: &Hosts, placed: &Assignment) -> Result
             }
         }
         let (dep, h) = host.expect("dependents have at least one dependency");
-        let md = hosts.get(h).expect("dependencies are placed on known hosts");
+        let md = hosts
+            .get(h)
+            .expect("dependencies are placed on known hosts");
         if !matches(md, &c.metadata) {
             return Err(err(
                 Rule::Metadata,
-                format!("{name}@{i} runs beside {dep}@{i} (depends_on) on {h}, which does not match {}", describe_match(&c.metadata)),
+                format!(
+                    "{name}@{i} runs beside {dep}@{i} (depends_on) on {h}, which does not match {}",
+                    describe_match(&c.metadata)
+                ),
             ));
         }
         if let Some(key) = &c.spread {
@@ -496,7 +573,10 @@ fn derive_dependent(req: &Request, hosts: &Hosts, placed: &Assignment) -> Result
         for h in out.values() {
             *per_zone.entry(hosts[h][key].as_str()).or_default() += 1;
         }
-        let (min, max) = (per_zone.iter().min_by_key(|(_, n)| **n), per_zone.iter().max_by_key(|(_, n)| **n));
+        let (min, max) = (
+            per_zone.iter().min_by_key(|(_, n)| **n),
+            per_zone.iter().max_by_key(|(_, n)| **n),
+        );
         if let (Some((zmin, nmin)), Some((zmax, nmax))) = (min, max) {
             if nmax - nmin > 1 {
                 return Err(err(
@@ -516,9 +596,12 @@ fn overlaps(a: Option<IpAddr>, b: Option<IpAddr>) -> bool {
     }
 }
 
+/// A host port bound by a service: (service, address, port, protocol).
+type Binding<'a> = (&'a str, Option<IpAddr>, u16, Proto);
+
 fn port_conflicts(by_name: &BTreeMap<&str, &Request>, placed: &Assignment) -> Vec<PlacementError> {
     // host → list of (service, ip, port, proto)
-    let mut bound: BTreeMap<&str, Vec<(&str, Option<IpAddr>, u16, Proto)>> = BTreeMap::new();
+    let mut bound: BTreeMap<&str, Vec<Binding<'_>>> = BTreeMap::new();
     let mut errors = Vec::new();
     let mut reported = BTreeSet::new();
     for (svc, instances) in placed {
@@ -527,10 +610,9 @@ fn port_conflicts(by_name: &BTreeMap<&str, &Request>, placed: &Assignment) -> Ve
         for h in hosts {
             let list = bound.entry(h).or_default();
             for (ip, port, proto) in &req.host_ports {
-                if let Some((other, ..)) = list
-                    .iter()
-                    .find(|(o, oip, op, opr)| *o != svc.as_str() && op == port && opr == proto && overlaps(*oip, *ip))
-                {
+                if let Some((other, ..)) = list.iter().find(|(o, oip, op, opr)| {
+                    *o != svc.as_str() && op == port && opr == proto && overlaps(*oip, *ip)
+                }) {
                     if reported.insert((svc.clone(), other.to_string(), *port)) {
                         errors.push(PlacementError {
                             service: svc.clone(),
@@ -557,7 +639,14 @@ mod tests {
 
     fn hosts(spec: &[(&str, &[(&str, &str)])]) -> Hosts {
         spec.iter()
-            .map(|(h, md)| (h.to_string(), md.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()))
+            .map(|(h, md)| {
+                (
+                    h.to_string(),
+                    md.iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                )
+            })
             .collect()
     }
 
@@ -584,7 +673,10 @@ mod tests {
         assert_eq!(fnv1a(FNV_OFFSET, b"a"), 0xaf63_dc4c_8601_ec8c);
         assert_eq!(fnv1a(FNV_OFFSET, b"foobar"), 0x8594_4171_f739_67e8);
         // Pinned so that a change to the hash (which would move instances) fails loudly.
-        assert_eq!(stable_hash(&["web", "1", "h1"]), stable_hash(&["web", "1", "h1"]));
+        assert_eq!(
+            stable_hash(&["web", "1", "h1"]),
+            stable_hash(&["web", "1", "h1"])
+        );
         assert_ne!(stable_hash(&["web", "1h1"]), stable_hash(&["web1", "h1"]));
         assert_eq!(stable_hash(&["web", "1", "h1"]), PINNED);
     }
@@ -604,13 +696,21 @@ mod tests {
 
     #[test]
     fn unsatisfiable_metadata_names_the_numbers() {
-        let h = hosts(&[("a", &[("role", "web")]), ("b", &[("role", "web")]), ("c", &[("role", "web")]), ("d", &[("role", "db")])]);
+        let h = hosts(&[
+            ("a", &[("role", "web")]),
+            ("b", &[("role", "web")]),
+            ("c", &[("role", "web")]),
+            ("d", &[("role", "db")]),
+        ]);
         let mut r = req("web", 4);
         r.constraints.metadata = role("web");
         r.constraints.max_per_host = Some(1);
         let e = place(&[r], &h, &Assignment::new()).unwrap_err();
         assert_eq!(e[0].rule, Rule::MaxPerHost);
-        assert_eq!(e[0].message, "web needs 4 hosts with role=web (max_per_host 1), 3 match");
+        assert_eq!(
+            e[0].message,
+            "web needs 4 hosts with role=web (max_per_host 1), 3 match"
+        );
     }
 
     #[test]

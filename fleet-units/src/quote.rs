@@ -41,7 +41,8 @@ pub fn check_text(s: &str) -> Result<(), ControlCharError> {
 
 /// Characters that need no quoting in an exec word (after `%` and `$` are doubled).
 fn is_plain(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '_' | '@' | '%' | '+' | '=' | ':' | ',' | '.' | '/' | '-')
+    c.is_ascii_alphanumeric()
+        || matches!(c, '_' | '@' | '%' | '+' | '=' | ':' | ',' | '.' | '/' | '-')
 }
 
 /// One argument of an `Exec*=` command line: `%` and `$` doubled, and double-quoted (with `\`

@@ -64,15 +64,24 @@ struct Words {
 
 impl Words {
     fn w(&self, field: &FieldPath, s: &str) -> Result<String, RenderError> {
-        exec_word(s).map_err(|source| RenderError { field: field.clone(), source })
+        exec_word(s).map_err(|source| RenderError {
+            field: field.clone(),
+            source,
+        })
     }
     fn setting(&self, s: &str) -> Result<String, RenderError> {
-        setting_value(s).map_err(|source| RenderError { field: self.field.clone(), source })
+        setting_value(s).map_err(|source| RenderError {
+            field: self.field.clone(),
+            source,
+        })
     }
 }
 
 fn header(opts: &RenderOptions) -> Result<String, RenderError> {
-    let name = setting_value(&opts.source_name).map_err(|source| RenderError { field: FieldPath::root(), source })?;
+    let name = setting_value(&opts.source_name).map_err(|source| RenderError {
+        field: FieldPath::root(),
+        source,
+    })?;
     Ok(format!(
         "{GENERATED_MARK} from {name}; do not edit: change {name} and run unitgen again.\n"
     ))
@@ -88,7 +97,9 @@ pub fn service_unit(
     opts: &RenderOptions,
 ) -> Result<String, RenderError> {
     let base = svc.origins.service.clone();
-    let words = Words { field: base.clone() };
+    let words = Words {
+        field: base.clone(),
+    };
     let tok = instance.token();
     let name = container_name(&svc.name, instance);
     let image = svc.image.to_string();
@@ -103,7 +114,10 @@ pub fn service_unit(
     let description = match &svc.description {
         Some(d) => format!(
             "{} (instance {tok})",
-            setting_value(d).map_err(|source| RenderError { field: base.key("description"), source })?
+            setting_value(d).map_err(|source| RenderError {
+                field: base.key("description"),
+                source
+            })?
         ),
         None => format!("{} instance {tok}: {}", svc.name, words.setting(&image)?),
     };
@@ -130,11 +144,20 @@ pub fn service_unit(
     if reg.ignore {
         lines.push("--label flotilla.ignore=true".into());
     } else {
-        lines.push(format!("--label {}", words.w(&fl.key("service"), &format!("flotilla.service={}", reg.service))?));
+        lines.push(format!(
+            "--label {}",
+            words.w(
+                &fl.key("service"),
+                &format!("flotilla.service={}", reg.service)
+            )?
+        ));
         for (i, p) in svc.ports.iter().enumerate() {
             if let Some(ps) = &p.service {
                 let label = format!("flotilla.service.{}={ps}", p.container);
-                lines.push(format!("--label {}", words.w(&base.key("ports").index(i), &label)?));
+                lines.push(format!(
+                    "--label {}",
+                    words.w(&base.key("ports").index(i), &label)?
+                ));
             }
         }
         if !reg.tags.is_empty() {
@@ -143,17 +166,34 @@ pub fn service_unit(
         }
     }
     for (k, v) in &svc.labels {
-        lines.push(format!("--label {}", words.w(&base.key("labels").key(k), &format!("{k}={v}"))?));
+        lines.push(format!(
+            "--label {}",
+            words.w(&base.key("labels").key(k), &format!("{k}={v}"))?
+        ));
     }
     for (k, v) in &svc.env {
-        lines.push(format!("-e {}", words.w(&base.key("env").key(k), &format!("{k}={v}"))?));
+        lines.push(format!(
+            "-e {}",
+            words.w(&base.key("env").key(k), &format!("{k}={v}"))?
+        ));
     }
     for (i, p) in svc.ports.iter().enumerate() {
-        lines.push(format!("-p {}", words.w(&base.key("ports").index(i), &p.publish_arg())?));
+        lines.push(format!(
+            "-p {}",
+            words.w(&base.key("ports").index(i), &p.publish_arg())?
+        ));
     }
     for (i, v) in svc.volumes.iter().enumerate() {
-        let spec = format!("{}:{}{}", v.source, v.target, if v.read_only { ":ro" } else { "" });
-        lines.push(format!("-v {}", words.w(&base.key("volumes").index(i), &spec)?));
+        let spec = format!(
+            "{}:{}{}",
+            v.source,
+            v.target,
+            if v.read_only { ":ro" } else { "" }
+        );
+        lines.push(format!(
+            "-v {}",
+            words.w(&base.key("volumes").index(i), &spec)?
+        ));
     }
     if let Some(m) = &svc.memory {
         lines.push(format!("--memory {}", words.w(&base.key("memory"), m)?));
@@ -184,7 +224,10 @@ pub fn service_unit(
     }
     lines.push(last);
     out.push_str(&format!("ExecStart={}\n", lines.join(" \\\n    ")));
-    out.push_str(&format!("ExecStop={docker} stop -t {} {name}\n", svc.stop_timeout_secs));
+    out.push_str(&format!(
+        "ExecStop={docker} stop -t {} {name}\n",
+        svc.stop_timeout_secs
+    ));
 
     if fleet {
         out.push_str("\n[X-Fleet]\n");
@@ -242,7 +285,9 @@ pub fn platform_unit(
     opts: &RenderOptions,
 ) -> Result<String, RenderError> {
     let base = FieldPath::keys(&["platform", d.name]);
-    let words = Words { field: base.clone() };
+    let words = Words {
+        field: base.clone(),
+    };
     let mut out = header(opts)?;
     if let PlatformTarget::Host { name, .. } = target {
         out.push_str(&format!("# For host {name}.\n"));
@@ -253,7 +298,10 @@ pub fn platform_unit(
             "Flotilla presence: registers this host's containers in etcd",
             "network-online.target docker.service",
         ),
-        _ => ("Flotilla confgen: renders configuration from etcd", "network-online.target"),
+        _ => (
+            "Flotilla confgen: renders configuration from etcd",
+            "network-online.target",
+        ),
     };
     out.push_str(&format!("Description={description}\n"));
     out.push_str(&format!("After={deps}\nWants={deps}\n"));
@@ -266,20 +314,35 @@ pub fn platform_unit(
     if d.name == "presence" {
         match target {
             PlatformTarget::Fleet => {
-                out.push_str(&format!("EnvironmentFile={}\n", words.setting(&platform.node_env_file)?));
+                out.push_str(&format!(
+                    "EnvironmentFile={}\n",
+                    words.setting(&platform.node_env_file)?
+                ));
                 argv.push("--node ${FLOTILLA_NODE}".into());
                 argv.push("--advertise-ip ${FLOTILLA_ADVERTISE_IP}".into());
             }
             PlatformTarget::Host { name, address } => {
-                argv.push(format!("--node {}", words.w(&FieldPath::keys(&["hosts", name]), name)?));
+                argv.push(format!(
+                    "--node {}",
+                    words.w(&FieldPath::keys(&["hosts", name]), name)?
+                ));
                 if let Some(a) = address {
-                    argv.push(format!("--advertise-ip {}", words.w(&FieldPath::keys(&["hosts", name, "address"]), &a.to_string())?));
+                    argv.push(format!(
+                        "--advertise-ip {}",
+                        words.w(
+                            &FieldPath::keys(&["hosts", name, "address"]),
+                            &a.to_string()
+                        )?
+                    ));
                 }
             }
         }
         if d.args.iter().any(|a| a == "--state-file") {
             if let Some(pos) = d.args.iter().position(|a| a == "--state-file") {
-                if d.args.get(pos + 1).is_some_and(|p| p.starts_with("/var/lib/flotilla/")) {
+                if d.args
+                    .get(pos + 1)
+                    .is_some_and(|p| p.starts_with("/var/lib/flotilla/"))
+                {
                     out.push_str("StateDirectory=flotilla\n");
                 }
             }
@@ -290,7 +353,10 @@ pub fn platform_unit(
     while i < d.args.len() {
         let a = words.w(&base, &d.args[i])?;
         let takes_value = d.args[i].starts_with("--")
-            && !matches!(d.args[i].as_str(), "--explicit" | "--onetime" | "--noop" | "--diff")
+            && !matches!(
+                d.args[i].as_str(),
+                "--explicit" | "--onetime" | "--noop" | "--diff"
+            )
             && d.args.get(i + 1).is_some_and(|n| !n.starts_with("--"));
         if takes_value {
             argv.push(format!("{a} {}", words.w(&base, &d.args[i + 1])?));

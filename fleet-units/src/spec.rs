@@ -362,7 +362,12 @@ pub fn control_char_errors(src: &SourceFile) -> Vec<Diagnostic> {
     out
 }
 
-fn walk_value(src: &SourceFile, v: &serde_norway::Value, path: &FieldPath, out: &mut Vec<Diagnostic>) {
+fn walk_value(
+    src: &SourceFile,
+    v: &serde_norway::Value,
+    path: &FieldPath,
+    out: &mut Vec<Diagnostic>,
+) {
     use serde_norway::Value;
     let check = |s: &str, out: &mut Vec<Diagnostic>| {
         if let Err(e) = crate::quote::check_text(s) {
@@ -418,7 +423,10 @@ fn build_policy(ctx: &mut Ctx<'_>, raw: RawImagePolicy) -> ImagePolicy {
     if let Some(tags) = raw.moving_tags {
         for (i, t) in tags.iter().enumerate() {
             if t.trim().is_empty() {
-                ctx.err(&base.key("moving_tags").index(i), "a moving tag cannot be empty");
+                ctx.err(
+                    &base.key("moving_tags").index(i),
+                    "a moving tag cannot be empty",
+                );
             }
         }
         policy.moving_tags = tags;
@@ -428,7 +436,10 @@ fn build_policy(ctx: &mut Ctx<'_>, raw: RawImagePolicy) -> ImagePolicy {
             Ok(re) => policy.tag_pattern = Some(re),
             Err(e) => ctx.err(
                 &base.key("tag_pattern"),
-                format!("`{p}` is not a valid regular expression: {}", one_line(&e.to_string())),
+                format!(
+                    "`{p}` is not a valid regular expression: {}",
+                    one_line(&e.to_string())
+                ),
             ),
         }
     }
@@ -488,7 +499,10 @@ fn check_defaults(ctx: &mut Ctx<'_>, d: &RawDefaults) {
 
 fn check_instances(ctx: &mut Ctx<'_>, path: &FieldPath, n: u32) {
     if n > MAX_INSTANCES {
-        ctx.err(path, format!("{n} instances is more than the limit of {MAX_INSTANCES}"));
+        ctx.err(
+            path,
+            format!("{n} instances is more than the limit of {MAX_INSTANCES}"),
+        );
     }
 }
 
@@ -497,7 +511,9 @@ fn check_env(ctx: &mut Ctx<'_>, path: &FieldPath, env: &UniqueMap<Scalar>) {
         if !is_env_key(k) {
             ctx.err(
                 &path.key(k),
-                format!("`{k}` is not a valid environment variable name: use [A-Za-z_][A-Za-z0-9_]*"),
+                format!(
+                    "`{k}` is not a valid environment variable name: use [A-Za-z_][A-Za-z0-9_]*"
+                ),
             );
         }
     }
@@ -537,7 +553,10 @@ fn check_cpus(ctx: &mut Ctx<'_>, path: &FieldPath, c: f64) -> Option<String> {
     if c.is_finite() && c > 0.0 && c <= 1024.0 {
         Some(format!("{c}"))
     } else {
-        ctx.err(path, format!("cpus must be a number above 0 and at most 1024, got {c}"));
+        ctx.err(
+            path,
+            format!("cpus must be a number above 0 and at most 1024, got {c}"),
+        );
         None
     }
 }
@@ -560,10 +579,21 @@ fn check_tags(ctx: &mut Ctx<'_>, path: &FieldPath, tags: &[String]) -> Vec<Strin
     out
 }
 
-fn duration_field(ctx: &mut Ctx<'_>, path: &FieldPath, v: &Scalar, whole_seconds: bool) -> Option<Millis> {
+fn duration_field(
+    ctx: &mut Ctx<'_>,
+    path: &FieldPath,
+    v: &Scalar,
+    whole_seconds: bool,
+) -> Option<Millis> {
     match parse_duration(&v.0) {
         Ok(d) if whole_seconds && d.0 % 1000 != 0 => {
-            ctx.err(path, format!("`{}` must be whole seconds (docker stop -t takes seconds)", v.0));
+            ctx.err(
+                path,
+                format!(
+                    "`{}` must be whole seconds (docker stop -t takes seconds)",
+                    v.0
+                ),
+            );
             None
         }
         Ok(d) => Some(d),
@@ -582,7 +612,10 @@ fn build_health(ctx: &mut Ctx<'_>, path: &FieldPath, h: &RawHealth) -> Option<He
             None
         }
         None => {
-            ctx.err(&path.key("cmd"), "a health check needs `cmd:` (run by the container's /bin/sh)");
+            ctx.err(
+                &path.key("cmd"),
+                "a health check needs `cmd:` (run by the container's /bin/sh)",
+            );
             None
         }
     };
@@ -617,7 +650,11 @@ fn build_metadata(ctx: &mut Ctx<'_>, path: &FieldPath, m: &UniqueMap<OneOrMany>)
         let mut set = BTreeSet::new();
         for (i, v) in values.0.iter().enumerate() {
             if !is_metadata_word(&v.0) {
-                let vp = if values.0.len() == 1 { kp.clone() } else { kp.index(i) };
+                let vp = if values.0.len() == 1 {
+                    kp.clone()
+                } else {
+                    kp.index(i)
+                };
                 ctx.err(&vp, format!("`{}` is not a valid metadata value: use [A-Za-z0-9._-], starting with a letter or digit", v.0));
             }
             set.insert(v.0.clone());
@@ -633,13 +670,19 @@ fn build_constraints_parts(
     path: &FieldPath,
     c: &RawConstraints,
 ) -> (Option<MetadataMatch>, Option<u32>, Option<String>) {
-    let metadata = c.metadata.as_ref().map(|m| build_metadata(ctx, &path.key("metadata"), m));
+    let metadata = c
+        .metadata
+        .as_ref()
+        .map(|m| build_metadata(ctx, &path.key("metadata"), m));
     if c.max_per_host == Some(0) {
         ctx.err(&path.key("max_per_host"), "max_per_host must be at least 1");
     }
     if let Some(s) = &c.spread {
         if !is_metadata_word(s) {
-            ctx.err(&path.key("spread"), format!("`{s}` is not a valid metadata key to spread over"));
+            ctx.err(
+                &path.key("spread"),
+                format!("`{s}` is not a valid metadata key to spread over"),
+            );
         }
     }
     (metadata, c.max_per_host, c.spread.clone())
@@ -687,7 +730,11 @@ fn build_service(
     }
 
     let command: Vec<String> = s.command.iter().flatten().map(|a| a.0.clone()).collect();
-    let volumes = build_volumes(ctx, &base.key("volumes"), s.volumes.as_deref().unwrap_or(&[]));
+    let volumes = build_volumes(
+        ctx,
+        &base.key("volumes"),
+        s.volumes.as_deref().unwrap_or(&[]),
+    );
 
     let memory = match (&s.memory, &d.memory) {
         (Some(m), _) => check_memory(ctx, &base.key("memory"), m),
@@ -703,7 +750,10 @@ fn build_service(
         (Some(h), _) => build_health(ctx, &base.key("health"), h),
         (None, Some(h)) => {
             // Checked (and reported) in check_defaults; rebuild quietly.
-            let mut scratch = Ctx { src: ctx.src, diags: Vec::new() };
+            let mut scratch = Ctx {
+                src: ctx.src,
+                diags: Vec::new(),
+            };
             build_health(&mut scratch, &def.key("health"), h)
         }
         (None, None) => None,
@@ -744,7 +794,10 @@ fn build_service(
     };
     let (d_meta, d_max, d_spread) = match &d.constraints {
         Some(c) => {
-            let mut scratch = Ctx { src: ctx.src, diags: Vec::new() };
+            let mut scratch = Ctx {
+                src: ctx.src,
+                diags: Vec::new(),
+            };
             build_constraints_parts(&mut scratch, &def.key("constraints"), c)
         }
         None => (None, None, None),
@@ -785,7 +838,12 @@ fn build_service(
         spread: s_spread.or(d_spread),
     };
 
-    let dur = |ctx: &mut Ctx<'_>, key: &str, s: &Option<Scalar>, d: &Option<Scalar>, default: u64| -> Option<Millis> {
+    let dur = |ctx: &mut Ctx<'_>,
+               key: &str,
+               s: &Option<Scalar>,
+               d: &Option<Scalar>,
+               default: u64|
+     -> Option<Millis> {
         let whole = key == "stop_timeout";
         match (s, d) {
             (Some(v), _) => duration_field(ctx, &base.key(key), v, whole),
@@ -794,8 +852,20 @@ fn build_service(
         }
     };
     let restart_sec = dur(ctx, "restart_sec", &s.restart_sec, &d.restart_sec, 5_000);
-    let start_timeout = dur(ctx, "start_timeout", &s.start_timeout, &d.start_timeout, 300_000);
-    let stop_timeout = dur(ctx, "stop_timeout", &s.stop_timeout, &d.stop_timeout, 10_000);
+    let start_timeout = dur(
+        ctx,
+        "start_timeout",
+        &s.start_timeout,
+        &d.start_timeout,
+        300_000,
+    );
+    let stop_timeout = dur(
+        ctx,
+        "stop_timeout",
+        &s.stop_timeout,
+        &d.stop_timeout,
+        10_000,
+    );
 
     let origins = Origins {
         service: base.clone(),
@@ -835,7 +905,12 @@ fn build_service(
     })
 }
 
-fn build_image(ctx: &mut Ctx<'_>, policy: &ImagePolicy, base: &FieldPath, s: &RawService) -> Option<ImageRef> {
+fn build_image(
+    ctx: &mut Ctx<'_>,
+    policy: &ImagePolicy,
+    base: &FieldPath,
+    s: &RawService,
+) -> Option<ImageRef> {
     let ipath = base.key("image");
     let Some(raw) = &s.image else {
         ctx.err(&ipath, "missing field `image`");
@@ -852,7 +927,12 @@ fn build_image(ctx: &mut Ctx<'_>, policy: &ImagePolicy, base: &FieldPath, s: &Ra
     if let Some(tag) = &s.tag {
         let tpath = base.key("tag");
         if let Some(existing) = &r.tag {
-            ctx.err(&tpath, format!("image `{raw}` already carries tag `{existing}`; give the tag in one place"));
+            ctx.err(
+                &tpath,
+                format!(
+                    "image `{raw}` already carries tag `{existing}`; give the tag in one place"
+                ),
+            );
             return None;
         }
         // Validate the tag with the same grammar, through the parser.
@@ -933,8 +1013,8 @@ fn parse_short_port(text: &str) -> Result<Port, String> {
         (Some(ip), [h, c]) => (Some(ip), Some(*h), *c),
         _ => {
             return Err(format!(
-                "port `{text}` is malformed: write `80`, `8080:80`, `127.0.0.1:8080:80` or add `/udp`"
-            ))
+            "port `{text}` is malformed: write `80`, `8080:80`, `127.0.0.1:8080:80` or add `/udp`"
+        ))
         }
     };
     let host = match host {
@@ -973,13 +1053,29 @@ fn build_ports(ctx: &mut Ctx<'_>, path: &FieldPath, raw: &[RawPort]) -> Vec<Port
                 continue;
             }
         };
-        if out.iter().any(|o| o.container == port.container && o.proto == port.proto) {
-            ctx.err(&pp, format!("container port {}/{} is listed twice", port.container, port.proto.as_str()));
+        if out
+            .iter()
+            .any(|o| o.container == port.container && o.proto == port.proto)
+        {
+            ctx.err(
+                &pp,
+                format!(
+                    "container port {}/{} is listed twice",
+                    port.container,
+                    port.proto.as_str()
+                ),
+            );
             continue;
         }
         if let Some(h) = port.host {
-            if out.iter().any(|o| o.host == Some(h) && o.proto == port.proto) {
-                ctx.err(&pp, format!("host port {h}/{} is published twice", port.proto.as_str()));
+            if out
+                .iter()
+                .any(|o| o.host == Some(h) && o.proto == port.proto)
+            {
+                ctx.err(
+                    &pp,
+                    format!("host port {h}/{} is published twice", port.proto.as_str()),
+                );
                 continue;
             }
         }
@@ -990,11 +1086,14 @@ fn build_ports(ctx: &mut Ctx<'_>, path: &FieldPath, raw: &[RawPort]) -> Vec<Port
 
 fn build_long_port(pp: &FieldPath, l: &RawPortLong) -> Result<Port, (FieldPath, String)> {
     let container = match l.container {
-        Some(c) => parse_port_number(&c.to_string(), "container port").map_err(|e| (pp.key("container"), e))?,
+        Some(c) => parse_port_number(&c.to_string(), "container port")
+            .map_err(|e| (pp.key("container"), e))?,
         None => return Err((pp.key("container"), "a port needs `container:`".into())),
     };
     let host = match l.host {
-        Some(h) => Some(parse_port_number(&h.to_string(), "host port").map_err(|e| (pp.key("host"), e))?),
+        Some(h) => {
+            Some(parse_port_number(&h.to_string(), "host port").map_err(|e| (pp.key("host"), e))?)
+        }
         None => None,
     };
     let ip = match &l.ip {
@@ -1004,7 +1103,8 @@ fn build_long_port(pp: &FieldPath, l: &RawPortLong) -> Result<Port, (FieldPath, 
         ),
         None => None,
     };
-    let proto = parse_proto(l.proto.as_deref().unwrap_or("tcp")).map_err(|e| (pp.key("proto"), e))?;
+    let proto =
+        parse_proto(l.proto.as_deref().unwrap_or("tcp")).map_err(|e| (pp.key("proto"), e))?;
     if let Some(s) = &l.service {
         if !is_dns_label(s) {
             return Err((pp.key("service"), format!("Flotilla service name `{s}` must be a DNS label (lowercase letters, digits, `-`)")));
@@ -1040,7 +1140,11 @@ fn build_volumes(ctx: &mut Ctx<'_>, path: &FieldPath, raw: &[RawVolume]) -> Vec<
                     }
                 };
                 (
-                    Volume { source: src.into(), target: dst.into(), read_only: ro },
+                    Volume {
+                        source: src.into(),
+                        target: dst.into(),
+                        read_only: ro,
+                    },
                     (vp.clone(), vp.clone()),
                 )
             }
@@ -1050,19 +1154,30 @@ fn build_volumes(ctx: &mut Ctx<'_>, path: &FieldPath, raw: &[RawVolume]) -> Vec<
                     continue;
                 };
                 (
-                    Volume { source: src.clone(), target: dst.clone(), read_only: l.read_only.unwrap_or(false) },
+                    Volume {
+                        source: src.clone(),
+                        target: dst.clone(),
+                        read_only: l.read_only.unwrap_or(false),
+                    },
                     (vp.key("source"), vp.key("target")),
                 )
             }
         };
         let src_ok = check_path_part(&vol.source)
-            && ((vol.source.starts_with('/') && vol.source.len() > 1) || is_volume_name(&vol.source));
+            && ((vol.source.starts_with('/') && vol.source.len() > 1)
+                || is_volume_name(&vol.source));
         if !src_ok {
             ctx.err(&field.0, format!("volume source `{}` must be an absolute host path or a volume name, without `:` or `,`", vol.source));
             continue;
         }
         if !(vol.target.starts_with('/') && check_path_part(&vol.target)) {
-            ctx.err(&field.1, format!("volume target `{}` must be an absolute path without `:` or `,`", vol.target));
+            ctx.err(
+                &field.1,
+                format!(
+                    "volume target `{}` must be an absolute path without `:` or `,`",
+                    vol.target
+                ),
+            );
             continue;
         }
         out.push(vol);
@@ -1071,7 +1186,11 @@ fn build_volumes(ctx: &mut Ctx<'_>, path: &FieldPath, raw: &[RawVolume]) -> Vec<
 }
 
 /// `depends_on`: names that exist, no self-reference, no cycle, enough instances.
-fn check_dependencies(ctx: &mut Ctx<'_>, raw: &BTreeMap<String, RawService>, built: &BTreeMap<String, Service>) {
+fn check_dependencies(
+    ctx: &mut Ctx<'_>,
+    raw: &BTreeMap<String, RawService>,
+    built: &BTreeMap<String, Service>,
+) {
     for (name, s) in raw {
         let dpath = FieldPath::keys(&["services", name, "depends_on"]);
         let mut seen = BTreeSet::new();
@@ -1080,7 +1199,10 @@ fn check_dependencies(ctx: &mut Ctx<'_>, raw: &BTreeMap<String, RawService>, bui
             if dep == name {
                 ctx.err(&p, format!("{name} cannot depend on itself"));
             } else if !raw.contains_key(dep) {
-                ctx.err(&p, format!("{name} depends on `{dep}`, which is not a service in this file"));
+                ctx.err(
+                    &p,
+                    format!("{name} depends on `{dep}`, which is not a service in this file"),
+                );
             } else if !seen.insert(dep.clone()) {
                 ctx.err(&p, format!("`{dep}` is listed twice"));
             } else if let (Some(me), Some(other)) = (built.get(name), built.get(dep)) {
@@ -1140,19 +1262,34 @@ fn check_dependencies(ctx: &mut Ctx<'_>, raw: &BTreeMap<String, RawService>, bui
     }
 }
 
-fn abs_path(ctx: &mut Ctx<'_>, path: &FieldPath, v: &Option<String>, default: Option<&str>) -> Option<String> {
+fn abs_path(
+    ctx: &mut Ctx<'_>,
+    path: &FieldPath,
+    v: &Option<String>,
+    default: Option<&str>,
+) -> Option<String> {
     match v {
         Some(p) if p.starts_with('/') && !p.contains(char::is_whitespace) => Some(p.clone()),
         Some(p) => {
-            ctx.err(path, format!("`{p}` must be an absolute path without spaces"));
+            ctx.err(
+                path,
+                format!("`{p}` must be an absolute path without spaces"),
+            );
             None
         }
         None => default.map(str::to_string),
     }
 }
 
-fn platform_metadata(ctx: &mut Ctx<'_>, dp: &FieldPath, m: &Option<UniqueMap<OneOrMany>>) -> MetadataMatch {
-    let mut md = m.as_ref().map(|m| build_metadata(ctx, &dp.key("metadata"), m)).unwrap_or_default();
+fn platform_metadata(
+    ctx: &mut Ctx<'_>,
+    dp: &FieldPath,
+    m: &Option<UniqueMap<OneOrMany>>,
+) -> MetadataMatch {
+    let mut md = m
+        .as_ref()
+        .map(|m| build_metadata(ctx, &dp.key("metadata"), m))
+        .unwrap_or_default();
     md.retain(|_, values| !values.is_empty());
     md
 }
@@ -1169,17 +1306,29 @@ fn build_platform(ctx: &mut Ctx<'_>, p: RawPlatform) -> Platform {
                     && !url.contains(',')
                     && !url.contains(char::is_whitespace);
                 if !ok {
-                    ctx.err(&ep.key("endpoints").index(i), format!("`{url}` is not an etcd endpoint URL (http:// or https://, no commas)"));
+                    ctx.err(
+                        &ep.key("endpoints").index(i),
+                        format!(
+                            "`{url}` is not an etcd endpoint URL (http:// or https://, no commas)"
+                        ),
+                    );
                 }
             }
             if list.is_empty() {
-                ctx.err(&ep.key("endpoints"), "endpoints is empty; leave it out to use the daemons' default");
+                ctx.err(
+                    &ep.key("endpoints"),
+                    "endpoints is empty; leave it out to use the daemons' default",
+                );
             } else {
                 etcd_args.push("--etcd-endpoints".to_string());
                 etcd_args.push(list.join(","));
             }
         }
-        for (key, flag) in [("cacert", "--etcd-cacert"), ("cert", "--etcd-cert"), ("key", "--etcd-key")] {
+        for (key, flag) in [
+            ("cacert", "--etcd-cacert"),
+            ("cert", "--etcd-cert"),
+            ("key", "--etcd-key"),
+        ] {
             let v = match key {
                 "cacert" => &e.cacert,
                 "cert" => &e.cert,
@@ -1192,34 +1341,60 @@ fn build_platform(ctx: &mut Ctx<'_>, p: RawPlatform) -> Platform {
         }
         if let Some(u) = &e.user {
             if u.is_empty() || u.contains(':') {
-                ctx.err(&ep.key("user"), "the etcd user name must be non-empty and have no `:`");
+                ctx.err(
+                    &ep.key("user"),
+                    "the etcd user name must be non-empty and have no `:`",
+                );
             }
             etcd_args.push("--etcd-user".to_string());
             etcd_args.push(u.clone());
         }
         if let Some(prefix) = &e.prefix {
             if !prefix.starts_with('/') || prefix.contains(char::is_whitespace) {
-                ctx.err(&ep.key("prefix"), format!("prefix `{prefix}` must start with `/` and have no spaces"));
+                ctx.err(
+                    &ep.key("prefix"),
+                    format!("prefix `{prefix}` must start with `/` and have no spaces"),
+                );
             }
             etcd_args.push("--prefix".to_string());
             etcd_args.push(prefix.clone());
         }
     }
-    let environment_file = abs_path(ctx, &base.key("environment_file"), &p.environment_file, None);
-    let node_env_file = abs_path(ctx, &base.key("node_env_file"), &p.node_env_file, Some("/etc/flotilla/node.env"))
-        .unwrap_or_default();
+    let environment_file = abs_path(
+        ctx,
+        &base.key("environment_file"),
+        &p.environment_file,
+        None,
+    );
+    let node_env_file = abs_path(
+        ctx,
+        &base.key("node_env_file"),
+        &p.node_env_file,
+        Some("/etc/flotilla/node.env"),
+    )
+    .unwrap_or_default();
 
-    let common = |ctx: &mut Ctx<'_>, dp: &FieldPath, metrics: &Option<String>, log: &Option<String>, args: &mut Vec<String>| {
+    let common = |ctx: &mut Ctx<'_>,
+                  dp: &FieldPath,
+                  metrics: &Option<String>,
+                  log: &Option<String>,
+                  args: &mut Vec<String>| {
         if let Some(m) = metrics {
             if m.parse::<SocketAddr>().is_err() {
-                ctx.err(&dp.key("metrics_addr"), format!("`{m}` is not an address like 127.0.0.1:9100"));
+                ctx.err(
+                    &dp.key("metrics_addr"),
+                    format!("`{m}` is not an address like 127.0.0.1:9100"),
+                );
             }
             args.push("--metrics-addr".into());
             args.push(m.clone());
         }
         if let Some(l) = log {
             if l != "text" && l != "json" {
-                ctx.err(&dp.key("log_format"), format!("log_format `{l}` must be text or json"));
+                ctx.err(
+                    &dp.key("log_format"),
+                    format!("log_format `{l}` must be text or json"),
+                );
             }
             args.push("--log-format".into());
             args.push(l.clone());
@@ -1242,12 +1417,20 @@ fn build_platform(ctx: &mut Ctx<'_>, p: RawPlatform) -> Platform {
         }
         if let Some(h) = &r.docker_host {
             if !(h.starts_with("unix:///") || h.starts_with("tcp://")) {
-                ctx.err(&dp.key("docker_host"), format!("docker_host `{h}` must be unix:///path or tcp://host:port"));
+                ctx.err(
+                    &dp.key("docker_host"),
+                    format!("docker_host `{h}` must be unix:///path or tcp://host:port"),
+                );
             }
             args.push("--docker-host".into());
             args.push(h.clone());
         }
-        let state = abs_path(ctx, &dp.key("state_file"), &r.state_file, Some("/var/lib/flotilla/presence.state"));
+        let state = abs_path(
+            ctx,
+            &dp.key("state_file"),
+            &r.state_file,
+            Some("/var/lib/flotilla/presence.state"),
+        );
         if let Some(s) = state {
             args.push("--state-file".into());
             args.push(s);
@@ -1257,7 +1440,13 @@ fn build_platform(ctx: &mut Ctx<'_>, p: RawPlatform) -> Platform {
         args.extend(r.args.iter().flatten().map(|a| a.0.clone()));
         Daemon {
             name: "presence",
-            binary: abs_path(ctx, &dp.key("binary"), &r.binary, Some("/usr/local/bin/presence")).unwrap_or_default(),
+            binary: abs_path(
+                ctx,
+                &dp.key("binary"),
+                &r.binary,
+                Some("/usr/local/bin/presence"),
+            )
+            .unwrap_or_default(),
             args,
             metadata: platform_metadata(ctx, &dp, &r.metadata),
             metadata_origin: dp.key("metadata"),
@@ -1266,13 +1455,27 @@ fn build_platform(ctx: &mut Ctx<'_>, p: RawPlatform) -> Platform {
     let confgen = p.confgen.map(|r| {
         let dp = base.key("confgen");
         let mut args = vec!["run".to_string(), "--confdir".to_string()];
-        args.push(abs_path(ctx, &dp.key("confdir"), &r.confdir, Some("/etc/flotilla/confgen")).unwrap_or_default());
+        args.push(
+            abs_path(
+                ctx,
+                &dp.key("confdir"),
+                &r.confdir,
+                Some("/etc/flotilla/confgen"),
+            )
+            .unwrap_or_default(),
+        );
         common(ctx, &dp, &r.metrics_addr, &r.log_format, &mut args);
         args.extend(etcd_args.iter().cloned());
         args.extend(r.args.iter().flatten().map(|a| a.0.clone()));
         Daemon {
             name: "confgen",
-            binary: abs_path(ctx, &dp.key("binary"), &r.binary, Some("/usr/local/bin/confgen")).unwrap_or_default(),
+            binary: abs_path(
+                ctx,
+                &dp.key("binary"),
+                &r.binary,
+                Some("/usr/local/bin/confgen"),
+            )
+            .unwrap_or_default(),
             args,
             metadata: platform_metadata(ctx, &dp, &r.metadata),
             metadata_origin: dp.key("metadata"),
@@ -1316,7 +1519,9 @@ mod tests {
         assert_eq!(p.publish_arg(), "[::1]:8080:80/udp");
         let p = parse_short_port("127.0.0.1::80").unwrap();
         assert_eq!(p.publish_arg(), "127.0.0.1::80/tcp");
-        for bad in ["", "0", "65536", "a:80", "80/sctp", "1:2:3:4", "x.y:1:2", "[::1:80"] {
+        for bad in [
+            "", "0", "65536", "a:80", "80/sctp", "1:2:3:4", "x.y:1:2", "[::1:80",
+        ] {
             assert!(parse_short_port(bad).is_err(), "{bad}");
         }
     }

@@ -28,8 +28,15 @@ fn fail_with_hosts(services: &str, hosts: &str, extra: &[&str]) -> String {
     args.extend_from_slice(&["-o", "out"]);
     let out = output(unitgen().args(&args).current_dir(tmp.path()));
     let stderr = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(out.status.code(), Some(1), "unitgen {args:?} should fail with 1:\n{stderr}");
-    assert!(!tmp.path().join("out").exists(), "nothing may be written on error");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "unitgen {args:?} should fail with 1:\n{stderr}"
+    );
+    assert!(
+        !tmp.path().join("out").exists(),
+        "nothing may be written on error"
+    );
     stderr
 }
 
@@ -40,8 +47,15 @@ fn fail(services: &str) -> String {
 fn assert_errors(stderr: &str, expected: &[&str]) {
     let mut want: Vec<String> = expected.iter().map(|e| format!("error: {e}")).collect();
     let n = expected.len();
-    want.push(format!("unitgen: {n} error{}; nothing written", if n == 1 { "" } else { "s" }));
-    assert_eq!(stderr.lines().collect::<Vec<_>>(), want, "full stderr:\n{stderr}");
+    want.push(format!(
+        "unitgen: {n} error{}; nothing written",
+        if n == 1 { "" } else { "s" }
+    ));
+    assert_eq!(
+        stderr.lines().collect::<Vec<_>>(),
+        want,
+        "full stderr:\n{stderr}"
+    );
 }
 
 #[test]
@@ -165,17 +179,39 @@ fn every_value_error_is_reported_at_once() {
 #[test]
 fn duplicate_keys_and_dependency_cycles() {
     let e = fail("services:\n  web:\n    image: web:1\n  web:\n    image: web:2\n");
-    assert_errors(&e, &["services.yaml:4:3: services: duplicate key `web`; each key may appear once"]);
-    let e = fail("services:\n  a: {image: a:1, depends_on: [b]}\n  b: {image: b:1, depends_on: [a]}\n");
-    assert_errors(&e, &["services.yaml:2:31: services.a.depends_on: depends_on forms a cycle: a -> b -> a"]);
+    assert_errors(
+        &e,
+        &["services.yaml:4:3: services: duplicate key `web`; each key may appear once"],
+    );
+    let e =
+        fail("services:\n  a: {image: a:1, depends_on: [b]}\n  b: {image: b:1, depends_on: [a]}\n");
+    assert_errors(
+        &e,
+        &["services.yaml:2:31: services.a.depends_on: depends_on forms a cycle: a -> b -> a"],
+    );
 }
 
 #[test]
 fn hosts_file_errors_name_the_hosts_file() {
     let tmp = tempfile::tempdir().unwrap();
     fs::write(tmp.path().join("services.yaml"), "services: {}\n").unwrap();
-    fs::write(tmp.path().join("hosts.yaml"), "hosts:\n  h1: {address: 10.0.0.300, metadat: {}}\n").unwrap();
-    let out = output(unitgen().args(["services.yaml", "--check", "--format", "systemd", "--hosts", "hosts.yaml"]).current_dir(tmp.path()));
+    fs::write(
+        tmp.path().join("hosts.yaml"),
+        "hosts:\n  h1: {address: 10.0.0.300, metadat: {}}\n",
+    )
+    .unwrap();
+    let out = output(
+        unitgen()
+            .args([
+                "services.yaml",
+                "--check",
+                "--format",
+                "systemd",
+                "--hosts",
+                "hosts.yaml",
+            ])
+            .current_dir(tmp.path()),
+    );
     assert_eq!(out.status.code(), Some(1));
     assert_errors(
         &String::from_utf8(out.stderr).unwrap(),
@@ -187,12 +223,20 @@ fn hosts_file_errors_name_the_hosts_file() {
 fn usage_errors_exit_2() {
     let tmp = tempfile::tempdir().unwrap();
     fs::write(tmp.path().join("services.yaml"), "services: {}\n").unwrap();
-    let out = output(unitgen().args(["services.yaml", "--format", "systemd"]).current_dir(tmp.path()));
+    let out = output(
+        unitgen()
+            .args(["services.yaml", "--format", "systemd"])
+            .current_dir(tmp.path()),
+    );
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--format systemd needs --hosts hosts.yaml"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--format systemd needs --hosts hosts.yaml")
+    );
     let out = output(unitgen().args(["missing.yaml"]).current_dir(tmp.path()));
     assert_eq!(out.status.code(), Some(3));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("missing.yaml: No such file or directory"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("missing.yaml: No such file or directory")
+    );
 }
 
 #[test]
@@ -200,8 +244,19 @@ fn check_validates_and_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let services = golden_dir("example").join("services.yaml");
     let hosts = golden_dir("example").join("hosts.yaml");
-    let out = output(unitgen().arg(&services).args(["--check", "--format", "systemd", "--hosts"]).arg(&hosts).args(["-o", "out"]).current_dir(tmp.path()));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = output(
+        unitgen()
+            .arg(&services)
+            .args(["--check", "--format", "systemd", "--hosts"])
+            .arg(&hosts)
+            .args(["-o", "out"])
+            .current_dir(tmp.path()),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(
         String::from_utf8_lossy(&out.stderr),
         "unitgen: ok: 4 services, 13 instances on 6 hosts, 7 platform units (systemd); 0 instances moved\n"

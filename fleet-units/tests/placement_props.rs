@@ -31,8 +31,12 @@ fn host_metadata() -> impl Strategy<Value = BTreeMap<String, String>> {
 }
 
 fn hosts(max: usize) -> impl Strategy<Value = Hosts> {
-    proptest::collection::vec(host_metadata(), 0..=max)
-        .prop_map(|v| v.into_iter().enumerate().map(|(i, m)| (format!("h{i}"), m)).collect())
+    proptest::collection::vec(host_metadata(), 0..=max).prop_map(|v| {
+        v.into_iter()
+            .enumerate()
+            .map(|(i, m)| (format!("h{i}"), m))
+            .collect()
+    })
 }
 
 /// A service as generated; turned into a [`Request`] by [`requests`].
@@ -55,14 +59,16 @@ fn service(max_instances: u32, allow_deps: bool, allow_ports: bool) -> impl Stra
         proptest::option::weighted(0.25, 0usize..4),
         proptest::option::weighted(0.15, select(vec![80u16, 443])),
     )
-        .prop_map(move |(instances, roles, max_per_host, spread, depends_on, port)| Gen {
-            instances,
-            roles,
-            max_per_host,
-            spread,
-            depends_on: depends_on.filter(|_| allow_deps),
-            port: port.filter(|_| allow_ports),
-        })
+        .prop_map(
+            move |(instances, roles, max_per_host, spread, depends_on, port)| Gen {
+                instances,
+                roles,
+                max_per_host,
+                spread,
+                depends_on: depends_on.filter(|_| allow_deps),
+                port: port.filter(|_| allow_ports),
+            },
+        )
 }
 
 /// Services `s0, s1, ...`; a service may depend on an earlier one (then it has no rules of its
@@ -85,7 +91,8 @@ fn requests(gens: &[Gen]) -> Vec<Request> {
         }
         let mut c = Constraints::default();
         if let Some(roles) = &g.roles {
-            c.metadata.insert("role".into(), roles.iter().map(|r| r.to_string()).collect());
+            c.metadata
+                .insert("role".into(), roles.iter().map(|r| r.to_string()).collect());
         }
         c.max_per_host = g.max_per_host;
         c.spread = g.spread.then(|| "zone".to_string());
@@ -132,9 +139,14 @@ fn check_valid(reqs: &[Request], hosts: &Hosts, a: &Assignment) -> Result<(), St
         }
         let mut per_host: BTreeMap<&str, u32> = BTreeMap::new();
         for (i, h) in &placed {
-            let md = hosts.get(h).ok_or(format!("{}@{i} on unknown host {h}", req.name))?;
+            let md = hosts
+                .get(h)
+                .ok_or(format!("{}@{i} on unknown host {h}", req.name))?;
             if !host_matches(md, req) {
-                return Err(format!("{}@{i} on {h} whose metadata {md:?} does not match", req.name));
+                return Err(format!(
+                    "{}@{i} on {h} whose metadata {md:?} does not match",
+                    req.name
+                ));
             }
             *per_host.entry(h).or_default() += 1;
             for dep in &req.depends_on {
@@ -145,7 +157,10 @@ fn check_valid(reqs: &[Request], hosts: &Hosts, a: &Assignment) -> Result<(), St
         }
         if let Some(m) = req.constraints.max_per_host {
             if let Some((h, n)) = per_host.iter().find(|(_, n)| **n > m) {
-                return Err(format!("{} has {n} instances on {h}, max_per_host {m}", req.name));
+                return Err(format!(
+                    "{} has {n} instances on {h}, max_per_host {m}",
+                    req.name
+                ));
             }
         }
         if let Some(k) = &req.constraints.spread {
@@ -159,7 +174,10 @@ fn check_valid(reqs: &[Request], hosts: &Hosts, a: &Assignment) -> Result<(), St
             let (lo, hi) = (zones.values().min(), zones.values().max());
             if let (Some(lo), Some(hi)) = (lo, hi) {
                 if hi - lo > 1 {
-                    return Err(format!("{} spread over zones is unbalanced: {zones:?}", req.name));
+                    return Err(format!(
+                        "{} spread over zones is unbalanced: {zones:?}",
+                        req.name
+                    ));
                 }
             }
         }
@@ -167,7 +185,10 @@ fn check_valid(reqs: &[Request], hosts: &Hosts, a: &Assignment) -> Result<(), St
     // Host ports: one service per (host, port).
     let mut bound: BTreeSet<(String, u16)> = BTreeSet::new();
     for req in reqs {
-        let hosts_used: BTreeSet<&String> = a.get(&req.name).map(|m| m.values().collect()).unwrap_or_default();
+        let hosts_used: BTreeSet<&String> = a
+            .get(&req.name)
+            .map(|m| m.values().collect())
+            .unwrap_or_default();
         for h in hosts_used {
             for (_, p, _) in &req.host_ports {
                 if !bound.insert((h.clone(), *p)) {
@@ -181,15 +202,25 @@ fn check_valid(reqs: &[Request], hosts: &Hosts, a: &Assignment) -> Result<(), St
 
 /// Brute force: does any assignment of `req`'s instances to hosts satisfy its rules?
 fn feasible(req: &Request, hosts: &Hosts) -> bool {
-    let eligible: Vec<&BTreeMap<String, String>> = hosts.values().filter(|md| host_matches(md, req)).collect();
+    let eligible: Vec<&BTreeMap<String, String>> =
+        hosts.values().filter(|md| host_matches(md, req)).collect();
     let n = req.instances;
     let cap = req.constraints.max_per_host.unwrap_or(n).min(n);
-    fn dfs(i: usize, left: u32, cap: u32, counts: &mut Vec<u32>, eligible: &[&BTreeMap<String, String>], req: &Request) -> bool {
+    fn dfs(
+        i: usize,
+        left: u32,
+        cap: u32,
+        counts: &mut Vec<u32>,
+        eligible: &[&BTreeMap<String, String>],
+        req: &Request,
+    ) -> bool {
         if i == eligible.len() {
             if left != 0 {
                 return false;
             }
-            let Some(k) = &req.constraints.spread else { return true };
+            let Some(k) = &req.constraints.spread else {
+                return true;
+            };
             let mut zones: BTreeMap<&str, u32> = BTreeMap::new();
             for (md, c) in eligible.iter().zip(counts.iter()) {
                 *zones.entry(md[k].as_str()).or_default() += c;
@@ -336,18 +367,86 @@ proptest! {
 fn the_checker_catches_violations() {
     // The checker above must not be vacuous: feed it broken placements.
     let hosts: Hosts = [
-        ("h1".to_string(), BTreeMap::from([("role".to_string(), "web".to_string()), ("zone".to_string(), "a".to_string())])),
-        ("h2".to_string(), BTreeMap::from([("role".to_string(), "db".to_string()), ("zone".to_string(), "b".to_string())])),
+        (
+            "h1".to_string(),
+            BTreeMap::from([
+                ("role".to_string(), "web".to_string()),
+                ("zone".to_string(), "a".to_string()),
+            ]),
+        ),
+        (
+            "h2".to_string(),
+            BTreeMap::from([
+                ("role".to_string(), "db".to_string()),
+                ("zone".to_string(), "b".to_string()),
+            ]),
+        ),
     ]
     .into();
-    let reqs = requests(&[Gen { instances: 2, roles: Some(vec!["web"]), max_per_host: Some(1), spread: false, depends_on: None, port: None }]);
-    let a: Assignment = [("s0".to_string(), BTreeMap::from([(1, "h1".to_string()), (2, "h1".to_string())]))].into();
-    assert!(check_valid(&reqs, &hosts, &a).unwrap_err().contains("max_per_host"));
-    let a: Assignment = [("s0".to_string(), BTreeMap::from([(1, "h1".to_string()), (2, "h2".to_string())]))].into();
-    assert!(check_valid(&reqs, &hosts, &a).unwrap_err().contains("does not match"));
-    let reqs = requests(&[Gen { instances: 3, roles: None, max_per_host: None, spread: true, depends_on: None, port: None }]);
-    let a: Assignment = [("s0".to_string(), BTreeMap::from([(1, "h1".to_string()), (2, "h1".to_string()), (3, "h1".to_string())]))].into();
-    assert!(check_valid(&reqs, &hosts, &a).unwrap_err().contains("unbalanced"));
-    assert!(!feasible(&requests(&[Gen { instances: 3, roles: Some(vec!["web"]), max_per_host: Some(2), spread: false, depends_on: None, port: None }])[0], &hosts));
-    assert!(feasible(&requests(&[Gen { instances: 3, roles: None, max_per_host: Some(2), spread: true, depends_on: None, port: None }])[0], &hosts));
+    let reqs = requests(&[Gen {
+        instances: 2,
+        roles: Some(vec!["web"]),
+        max_per_host: Some(1),
+        spread: false,
+        depends_on: None,
+        port: None,
+    }]);
+    let a: Assignment = [(
+        "s0".to_string(),
+        BTreeMap::from([(1, "h1".to_string()), (2, "h1".to_string())]),
+    )]
+    .into();
+    assert!(check_valid(&reqs, &hosts, &a)
+        .unwrap_err()
+        .contains("max_per_host"));
+    let a: Assignment = [(
+        "s0".to_string(),
+        BTreeMap::from([(1, "h1".to_string()), (2, "h2".to_string())]),
+    )]
+    .into();
+    assert!(check_valid(&reqs, &hosts, &a)
+        .unwrap_err()
+        .contains("does not match"));
+    let reqs = requests(&[Gen {
+        instances: 3,
+        roles: None,
+        max_per_host: None,
+        spread: true,
+        depends_on: None,
+        port: None,
+    }]);
+    let a: Assignment = [(
+        "s0".to_string(),
+        BTreeMap::from([
+            (1, "h1".to_string()),
+            (2, "h1".to_string()),
+            (3, "h1".to_string()),
+        ]),
+    )]
+    .into();
+    assert!(check_valid(&reqs, &hosts, &a)
+        .unwrap_err()
+        .contains("unbalanced"));
+    assert!(!feasible(
+        &requests(&[Gen {
+            instances: 3,
+            roles: Some(vec!["web"]),
+            max_per_host: Some(2),
+            spread: false,
+            depends_on: None,
+            port: None
+        }])[0],
+        &hosts
+    ));
+    assert!(feasible(
+        &requests(&[Gen {
+            instances: 3,
+            roles: None,
+            max_per_host: Some(2),
+            spread: true,
+            depends_on: None,
+            port: None
+        }])[0],
+        &hosts
+    ));
 }

@@ -20,8 +20,10 @@ use std::path::{Path, PathBuf};
 fn example_with_stub_binaries(dir: &Path) -> PathBuf {
     let bin = dir.join("bin");
     fs::create_dir_all(&bin).unwrap();
-    let mut doc: serde_norway::Value =
-        serde_norway::from_str(&fs::read_to_string(golden_dir("example").join("services.yaml")).unwrap()).unwrap();
+    let mut doc: serde_norway::Value = serde_norway::from_str(
+        &fs::read_to_string(golden_dir("example").join("services.yaml")).unwrap(),
+    )
+    .unwrap();
     for daemon in ["presence", "confgen"] {
         let stub = bin.join(daemon);
         fs::write(&stub, "#!/bin/sh\nexit 0\n").unwrap();
@@ -34,7 +36,10 @@ fn example_with_stub_binaries(dir: &Path) -> PathBuf {
 }
 
 fn verify_all(root: &Path) -> usize {
-    assert!(Path::new("/usr/bin/docker").is_file(), "/usr/bin/docker is missing: run scripts/setup (Debian docker.io)");
+    assert!(
+        Path::new("/usr/bin/docker").is_file(),
+        "/usr/bin/docker is missing: run scripts/setup (Debian docker.io)"
+    );
     let tree = read_tree(root);
     let mut verified = 0;
     let mut failures = Vec::new();
@@ -54,7 +59,11 @@ fn verify_all(root: &Path) -> usize {
         }
         verified += 1;
     }
-    assert!(failures.is_empty(), "systemd-analyze verify complained:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "systemd-analyze verify complained:\n{}",
+        failures.join("\n")
+    );
     verified
 }
 
@@ -63,7 +72,14 @@ fn fleet_units_pass_systemd_analyze_verify() {
     let tmp = tempfile::tempdir().unwrap();
     let services = example_with_stub_binaries(tmp.path());
     let out = tmp.path().join("out");
-    unitgen_ok(&[&services.display().to_string(), "-o", &out.display().to_string()], tmp.path());
+    unitgen_ok(
+        &[
+            &services.display().to_string(),
+            "-o",
+            &out.display().to_string(),
+        ],
+        tmp.path(),
+    );
     let n = verify_all(&out);
     // web, cache, web-sidecar: 4 instances each; db 1; presence and confgen.
     assert_eq!(n, 15);
@@ -111,7 +127,15 @@ fn awkward_values_pass_verify_and_split_back_exactly() {
         "#not-a-comment",
         "-dash",
     ];
-    let args: Vec<String> = nasty.iter().map(|s| format!("      - {}\n", serde_norway::to_string(s).unwrap().trim_end())).collect();
+    let args: Vec<String> = nasty
+        .iter()
+        .map(|s| {
+            format!(
+                "      - {}\n",
+                serde_norway::to_string(s).unwrap().trim_end()
+            )
+        })
+        .collect();
     fs::write(
         &services,
         format!(
@@ -122,12 +146,25 @@ fn awkward_values_pass_verify_and_split_back_exactly() {
     )
     .unwrap();
     let out = tmp.path().join("out");
-    unitgen_ok(&[&services.display().to_string(), "-o", &out.display().to_string()], tmp.path());
+    unitgen_ok(
+        &[
+            &services.display().to_string(),
+            "-o",
+            &out.display().to_string(),
+        ],
+        tmp.path(),
+    );
     assert_eq!(verify_all(&out), 1);
     let unit = fs::read_to_string(out.join("odd@1.service")).unwrap();
-    let start = exec_lines(&unit, Some("1")).into_iter().find(|l| l.key == "ExecStart").unwrap();
+    let start = exec_lines(&unit, Some("1"))
+        .into_iter()
+        .find(|l| l.key == "ExecStart")
+        .unwrap();
     let argv = &start.argv;
-    let image_at = argv.iter().position(|a| a == "flotilla-busybox:test").unwrap();
+    let image_at = argv
+        .iter()
+        .position(|a| a == "flotilla-busybox:test")
+        .unwrap();
     assert_eq!(&argv[image_at + 1..], &nasty.map(String::from)[..]);
     assert!(argv.contains(&format!("NASTY={}", nasty.join("|"))));
     assert_eq!(&argv[..4], &["/usr/bin/docker", "run", "--rm", "--name"]);

@@ -30,7 +30,8 @@ pub fn unitgen() -> Command {
 
 /// Runs a command and returns its output, panicking if it could not be started.
 pub fn output(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
 /// Runs unitgen and asserts success, returning stdout.
@@ -58,7 +59,11 @@ pub fn read_tree(dir: &Path) -> BTreeMap<String, String> {
                 walk(base, &p, out);
             } else {
                 let rel = p.strip_prefix(base).expect("under base");
-                let rel = rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
+                let rel = rel
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join("/");
                 out.insert(rel, fs::read_to_string(&p).expect("utf-8 file"));
             }
         }
@@ -82,8 +87,16 @@ pub fn first_difference(expected: &str, actual: &str) -> String {
             for j in from..i {
                 s.push_str(&format!("   {:>4} | {}\n", j + 1, e.get(j).unwrap_or(&"")));
             }
-            s.push_str(&format!(" - {:>4} | {}\n", i + 1, e.get(i).copied().unwrap_or("<end of file>")));
-            s.push_str(&format!(" + {:>4} | {}\n", i + 1, a.get(i).copied().unwrap_or("<end of file>")));
+            s.push_str(&format!(
+                " - {:>4} | {}\n",
+                i + 1,
+                e.get(i).copied().unwrap_or("<end of file>")
+            ));
+            s.push_str(&format!(
+                " + {:>4} | {}\n",
+                i + 1,
+                a.get(i).copied().unwrap_or("<end of file>")
+            ));
             return s;
         }
     }
@@ -109,7 +122,11 @@ pub fn assert_golden_tree(golden: &Path, actual: &BTreeMap<String, String>) {
         return;
     }
     let expected = read_tree(golden);
-    assert!(!expected.is_empty(), "no golden files in {}; run with UPDATE_GOLDEN=1 to create them", golden.display());
+    assert!(
+        !expected.is_empty(),
+        "no golden files in {}; run with UPDATE_GOLDEN=1 to create them",
+        golden.display()
+    );
     let mut problems = Vec::new();
     for rel in expected.keys().filter(|k| !actual.contains_key(*k)) {
         problems.push(format!("missing output file {rel}"));
@@ -120,7 +137,10 @@ pub fn assert_golden_tree(golden: &Path, actual: &BTreeMap<String, String>) {
     for (rel, want) in &expected {
         if let Some(got) = actual.get(rel) {
             if got != want {
-                problems.push(format!("{rel} differs (- golden, + actual):\n{}", first_difference(want, got)));
+                problems.push(format!(
+                    "{rel} differs (- golden, + actual):\n{}",
+                    first_difference(want, got)
+                ));
             }
         }
     }
@@ -174,7 +194,9 @@ pub fn section_settings(unit: &str, section: &str) -> Vec<(String, String)> {
             continue;
         }
         if current == section {
-            let (k, v) = t.split_once('=').unwrap_or_else(|| panic!("not a setting: {t}"));
+            let (k, v) = t
+                .split_once('=')
+                .unwrap_or_else(|| panic!("not a setting: {t}"));
             out.push((k.trim().to_string(), v.trim().to_string()));
         }
     }
@@ -244,7 +266,10 @@ pub fn split_command(value: &str) -> Vec<String> {
                     }
                 }
             }
-            assert!(i >= chars.len() || chars[i].is_whitespace(), "quote not followed by a space in {value:?}");
+            assert!(
+                i >= chars.len() || chars[i].is_whitespace(),
+                "quote not followed by a space in {value:?}"
+            );
         } else {
             if chars[i] == ';' && chars.get(i + 1).is_none_or(|c| c.is_whitespace()) {
                 panic!("unquoted `;` (command separator) in {value:?}");
@@ -296,7 +321,11 @@ pub fn exec_lines(unit: &str, instance: Option<&str>) -> Vec<ExecLine> {
                     *first = rest.to_string();
                 }
             }
-            ExecLine { key, ignore_failure, argv }
+            ExecLine {
+                key,
+                ignore_failure,
+                argv,
+            }
         })
         .collect()
 }
@@ -309,6 +338,10 @@ pub fn systemd_verify(unit: &Path) -> (bool, String) {
             .args(["verify", "--man=no"])
             .arg(unit),
     );
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success(), text)
 }
