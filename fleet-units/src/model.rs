@@ -67,12 +67,31 @@ pub struct RawService {
     pub cpus: Option<f64>,
     pub health: Option<RawHealth>,
     pub depends_on: Option<Vec<String>>,
+    pub sidekick_of: Option<String>,
     pub flotilla: Option<RawFlotilla>,
     pub constraints: Option<RawConstraints>,
     pub restart_sec: Option<Scalar>,
     pub start_timeout: Option<Scalar>,
     pub stop_timeout: Option<Scalar>,
     pub pull: Option<bool>,
+}
+
+impl RawService {
+    /// Every service this one runs beside, with the field that names it: `depends_on[i]`
+    /// entries, then `sidekick_of`.
+    pub fn dependencies(&self) -> Vec<(String, String, Option<usize>)> {
+        let mut out: Vec<(String, String, Option<usize>)> = self
+            .depends_on
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, d)| (d.clone(), "depends_on".to_string(), Some(i)))
+            .collect();
+        if let Some(main) = &self.sidekick_of {
+            out.push((main.clone(), "sidekick_of".to_string(), None));
+        }
+        out
+    }
 }
 
 /// `health:`.

@@ -122,10 +122,29 @@ pub fn service_unit(
         None => format!("{} instance {tok}: {}", svc.name, words.setting(&image)?),
     };
     out.push_str(&format!("Description={description}\n"));
-    let mut deps = vec!["docker.service".to_string()];
-    deps.extend(svc.depends_on.iter().map(|d| format!("{d}@{tok}.service")));
-    out.push_str(&format!("After={}\n", deps.join(" ")));
-    out.push_str(&format!("Requires={}\n", deps.join(" ")));
+    let mut after = vec!["docker.service".to_string()];
+    after.extend(svc.depends_on.iter().map(|d| format!("{d}@{tok}.service")));
+    let requires: Vec<&String> = after
+        .iter()
+        .filter(|u| {
+            svc.sidekick_of
+                .as_ref()
+                .is_none_or(|m| **u != format!("{m}@{tok}.service"))
+        })
+        .collect();
+    out.push_str(&format!("After={}\n", after.join(" ")));
+    out.push_str(&format!(
+        "Requires={}\n",
+        requires
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
+    ));
+    if let Some(main) = &svc.sidekick_of {
+        // A sidekick stops with its main unit, whatever stops it.
+        out.push_str(&format!("BindsTo={main}@{tok}.service\n"));
+    }
 
     out.push_str("\n[Service]\n");
     out.push_str("Restart=always\n");
@@ -337,15 +356,14 @@ pub fn platform_unit(
                 }
             }
         }
-        if d.args.iter().any(|a| a == "--state-file") {
-            if let Some(pos) = d.args.iter().position(|a| a == "--state-file") {
-                if d.args
-                    .get(pos + 1)
-                    .is_some_and(|p| p.starts_with("/var/lib/flotilla/"))
-                {
-                    out.push_str("StateDirectory=flotilla\n");
-                }
-            }
+        // systemd creates /var/lib/flotilla for a state file kept there.
+        let state = d
+            .args
+            .iter()
+            .position(|a| a == "--state-file")
+            .and_then(|i| d.args.get(i + 1));
+        if state.is_some_and(|p| p.starts_with("/var/lib/flotilla/")) {
+            out.push_str("StateDirectory=flotilla\n");
         }
     }
     // Flags and their values stay on one line together.

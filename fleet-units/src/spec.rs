@@ -64,8 +64,11 @@ pub struct Service {
     pub cpus: Option<String>,
     /// Docker health check.
     pub health: Option<Health>,
-    /// Services whose instance N must run on the same host, before this one's instance N.
+    /// Services whose instance N must run on the same host, before this one's instance N
+    /// (`depends_on`, then `sidekick_of`).
     pub depends_on: Vec<String>,
+    /// The main service this one is a sidekick of (`BindsTo=` instead of `Requires=`).
+    pub sidekick_of: Option<String>,
     /// How presence registers it.
     pub registration: Registration,
     /// Placement rules.
@@ -97,7 +100,7 @@ pub struct Origins {
     pub max_per_host: Vec<FieldPath>,
     /// `constraints.spread`.
     pub spread: Vec<FieldPath>,
-    /// `depends_on`.
+    /// `depends_on` (and `sidekick_of`).
     pub depends_on: Vec<FieldPath>,
     /// `ports`.
     pub ports: Vec<FieldPath>,
@@ -759,7 +762,7 @@ fn build_service(
         (None, None) => None,
     };
 
-    let depends_on = s.depends_on.clone().unwrap_or_default();
+    let depends_on: Vec<String> = s.dependencies().into_iter().map(|(d, ..)| d).collect();
 
     // Registration.
     let fl = s.flotilla.clone().unwrap_or_default();
@@ -873,7 +876,7 @@ fn build_service(
         metadata: cons_path("metadata"),
         max_per_host: max_origin,
         spread: cons_path("spread"),
-        depends_on: vec![base.key("depends_on")],
+        depends_on: vec![base.key("depends_on"), base.key("sidekick_of")],
         ports: vec![base.key("ports")],
     };
 
@@ -894,6 +897,7 @@ fn build_service(
         cpus,
         health,
         depends_on,
+        sidekick_of: s.sidekick_of.clone(),
         registration,
         constraints,
         max_per_host_from_port,
@@ -1192,25 +1196,32 @@ fn check_dependencies(
     built: &BTreeMap<String, Service>,
 ) {
     for (name, s) in raw {
-        let dpath = FieldPath::keys(&["services", name, "depends_on"]);
         let mut seen = BTreeSet::new();
-        for (i, dep) in s.depends_on.iter().flatten().enumerate() {
-            let p = dpath.index(i);
-            if dep == name {
+        for (dep, field, index) in s.dependencies() {
+            let mut p = FieldPath::keys(&["services", name, &field]);
+            if let Some(i) = index {
+                p = p.index(i);
+            }
+            let verb = if field == "sidekick_of" {
+                "is a sidekick of"
+            } else {
+                "depends on"
+            };
+            if dep == *name {
                 ctx.err(&p, format!("{name} cannot depend on itself"));
-            } else if !raw.contains_key(dep) {
+            } else if !raw.contains_key(&dep) {
                 ctx.err(
                     &p,
-                    format!("{name} depends on `{dep}`, which is not a service in this file"),
+                    format!("{name} {verb} `{dep}`, which is not a service in this file"),
                 );
             } else if !seen.insert(dep.clone()) {
-                ctx.err(&p, format!("`{dep}` is listed twice"));
-            } else if let (Some(me), Some(other)) = (built.get(name), built.get(dep)) {
+                ctx.err(&p, format!("`{dep}` is listed twice (depends_on and sidekick_of together name each service once)"));
+            } else if let (Some(me), Some(other)) = (built.get(name), built.get(&dep)) {
                 if other.instances < me.instances {
                     ctx.err(
                         &p,
                         format!(
-                            "{name} depends on {dep}: instance N of {name} runs beside instance N of {dep}, so {dep} needs at least {} instances, it has {}",
+                            "{name} {verb} {dep}: instance N of {name} runs beside instance N of {dep}, so {dep} needs at least {} instances, it has {}",
                             me.instances, other.instances
                         ),
                     );
@@ -1241,9 +1252,11 @@ fn check_dependencies(
         state.insert(n, 1);
         stack.push(n);
         if let Some(s) = raw.get(n) {
-            for d in s.depends_on.iter().flatten() {
-                if raw.contains_key(d) && d != n {
-                    visit(d, raw, state, stack, found);
+            for (d, ..) in s.dependencies() {
+                if let Some((key, _)) = raw.get_key_value(&d) {
+                    if key != n {
+                        visit(key, raw, state, stack, found);
+                    }
                 }
             }
         }
@@ -1255,9 +1268,16 @@ fn check_dependencies(
         visit(name, raw, &mut state, &mut Vec::new(), &mut cycles);
     }
     for cycle in cycles {
+        let field = match raw.get(&cycle[0]) {
+            Some(s) if s.depends_on.is_none() => "sidekick_of",
+            _ => "depends_on",
+        };
         ctx.err(
-            &FieldPath::keys(&["services", &cycle[0], "depends_on"]),
-            format!("depends_on forms a cycle: {}", cycle.join(" -> ")),
+            &FieldPath::keys(&["services", &cycle[0], field]),
+            format!(
+                "depends_on/sidekick_of form a cycle: {}",
+                cycle.join(" -> ")
+            ),
         );
     }
 }

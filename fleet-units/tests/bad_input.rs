@@ -184,10 +184,10 @@ fn duplicate_keys_and_dependency_cycles() {
         &["services.yaml:4:3: services: duplicate key `web`; each key may appear once"],
     );
     let e =
-        fail("services:\n  a: {image: a:1, depends_on: [b]}\n  b: {image: b:1, depends_on: [a]}\n");
+        fail("services:\n  a: {image: a:1, depends_on: [b]}\n  b: {image: b:1, sidekick_of: a}\n");
     assert_errors(
         &e,
-        &["services.yaml:2:31: services.a.depends_on: depends_on forms a cycle: a -> b -> a"],
+        &["services.yaml:2:31: services.a.depends_on: depends_on/sidekick_of form a cycle: a -> b -> a"],
     );
 }
 
@@ -259,7 +259,7 @@ fn check_validates_and_writes_nothing() {
     );
     assert_eq!(
         String::from_utf8_lossy(&out.stderr),
-        "unitgen: ok: 4 services, 13 instances on 6 hosts, 7 platform units (systemd); 0 instances moved\n"
+        "unitgen: ok: 5 services, 15 instances on 6 hosts, 7 platform units (systemd); 0 instances moved\n"
     );
     assert!(out.stdout.is_empty());
     assert!(!tmp.path().join("out").exists());

@@ -81,8 +81,8 @@ fn fleet_units_pass_systemd_analyze_verify() {
         tmp.path(),
     );
     let n = verify_all(&out);
-    // web, cache, web-sidecar: 4 instances each; db 1; presence and confgen.
-    assert_eq!(n, 15);
+    // web, cache, web-sidecar: 4 instances each; api 2; db 1; presence and confgen.
+    assert_eq!(n, 17);
 }
 
 #[test]
@@ -104,8 +104,8 @@ fn systemd_units_pass_systemd_analyze_verify() {
         tmp.path(),
     );
     let n = verify_all(&out);
-    // 13 instances, presence on 6 hosts, confgen on the one edge host.
-    assert_eq!(n, 13 + 6 + 1);
+    // 15 instances, presence on 6 hosts, confgen on the one edge host.
+    assert_eq!(n, 15 + 6 + 1);
 }
 
 #[test]
