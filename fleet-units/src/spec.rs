@@ -1370,10 +1370,11 @@ fn build_platform(ctx: &mut Ctx<'_>, p: RawPlatform) -> Platform {
             etcd_args.push(u.clone());
         }
         if let Some(prefix) = &e.prefix {
-            if !prefix.starts_with('/') || prefix.contains(char::is_whitespace) {
+            static PREFIX: OnceLock<Regex> = OnceLock::new();
+            if !re(&PREFIX, r"^(/[A-Za-z0-9._-]+)+$").is_match(prefix) {
                 ctx.err(
                     &ep.key("prefix"),
-                    format!("prefix `{prefix}` must start with `/` and have no spaces"),
+                    format!("prefix `{prefix}` must look like /seg[/seg...] with segments of [A-Za-z0-9._-] and no trailing slash"),
                 );
             }
             etcd_args.push("--prefix".to_string());
