@@ -1,6 +1,5 @@
 //! `unitgen services.yaml [-o DIR] [--hosts hosts.yaml] [--format fleet|systemd] [--check]`
 
-use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use fleet_units::render::RenderOptions;
 use fleet_units::{generate, output, Error, Format, Job, SourceFile};
@@ -155,7 +154,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(&cli).context("unitgen failed") {
+    match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             let code = match err.downcast_ref::<Error>() {

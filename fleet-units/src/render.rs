@@ -108,7 +108,9 @@ pub fn service_unit(
 
     let mut out = header(opts)?;
     if let Some(h) = host {
-        out.push_str(&format!("# Placed on host {h} (see placement.lock).\n"));
+        out.push_str(&format!(
+            "# Placed on host {h} by unitgen --format systemd.\n"
+        ));
     }
     out.push_str("[Unit]\n");
     let description = match &svc.description {

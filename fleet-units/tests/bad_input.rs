@@ -264,3 +264,38 @@ fn check_validates_and_writes_nothing() {
     assert!(out.stdout.is_empty());
     assert!(!tmp.path().join("out").exists());
 }
+
+#[test]
+fn platform_units_need_addresses_and_matching_hosts() {
+    let hosts = "hosts:\n  h1: {metadata: {role: web}}\n  h2: {address: 10.0.0.2}\n";
+    let e = fail_with_hosts(
+        "services: {}\nplatform:\n  presence: {}\n  confgen:\n    metadata: {role: lb}\n",
+        hosts,
+        &["--format", "systemd", "--hosts", "hosts.yaml"],
+    );
+    assert_errors(
+        &e,
+        &[
+            "hosts.yaml:2:7: hosts.h1.address: host h1 runs presence, which needs this host's `address` for --advertise-ip",
+            "services.yaml:5:15: platform.confgen.metadata: confgen is to run on hosts with role=lb, but none of the 2 hosts match",
+        ],
+    );
+}
+
+#[test]
+fn a_dependent_needs_as_many_instances_as_its_dependency() {
+    let e = fail("services:\n  a: {image: a:1, instances: 2}\n  b: {image: b:1, instances: 3, depends_on: [a]}\n");
+    assert_errors(&e, &["services.yaml:3:46: services.b.depends_on[0]: b depends on a: instance N of b runs beside instance N of a, so a needs at least 3 instances, it has 2"]);
+    let e = fail("services:\n  a: {image: a:1}\n  b: {image: b:1, sidekick_of: c}\n");
+    assert_errors(&e, &["services.yaml:3:32: services.b.sidekick_of: b is a sidekick of `c`, which is not a service in this file"]);
+}
+
+#[test]
+fn dependents_that_cannot_follow_are_errors() {
+    // b's instance 1 must run beside a's, on the db host, which b's own metadata excludes.
+    let e = fail_with(
+        "services:\n  a: {image: a:1, constraints: {metadata: {role: db}}}\n  b: {image: b:1, depends_on: [a], constraints: {metadata: {role: web}}}\n",
+        &["--format", "systemd", "--hosts", "hosts.yaml"],
+    );
+    assert_errors(&e, &["services.yaml:3:60: services.b.constraints.metadata: b@1 runs beside a@1 (depends_on) on h4, which does not match role=web"]);
+}
