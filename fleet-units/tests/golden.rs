@@ -152,3 +152,31 @@ fn losing_a_host_moves_only_its_instances() {
         assert!(out.join(h).join(format!("{s}@{i}.service")).is_file());
     }
 }
+
+#[test]
+fn stdout_mode_with_an_explicit_lock() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lock = tmp.path().join("state/placement.lock");
+    let lock_arg = lock.display().to_string();
+    let args = [
+        example("services.yaml"),
+        "--format".into(),
+        "systemd".into(),
+        "--hosts".into(),
+        example("hosts.yaml"),
+        "--lock".into(),
+        lock_arg,
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let first = unitgen_ok(&args, tmp.path());
+    let written = fs::read_to_string(&lock).unwrap();
+    // Same placement as the golden tree, which was generated without a previous lock.
+    assert_eq!(
+        written,
+        fs::read_to_string(golden_dir("example/systemd/placement.lock")).unwrap()
+    );
+    assert!(first.contains("==> node-6/api@1.service <==\n"), "{first}");
+    let second = unitgen_ok(&args, tmp.path());
+    assert_eq!(first, second);
+    assert_eq!(written, fs::read_to_string(&lock).unwrap());
+}
