@@ -323,6 +323,7 @@ struct RunResult {
     reload_failures: u32,
     median_reload: Duration,
     max_reload: Duration,
+    span: Duration,
 }
 
 fn write_lua(dir: &Path, client: Client) -> std::path::PathBuf {
@@ -359,6 +360,7 @@ fn run_once(
     let mut reload_failures = 0;
     let mut max_reload = Duration::ZERO;
     let mut durations = Vec::new();
+    let mut span = Duration::ZERO;
     if mode != Mode::Control {
         let interval = RELOAD_WINDOW / RELOADS;
         for i in 0..RELOADS {
@@ -396,6 +398,8 @@ fn run_once(
             durations.push(t.elapsed());
             reloads += 1;
         }
+        // From the first reload's start to the last one's end: must lie inside the load.
+        span = start.elapsed() - Duration::from_secs(1);
     }
     let out = wrk_child.wait_with_output().expect("wait for wrk");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -426,6 +430,7 @@ fn run_once(
             median_duration(durations)
         },
         max_reload,
+        span,
     }
 }
 
@@ -546,7 +551,7 @@ fn main() {
         opts.rounds
     );
     println!(
-        "{:<9} {:<10} {:<9} {:>5} {:>9} {:>7} {:>5} {:>5} {:>5} {:>7} {:>7} {:>8} {:>10} {:>10}",
+        "{:<9} {:<10} {:<9} {:>5} {:>9} {:>7} {:>5} {:>5} {:>5} {:>7} {:>7} {:>8} {:>10} {:>10} {:>7}",
         "profile",
         "client",
         "mode",
@@ -560,7 +565,8 @@ fn main() {
         "timeout",
         "reloads",
         "med_reload",
-        "max_reload"
+        "max_reload",
+        "span"
     );
     let mut table: Vec<Summary> = Vec::new();
     for profile in &opts.profiles {
@@ -574,7 +580,7 @@ fn main() {
                 for round in 0..opts.rounds {
                     let r = run_once(&wrk, &lua, profile, *mode, &servers);
                     println!(
-                        "{:<9} {:<10} {:<9} {:>5} {:>9} {:>7} {:>5} {:>5} {:>6} {:>7} {:>7} {:>8} {:>8}ms {:>8}ms",
+                        "{:<9} {:<10} {:<9} {:>5} {:>9} {:>7} {:>5} {:>5} {:>6} {:>7} {:>7} {:>8} {:>8}ms {:>8}ms {:>6.1}s",
                         profile.name,
                         client.name(),
                         mode.name(),
@@ -592,7 +598,8 @@ fn main() {
                             r.reloads.to_string()
                         },
                         r.median_reload.as_millis(),
-                        r.max_reload.as_millis()
+                        r.max_reload.as_millis(),
+                        r.span.as_secs_f64()
                     );
                     let _ = std::io::stdout().flush();
                     summary.failed.push(r.wrk.failed());
