@@ -48,7 +48,7 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// A command (check, signal) did not finish in time.
+    /// The configuration check did not finish in time. Nothing was reloaded.
     #[error("{what} did not finish within {timeout}", timeout = Human(*.timeout))]
     Timeout {
         /// What was being waited for.
@@ -243,7 +243,8 @@ impl Error {
             | Error::ConfigUnreadable { .. }
             | Error::InvalidName { .. }
             | Error::ConfigMismatch { .. } => ErrorKind::Usage,
-            Error::CheckFailed { .. } => ErrorKind::CheckFailed,
+            // A check that does not finish (e.g. `resolvers` that never answer) is a failed check.
+            Error::CheckFailed { .. } | Error::Timeout { .. } => ErrorKind::CheckFailed,
             Error::ReloadFailed { .. }
             | Error::ReloadTimeout { .. }
             | Error::NginxReloadTimeout { .. } => ErrorKind::ReloadFailed,
@@ -256,7 +257,7 @@ impl Error {
             | Error::PidFile { .. }
             | Error::Signal { .. } => ErrorKind::Unreachable,
             Error::CommandRejected { .. } | Error::Protocol { .. } => ErrorKind::Rejected,
-            Error::Spawn { .. } | Error::Timeout { .. } => ErrorKind::Environment,
+            Error::Spawn { .. } => ErrorKind::Environment,
         }
     }
 

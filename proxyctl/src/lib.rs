@@ -68,7 +68,7 @@ impl Haproxy {
     ) -> Result<CheckedReload, Error> {
         let check = self.check(config).await?;
         let procs = master.show_proc().await?;
-        if let Some(running) = MasterSocket::running_configs(procs.master.pid) {
+        if let Some(running) = master.running_configs(procs.master.pid) {
             if !master::config_is_running(config, &running) {
                 return Err(Error::ConfigMismatch {
                     proxy: "haproxy",

@@ -15,7 +15,8 @@ use proxyctl::{
 const EXIT_CODES: &str = "\
 Exit codes:
   0  success
-  1  the configuration check failed (haproxy -c / nginx -t); nothing was reloaded
+  1  the configuration check failed or did not finish (haproxy -c / nginx -t); nothing was
+     reloaded
   2  usage: bad flags, a missing or unreadable --config, a bad BACKEND/SERVER, or a --config that
      is not the file the running proxy loads
   3  the reload failed or was not verified within --timeout; the old workers keep serving

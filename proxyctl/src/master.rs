@@ -294,9 +294,11 @@ impl MasterSocket {
     }
 
     /// The configuration files the master was started with (`-f` arguments, made absolute
-    /// against its working directory), read from `/proc`. `None` when `/proc` does not show
-    /// them (another pid namespace, no permission).
-    pub fn running_configs(pid: u32) -> Option<Vec<PathBuf>> {
+    /// against its working directory), read from `/proc`. `None` when `/proc` cannot vouch for
+    /// them: unreadable, or the process there is not a HAProxy whose `-S` names this socket (a
+    /// master in another pid namespace, e.g. a container, has a pid that means something else
+    /// here).
+    pub fn running_configs(&self, pid: u32) -> Option<Vec<PathBuf>> {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
         let args: Vec<String> = cmdline
@@ -304,6 +306,20 @@ impl MasterSocket {
             .filter(|a| !a.is_empty())
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
+        let sockets: Vec<PathBuf> = config_args(&args, "-S", &cwd)
+            .into_iter()
+            .map(|s| {
+                // `-S [unix@]<path>[,<bind options>]`, made absolute by `config_args`.
+                let s = s.to_string_lossy().replacen("unix@", "", 1);
+                PathBuf::from(s.split(',').next().unwrap_or_default())
+            })
+            .collect();
+        let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let ours = canonical(&self.path);
+        if !sockets.iter().any(|s| canonical(s) == ours) {
+            tracing::debug!(pid, ?args, "master command line does not name this socket");
+            return None;
+        }
         Some(config_args(&args, "-f", &cwd))
     }
 

@@ -49,9 +49,12 @@ pub(crate) async fn exchange(
         };
         if let Err(e) = sent {
             return match (answer, e.kind()) {
-                (Answer::Optional, io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) => {
-                    Ok(String::new())
-                }
+                (
+                    Answer::Optional,
+                    io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::NotConnected,
+                ) => Ok(String::new()),
                 _ => Err(io_err(e)),
             };
         }
