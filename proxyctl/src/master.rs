@@ -347,7 +347,8 @@ impl MasterSocket {
             });
         }
         let mut last = None;
-        let mut pause = Duration::from_millis(10);
+        // The master is back after ~40-80 ms here; poll finely, it is one local round trip.
+        let mut pause = Duration::from_millis(5);
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
@@ -395,7 +396,7 @@ impl MasterSocket {
                 Err(e) => return Err(e),
             }
             tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
-            pause = (pause * 2).min(Duration::from_millis(100));
+            pause = (pause * 3 / 2).min(Duration::from_millis(20));
         }
     }
 
