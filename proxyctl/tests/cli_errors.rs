@@ -108,11 +108,18 @@ fn permission_denied_on_the_socket_names_it() {
     let hx = Haproxy::start(&site(port, &[("s1", &a.addr())]));
     // The socket is mode 600 in a private temp dir. Root may open anything, so as root the
     // check runs proxyctl as `nobody`; otherwise as this user with the socket made unreadable.
+    // (`nobody` runs a copy in a world-readable dir, wherever the target dir lives.)
+    let bin_dir = tempfile::tempdir().unwrap();
     let mut cmd = if nix::unistd::Uid::effective().is_root() {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = bin_dir.path().join("proxyctl");
+        std::fs::copy(env!("CARGO_BIN_EXE_proxyctl"), &bin).unwrap();
+        std::fs::set_permissions(bin_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
         let mut cmd =
             std::process::Command::new(flotilla_harness::require("setpriv", "util-linux"));
         cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-            .arg(env!("CARGO_BIN_EXE_proxyctl"));
+            .arg(&bin);
         cmd
     } else {
         use std::os::unix::fs::PermissionsExt;
