@@ -154,8 +154,11 @@ pub enum Error {
         log: Option<String>,
     },
 
-    /// No new worker generation was seen before the deadline. The previous workers keep serving.
-    #[error("{socket}: no new worker generation within {timeout} after the reload{last}",
+    /// No new worker generation answered before the deadline. The previous workers keep serving
+    /// until the master finishes loading, if it ever does.
+    #[error("{socket}: no new worker generation answered within {timeout} after the reload; \
+             the previous workers keep serving until the master finishes loading it (see \
+             `show proc`){last}",
         socket = .socket.display(), timeout = Human(*.timeout),
         last = .last.as_ref().map(|p| format!(" (last `show proc`: {p})")).unwrap_or_default())]
     ReloadTimeout {

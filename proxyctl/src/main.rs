@@ -19,7 +19,8 @@ Exit codes:
      reloaded
   2  usage: bad flags, a missing or unreadable --config, a bad BACKEND/SERVER, or a --config that
      is not the file the running proxy loads
-  3  the reload failed or was not verified within --timeout; the old workers keep serving
+  3  the reload failed, or was not verified within --timeout; the old workers keep serving
+     (after a timeout, until the master finishes loading the new generation, if it does)
   4  cannot reach the proxy: socket missing, refusing, permission denied, not a socket, no answer;
      or the nginx pid file names no running master
   5  HAProxy refused a runtime command (no such backend/server, socket level below admin)

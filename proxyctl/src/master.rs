@@ -327,15 +327,17 @@ impl MasterSocket {
     ///
     /// Fails with [`Error::ReloadFailed`] when the master counts a failed reload (the
     /// configuration passed `haproxy -c` but could not be loaded, e.g. a port in use) and with
-    /// [`Error::ReloadTimeout`] when no new worker answered in time. In both cases the previous
-    /// workers keep serving. Check the configuration first ([`crate::Haproxy::check`]): the
+    /// [`Error::ReloadTimeout`] when no new worker answered in time. After a failure the previous
+    /// workers keep serving; after a timeout the master may still bring the new generation up
+    /// late (`show proc` tells). Check the configuration first ([`crate::Haproxy::check`]): the
     /// master reloads whatever file it was started with.
     pub async fn reload_and_verify(&self, timeout: Duration) -> Result<ReloadOutcome, Error> {
-        let start = Instant::now();
-        let deadline = start + timeout;
-        let before = self.show_proc_within(timeout.min(self.io_timeout)).await?;
+        let before = self.show_proc().await?;
         let old_pids: Vec<u32> = before.workers.iter().map(|w| w.pid).collect();
         tracing::debug!(before = %before, "reloading through the master CLI");
+        // `timeout` bounds the wait for the new generation, from the moment `reload` is sent.
+        let start = Instant::now();
+        let deadline = start + timeout;
         let answer = exchange(&self.path, "reload", self.io_timeout, Answer::Optional).await?;
         // HAProxy ≥ 3.0 answers `Success=0|1` followed by the startup logs.
         if answer.trim_start().starts_with("Success=0") {

@@ -261,3 +261,38 @@ async fn the_library_reports_the_new_generation_and_the_old_workers() {
     );
     drop(held);
 }
+
+#[test]
+fn a_reload_not_verified_within_the_timeout_is_exit_3_and_names_the_socket() {
+    let a = StaticBackend::start("A");
+    let b = StaticBackend::start("B");
+    let port = free_port();
+    let hx = Haproxy::start(&site(port, &[("s1", &a.addr())]));
+    hx.write_config(&site(port, &[("s1", &b.addr())]));
+    // The master needs tens of milliseconds to re-execute: 1 ms cannot be met.
+    let run = Run::of(
+        proxyctl()
+            .arg("reload")
+            .arg("--config")
+            .arg(hx.config_path())
+            .arg("--master-socket")
+            .arg(hx.master_socket())
+            .args(["--timeout", "1ms"]),
+    )
+    .expect_code(3);
+    let errors = run.error_lines();
+    assert_eq!(errors.len(), 1, "{}", run.stderr);
+    assert!(
+        errors[0].contains(&path_str(hx.master_socket()))
+            && errors[0].contains("no new worker generation answered within 1ms"),
+        "{}",
+        errors[0]
+    );
+    // The reload itself was sent and completes late, as the message says it may.
+    wait_for(
+        "the late generation to serve",
+        Duration::from_secs(5),
+        || (get(port) == "B").then_some(()),
+    );
+    assert_eq!(show_proc(&hx).master.reloads, 1);
+}
