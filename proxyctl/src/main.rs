@@ -505,6 +505,14 @@ fn describe(err: &Error, flags: &Flags) -> String {
         Error::CommandRejected { message, .. } if message.contains("Permission denied") => {
             format!("{flag} {err} (the socket needs `level admin` for this command)")
         }
+        Error::CommandRejected { message, .. }
+            if message.starts_with("Unknown command") && !flags.socket_is_master =>
+        {
+            format!(
+                "{flag} {err} (is this the master CLI socket? status, drain and enable need the \
+                 runtime socket of `stats socket … level admin`)"
+            )
+        }
         Error::CommandRejected { .. } => format!("{flag} {err}"),
         Error::ConfigMismatch { .. } => format!(
             "--config {err}; a reload would not apply this file (pass the file the proxy was \

@@ -120,6 +120,19 @@ fn an_unknown_server_is_refused_with_haproxys_message() {
         "{}",
         errors[0]
     );
+    // Pointing --socket at the master CLI by mistake says so.
+    let run = Run::of(
+        proxyctl()
+            .arg("status")
+            .arg("--socket")
+            .arg(hx.master_socket()),
+    )
+    .expect_code(5);
+    assert!(
+        run.stderr.contains("is this the master CLI socket?"),
+        "{}",
+        run.stderr
+    );
     let run = state(&hx, "drain", "nope/s1").expect_code(5);
     assert!(run.stderr.contains("No such backend."), "{}", run.stderr);
 
