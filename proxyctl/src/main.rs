@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+mod ls;
 use proxyctl::{
     AdminState, CheckReport, Error, ErrorKind, Haproxy, MasterSocket, Nginx, RuntimeApi, ServerRef,
     StatRow,
@@ -16,13 +18,13 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  success
   1  the configuration check failed or did not finish (haproxy -c / nginx -t); nothing was
-     reloaded
+     reloaded. For `ls SERVICE`: the service has no endpoints
   2  usage: bad flags, a missing or unreadable --config, a bad BACKEND/SERVER, or a --config that
      is not the file the running proxy loads
   3  the reload failed, or was not verified within --timeout; the old workers keep serving
      (after a timeout, until the master finishes loading the new generation, if it does)
   4  cannot reach the proxy: socket missing, refusing, permission denied, not a socket, no answer;
-     or the nginx pid file names no running master
+     or the nginx pid file names no running master. For `ls`: etcd cannot be reached or read
   5  HAProxy refused a runtime command (no such backend/server, socket level below admin)
   6  the haproxy/nginx binary cannot be run (see --haproxy-bin / --nginx-bin; run scripts/setup)
 
@@ -72,6 +74,13 @@ enum Command {
     /// Put a server back in service (`set server … state ready`).
     #[command(after_help = EXIT_CODES)]
     Enable(ServerArgs),
+    /// The registry: services, their endpoints, node, health and age, read from etcd.
+    ///
+    /// Records are validated exactly as confgen reads them; invalid ones are listed as warnings
+    /// on stderr (and under "rejected" with --json). Exit 1 if SERVICE is given and has no
+    /// endpoints, 4 if etcd cannot be reached.
+    #[command(after_help = EXIT_CODES)]
+    Ls(ls::LsArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -224,6 +233,23 @@ async fn run(command: Command) -> ExitCode {
         Command::Status(args) => (status(args).await, Flags::stats()),
         Command::Drain(args) => (set_state(args, AdminState::Drain).await, Flags::stats()),
         Command::Enable(args) => (set_state(args, AdminState::Ready).await, Flags::stats()),
+        Command::Ls(args) => {
+            return match ls::ls(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(ls::LsError::Usage(m)) => {
+                    eprintln!("proxyctl: error: {m}");
+                    ExitCode::from(EXIT_USAGE)
+                }
+                Err(ls::LsError::Unreachable(m)) => {
+                    eprintln!("proxyctl: error: {m}");
+                    ExitCode::from(EXIT_UNREACHABLE)
+                }
+                Err(ls::LsError::NoSuchService(s)) => {
+                    eprintln!("proxyctl: service {s:?} has no endpoints in the registry");
+                    ExitCode::from(EXIT_CHECK)
+                }
+            };
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

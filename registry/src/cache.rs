@@ -273,44 +273,16 @@ impl Worker {
         }
     }
 
-    /// Lists the prefix in pages pinned to one revision, then swaps the result in.
+    /// Lists the prefix (see [`fetch_snapshot`]), then swaps the result in.
     async fn list(&self, client: &mut Client) -> Result<i64, etcd_client::Error> {
-        let end = prefix_end(&self.prefix);
-        let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
-        let mut from = self.prefix.as_bytes().to_vec();
-        let mut revision = 0i64;
-        let mut fresh = Mirror::default();
         let known_bad = self.snap.borrow().rejected.clone();
-        loop {
-            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
-            if revision > 0 {
-                opts = opts.with_revision(revision);
-            }
-            let resp = kv.get(from.clone(), Some(opts)).await?;
-            if revision == 0 {
-                revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-            }
-            for item in resp.kvs() {
-                let seen = std::str::from_utf8(item.key()).is_ok_and(|k| known_bad.contains_key(k));
-                fresh.put(&self.keys, item.key(), item.value(), !seen);
-            }
-            match resp.kvs().last() {
-                Some(last) if resp.more() => {
-                    from = last.key().to_vec();
-                    from.push(0);
-                }
-                _ => break,
-            }
-        }
+        let fresh = list_prefix(client, &self.keys, &self.prefix, |k| {
+            !known_bad.contains_key(k)
+        })
+        .await?;
+        let revision = fresh.revision;
         let count = fresh.kvs.len();
-        self.snap.send_replace(Snapshot {
-            revision,
-            complete: true,
-            kvs: Arc::new(fresh.kvs),
-            endpoints: Arc::new(fresh.endpoints),
-            nodes: Arc::new(fresh.nodes),
-            rejected: Arc::new(fresh.rejected),
-        });
+        self.snap.send_replace(fresh);
         self.status.send_modify(|s| s.lists += 1);
         debug!(prefix = %self.prefix, revision, keys = count, "listed");
         Ok(revision)
@@ -387,6 +359,59 @@ impl Worker {
             });
         }
     }
+}
+
+/// Reads `prefix` once into a complete [`Snapshot`]: pages of 1000 keys, all pinned to the
+/// revision of the first page, decoded and validated like the watch cache does (bad records are
+/// in `rejected`, with one warning each). For one-shot readers (`proxyctl ls`, `confgen dump`).
+pub async fn fetch_snapshot(
+    client: &mut Client,
+    keys: &Keys,
+    prefix: &str,
+) -> Result<Snapshot, etcd_client::Error> {
+    list_prefix(client, keys, prefix, |_| true).await
+}
+
+async fn list_prefix(
+    client: &mut Client,
+    keys: &Keys,
+    prefix: &str,
+    warn_bad: impl Fn(&str) -> bool,
+) -> Result<Snapshot, etcd_client::Error> {
+    let end = prefix_end(prefix);
+    let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+    let mut from = prefix.as_bytes().to_vec();
+    let mut revision = 0i64;
+    let mut fresh = Mirror::default();
+    loop {
+        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+        if revision > 0 {
+            opts = opts.with_revision(revision);
+        }
+        let resp = kv.get(from.clone(), Some(opts)).await?;
+        if revision == 0 {
+            revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        }
+        for item in resp.kvs() {
+            let warn = std::str::from_utf8(item.key()).is_ok_and(&warn_bad);
+            fresh.put(keys, item.key(), item.value(), warn);
+        }
+        match resp.kvs().last() {
+            Some(last) if resp.more() => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => break,
+        }
+    }
+    Ok(Snapshot {
+        revision,
+        complete: true,
+        kvs: Arc::new(fresh.kvs),
+        endpoints: Arc::new(fresh.endpoints),
+        nodes: Arc::new(fresh.nodes),
+        rejected: Arc::new(fresh.rejected),
+    })
 }
 
 /// The mutable maps of a snapshot, with decode-on-put.

@@ -16,7 +16,7 @@ pub mod etcd;
 pub mod keys;
 pub mod record;
 
-pub use cache::{CacheState, CacheStatus, Snapshot, Tuning, WatchCache};
+pub use cache::{fetch_snapshot, CacheState, CacheStatus, Snapshot, Tuning, WatchCache};
 pub use etcd::{EtcdArgs, EtcdError};
 pub use keys::{KeyKind, Keys};
 pub use record::{Endpoint, Health, Node, Proto, RecordError};
