@@ -1,1 +1,282 @@
-fn main() {}
+//! presence: Docker events → endpoints in etcd under one node lease.
+//!
+//! Wiring only: the event reader ([`events`]) feeds the reconciler ([`reconcile`]), which feeds
+//! the etcd writer ([`writer`]); none waits on the next. See docs/PRESENCE.md.
+
+mod cli;
+mod docker;
+mod events;
+mod metrics;
+mod reconcile;
+mod spec;
+mod state_file;
+mod writer;
+
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use flotilla_registry::backoff::Backoff;
+use flotilla_registry::daemon::{self, HealthFn};
+use flotilla_registry::record::now_rfc3339;
+use flotilla_registry::{EtcdError, Node};
+use prometheus_client::registry::Registry;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, error, info, warn};
+
+use crate::cli::{Cli, Config};
+use crate::docker::{DockerApi, Engine};
+use crate::metrics::{render_health, Metrics, SharedStatus, Status};
+use crate::reconcile::{Reconciler, Trigger};
+use crate::spec::{decide, Decision, SpecConfig};
+use crate::writer::{Writer, WriterConfig};
+
+/// How long a clean shutdown may take before presence gives up on revoking.
+const GRACE: Duration = Duration::from_secs(10);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    daemon::init_logging(cli.obs.log_format);
+    let cfg = match cli.validate() {
+        Ok(cfg) => cfg,
+        Err(errors) => {
+            for e in errors {
+                eprintln!("presence: {e}");
+            }
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("presence: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = if cli.dry_run {
+        rt.block_on(dry_run(&cfg))
+    } else {
+        rt.block_on(run(cli, cfg))
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("presence: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn spec_config(cfg: &Config) -> SpecConfig {
+    SpecConfig {
+        node: cfg.node.clone(),
+        advertise_ip: cfg.advertise_ip,
+        internal: cfg.internal,
+        explicit: cfg.explicit,
+        keys: cfg.keys.clone(),
+    }
+}
+
+/// `--dry-run`: one list, printed as JSON lines `{"key": …, "endpoint": {…}}`.
+async fn dry_run(cfg: &Config) -> anyhow::Result<()> {
+    let engine = tokio::time::timeout(
+        Duration::from_secs(10),
+        Engine::connect(&cfg.docker_host, cfg.label_filter.clone()),
+    )
+    .await
+    .with_context(|| format!("--docker-host {}: no answer within 10s", cfg.docker_host))?;
+    let spec = spec_config(cfg);
+    let ids = engine.list().await.map_err(anyhow::Error::msg)?;
+    let mut infos = Vec::new();
+    for id in ids {
+        if let Some(info) = engine.inspect(&id).await.map_err(anyhow::Error::msg)? {
+            infos.push(info);
+        }
+    }
+    infos.sort_by(|a, b| a.name.cmp(&b.name));
+    for info in infos {
+        match decide(&info, &spec) {
+            Ok(Decision::Register(eps)) => {
+                for ep in eps {
+                    let line = serde_json::json!({ "key": ep.key(&cfg.keys), "endpoint": ep });
+                    println!("{line}");
+                }
+            }
+            Ok(Decision::Skip(reason)) => {
+                info!(container = %info.name, %reason, "would not register")
+            }
+            Err(e) => warn!(container = %e.container, id = %e.short_id, field = %e.field, reason = %e.reason,
+                "container skipped: invalid label or env value"),
+        }
+    }
+    Ok(())
+}
+
+/// Connects to etcd, retrying while it is unreachable; wrong credentials or files are fatal.
+async fn connect_etcd(cli: &Cli) -> anyhow::Result<etcd_client::Client> {
+    let mut backoff = Backoff::new(
+        Duration::from_millis(100),
+        Duration::from_secs(1),
+        Duration::from_secs(5),
+    );
+    let mut warned = false;
+    loop {
+        match cli.etcd.connect().await {
+            Ok(c) => {
+                if warned {
+                    info!("etcd reachable");
+                }
+                return Ok(c);
+            }
+            Err(e @ EtcdError::Unreachable { .. }) | Err(e @ EtcdError::Request { .. }) => {
+                if warned {
+                    debug!(error = %e, "etcd still unreachable");
+                } else {
+                    warn!(error = %e, "etcd unreachable; retrying");
+                    warned = true;
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+
+    let status: SharedStatus = Arc::new(Mutex::new(Status::default()));
+    let mut registry = Registry::default();
+    let metrics = Metrics::new(&mut registry);
+    if let Some(addr) = cli.obs.metrics_addr {
+        let st = status.clone();
+        let health: HealthFn = Arc::new(move || render_health(&st.lock().expect("status")));
+        daemon::spawn_observability(addr, Arc::new(Mutex::new(registry)), health).await?;
+        info!(%addr, "serving /metrics and /healthz");
+    }
+    {
+        let st = status.clone();
+        daemon::spawn_watchdog(Arc::new(move || st.lock().is_ok()));
+    }
+
+    let predecessor = match cfg.state_file.as_deref().map(state_file::read).transpose() {
+        Ok(Some(Some(st))) if st.node == cfg.node => {
+            info!(lease = %format!("{:x}", st.lease), pid = st.pid, "found the predecessor's lease in the state file; it is revoked after the first sync");
+            Some(st.lease)
+        }
+        Ok(Some(Some(st))) => {
+            warn!(state_node = %st.node, node = %cfg.node, "the state file belongs to another node name; ignoring it");
+            None
+        }
+        Ok(_) => None,
+        Err(e) => {
+            warn!(error = %e, "ignoring the state file");
+            None
+        }
+    };
+
+    // Signals arrive on a channel: the first starts a clean shutdown, a second forces exit.
+    let (sig_tx, mut signals) = mpsc::unbounded_channel::<&'static str>();
+    tokio::spawn(async move {
+        loop {
+            let sig = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            if sig_tx.send(sig).is_err() {
+                return;
+            }
+        }
+    });
+
+    // Docker first: events queue up while etcd is being reached.
+    let engine = tokio::select! {
+        e = Engine::connect(&cfg.docker_host, cfg.label_filter.clone()) => e,
+        sig = signals.recv() => {
+            info!(signal = sig.unwrap_or("?"), "shutting down before Docker answered");
+            return Ok(());
+        }
+    };
+    let (reader_tx, reader_rx) = mpsc::unbounded_channel();
+    let (writer_tx, writer_rx) = mpsc::unbounded_channel();
+    let (trigger_tx, trigger_rx) = mpsc::unbounded_channel();
+    let reconnects = metrics.docker_reconnects.clone();
+    tokio::spawn(events::run_reader(
+        engine.clone(),
+        reader_tx,
+        events::reader_backoff(),
+        move || {
+            reconnects.inc();
+        },
+    ));
+    let reconciler = Reconciler::new(
+        Arc::new(engine),
+        spec_config(&cfg),
+        writer_tx,
+        metrics.clone(),
+        status.clone(),
+    );
+    tokio::spawn(reconciler.run(reader_rx, trigger_rx, cfg.resync));
+
+    let client = tokio::select! {
+        c = connect_etcd(&cli) => c?,
+        sig = signals.recv() => {
+            info!(signal = sig.unwrap_or("?"), "shutting down before etcd answered");
+            return Ok(());
+        }
+    };
+    let node = Node {
+        node: cfg.node.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        started_at: now_rfc3339(),
+        advertise_ip: cfg.advertise_ip,
+    };
+    let writer = Writer::new(
+        client,
+        WriterConfig {
+            keys: cfg.keys.clone(),
+            node,
+            ttl: cfg.ttl,
+            state_file: cfg.state_file.clone(),
+            predecessor,
+        },
+        metrics,
+        status,
+    );
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut writer_task = tokio::spawn(writer.run(writer_rx, stop_rx));
+    info!(node = %cfg.node, advertise_ip = %cfg.advertise_ip, ttl = %humantime::format_duration(cfg.ttl), "presence running");
+
+    loop {
+        tokio::select! {
+            sig = signals.recv() => {
+                info!(signal = sig.unwrap_or("?"), "shutting down: revoking the lease");
+                break;
+            }
+            _ = hup.recv() => {
+                let _ = trigger_tx.send(Trigger::Reconcile);
+            }
+            r = &mut writer_task => {
+                anyhow::bail!("the etcd writer stopped unexpectedly: {r:?}");
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    tokio::select! {
+        r = &mut writer_task => {
+            r.context("the etcd writer failed while shutting down")?;
+            Ok(())
+        }
+        _ = signals.recv() => anyhow::bail!("second signal: exiting without waiting for the revoke"),
+        _ = tokio::time::sleep(GRACE) => anyhow::bail!("shutdown took longer than {GRACE:?}; exiting"),
+    }
+}

@@ -1,0 +1,217 @@
+//! Command line and its validation into a [`Config`].
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use flotilla_registry::daemon::ObsArgs;
+use flotilla_registry::record::is_dns_label;
+use flotilla_registry::{EtcdArgs, Keys};
+
+/// presence: announces this host's Docker containers in etcd, under one lease.
+///
+/// Every published port of every running container becomes an endpoint at
+/// `<prefix>/endpoints/<node>/<service>/<instance>`, kept alive by one etcd lease. Containers are
+/// registered on `start`/`unpause`/`health_status: healthy` and deregistered at once on
+/// `kill`/`stop`/`die`/`pause`/`health_status: unhealthy`/`destroy`. If presence or its host dies,
+/// the lease expires and every entry vanishes; on SIGTERM the lease is revoked at once.
+///
+/// Naming: label `flotilla.service` (or `flotilla.service.<port>`, or env/label `SERVICE_NAME`,
+/// `SERVICE_<port>_NAME`), tags `flotilla.tags` / `SERVICE_TAGS`, opt-out `flotilla.ignore` /
+/// `SERVICE_IGNORE`. Without a name, the image's repository base name is used (unless
+/// --explicit). See docs/PRESENCE.md.
+#[derive(Debug, Parser)]
+#[command(name = "presence", version, about, long_about, verbatim_doc_comment)]
+pub struct Cli {
+    /// This host's node name (a DNS label); keys go under `<prefix>/endpoints/<node>/`.
+    #[arg(long, env = "FLOTILLA_NODE")]
+    pub node: String,
+
+    /// IP address proxies use to reach this host's published ports.
+    #[arg(long, env = "FLOTILLA_ADVERTISE_IP")]
+    pub advertise_ip: IpAddr,
+
+    /// Lease TTL: entries vanish this long after presence or its host dies. Kept alive every TTL/3.
+    #[arg(long, env = "FLOTILLA_TTL", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+
+    /// Reconcile from a full container list (and compare with etcd) this often.
+    #[arg(long, env = "FLOTILLA_RESYNC", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub resync: Duration,
+
+    /// Register only containers that name a service (label or env); no image-name default.
+    #[arg(long, env = "FLOTILLA_EXPLICIT")]
+    pub explicit: bool,
+
+    /// Register the container's own IP and private port (on the network named by the label
+    /// `flotilla.network`, else the first by name) instead of --advertise-ip and the host port.
+    #[arg(long, env = "FLOTILLA_INTERNAL")]
+    pub internal: bool,
+
+    /// Docker engine address: unix:///path/to/docker.sock or tcp://host:port (plain HTTP).
+    #[arg(
+        long,
+        env = "FLOTILLA_DOCKER_HOST",
+        default_value = "unix:///var/run/docker.sock"
+    )]
+    pub docker_host: String,
+
+    /// Only consider containers carrying this label (KEY or KEY=VALUE); repeatable (all must match).
+    #[arg(long = "label-filter", env = "FLOTILLA_LABEL_FILTER", value_delimiter = ',')]
+    pub label_filter: Vec<String>,
+
+    /// File that records this process's lease id, so a restarted presence revokes its
+    /// predecessor's lease at once instead of waiting for it to expire.
+    #[arg(long, env = "FLOTILLA_STATE_FILE")]
+    pub state_file: Option<PathBuf>,
+
+    /// Print the endpoints that would be registered (JSON lines) and exit; etcd is not contacted.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+
+    #[command(flatten)]
+    pub obs: ObsArgs,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node: String,
+    pub advertise_ip: IpAddr,
+    pub ttl: Duration,
+    pub resync: Duration,
+    pub explicit: bool,
+    pub internal: bool,
+    pub docker_host: String,
+    pub label_filter: Vec<String>,
+    pub state_file: Option<PathBuf>,
+    pub keys: Keys,
+}
+
+impl Cli {
+    /// Checks every field and reports every problem at once.
+    pub fn validate(&self) -> Result<Config, Vec<String>> {
+        let mut errors = Vec::new();
+        if !is_dns_label(&self.node) {
+            errors.push(format!(
+                "--node {:?}: must be a DNS label (lowercase letters, digits, '-', 1-63 chars)",
+                self.node
+            ));
+        }
+        if self.advertise_ip.is_unspecified() {
+            errors.push(format!(
+                "--advertise-ip {}: must be an address other hosts can reach, not the unspecified address",
+                self.advertise_ip
+            ));
+        }
+        if self.ttl < Duration::from_secs(2) || self.ttl.subsec_nanos() != 0 {
+            errors.push(format!(
+                "--ttl {}: must be whole seconds, at least 2s (etcd leases count in seconds)",
+                humantime::format_duration(self.ttl)
+            ));
+        }
+        if self.resync < Duration::from_secs(1) {
+            errors.push(format!(
+                "--resync {}: must be at least 1s",
+                humantime::format_duration(self.resync)
+            ));
+        }
+        if !(self.docker_host.starts_with("unix://") || self.docker_host.starts_with("tcp://")) {
+            errors.push(format!(
+                "--docker-host {:?}: must start with unix:// or tcp://",
+                self.docker_host
+            ));
+        }
+        for f in &self.label_filter {
+            let key = f.split_once('=').map_or(f.as_str(), |(k, _)| k);
+            if key.is_empty() || f.chars().any(|c| c.is_control()) {
+                errors.push(format!(
+                    "--label-filter {f:?}: must be KEY or KEY=VALUE without control characters"
+                ));
+            }
+        }
+        if let Err(e) = self.etcd.validate() {
+            if !self.dry_run {
+                errors.push(e.to_string());
+            }
+        }
+        let keys = match self.etcd.keys() {
+            Ok(k) => Some(k),
+            Err(e) => {
+                if self.dry_run {
+                    errors.push(e.to_string());
+                }
+                None
+            }
+        };
+        match keys {
+            Some(keys) if errors.is_empty() => Ok(Config {
+                node: self.node.clone(),
+                advertise_ip: self.advertise_ip,
+                ttl: self.ttl,
+                resync: self.resync,
+                explicit: self.explicit,
+                internal: self.internal,
+                docker_host: self.docker_host.clone(),
+                label_filter: self.label_filter.clone(),
+                state_file: self.state_file.clone(),
+                keys,
+            }),
+            _ => Err(errors),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        let mut full = vec!["presence"];
+        full.extend_from_slice(args);
+        Cli::try_parse_from(full).expect("parses")
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let cli = parse(&["--node", "host-1", "--advertise-ip", "10.0.0.5"]);
+        let cfg = cli.validate().expect("valid");
+        assert_eq!(cfg.ttl, Duration::from_secs(15));
+        assert_eq!(cfg.resync, Duration::from_secs(30));
+        assert_eq!(cfg.docker_host, "unix:///var/run/docker.sock");
+        assert_eq!(cfg.keys.prefix(), "/flotilla");
+        assert!(!cfg.explicit && !cfg.internal);
+    }
+
+    #[test]
+    fn every_bad_field_is_reported_at_once() {
+        let cli = parse(&[
+            "--node",
+            "Host_1",
+            "--advertise-ip",
+            "0.0.0.0",
+            "--ttl",
+            "1500ms",
+            "--docker-host",
+            "/var/run/docker.sock",
+            "--prefix",
+            "flotilla/",
+        ]);
+        let errors = cli.validate().expect_err("invalid");
+        let text = errors.join("\n");
+        for flag in [
+            "--node",
+            "--advertise-ip",
+            "--ttl",
+            "--docker-host",
+            "--prefix",
+        ] {
+            assert!(text.contains(flag), "{flag} not reported in:\n{text}");
+        }
+        assert_eq!(errors.len(), 5, "{text}");
+    }
+}

@@ -1,0 +1,273 @@
+//! The Docker engine through bollard: connecting (with API version negotiation), the event
+//! stream, listing and inspecting containers, turned into presence's own types.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::time::Duration;
+
+use bollard::models::{ContainerInspectResponse, EventMessageTypeEnum, HealthStatusEnum};
+use bollard::query_parameters::{EventsOptionsBuilder, ListContainersOptionsBuilder};
+use bollard::Docker;
+use flotilla_registry::backoff::Backoff;
+use flotilla_registry::Proto;
+use futures::StreamExt;
+use tracing::{debug, info, warn};
+
+use crate::events::{ContainerEvent, EventSource};
+use crate::spec::{ContainerInfo, HealthState, PortBindings};
+
+/// Seconds bollard waits for a response header (not for a whole event stream).
+const REQUEST_TIMEOUT_SECS: u64 = 30;
+
+/// What the reconciler needs from Docker. The real one is [`Engine`].
+pub trait DockerApi: Send + Sync + 'static {
+    /// Ids of the running (and paused) containers that match the label filters.
+    fn list(&self) -> impl Future<Output = Result<Vec<String>, String>> + Send;
+    /// The container, or `None` if it no longer exists.
+    fn inspect(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<ContainerInfo>, String>> + Send;
+}
+
+/// A connection to the Docker engine.
+#[derive(Clone)]
+pub struct Engine {
+    docker: Docker,
+    label_filter: Vec<String>,
+}
+
+fn connect_once(host: &str) -> Result<Docker, String> {
+    let client_version = bollard::API_DEFAULT_VERSION;
+    if let Some(path) = host.strip_prefix("unix://") {
+        Docker::connect_with_unix(path, REQUEST_TIMEOUT_SECS, client_version)
+            .map_err(|e| format!("{host}: {e}"))
+    } else if let Some(addr) = host.strip_prefix("tcp://") {
+        Docker::connect_with_http(
+            &format!("http://{addr}"),
+            REQUEST_TIMEOUT_SECS,
+            client_version,
+        )
+        .map_err(|e| format!("{host}: {e}"))
+    } else {
+        Err(format!("{host}: unsupported scheme"))
+    }
+}
+
+impl Engine {
+    /// Connects and negotiates the API version, retrying with backoff until the engine answers
+    /// (a daemon started before Docker must wait for it, not exit).
+    pub async fn connect(host: &str, label_filter: Vec<String>) -> Engine {
+        let mut backoff = Backoff::new(
+            Duration::from_millis(100),
+            Duration::from_secs(2),
+            Duration::from_secs(10),
+        );
+        let mut warned = false;
+        loop {
+            let attempt = async {
+                let docker = connect_once(host)?;
+                docker
+                    .negotiate_version()
+                    .await
+                    .map_err(|e| format!("{host}: {e}"))
+            };
+            match attempt.await {
+                Ok(docker) => {
+                    let v = docker.client_version();
+                    info!(docker_host = %host, api_version = %format!("{}.{}", v.major_version, v.minor_version), "connected to the Docker engine");
+                    return Engine {
+                        docker,
+                        label_filter,
+                    };
+                }
+                Err(e) => {
+                    if warned {
+                        debug!(error = %e, "Docker engine still unreachable");
+                    } else {
+                        warn!(error = %e, "cannot reach the Docker engine; retrying");
+                        warned = true;
+                    }
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
+        }
+    }
+
+    fn label_filters(&self) -> HashMap<String, Vec<String>> {
+        let mut filters = HashMap::new();
+        if !self.label_filter.is_empty() {
+            filters.insert("label".to_owned(), self.label_filter.clone());
+        }
+        filters
+    }
+}
+
+impl DockerApi for Engine {
+    fn list(&self) -> impl Future<Output = Result<Vec<String>, String>> + Send {
+        let docker = self.docker.clone();
+        let filters = self.label_filters();
+        async move {
+            let opts = ListContainersOptionsBuilder::default()
+                .all(false)
+                .filters(&filters)
+                .build();
+            let list = docker
+                .list_containers(Some(opts))
+                .await
+                .map_err(|e| format!("listing containers: {e}"))?;
+            Ok(list.into_iter().filter_map(|c| c.id).collect())
+        }
+    }
+
+    fn inspect(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<ContainerInfo>, String>> + Send {
+        let docker = self.docker.clone();
+        let id = id.to_owned();
+        async move {
+            match docker.inspect_container(&id, None).await {
+                Ok(resp) => Ok(Some(container_info(resp))),
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => Ok(None),
+                Err(e) => Err(format!("inspecting container {id}: {e}")),
+            }
+        }
+    }
+}
+
+impl EventSource for Engine {
+    type Stream = futures::stream::BoxStream<'static, Result<ContainerEvent, String>>;
+
+    fn ping(&self) -> impl Future<Output = Result<(), String>> + Send {
+        let docker = self.docker.clone();
+        async move {
+            docker
+                .ping()
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("ping: {e}"))
+        }
+    }
+
+    fn subscribe(&self, since_nano: i64) -> Self::Stream {
+        let mut filters = self.label_filters();
+        filters.insert("type".to_owned(), vec!["container".to_owned()]);
+        let since = format!(
+            "{}.{:09}",
+            since_nano.div_euclid(1_000_000_000),
+            since_nano.rem_euclid(1_000_000_000)
+        );
+        let opts = EventsOptionsBuilder::default()
+            .since(&since)
+            .filters(&filters)
+            .build();
+        self.docker
+            .events(Some(opts))
+            .filter_map(|item| async move {
+                match item {
+                    Ok(msg) => {
+                        if msg.typ != Some(EventMessageTypeEnum::CONTAINER) {
+                            return None;
+                        }
+                        let actor = msg.actor?;
+                        let id = actor.id?;
+                        let time_nano = msg
+                            .time_nano
+                            .or(msg.time.map(|t| t * 1_000_000_000))
+                            .unwrap_or(0);
+                        Some(Ok(ContainerEvent {
+                            id,
+                            action: msg.action.unwrap_or_default(),
+                            time_nano,
+                            attributes: actor.attributes.unwrap_or_default(),
+                        }))
+                    }
+                    Err(e) => Some(Err(e.to_string())),
+                }
+            })
+            .boxed()
+    }
+}
+
+fn parse_port_key(key: &str) -> Option<(u16, Proto)> {
+    let (port, proto) = key.split_once('/').unwrap_or((key, "tcp"));
+    let proto = match proto {
+        "tcp" => Proto::Tcp,
+        "udp" => Proto::Udp,
+        _ => return None, // sctp cannot be represented in a record
+    };
+    Some((port.parse().ok()?, proto))
+}
+
+/// Converts bollard's inspect response into presence's view of a container.
+pub fn container_info(r: ContainerInspectResponse) -> ContainerInfo {
+    let config = r.config.unwrap_or_default();
+    let state = r.state.unwrap_or_default();
+    let net = r.network_settings.unwrap_or_default();
+    let health = state.health.as_ref().and_then(|h| match h.status {
+        Some(HealthStatusEnum::STARTING) => Some(HealthState::Starting),
+        Some(HealthStatusEnum::HEALTHY) => Some(HealthState::Healthy),
+        Some(HealthStatusEnum::UNHEALTHY) => Some(HealthState::Unhealthy),
+        _ => None,
+    });
+    let mut ports: Vec<PortBindings> = net
+        .ports
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(key, bindings)| {
+            let (port, proto) = parse_port_key(&key)?;
+            let bindings = bindings
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|b| {
+                    let host_port = b.host_port?.parse::<u16>().ok()?;
+                    Some((b.host_ip.unwrap_or_default(), host_port))
+                })
+                .collect();
+            Some(PortBindings {
+                port,
+                proto,
+                bindings,
+            })
+        })
+        .collect();
+    ports.sort_by_key(|p| (p.port, p.proto));
+    let mut exposed: Vec<(u16, Proto)> = config
+        .exposed_ports
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|k| parse_port_key(k))
+        .collect();
+    exposed.sort();
+    let networks: BTreeMap<String, String> = net
+        .networks
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(name, ep)| (name, ep.ip_address.unwrap_or_default()))
+        .collect();
+    ContainerInfo {
+        id: r.id.unwrap_or_default(),
+        name: r
+            .name
+            .unwrap_or_default()
+            .trim_start_matches('/')
+            .to_owned(),
+        image: config.image.unwrap_or_default(),
+        labels: config.labels.unwrap_or_default(),
+        env: config.env.unwrap_or_default(),
+        running: state.running.unwrap_or(false),
+        paused: state.paused.unwrap_or(false),
+        health,
+        network_mode: r
+            .host_config
+            .and_then(|h| h.network_mode)
+            .unwrap_or_default(),
+        ports,
+        exposed,
+        networks,
+        stop_signal: config.stop_signal,
+    }
+}

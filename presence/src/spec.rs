@@ -1,0 +1,865 @@
+//! What a container announces: from its inspect data (labels, env, ports, health) to the
+//! endpoints presence registers for it. Pure functions, unit-tested here.
+//!
+//! Precedence for names, tags and ignore: the `flotilla.*` labels, then `SERVICE_*` labels,
+//! then `SERVICE_*` environment variables; a per-port setting beats the container-wide one.
+//! A value that would make an invalid record is an error naming the container and the
+//! label or variable: the container is skipped as a whole and nothing is written for it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::IpAddr;
+
+use flotilla_registry::record::{
+    escaped, is_dns_label, is_instance_char, is_meta_char, is_tag_char, MAX_ITEMS, MAX_LABEL,
+    MAX_META_VALUE, MAX_TAG,
+};
+use flotilla_registry::{Endpoint, Health, Keys, Proto};
+
+/// Largest label or variable value presence reads at all (anything larger is refused).
+pub const MAX_VALUE: usize = 4096;
+
+/// The parts of `docker inspect` that decide what a container announces.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerInfo {
+    /// Full container id (64 hex).
+    pub id: String,
+    /// Name without the leading `/`.
+    pub name: String,
+    /// `Config.Image` as the user gave it (`nginx:1.25`, `registry:5000/team/app@sha256:…`).
+    pub image: String,
+    pub labels: HashMap<String, String>,
+    /// `Config.Env`, `KEY=VALUE` each.
+    pub env: Vec<String>,
+    pub running: bool,
+    pub paused: bool,
+    /// `None` when the container has no HEALTHCHECK.
+    pub health: Option<HealthState>,
+    /// `HostConfig.NetworkMode` (`default`, `bridge`, `host`, `container:…`, a network name).
+    pub network_mode: String,
+    /// Published ports: private port → bindings (host IP, host port).
+    pub ports: Vec<PortBindings>,
+    /// `Config.ExposedPorts`.
+    pub exposed: Vec<(u16, Proto)>,
+    /// Attached networks: name → container IP (empty string when none).
+    pub networks: BTreeMap<String, String>,
+    /// `Config.StopSignal` (`SIGQUIT`, `3`, …), if set.
+    pub stop_signal: Option<String>,
+}
+
+/// One private port and where Docker published it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortBindings {
+    pub port: u16,
+    pub proto: Proto,
+    /// (host IP as Docker reports it, host port). Empty when the port is only exposed.
+    pub bindings: Vec<(String, u16)>,
+}
+
+/// Docker's health state of a container that has a HEALTHCHECK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthState {
+    Starting,
+    Healthy,
+    Unhealthy,
+}
+
+impl ContainerInfo {
+    /// The 12-hex short id.
+    pub fn short_id(&self) -> &str {
+        &self.id[..self.id.len().min(12)]
+    }
+}
+
+/// How endpoints are derived; fixed for the life of the process.
+#[derive(Debug, Clone)]
+pub struct SpecConfig {
+    pub node: String,
+    pub advertise_ip: IpAddr,
+    pub internal: bool,
+    pub explicit: bool,
+    pub keys: Keys,
+}
+
+/// A container whose labels or environment cannot make a valid record. Names the container and
+/// the offending label or variable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("container {container} ({short_id}): {field}: {reason}")]
+pub struct SpecError {
+    pub container: String,
+    pub short_id: String,
+    /// `label flotilla.tags`, `env SERVICE_80_NAME`, `image`, …
+    pub field: String,
+    pub reason: String,
+}
+
+/// Why a running container announces nothing (not an error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    NotRunning,
+    Paused,
+    Ignored,
+    HealthNotHealthy,
+    NoPorts,
+    Unnamed,
+}
+
+impl fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SkipReason::NotRunning => "not running",
+            SkipReason::Paused => "paused",
+            SkipReason::Ignored => "ignored by label or env",
+            SkipReason::HealthNotHealthy => "has a HEALTHCHECK and is not healthy",
+            SkipReason::NoPorts => "publishes no port",
+            SkipReason::Unnamed => "names no service (--explicit)",
+        })
+    }
+}
+
+/// What presence does with one container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Register exactly these endpoints (never empty).
+    Register(Vec<Endpoint>),
+    /// Register nothing.
+    Skip(SkipReason),
+}
+
+/// Where a setting came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Sourced {
+    value: String,
+    field: String,
+}
+
+/// Container-wide or per-port settings.
+#[derive(Debug, Clone, Default)]
+struct Settings {
+    name: Option<Sourced>,
+    tags: Option<Sourced>,
+    ignore: Option<Sourced>,
+}
+
+#[derive(Debug, Default)]
+struct Meta {
+    general: Settings,
+    per_port: BTreeMap<u16, Settings>,
+    network: Option<Sourced>,
+    meta: BTreeMap<String, Sourced>,
+}
+
+enum Which {
+    Name,
+    Tags,
+    Ignore,
+}
+
+impl Settings {
+    fn slot(&mut self, which: Which) -> &mut Option<Sourced> {
+        match which {
+            Which::Name => &mut self.name,
+            Which::Tags => &mut self.tags,
+            Which::Ignore => &mut self.ignore,
+        }
+    }
+}
+
+impl ContainerInfo {
+    fn err(&self, field: impl Into<String>, reason: impl Into<String>) -> SpecError {
+        SpecError {
+            container: self.name.clone(),
+            short_id: self.short_id().to_owned(),
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+fn parse_port(c: &ContainerInfo, field: &str, s: &str) -> Result<u16, SpecError> {
+    let ok = !s.is_empty() && s.len() <= 5 && s.bytes().all(|b| b.is_ascii_digit());
+    match ok.then(|| s.parse::<u32>().ok()).flatten() {
+        Some(p) if (1..=65535).contains(&p) => Ok(p as u16),
+        _ => Err(c.err(
+            field,
+            format!("{} is not a port number (1-65535)", escaped(s)),
+        )),
+    }
+}
+
+/// Reads the settings. Sources are applied from weakest to strongest so the strongest wins:
+/// env `SERVICE_*`, label `SERVICE_*`, label `flotilla.*`.
+fn read_meta(c: &ContainerInfo) -> Result<Meta, SpecError> {
+    let mut m = Meta::default();
+    let mut env: Vec<(&str, &str)> = c
+        .env
+        .iter()
+        .filter_map(|kv| kv.split_once('='))
+        .filter(|(k, _)| k.starts_with("SERVICE_"))
+        .collect();
+    env.sort();
+    let mut labels: Vec<(&String, &String)> = c.labels.iter().collect();
+    labels.sort();
+
+    let registrator = |m: &mut Meta, kind: &str, key: &str, value: &str| -> Result<(), SpecError> {
+        let field = format!("{kind} {key}");
+        let Some(rest) = key.strip_prefix("SERVICE_") else {
+            return Ok(());
+        };
+        let (port, what) = match rest {
+            "NAME" => (None, Which::Name),
+            "TAGS" => (None, Which::Tags),
+            "IGNORE" => (None, Which::Ignore),
+            _ => {
+                let Some((port, what)) = rest.split_once('_') else {
+                    return Ok(());
+                };
+                let what = match what {
+                    "NAME" => Which::Name,
+                    "TAGS" => Which::Tags,
+                    "IGNORE" => Which::Ignore,
+                    // Other SERVICE_* variables are not ours (Registrator's attributes).
+                    _ => return Ok(()),
+                };
+                // SERVICE_<x>_NAME with x not a number is somebody else's variable;
+                // digits that are not a valid port are an error.
+                if !port.bytes().all(|b| b.is_ascii_digit()) {
+                    return Ok(());
+                }
+                (Some(parse_port(c, &field, port)?), what)
+            }
+        };
+        check_size(c, &field, value)?;
+        let settings = match port {
+            Some(p) => m.per_port.entry(p).or_default(),
+            None => &mut m.general,
+        };
+        *settings.slot(what) = Some(Sourced {
+            value: value.to_owned(),
+            field,
+        });
+        Ok(())
+    };
+
+    for (k, v) in &env {
+        registrator(&mut m, "env", k, v)?;
+    }
+    for (k, v) in &labels {
+        registrator(&mut m, "label", k, v)?;
+    }
+    for (k, v) in &labels {
+        let Some(rest) = k.strip_prefix("flotilla.") else {
+            continue;
+        };
+        let field = format!("label {k}");
+        check_size(c, &field, v)?;
+        let sourced = Sourced {
+            value: (*v).clone(),
+            field: field.clone(),
+        };
+        let (head, port) = match rest.split_once('.') {
+            Some((head, tail)) => (head, Some(tail)),
+            None => (rest, None),
+        };
+        match (head, port) {
+            ("service", None) => m.general.name = Some(sourced),
+            ("tags", None) => m.general.tags = Some(sourced),
+            ("ignore", None) => m.general.ignore = Some(sourced),
+            ("network", None) => m.network = Some(sourced),
+            ("service" | "tags" | "ignore", Some(p)) => {
+                let p = parse_port(c, &field, p)?;
+                let s = m.per_port.entry(p).or_default();
+                let which = match head {
+                    "service" => Which::Name,
+                    "tags" => Which::Tags,
+                    _ => Which::Ignore,
+                };
+                *s.slot(which) = Some(sourced);
+            }
+            ("meta", Some(key)) => {
+                if key.is_empty() || key.len() > MAX_TAG || !key.chars().all(is_instance_char) {
+                    return Err(c.err(
+                        &field,
+                        format!(
+                            "meta key {} must be 1-{MAX_TAG} characters of [A-Za-z0-9._-]",
+                            escaped(key)
+                        ),
+                    ));
+                }
+                m.meta.insert(key.to_owned(), sourced);
+            }
+            // Unknown flotilla.* labels are left alone (forward compatibility).
+            _ => {}
+        }
+    }
+    Ok(m)
+}
+
+fn check_size(c: &ContainerInfo, field: &str, v: &str) -> Result<(), SpecError> {
+    if v.len() > MAX_VALUE {
+        Err(c.err(
+            field,
+            format!("value is {} bytes, limit {MAX_VALUE}", v.len()),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+fn parse_bool(c: &ContainerInfo, s: &Sourced) -> Result<bool, SpecError> {
+    match s.value.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" | "" => Ok(false),
+        _ => Err(c.err(
+            &s.field,
+            format!(
+                "{} is not a boolean (true/false, yes/no, on/off, 1/0)",
+                escaped(&s.value)
+            ),
+        )),
+    }
+}
+
+fn parse_name(c: &ContainerInfo, s: &Sourced) -> Result<String, SpecError> {
+    if is_dns_label(&s.value) {
+        Ok(s.value.clone())
+    } else {
+        let why = if s.value.len() > MAX_LABEL {
+            format!("is {} bytes, limit {MAX_LABEL}", s.value.len())
+        } else {
+            format!(
+                "{} is not a DNS label (lowercase letters, digits, '-', 1-{MAX_LABEL} chars)",
+                escaped(&s.value)
+            )
+        };
+        Err(c.err(&s.field, why))
+    }
+}
+
+fn parse_tags(c: &ContainerInfo, s: &Sourced) -> Result<Vec<String>, SpecError> {
+    // Only spaces around commas are trimmed: a newline or tab is never silently dropped.
+    let tags: Vec<String> = s
+        .value
+        .split(',')
+        .map(|t| t.trim_matches(' '))
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if tags.len() > MAX_ITEMS {
+        return Err(c.err(&s.field, format!("{} tags, limit {MAX_ITEMS}", tags.len())));
+    }
+    for t in &tags {
+        if t.len() > MAX_TAG {
+            return Err(c.err(
+                &s.field,
+                format!("tag {} is {} bytes, limit {MAX_TAG}", escaped(t), t.len()),
+            ));
+        }
+        if let Some(bad) = t.chars().find(|ch| !is_tag_char(*ch)) {
+            return Err(c.err(
+                &s.field,
+                format!(
+                    "tag {} contains the forbidden character {bad:?} (allowed: [A-Za-z0-9._:/=+@-])",
+                    escaped(t)
+                ),
+            ));
+        }
+    }
+    Ok(tags)
+}
+
+/// The service name derived from an image reference: the repository's last path component,
+/// without registry host, tag or digest, lowercased, with `_` and `.` turned into `-`.
+/// `None` if that is not a DNS label (or the reference is empty).
+pub fn default_service_name(image: &str) -> Option<String> {
+    let no_digest = image.split('@').next().unwrap_or_default();
+    let base = no_digest.rsplit('/').next().unwrap_or_default();
+    // A ':' left in the last component separates the tag (a registry port lives in an
+    // earlier component, which is gone by now).
+    let repo = base.split(':').next().unwrap_or_default();
+    let name: String = repo
+        .chars()
+        .map(|ch| match ch {
+            '_' | '.' => '-',
+            other => other.to_ascii_lowercase(),
+        })
+        .collect();
+    let name = name.trim_matches('-');
+    let mut collapsed = String::with_capacity(name.len());
+    for ch in name.chars() {
+        if ch == '-' && collapsed.ends_with('-') {
+            continue;
+        }
+        collapsed.push(ch);
+    }
+    is_dns_label(&collapsed).then_some(collapsed)
+}
+
+fn is_unspecified_host(ip: &str) -> bool {
+    ip.is_empty() || ip.parse::<IpAddr>().is_ok_and(|a| a.is_unspecified())
+}
+
+/// Picks one (host, port) for a published private port. Docker 20.10+ lists each binding twice
+/// (`0.0.0.0` and `::`): one endpoint per port. A binding to the unspecified address is reached
+/// at `--advertise-ip`; a binding to one specific address is reached only there, so that
+/// address is registered.
+fn pick_binding(bindings: &[(String, u16)], advertise: IpAddr) -> Option<(String, u16)> {
+    let usable: Vec<&(String, u16)> = bindings.iter().filter(|(_, p)| *p != 0).collect();
+    let advertised = usable
+        .iter()
+        .find(|(ip, _)| is_unspecified_host(ip) || ip.parse::<IpAddr>().ok() == Some(advertise));
+    if let Some((_, port)) = advertised {
+        return Some((advertise.to_string(), *port));
+    }
+    usable.first().map(|(ip, port)| (ip.clone(), *port))
+}
+
+/// Decides what `c` announces.
+pub fn decide(c: &ContainerInfo, cfg: &SpecConfig) -> Result<Decision, SpecError> {
+    if !c.running {
+        return Ok(Decision::Skip(SkipReason::NotRunning));
+    }
+    if c.paused {
+        return Ok(Decision::Skip(SkipReason::Paused));
+    }
+    let meta = read_meta(c)?;
+    // Validate every setting, also of ports that are not published, so a bad value is always
+    // reported (and never half-applied).
+    let general_name = meta
+        .general
+        .name
+        .as_ref()
+        .map(|s| parse_name(c, s))
+        .transpose()?;
+    let general_tags = meta
+        .general
+        .tags
+        .as_ref()
+        .map(|s| parse_tags(c, s))
+        .transpose()?
+        .unwrap_or_default();
+    let ignore_all = match &meta.general.ignore {
+        Some(s) => parse_bool(c, s)?,
+        None => false,
+    };
+    let mut per_port: BTreeMap<u16, (Option<String>, Option<Vec<String>>, bool)> = BTreeMap::new();
+    for (port, s) in &meta.per_port {
+        let name = s.name.as_ref().map(|v| parse_name(c, v)).transpose()?;
+        let tags = s.tags.as_ref().map(|v| parse_tags(c, v)).transpose()?;
+        let ignore = match &s.ignore {
+            Some(v) => parse_bool(c, v)?,
+            None => false,
+        };
+        per_port.insert(*port, (name, tags, ignore));
+    }
+    let mut meta_map = BTreeMap::new();
+    for (k, s) in &meta.meta {
+        if s.value.is_empty() || s.value.len() > MAX_META_VALUE {
+            return Err(c.err(
+                &s.field,
+                format!("value must be 1-{MAX_META_VALUE} bytes, got {}", s.value.len()),
+            ));
+        }
+        if let Some(bad) = s.value.chars().find(|ch| !is_meta_char(*ch)) {
+            return Err(c.err(
+                &s.field,
+                format!(
+                    "{} contains the forbidden character {bad:?}",
+                    escaped(&s.value)
+                ),
+            ));
+        }
+        meta_map.insert(k.clone(), s.value.clone());
+    }
+    if !c.name.is_empty() && c.name.len() <= MAX_META_VALUE && c.name.chars().all(is_meta_char) {
+        meta_map
+            .entry("container_name".to_owned())
+            .or_insert_with(|| c.name.clone());
+    }
+    let default_name = if cfg.explicit {
+        None
+    } else {
+        match default_service_name(&c.image) {
+            Some(n) => Some(n),
+            None if general_name.is_none() => {
+                return Err(c.err(
+                    "image",
+                    format!(
+                        "cannot derive a service name (a DNS label) from image {}; set the label flotilla.service",
+                        escaped(&c.image)
+                    ),
+                ))
+            }
+            None => None,
+        }
+    };
+
+    if ignore_all {
+        return Ok(Decision::Skip(SkipReason::Ignored));
+    }
+    if matches!(c.health, Some(h) if h != HealthState::Healthy) {
+        return Ok(Decision::Skip(SkipReason::HealthNotHealthy));
+    }
+
+    // (private port, proto, host, host port)
+    let host_mode = c.network_mode == "host";
+    let mut targets: Vec<(u16, Proto, String, u16)> = Vec::new();
+    if host_mode {
+        for (port, proto) in &c.exposed {
+            targets.push((*port, *proto, cfg.advertise_ip.to_string(), *port));
+        }
+    } else if cfg.internal {
+        let ip = match &meta.network {
+            Some(s) => match c.networks.get(&s.value) {
+                Some(ip) => ip.clone(),
+                None => {
+                    return Err(c.err(
+                        &s.field,
+                        format!(
+                            "the container is not attached to network {} (attached: {})",
+                            escaped(&s.value),
+                            c.networks.keys().cloned().collect::<Vec<_>>().join(", ")
+                        ),
+                    ))
+                }
+            },
+            None => c
+                .networks
+                .values()
+                .find(|ip| !ip.is_empty())
+                .cloned()
+                .unwrap_or_default(),
+        };
+        if !ip.is_empty() {
+            let mut ports: Vec<(u16, Proto)> = c.exposed.clone();
+            ports.extend(c.ports.iter().map(|p| (p.port, p.proto)));
+            ports.sort();
+            ports.dedup();
+            for (port, proto) in ports {
+                targets.push((port, proto, ip.clone(), port));
+            }
+        }
+    } else {
+        for p in &c.ports {
+            if let Some((host, host_port)) = pick_binding(&p.bindings, cfg.advertise_ip) {
+                targets.push((p.port, p.proto, host, host_port));
+            }
+        }
+    }
+    targets.sort();
+    targets.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
+    if targets.is_empty() {
+        return Ok(Decision::Skip(SkipReason::NoPorts));
+    }
+
+    let health = if c.health.is_some() {
+        Health::Healthy
+    } else {
+        Health::None
+    };
+    let mut endpoints = Vec::new();
+    for (port, proto, host, host_port) in targets {
+        let (port_name, port_tags, port_ignore) = per_port
+            .get(&port)
+            .cloned()
+            .unwrap_or((None, None, false));
+        if port_ignore {
+            continue;
+        }
+        let Some(service) = port_name
+            .or_else(|| general_name.clone())
+            .or_else(|| default_name.clone())
+        else {
+            continue;
+        };
+        let suffix = if proto == Proto::Udp { "-udp" } else { "" };
+        let ep = Endpoint {
+            service,
+            instance: format!("{}-{}-{port}{suffix}", cfg.node, c.short_id()),
+            node: cfg.node.clone(),
+            host,
+            port: host_port,
+            proto,
+            container: c.short_id().to_owned(),
+            image: c.image.clone(),
+            tags: port_tags.unwrap_or_else(|| general_tags.clone()),
+            meta: meta_map.clone(),
+            health,
+            registered_at: flotilla_registry::record::now_rfc3339(),
+        };
+        let key = ep.key(&cfg.keys);
+        if let Err(e) = ep.validate(&key) {
+            let field = match e.field.as_str() {
+                "image" => "image".to_owned(),
+                "container" => "id".to_owned(),
+                other => format!("endpoint {other}"),
+            };
+            return Err(c.err(field, e.reason));
+        }
+        endpoints.push(ep);
+    }
+    if endpoints.is_empty() {
+        let reason = if cfg.explicit {
+            SkipReason::Unnamed
+        } else {
+            SkipReason::Ignored
+        };
+        return Ok(Decision::Skip(reason));
+    }
+    Ok(Decision::Register(endpoints))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> SpecConfig {
+        SpecConfig {
+            node: "node-a".into(),
+            advertise_ip: "10.0.0.5".parse().unwrap(),
+            internal: false,
+            explicit: false,
+            keys: Keys::new("/flotilla").unwrap(),
+        }
+    }
+
+    fn web() -> ContainerInfo {
+        ContainerInfo {
+            id: "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef".into(),
+            name: "web-1".into(),
+            image: "registry.example:5000/team/web_app:1.2@sha256:abcd".into(),
+            running: true,
+            network_mode: "default".into(),
+            ports: vec![PortBindings {
+                port: 8080,
+                proto: Proto::Tcp,
+                bindings: vec![("0.0.0.0".into(), 32768), ("::".into(), 32768)],
+            }],
+            exposed: vec![(8080, Proto::Tcp)],
+            networks: [("bridge".to_owned(), "172.17.0.2".to_owned())].into(),
+            ..Default::default()
+        }
+    }
+
+    fn register(c: &ContainerInfo, cfg: &SpecConfig) -> Vec<Endpoint> {
+        match decide(c, cfg).expect("valid") {
+            Decision::Register(eps) => eps,
+            other => panic!("expected endpoints, got {other:?}"),
+        }
+    }
+
+    fn error(c: &ContainerInfo) -> SpecError {
+        decide(c, &cfg()).expect_err("must be refused")
+    }
+
+    #[test]
+    fn default_name_strips_registry_path_tag_and_digest() {
+        for (image, name) in [
+            ("nginx", Some("nginx")),
+            ("nginx:1.25", Some("nginx")),
+            ("library/nginx:1.25", Some("nginx")),
+            ("registry.example:5000/team/web_app:1.2@sha256:abcd", Some("web-app")),
+            ("localhost:5000/My.App", Some("my-app")),
+            ("flotilla-busybox:test", Some("flotilla-busybox")),
+            ("sha256:0123", Some("sha256")),
+            ("", None),
+            ("___", None),
+        ] {
+            assert_eq!(default_service_name(image).as_deref(), name, "{image}");
+        }
+    }
+
+    #[test]
+    fn one_endpoint_per_port_even_with_ipv4_and_ipv6_bindings() {
+        let eps = register(&web(), &cfg());
+        assert_eq!(eps.len(), 1);
+        let ep = &eps[0];
+        assert_eq!(ep.service, "web-app");
+        assert_eq!(ep.instance, "node-a-0123456789ab-8080");
+        assert_eq!(ep.host, "10.0.0.5");
+        assert_eq!(ep.port, 32768);
+        assert_eq!(ep.proto, Proto::Tcp);
+        assert_eq!(ep.container, "0123456789ab");
+        assert_eq!(ep.health, Health::None);
+        assert_eq!(ep.meta.get("container_name").map(String::as_str), Some("web-1"));
+    }
+
+    #[test]
+    fn labels_beat_env_and_per_port_beats_general() {
+        let mut c = web();
+        c.env = vec![
+            "SERVICE_NAME=from-env".into(),
+            "SERVICE_TAGS=env-tag".into(),
+            "PATH=/bin".into(),
+        ];
+        assert_eq!(register(&c, &cfg())[0].service, "from-env");
+        assert_eq!(register(&c, &cfg())[0].tags, vec!["env-tag"]);
+        c.labels.insert("SERVICE_NAME".into(), "from-label".into());
+        assert_eq!(register(&c, &cfg())[0].service, "from-label");
+        c.labels.insert("flotilla.service".into(), "flotilla-label".into());
+        c.labels.insert("flotilla.tags".into(), "a, b,,c".into());
+        let ep = &register(&c, &cfg())[0];
+        assert_eq!(ep.service, "flotilla-label");
+        assert_eq!(ep.tags, vec!["a", "b", "c"]);
+        c.env.push("SERVICE_8080_NAME=per-port".into());
+        assert_eq!(register(&c, &cfg())[0].service, "per-port");
+        c.labels.insert("flotilla.service.8080".into(), "per-port-label".into());
+        c.labels.insert("flotilla.tags.8080".into(), "x".into());
+        let ep = &register(&c, &cfg())[0];
+        assert_eq!(ep.service, "per-port-label");
+        assert_eq!(ep.tags, vec!["x"]);
+    }
+
+    #[test]
+    fn ignore_and_explicit() {
+        let mut c = web();
+        c.env.push("SERVICE_IGNORE=true".into());
+        assert_eq!(decide(&c, &cfg()), Ok(Decision::Skip(SkipReason::Ignored)));
+        c.labels.insert("flotilla.ignore".into(), "false".into());
+        assert_eq!(register(&c, &cfg()).len(), 1, "label beats env");
+        c.labels.insert("flotilla.ignore.8080".into(), "yes".into());
+        assert_eq!(decide(&c, &cfg()), Ok(Decision::Skip(SkipReason::Ignored)));
+
+        let explicit = SpecConfig {
+            explicit: true,
+            ..cfg()
+        };
+        let c = web();
+        assert_eq!(decide(&c, &explicit), Ok(Decision::Skip(SkipReason::Unnamed)));
+        let mut named = web();
+        named.labels.insert("flotilla.service".into(), "web".into());
+        assert_eq!(register(&named, &explicit)[0].service, "web");
+    }
+
+    #[test]
+    fn health_paused_and_portless_containers_announce_nothing() {
+        let mut c = web();
+        c.health = Some(HealthState::Starting);
+        assert_eq!(
+            decide(&c, &cfg()),
+            Ok(Decision::Skip(SkipReason::HealthNotHealthy))
+        );
+        c.health = Some(HealthState::Unhealthy);
+        assert_eq!(
+            decide(&c, &cfg()),
+            Ok(Decision::Skip(SkipReason::HealthNotHealthy))
+        );
+        c.health = Some(HealthState::Healthy);
+        assert_eq!(register(&c, &cfg())[0].health, Health::Healthy);
+        c.paused = true;
+        assert_eq!(decide(&c, &cfg()), Ok(Decision::Skip(SkipReason::Paused)));
+        let mut c = web();
+        c.ports[0].bindings.clear();
+        assert_eq!(decide(&c, &cfg()), Ok(Decision::Skip(SkipReason::NoPorts)));
+        c.running = false;
+        assert_eq!(decide(&c, &cfg()), Ok(Decision::Skip(SkipReason::NotRunning)));
+    }
+
+    #[test]
+    fn udp_gets_its_own_instance_and_specific_host_ips_are_kept() {
+        let mut c = web();
+        c.ports.push(PortBindings {
+            port: 53,
+            proto: Proto::Udp,
+            bindings: vec![("127.0.0.1".into(), 40000)],
+        });
+        let eps = register(&c, &cfg());
+        assert_eq!(eps.len(), 2);
+        let udp = eps.iter().find(|e| e.proto == Proto::Udp).unwrap();
+        assert_eq!(udp.instance, "node-a-0123456789ab-53-udp");
+        // Bound to loopback only: reachable there, not at --advertise-ip.
+        assert_eq!(udp.host, "127.0.0.1");
+        assert_eq!(udp.port, 40000);
+        // A binding to the advertised address itself is the advertised address.
+        c.ports[1].bindings = vec![("10.0.0.5".into(), 40001)];
+        let eps = register(&c, &cfg());
+        let udp = eps.iter().find(|e| e.proto == Proto::Udp).unwrap();
+        assert_eq!((udp.host.as_str(), udp.port), ("10.0.0.5", 40001));
+    }
+
+    #[test]
+    fn host_network_uses_exposed_ports_and_internal_uses_container_ip() {
+        let mut c = web();
+        c.network_mode = "host".into();
+        c.ports.clear();
+        c.exposed = vec![(9000, Proto::Tcp)];
+        let ep = &register(&c, &cfg())[0];
+        assert_eq!((ep.host.as_str(), ep.port), ("10.0.0.5", 9000));
+
+        let internal = SpecConfig {
+            internal: true,
+            ..cfg()
+        };
+        let mut c = web();
+        c.networks.insert("zeta".into(), "10.9.0.7".into());
+        let ep = &register(&c, &internal)[0];
+        assert_eq!((ep.host.as_str(), ep.port), ("172.17.0.2", 8080), "first network by name");
+        c.labels.insert("flotilla.network".into(), "zeta".into());
+        let ep = &register(&c, &internal)[0];
+        assert_eq!((ep.host.as_str(), ep.port), ("10.9.0.7", 8080));
+        c.labels.insert("flotilla.network".into(), "nope".into());
+        let e = decide(&c, &internal).unwrap_err();
+        assert_eq!(e.field, "label flotilla.network");
+    }
+
+    #[test]
+    fn injection_attempts_are_refused_naming_the_container_and_field() {
+        let long = "a".repeat(64);
+        let cases: Vec<(&str, &str, &str)> = vec![
+            ("flotilla.service", "web\n  server evil 1.2.3.4:80", "label flotilla.service"),
+            ("flotilla.service", "web\"", "label flotilla.service"),
+            ("flotilla.service", &long, "label flotilla.service"),
+            ("flotilla.tags", "ok,bad\ttag", "label flotilla.tags"),
+            ("flotilla.tags", "a\"b", "label flotilla.tags"),
+            ("flotilla.tags", "a\u{7}b", "label flotilla.tags"),
+            ("flotilla.tags", "x\n", "label flotilla.tags"),
+            ("flotilla.service.99999", "web", "label flotilla.service.99999"),
+            ("flotilla.service.http", "web", "label flotilla.service.http"),
+            ("flotilla.ignore", "maybe", "label flotilla.ignore"),
+            ("flotilla.meta.owner", "a b", "label flotilla.meta.owner"),
+            ("flotilla.meta.bad key", "v", "label flotilla.meta.bad key"),
+            ("SERVICE_TAGS", "a;b", "label SERVICE_TAGS"),
+            ("SERVICE_0_NAME", "web", "label SERVICE_0_NAME"),
+        ];
+        for (label, value, field) in cases {
+            let mut c = web();
+            c.labels.insert(label.into(), value.into());
+            let e = error(&c);
+            assert_eq!(e.field, field, "{label}={value:?}: {e}");
+            assert_eq!(e.container, "web-1");
+            assert_eq!(e.short_id, "0123456789ab");
+            assert!(!e.to_string().contains('\n'), "one-line message: {e}");
+        }
+        let mut c = web();
+        c.labels.insert("flotilla.tags".into(), "t".repeat(MAX_VALUE + 1));
+        assert!(error(&c).reason.contains("limit"));
+        let mut c = web();
+        c.env.push("SERVICE_NAME=Web".into());
+        assert_eq!(error(&c).field, "env SERVICE_NAME");
+        let mut c = web();
+        c.env.push("SERVICE_70000_NAME=web".into());
+        assert_eq!(error(&c).field, "env SERVICE_70000_NAME");
+        // Not ours: left alone.
+        let mut c = web();
+        c.env.push("SERVICE_REGION=eu west".into());
+        c.env.push("SERVICE_DB_NAME=whatever it is".into());
+        c.labels.insert("flotilla.future".into(), "x\ny".into());
+        assert_eq!(register(&c, &cfg()).len(), 1);
+    }
+
+    #[test]
+    fn a_bad_value_on_an_unpublished_port_still_refuses_the_container() {
+        let mut c = web();
+        c.labels.insert("flotilla.service.9999".into(), "bad name".into());
+        assert_eq!(error(&c).field, "label flotilla.service.9999");
+    }
+
+    #[test]
+    fn unusable_image_name_needs_an_explicit_service() {
+        let mut c = web();
+        c.image = "___".into();
+        assert_eq!(error(&c).field, "image");
+        c.labels.insert("flotilla.service".into(), "web".into());
+        assert_eq!(register(&c, &cfg())[0].service, "web");
+    }
+}

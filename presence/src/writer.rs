@@ -1,0 +1,800 @@
+//! The etcd writer: owns the lease and the keys of this node.
+//!
+//! - Waits for the first full container list, then *recovers*: makes sure it holds a live lease
+//!   (grants one at `--ttl`), reads every key under `endpoints/<node>/` and the node key, and
+//!   writes only the differences (puts what is missing, changed or on another lease; deletes
+//!   leftovers). Then revokes the predecessor's lease from `--state-file`.
+//! - Afterwards applies each change as a small transaction (deletes first), again only the
+//!   differences from what it has written.
+//! - Keeps the lease alive every TTL/3 on a keepalive stream, reads every answer and tracks the
+//!   deadline (send time + TTL). A stream error or a missing answer re-opens the stream. An answer
+//!   with TTL 0 (lease gone) or a passed deadline means the lease may be lost: recover again, which
+//!   grants a new lease if needed and re-puts everything.
+//! - Any failed request also leads to a recovery, retried with jittered backoff (100 ms to 1 s)
+//!   until etcd answers. Faults are logged once per state change.
+//! - On shutdown, revokes the lease: every entry vanishes at once.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use etcd_client::{
+    Client, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp,
+};
+use flotilla_registry::backoff::Backoff;
+use flotilla_registry::daemon;
+use flotilla_registry::etcd::error_chain;
+use flotilla_registry::record::now_rfc3339;
+use flotilla_registry::{Endpoint, Keys, Node};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::watch;
+use tokio::time::{timeout, Instant};
+use tracing::{debug, info, warn};
+
+use crate::metrics::{Metrics, SharedStatus};
+use crate::reconcile::WriterMsg;
+use crate::state_file;
+
+/// Largest number of operations in one transaction (etcd's default limit is 128).
+const MAX_TXN_OPS: usize = 100;
+
+/// Fixed settings of the writer.
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    pub keys: Keys,
+    pub node: Node,
+    pub ttl: Duration,
+    pub state_file: Option<PathBuf>,
+    /// The lease a predecessor left in the state file, revoked after the first sync.
+    pub predecessor: Option<i64>,
+}
+
+/// The writes that bring etcd to the desired state.
+#[derive(Debug, Default, PartialEq)]
+pub struct Plan {
+    pub deletes: Vec<String>,
+    pub puts: Vec<(String, Endpoint)>,
+    /// What etcd holds for this node once the plan is applied.
+    pub result: BTreeMap<String, Endpoint>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.deletes.is_empty() && self.puts.is_empty()
+    }
+}
+
+/// Equal apart from the registration time.
+fn same(a: &Endpoint, b: &Endpoint) -> bool {
+    let mut a = a.clone();
+    a.registered_at.clone_from(&b.registered_at);
+    a == *b
+}
+
+/// One key of this node as read from etcd.
+#[derive(Debug, Clone)]
+pub struct ActualKv {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub lease: i64,
+}
+
+/// Compares the desired endpoints with what etcd holds under this node's prefix. Keys that are
+/// equal (apart from `registered_at`) and on `lease` are left alone; equal ones on another lease
+/// are re-put keeping their registration time; everything else desired is put with `now`, and
+/// every other key is deleted.
+pub fn plan_full(
+    keys: &Keys,
+    desired: &BTreeMap<String, Endpoint>,
+    actual: &[ActualKv],
+    lease: i64,
+    now: &str,
+) -> Plan {
+    let mut plan = Plan::default();
+    let mut found: HashMap<&str, &ActualKv> = HashMap::new();
+    for kv in actual {
+        if desired.contains_key(&kv.key) {
+            found.insert(kv.key.as_str(), kv);
+        } else {
+            plan.deletes.push(kv.key.clone());
+        }
+    }
+    for (key, want) in desired {
+        let existing = found
+            .get(key.as_str())
+            .and_then(|kv| Endpoint::decode(keys, key, &kv.value).ok().map(|ep| (ep, kv.lease)));
+        match existing {
+            Some((ep, l)) if same(&ep, want) && l == lease => {
+                plan.result.insert(key.clone(), ep);
+            }
+            Some((ep, _)) if same(&ep, want) => {
+                plan.puts.push((key.clone(), ep.clone()));
+                plan.result.insert(key.clone(), ep);
+            }
+            _ => {
+                let mut ep = want.clone();
+                ep.registered_at = now.to_owned();
+                plan.puts.push((key.clone(), ep.clone()));
+                plan.result.insert(key.clone(), ep);
+            }
+        }
+    }
+    plan
+}
+
+/// Compares the desired endpoints with what this process has written (on its current lease).
+pub fn plan_incremental(
+    desired: &BTreeMap<String, Endpoint>,
+    written: &BTreeMap<String, Endpoint>,
+    now: &str,
+) -> Plan {
+    let mut plan = Plan::default();
+    for key in written.keys() {
+        if !desired.contains_key(key) {
+            plan.deletes.push(key.clone());
+        }
+    }
+    for (key, want) in desired {
+        match written.get(key) {
+            Some(have) if same(have, want) => {
+                plan.result.insert(key.clone(), have.clone());
+            }
+            _ => {
+                let mut ep = want.clone();
+                ep.registered_at = now.to_owned();
+                plan.puts.push((key.clone(), ep.clone()));
+                plan.result.insert(key.clone(), ep);
+            }
+        }
+    }
+    plan
+}
+
+pub struct Writer {
+    client: Client,
+    cfg: WriterConfig,
+    metrics: Metrics,
+    status: SharedStatus,
+    op_timeout: Duration,
+    desired: HashMap<String, Vec<Endpoint>>,
+    written: BTreeMap<String, Endpoint>,
+    lease: Option<i64>,
+    keepalive: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+    /// Send times of keepalive requests not yet answered.
+    sent: VecDeque<Instant>,
+    deadline: Option<Instant>,
+    to_revoke: Vec<i64>,
+    pending: Vec<Instant>,
+    need_full: bool,
+    ready: bool,
+    fault: Option<String>,
+}
+
+type EtcdResult<T> = Result<T, String>;
+
+impl Writer {
+    pub fn new(client: Client, cfg: WriterConfig, metrics: Metrics, status: SharedStatus) -> Self {
+        let op_timeout = (cfg.ttl / 3).clamp(Duration::from_secs(1), Duration::from_secs(5));
+        let to_revoke = cfg.predecessor.into_iter().collect();
+        Writer {
+            client,
+            cfg,
+            metrics,
+            status,
+            op_timeout,
+            desired: HashMap::new(),
+            written: BTreeMap::new(),
+            lease: None,
+            keepalive: None,
+            sent: VecDeque::new(),
+            deadline: None,
+            to_revoke,
+            pending: Vec::new(),
+            need_full: true,
+            ready: false,
+            fault: None,
+        }
+    }
+
+    /// Takes in one message; true if it was a full list.
+    fn absorb(&mut self, msg: WriterMsg) -> bool {
+        match msg {
+            WriterMsg::Set {
+                container,
+                endpoints,
+                event_at,
+            } => {
+                if endpoints.is_empty() {
+                    self.desired.remove(&container);
+                } else {
+                    self.desired.insert(container, endpoints);
+                }
+                self.pending.extend(event_at);
+                false
+            }
+            WriterMsg::Replace { containers } => {
+                self.desired = containers;
+                true
+            }
+        }
+    }
+
+    fn desired_map(&self) -> BTreeMap<String, Endpoint> {
+        self.desired
+            .values()
+            .flatten()
+            .map(|ep| (ep.key(&self.cfg.keys), ep.clone()))
+            .collect()
+    }
+
+    async fn call<T, F>(&self, what: &str, fut: F) -> EtcdResult<T>
+    where
+        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        match timeout(self.op_timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(format!("{what}: {}", error_chain(&e))),
+            Err(_) => Err(format!(
+                "{what}: no answer within {}",
+                humantime::format_duration(self.op_timeout)
+            )),
+        }
+    }
+
+    fn etcd_failed(&mut self, e: String) {
+        self.metrics.etcd_errors.inc();
+        if self.fault.is_none() {
+            warn!(error = %e, "etcd request failed; retrying with backoff (entries stay on the lease meanwhile)");
+        } else {
+            debug!(error = %e, "etcd still failing");
+        }
+        self.status.lock().expect("status").etcd = Err(e.clone());
+        self.fault = Some(e);
+        self.need_full = true;
+    }
+
+    fn etcd_ok(&mut self) {
+        if let Some(prev) = self.fault.take() {
+            info!(previous_error = %prev, "etcd answers again");
+        }
+        let mut st = self.status.lock().expect("status");
+        st.etcd = Ok(());
+        st.lease = self.lease;
+    }
+
+    /// Runs until `shutdown` turns true (then revokes the lease) or the reconciler is gone.
+    pub async fn run(
+        mut self,
+        mut rx: UnboundedReceiver<WriterMsg>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        // Nothing is written before the first full list: writing from a partial view would
+        // delete live entries of a predecessor.
+        loop {
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => if self.absorb(m) { break },
+                    None => return,
+                },
+                _ = shutdown.changed() => return,
+            }
+        }
+        let mut backoff = Backoff::new(
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+            Duration::from_secs(5),
+        );
+        let mut tick = tokio::time::interval(self.cfg.ttl / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retry_at: Option<Instant> = Some(Instant::now());
+        loop {
+            if self.need_full && retry_at.is_some_and(|t| t <= Instant::now()) {
+                match self.recover().await {
+                    Ok(()) => {
+                        backoff.success();
+                        retry_at = None;
+                    }
+                    Err(e) => {
+                        self.etcd_failed(e);
+                        retry_at = Some(Instant::now() + backoff.next_delay());
+                    }
+                }
+                continue;
+            }
+            let need_full = self.need_full;
+            let deadline = self.deadline;
+            let has_lease = self.lease.is_some();
+            let ka = &mut self.keepalive;
+            let ka_answer = async {
+                match ka.as_mut() {
+                    Some((_, stream)) => stream.message().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let retry = async {
+                match retry_at {
+                    Some(at) if need_full => tokio::time::sleep_until(at).await,
+                    _ => std::future::pending().await,
+                }
+            };
+            let expiry = async {
+                match deadline {
+                    Some(at) if !need_full => tokio::time::sleep_until(at).await,
+                    _ => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                m = rx.recv() => {
+                    let Some(m) = m else { break };
+                    let mut full = self.absorb(m);
+                    while let Ok(m) = rx.try_recv() {
+                        full |= self.absorb(m);
+                    }
+                    if full {
+                        self.need_full = true;
+                        retry_at.get_or_insert_with(Instant::now);
+                    } else if !self.need_full {
+                        if let Err(e) = self.apply().await {
+                            self.etcd_failed(e);
+                            retry_at = Some(Instant::now() + backoff.next_delay());
+                        }
+                    }
+                }
+                r = ka_answer => self.keepalive_answer(r),
+                _ = expiry => {
+                    warn!(ttl = %humantime::format_duration(self.cfg.ttl),
+                        "no keepalive answer within the TTL: the lease may have expired; re-checking and re-putting");
+                    self.deadline = None;
+                    self.need_full = true;
+                    retry_at = Some(Instant::now());
+                }
+                _ = tick.tick(), if has_lease && !need_full => self.keepalive_send().await,
+                _ = retry => {}
+            }
+        }
+        self.shutdown().await;
+    }
+
+    async fn keepalive_send(&mut self) {
+        let Some(id) = self.lease else { return };
+        if !self.sent.is_empty() {
+            // The previous request is still unanswered: the stream is stale.
+            self.metrics.lease_renew_failures.inc();
+            debug!("keepalive unanswered; re-opening the keepalive stream");
+            self.keepalive = None;
+            self.sent.clear();
+        }
+        if let Some((keeper, _)) = self.keepalive.as_mut() {
+            match timeout(self.op_timeout, keeper.keep_alive()).await {
+                Ok(Ok(())) => {
+                    self.sent.push_back(Instant::now());
+                    return;
+                }
+                _ => {
+                    self.metrics.lease_renew_failures.inc();
+                    self.keepalive = None;
+                }
+            }
+        }
+        let at = Instant::now();
+        let client = self.client.clone();
+        match self
+            .call("lease keepalive", async move {
+                let mut c = client;
+                c.lease_keep_alive(id).await
+            })
+            .await
+        {
+            Ok(pair) => {
+                // Opening the stream sends the first request.
+                self.keepalive = Some(pair);
+                self.sent.push_back(at);
+            }
+            Err(e) => {
+                self.metrics.lease_renew_failures.inc();
+                self.metrics.etcd_errors.inc();
+                if self.fault.is_none() {
+                    warn!(error = %e, "cannot renew the lease; retrying every TTL/3 until the deadline");
+                    self.status.lock().expect("status").etcd = Err(e.clone());
+                    self.fault = Some(e);
+                }
+            }
+        }
+    }
+
+    fn keepalive_answer(
+        &mut self,
+        r: Result<Option<etcd_client::LeaseKeepAliveResponse>, etcd_client::Error>,
+    ) {
+        match r {
+            Ok(Some(resp)) => {
+                let sent = self.sent.pop_front().unwrap_or_else(Instant::now);
+                if resp.ttl() > 0 {
+                    self.deadline = Some(sent + Duration::from_secs(resp.ttl() as u64));
+                    self.etcd_ok();
+                } else {
+                    warn!(lease = %format!("{:x}", resp.id()), "etcd says the lease is gone; granting a new one and re-putting everything");
+                    self.lease = None;
+                    self.keepalive = None;
+                    self.sent.clear();
+                    self.deadline = None;
+                    self.need_full = true;
+                }
+            }
+            Ok(None) | Err(_) => {
+                self.metrics.lease_renew_failures.inc();
+                let why = match r {
+                    Err(e) => error_chain(&e),
+                    _ => "stream closed".into(),
+                };
+                debug!(error = %why, "keepalive stream lost; re-opening at the next tick");
+                self.keepalive = None;
+                self.sent.clear();
+            }
+        }
+    }
+
+    async fn execute(&self, plan: &Plan, lease: i64) -> EtcdResult<()> {
+        let mut ops: Vec<TxnOp> = Vec::with_capacity(plan.deletes.len() + plan.puts.len());
+        for key in &plan.deletes {
+            ops.push(TxnOp::delete(key.as_str(), None));
+        }
+        for (key, ep) in &plan.puts {
+            let value = ep
+                .encode(&self.cfg.keys)
+                .map_err(|e| format!("refusing to write an invalid record: {e}"))?;
+            ops.push(TxnOp::put(
+                key.as_str(),
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            ));
+        }
+        while !ops.is_empty() {
+            let rest = ops.split_off(ops.len().min(MAX_TXN_OPS));
+            let chunk = std::mem::replace(&mut ops, rest);
+            let client = self.client.clone();
+            self.call("write", async move {
+                let mut c = client;
+                c.txn(Txn::new().and_then(chunk)).await
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    fn observe_pending(&mut self, wrote: bool) {
+        let now = Instant::now();
+        if wrote {
+            for at in self.pending.drain(..) {
+                self.metrics.observe_latency(now - at);
+            }
+        } else {
+            self.pending.clear();
+        }
+        self.metrics.endpoints.set(self.written.len() as i64);
+    }
+
+    /// Writes the difference between the desired state and what was written.
+    async fn apply(&mut self) -> EtcdResult<()> {
+        let Some(lease) = self.lease else {
+            return Err("no lease".into());
+        };
+        let plan = plan_incremental(&self.desired_map(), &self.written, &now_rfc3339());
+        if plan.is_empty() {
+            self.observe_pending(false);
+            return Ok(());
+        }
+        self.execute(&plan, lease).await?;
+        for (key, ep) in &plan.puts {
+            debug!(key = %key, service = %ep.service, instance = %ep.instance, host = %ep.host, port = ep.port, "registered");
+        }
+        for key in &plan.deletes {
+            debug!(key = %key, "deregistered");
+        }
+        self.written = plan.result;
+        self.etcd_ok();
+        self.observe_pending(true);
+        Ok(())
+    }
+
+    /// Makes sure a live lease is held and etcd holds exactly the desired keys of this node.
+    async fn recover(&mut self) -> EtcdResult<()> {
+        self.metrics.full_syncs.inc();
+        if let Some(id) = self.lease {
+            // Is the lease alive? A fresh keepalive stream answers with its TTL (0: gone).
+            self.keepalive = None;
+            self.sent.clear();
+            let client = self.client.clone();
+            let sent = Instant::now();
+            let (keeper, mut stream) = self
+                .call("lease keepalive", async move {
+                    let mut c = client;
+                    c.lease_keep_alive(id).await
+                })
+                .await?;
+            let answer = timeout(self.op_timeout, stream.message())
+                .await
+                .map_err(|_| "lease keepalive: no answer".to_string())?
+                .map_err(|e| format!("lease keepalive: {}", error_chain(&e)))?
+                .ok_or_else(|| "lease keepalive: stream closed".to_string())?;
+            if answer.ttl() > 0 {
+                self.deadline = Some(sent + Duration::from_secs(answer.ttl() as u64));
+                self.keepalive = Some((keeper, stream));
+            } else {
+                warn!(lease = %format!("{id:x}"), "the lease expired; granting a new one and re-putting everything");
+                self.lease = None;
+            }
+        }
+        if self.lease.is_none() {
+            let ttl = self.cfg.ttl.as_secs() as i64;
+            let client = self.client.clone();
+            let resp = self
+                .call("lease grant", async move {
+                    let mut c = client;
+                    c.lease_grant(ttl, None).await
+                })
+                .await?;
+            let id = resp.id();
+            self.lease = Some(id);
+            self.written.clear();
+            self.deadline = Some(Instant::now() + Duration::from_secs(resp.ttl().max(1) as u64));
+            self.metrics.lease_grants.inc();
+            info!(lease = %format!("{id:x}"), ttl = resp.ttl(), "lease granted");
+            if let Some(path) = &self.cfg.state_file {
+                let st = state_file::State {
+                    lease: id,
+                    node: self.cfg.node.node.clone(),
+                    pid: std::process::id(),
+                };
+                if let Err(e) = state_file::write(path, &st) {
+                    warn!(error = %e, "cannot record the lease in the state file");
+                }
+            }
+        }
+        let lease = self.lease.expect("lease held");
+
+        // Compare with etcd.
+        let prefix = self.cfg.keys.endpoints_of(&self.cfg.node.node);
+        let node_key = self.cfg.keys.node(&self.cfg.node.node);
+        let client = self.client.clone();
+        let p = prefix.clone();
+        let resp = self
+            .call("read this node's endpoints", async move {
+                let mut c = client;
+                c.get(p, Some(GetOptions::new().with_prefix())).await
+            })
+            .await?;
+        let actual: Vec<ActualKv> = resp
+            .kvs()
+            .iter()
+            .map(|kv| ActualKv {
+                key: String::from_utf8_lossy(kv.key()).into_owned(),
+                value: kv.value().to_vec(),
+                lease: kv.lease(),
+            })
+            .collect();
+        let client = self.client.clone();
+        let nk = node_key.clone();
+        let node_resp = self
+            .call("read the node record", async move {
+                let mut c = client;
+                c.get(nk, None).await
+            })
+            .await?;
+        let node_ok = node_resp.kvs().first().is_some_and(|kv| {
+            kv.lease() == lease
+                && Node::decode(&self.cfg.keys, &node_key, kv.value()).ok().as_ref()
+                    == Some(&self.cfg.node)
+        });
+        let plan = plan_full(
+            &self.cfg.keys,
+            &self.desired_map(),
+            &actual,
+            lease,
+            &now_rfc3339(),
+        );
+        if !node_ok {
+            let value = self
+                .cfg
+                .node
+                .encode(&self.cfg.keys)
+                .map_err(|e| format!("refusing to write an invalid node record: {e}"))?;
+            let client = self.client.clone();
+            let nk = node_key.clone();
+            self.call("write the node record", async move {
+                let mut c = client;
+                c.put(nk, value, Some(PutOptions::new().with_lease(lease)))
+                    .await
+            })
+            .await?;
+        }
+        if !plan.is_empty() {
+            info!(
+                puts = plan.puts.len(),
+                deletes = plan.deletes.len(),
+                unchanged = plan.result.len() - plan.puts.len(),
+                "reconciled this node's keys in etcd"
+            );
+        } else {
+            debug!(endpoints = plan.result.len(), "etcd already up to date");
+        }
+        self.execute(&plan, lease).await?;
+        let wrote = !plan.is_empty();
+        self.written = plan.result;
+
+        // Revoke leftover leases (the predecessor's, or a lease of ours that was given up).
+        let mut keep = Vec::new();
+        for old in std::mem::take(&mut self.to_revoke) {
+            if old == lease {
+                continue;
+            }
+            let client = self.client.clone();
+            match self
+                .call("revoke the predecessor's lease", async move {
+                    let mut c = client;
+                    c.lease_revoke(old).await
+                })
+                .await
+            {
+                Ok(_) => info!(lease = %format!("{old:x}"), "revoked the predecessor's lease"),
+                Err(e) if e.contains("not found") => {
+                    debug!(lease = %format!("{old:x}"), "predecessor's lease already gone")
+                }
+                Err(e) => {
+                    debug!(error = %e, "cannot revoke the predecessor's lease yet");
+                    keep.push(old);
+                }
+            }
+        }
+        self.to_revoke = keep;
+
+        self.need_full = false;
+        self.etcd_ok();
+        self.observe_pending(wrote);
+        if !self.ready {
+            self.ready = true;
+            self.status.lock().expect("status").synced = true;
+            info!(
+                endpoints = self.written.len(),
+                lease = %format!("{lease:x}"),
+                "initial sync done; ready"
+            );
+            daemon::notify_ready();
+        }
+        Ok(())
+    }
+
+    async fn shutdown(&mut self) {
+        daemon::notify_stopping();
+        let Some(id) = self.lease else {
+            info!("shutting down (no lease held)");
+            return;
+        };
+        let client = self.client.clone();
+        let revoke = async move {
+            let mut c = client;
+            c.lease_revoke(id).await
+        };
+        match timeout(Duration::from_secs(5), revoke).await {
+            Ok(Ok(_)) => {
+                info!(lease = %format!("{id:x}"), "lease revoked: this node's entries are gone");
+                if let Some(path) = &self.cfg.state_file {
+                    if let Err(e) = state_file::remove(path) {
+                        warn!(error = %e, "cannot remove the state file");
+                    }
+                }
+            }
+            Ok(Err(e)) if error_chain(&e).contains("not found") => {
+                info!("lease already gone");
+            }
+            Ok(Err(e)) => warn!(error = %error_chain(&e), ttl = %humantime::format_duration(self.cfg.ttl),
+                "cannot revoke the lease; the entries expire within the TTL"),
+            Err(_) => warn!(ttl = %humantime::format_duration(self.cfg.ttl),
+                "etcd did not answer the revoke; the entries expire within the TTL"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_registry::{Health, Proto};
+
+    fn keys() -> Keys {
+        Keys::new("/flotilla").unwrap()
+    }
+
+    fn ep(n: u16, at: &str) -> Endpoint {
+        Endpoint {
+            service: "web".into(),
+            instance: format!("n1-0123456789ab-{n}"),
+            node: "n1".into(),
+            host: "10.0.0.1".into(),
+            port: 30000 + n,
+            proto: Proto::Tcp,
+            container: "0123456789ab".into(),
+            image: "web:1".into(),
+            tags: vec![],
+            meta: Default::default(),
+            health: Health::None,
+            registered_at: at.into(),
+        }
+    }
+
+    fn map(eps: &[Endpoint]) -> BTreeMap<String, Endpoint> {
+        eps.iter().map(|e| (e.key(&keys()), e.clone())).collect()
+    }
+
+    fn kv(e: &Endpoint, lease: i64) -> ActualKv {
+        ActualKv {
+            key: e.key(&keys()),
+            value: e.encode(&keys()).unwrap(),
+            lease,
+        }
+    }
+
+    const T0: &str = "2026-01-01T00:00:00Z";
+    const T1: &str = "2026-01-01T00:01:00Z";
+
+    #[test]
+    fn full_plan_writes_only_differences() {
+        let desired = map(&[ep(1, T1), ep(2, T1), ep(3, T1)]);
+        let mut changed = ep(3, T0);
+        changed.port = 1;
+        let actual = vec![
+            kv(&ep(1, T0), 7),                       // same, our lease: untouched
+            kv(&ep(2, T0), 6),                       // same, predecessor's lease: re-put
+            kv(&changed, 7),                         // differs: put
+            kv(&ep(4, T0), 6),                       // leftover: delete
+            ActualKv {
+                key: ep(5, T0).key(&keys()),
+                value: b"{not json".to_vec(),
+                lease: 7,
+            }, // garbage: delete
+        ];
+        let plan = plan_full(&keys(), &desired, &actual, 7, "2026-01-01T00:02:00Z");
+        assert_eq!(
+            plan.deletes,
+            vec![ep(4, T0).key(&keys()), ep(5, T0).key(&keys())]
+        );
+        let puts: Vec<(&str, &str)> = plan
+            .puts
+            .iter()
+            .map(|(k, e)| (k.rsplit('/').next().unwrap(), e.registered_at.as_str()))
+            .collect();
+        assert_eq!(
+            puts,
+            vec![
+                ("n1-0123456789ab-2", T0), // keeps its registration time
+                ("n1-0123456789ab-3", "2026-01-01T00:02:00Z"),
+            ]
+        );
+        assert_eq!(plan.result.len(), 3);
+        assert_eq!(plan.result[&ep(1, T0).key(&keys())].registered_at, T0);
+    }
+
+    #[test]
+    fn full_plan_of_an_up_to_date_node_is_empty() {
+        let desired = map(&[ep(1, T1)]);
+        let plan = plan_full(&keys(), &desired, &[kv(&ep(1, T0), 7)], 7, T1);
+        assert!(plan.is_empty(), "{plan:?}");
+    }
+
+    #[test]
+    fn incremental_plan_puts_new_and_changed_and_deletes_gone() {
+        let written = map(&[ep(1, T0), ep(2, T0)]);
+        let mut moved = ep(2, T1);
+        moved.port = 9;
+        let desired = map(&[ep(1, T1), moved.clone(), ep(3, T1)]);
+        let plan = plan_incremental(&desired, &written, T1);
+        assert!(plan.deletes.is_empty());
+        assert_eq!(plan.puts.len(), 2);
+        assert_eq!(plan.result[&ep(1, T0).key(&keys())].registered_at, T0);
+        let plan = plan_incremental(&map(&[ep(1, T1)]), &written, T1);
+        assert_eq!(plan.deletes, vec![ep(2, T0).key(&keys())]);
+        assert!(plan.puts.is_empty());
+        assert!(plan_incremental(&map(&[ep(1, T1)]), &map(&[ep(1, T0)]), T1).is_empty());
+    }
+}
