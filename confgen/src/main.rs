@@ -1,1 +1,347 @@
-fn main() {}
+//! confgen: etcd watch → Tera templates → checked, atomic, coalesced reloads.
+//!
+//! `main` parses flags and wires the parts; see docs/CONFGEN.md for the behaviour.
+
+mod apply;
+mod daemon;
+mod funcs;
+mod metrics;
+mod resource;
+mod template;
+mod view;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use flotilla_registry::daemon::{self as plumbing, ObsArgs};
+use flotilla_registry::{CacheState, EtcdArgs, Keys, WatchCache};
+use serde::{Deserialize, Serialize};
+use tracing::{error, info};
+
+/// Exit codes (also in `--help`).
+const EXIT_FAILED: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+const EXIT_UNREACHABLE: u8 = 3;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "confgen",
+    version,
+    about = "Renders configuration files from the Flotilla registry (etcd) with Tera templates, \
+             checks them, replaces them atomically and reloads their service.",
+    after_help = "Exit codes: 0 ok; 1 a template failed (render, check, write or reload; \
+                  --onetime and render); 2 bad flags or resources; 3 etcd not reachable \
+                  within --sync-timeout (--onetime, dump).\n\
+                  Docs: docs/CONFGEN.md (operators), docs/TEMPLATES.md (template authors)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Watch the registry and keep every template resource of --confdir applied.
+    Run(RunArgs),
+    /// Render one template offline from a snapshot file (see `dump`) to stdout.
+    Render(RenderArgs),
+    /// Print the current registry (everything under --prefix) as a snapshot file for `render`.
+    Dump(DumpArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Directory holding conf.d/*.toml (template resources) and templates/ (Tera templates).
+    #[arg(long, env = "FLOTILLA_CONFDIR")]
+    confdir: PathBuf,
+    /// Render and apply once, then exit (0 if every resource applied, 1 otherwise).
+    #[arg(long, env = "FLOTILLA_ONETIME")]
+    onetime: bool,
+    /// Render and run check_cmd, but write nothing and reload nothing.
+    #[arg(long, env = "FLOTILLA_NOOP")]
+    noop: bool,
+    /// Print a unified diff (against the current destination) of every change to stdout.
+    #[arg(long, env = "FLOTILLA_DIFF")]
+    diff: bool,
+    /// With --onetime: give up (exit 3) if etcd has not answered a full list by then.
+    #[arg(long, env = "FLOTILLA_SYNC_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    sync_timeout: Duration,
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    #[command(flatten)]
+    obs: ObsArgs,
+}
+
+#[derive(clap::Args, Debug)]
+struct RenderArgs {
+    /// The template (its directory is searched for templates it includes, imports or extends).
+    #[arg(long)]
+    template: PathBuf,
+    /// Snapshot file as printed by `confgen dump` (`-` for stdin).
+    #[arg(long)]
+    data: PathBuf,
+    /// Key prefixes the template sees (like a resource's `keys`, absolute). Default: all.
+    #[arg(long = "keys", value_delimiter = ',')]
+    keys: Vec<String>,
+    /// Prefix prepended to the keys templates read with getv & co. (a resource's `prefix`).
+    #[arg(long = "key-prefix", default_value = "")]
+    key_prefix: String,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: plumbing::LogFormat,
+}
+
+#[derive(clap::Args, Debug)]
+struct DumpArgs {
+    /// Give up (exit 3) if etcd has not answered a full list by then.
+    #[arg(long, env = "FLOTILLA_SYNC_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    sync_timeout: Duration,
+    #[command(flatten)]
+    etcd: EtcdArgs,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: plumbing::LogFormat,
+}
+
+/// The snapshot file of `dump` and `render --data`.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotFile {
+    /// The --prefix the registry uses.
+    prefix: String,
+    /// etcd revision of the snapshot.
+    #[serde(default)]
+    revision: i64,
+    /// Every key under the prefix with its value.
+    kvs: BTreeMap<String, String>,
+    /// Records that failed validation (informational; `render` re-validates).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    rejected: BTreeMap<String, String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Run(a) => run(a).await,
+            Command::Render(a) => render(a),
+            Command::Dump(a) => dump(a).await,
+        }
+    });
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("confgen: error: {e:#}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+async fn run(a: RunArgs) -> anyhow::Result<u8> {
+    plumbing::init_logging(a.obs.log_format);
+    a.etcd.validate()?;
+    let keys = a.etcd.keys()?;
+    let (metrics, registry) = metrics::Metrics::new();
+    let health = Arc::new(Mutex::new(daemon::Health::default()));
+    let modes = daemon::Modes {
+        onetime: a.onetime,
+        noop: a.noop,
+        diff: a.diff,
+    };
+    let daemon = match daemon::Daemon::new(&a.confdir, &keys, modes, metrics, health.clone()) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("confgen: {e}");
+            return Ok(EXIT_USAGE);
+        }
+    };
+    if let Some(addr) = a.obs.metrics_addr {
+        let h = health.clone();
+        let f: plumbing::HealthFn = Arc::new(move || h.lock().expect("health lock").report());
+        plumbing::spawn_observability(addr, registry, f).await?;
+    }
+    let cache = WatchCache::spawn(a.etcd.clone(), keys.clone(), keys.root());
+    if a.onetime {
+        let mut status = cache.status();
+        let mut snaps = cache.subscribe();
+        let current = async {
+            let _ = snaps.wait_for(|s| s.complete).await;
+            let _ = status.wait_for(|s| s.state == CacheState::Watching).await;
+        };
+        if tokio::time::timeout(a.sync_timeout, current).await.is_err() {
+            let state = cache.status().borrow().state.clone();
+            eprintln!(
+                "confgen: error: no complete registry view within --sync-timeout {} ({state:?}); nothing was written",
+                humantime::format_duration(a.sync_timeout)
+            );
+            return Ok(EXIT_UNREACHABLE);
+        }
+    }
+    // Template and conf.d files: a save re-reads them (as SIGHUP does).
+    let (file_tx, file_rx) = tokio::sync::mpsc::channel(16);
+    let _watcher = if a.onetime {
+        None
+    } else {
+        Some(watch_files(&daemon.watch_dirs(), file_tx)?)
+    };
+    let heartbeat = daemon.heartbeat();
+    let _watchdog = plumbing::spawn_watchdog(Arc::new(move || {
+        let last = heartbeat.load(Ordering::Relaxed);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        now.saturating_sub(last) < 60
+    }));
+    let shutdown = async {
+        plumbing::shutdown_signal().await;
+        plumbing::notify_stopping();
+        // A second signal forces the exit (a command may be running under its timeout).
+        tokio::spawn(async {
+            plumbing::shutdown_signal().await;
+            eprintln!("confgen: second signal; exiting now");
+            std::process::exit(130);
+        });
+    };
+    let end = daemon
+        .run(cache.subscribe(), cache.status(), file_rx, shutdown)
+        .await;
+    info!("stopped");
+    Ok(match end {
+        daemon::RunEnd::Ok => 0,
+        daemon::RunEnd::Failed => EXIT_FAILED,
+    })
+}
+
+/// Watches `dirs` (recursively) and sends a unit per relevant event.
+fn watch_files(
+    dirs: &[PathBuf],
+    tx: tokio::sync::mpsc::Sender<()>,
+) -> anyhow::Result<notify::RecommendedWatcher> {
+    use notify::{EventKind, RecursiveMode, Watcher};
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            // Reads (ours included) are not changes.
+            if matches!(ev.kind, EventKind::Access(_)) {
+                return;
+            }
+            let _ = tx.try_send(());
+        }
+    })
+    .context("cannot start the file watcher")?;
+    for d in dirs {
+        watcher
+            .watch(d, RecursiveMode::Recursive)
+            .with_context(|| format!("cannot watch {}", d.display()))?;
+    }
+    Ok(watcher)
+}
+
+fn render(a: RenderArgs) -> anyhow::Result<u8> {
+    plumbing::init_logging(a.log_format);
+    let text = if a.data == Path::new("-") {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("reading stdin")?;
+        s
+    } else {
+        std::fs::read_to_string(&a.data)
+            .with_context(|| format!("--data {}: cannot read", a.data.display()))?
+    };
+    let file: SnapshotFile = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "--data {}: not a confgen snapshot (as printed by `confgen dump`)",
+            a.data.display()
+        )
+    })?;
+    let keys = Keys::new(&file.prefix).with_context(|| format!("--data {}", a.data.display()))?;
+    let snap = view::snapshot_from_kvs(
+        &keys,
+        file.revision,
+        file.kvs
+            .into_iter()
+            .map(|(k, v)| (k, v.into_bytes()))
+            .collect(),
+    );
+    for (key, reason) in snap.rejected.iter() {
+        tracing::warn!(key, reason, "skipping an invalid record");
+    }
+    let scope = view::Scope {
+        keys: a.keys.clone(),
+        prefix: a.key_prefix.clone(),
+    };
+    let scope = if scope.keys.is_empty() {
+        view::Scope {
+            prefix: scope.prefix,
+            ..view::Scope::everything()
+        }
+    } else {
+        scope
+    };
+    let mut v = view::View::new(keys);
+    let mut data = view::TemplateData::new(scope.clone());
+    v.sync(&snap, [&mut data]);
+    let engine = match template::Engine::load_file(&a.template, v.store(), scope) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("confgen: error: {e}");
+            return Ok(EXIT_FAILED);
+        }
+    };
+    let mut out = Vec::new();
+    let (_, result) = engine.render(data.take_root(), &mut out);
+    if let Err(e) = result {
+        eprintln!("confgen: error: {e}");
+        return Ok(EXIT_FAILED);
+    }
+    std::io::stdout()
+        .write_all(&out)
+        .context("writing stdout")?;
+    Ok(0)
+}
+
+async fn dump(a: DumpArgs) -> anyhow::Result<u8> {
+    plumbing::init_logging(a.log_format);
+    a.etcd.validate()?;
+    let keys = a.etcd.keys()?;
+    let cache = WatchCache::spawn(a.etcd.clone(), keys.clone(), keys.root());
+    let mut snaps = cache.subscribe();
+    let snap = match tokio::time::timeout(a.sync_timeout, snaps.wait_for(|s| s.complete)).await {
+        Ok(Ok(s)) => s.clone(),
+        _ => {
+            let state = cache.status().borrow().state.clone();
+            error!(?state, "no complete registry view within --sync-timeout");
+            eprintln!(
+                "confgen: error: no complete registry view within --sync-timeout {} ({state:?})",
+                humantime::format_duration(a.sync_timeout)
+            );
+            return Ok(EXIT_UNREACHABLE);
+        }
+    };
+    let file = SnapshotFile {
+        prefix: keys.prefix().to_string(),
+        revision: snap.revision,
+        kvs: snap
+            .kvs
+            .iter()
+            .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
+            .collect(),
+        rejected: (*snap.rejected).clone(),
+    };
+    let mut text = serde_json::to_string_pretty(&file).context("encoding the snapshot")?;
+    text.push('\n');
+    std::io::stdout()
+        .write_all(text.as_bytes())
+        .context("writing stdout")?;
+    Ok(0)
+}

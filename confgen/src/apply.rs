@@ -1,0 +1,566 @@
+//! Applying a render: compare → stage in the destination's directory → check → fsync + atomic
+//! rename (keeping `<dest>.bak`) → reload once per distinct command → roll back on failure.
+//!
+//! A destination is never written in place: readers (and a `kill -9` at any moment) see either
+//! the old file or the new one. Commands run through `/bin/sh -c` with only `{{src}}` substituted,
+//! by a path confgen generated and shell-quoted; nothing from the registry reaches a shell.
+
+use std::fmt;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncReadExt;
+
+use crate::resource::{substitute_src, Resource};
+use crate::template::TemplateError;
+
+/// How applying one resource's render ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The render equals the destination: nothing written, nothing reloaded.
+    Unchanged,
+    /// Written; the resource has no reload command.
+    Written,
+    /// Written and the reload command succeeded.
+    Reloaded,
+    /// `--noop`: checked but not written; the unified diff against the destination with `--diff`.
+    Planned {
+        /// Unified diff (`--diff`).
+        diff: Option<String>,
+    },
+    /// The drop guard holds this render (too many endpoints vanished at once).
+    Held {
+        /// Endpoints in the last applied render.
+        had: usize,
+        /// Endpoints in this render.
+        now: usize,
+    },
+    /// The template failed to render; the destination is untouched.
+    RenderFailed(TemplateError),
+    /// `check_cmd` rejected the staged file; the destination is untouched, nothing reloaded.
+    CheckFailed {
+        /// What the command said (and how it ended).
+        output: String,
+    },
+    /// Staging, renaming or setting owner/mode failed; the destination is untouched.
+    WriteFailed {
+        /// The I/O error with the path.
+        error: String,
+    },
+    /// The reload command failed; the previous file was restored (`rolled_back`) and the
+    /// reload run again.
+    ReloadFailed {
+        /// What the command said (and how it ended).
+        output: String,
+        /// True if the previous destination was restored.
+        rolled_back: bool,
+    },
+}
+
+impl Outcome {
+    /// True for outcomes that count as applied (the revision may advance).
+    pub fn is_success(&self) -> bool {
+        matches!(
+            self,
+            Outcome::Unchanged | Outcome::Written | Outcome::Reloaded | Outcome::Planned { .. }
+        )
+    }
+
+    /// Short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Outcome::Unchanged => "unchanged",
+            Outcome::Written => "written",
+            Outcome::Reloaded => "reloaded",
+            Outcome::Planned { .. } => "planned",
+            Outcome::Held { .. } => "held",
+            Outcome::RenderFailed(_) => "render",
+            Outcome::CheckFailed { .. } => "check",
+            Outcome::WriteFailed { .. } => "write",
+            Outcome::ReloadFailed { .. } => "reload",
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Unchanged => f.write_str("unchanged"),
+            Outcome::Written => f.write_str("written"),
+            Outcome::Reloaded => f.write_str("written and reloaded"),
+            Outcome::Planned { .. } => f.write_str("would be written (--noop)"),
+            Outcome::Held { had, now } => write!(
+                f,
+                "held by the drop guard: {now} endpoints instead of {had}"
+            ),
+            Outcome::RenderFailed(e) => write!(f, "render failed: {e}"),
+            Outcome::CheckFailed { output } => write!(f, "check_cmd failed: {output}"),
+            Outcome::WriteFailed { error } => write!(f, "write failed: {error}"),
+            Outcome::ReloadFailed {
+                output,
+                rolled_back,
+            } => write!(
+                f,
+                "reload_cmd failed: {output}; {}",
+                if *rolled_back {
+                    "the previous file was restored and reloaded"
+                } else {
+                    "the previous file could not be restored"
+                }
+            ),
+        }
+    }
+}
+
+/// A command that failed: exit status or timeout, with its output.
+#[derive(Debug, Clone)]
+pub struct CommandFailure(pub String);
+
+/// Runs `cmd` through `/bin/sh -c`, killing its process group after `timeout`. Returns the
+/// combined output (last 4 KiB) or why it failed.
+pub async fn run_command(cmd: &str, timeout: Duration) -> Result<String, CommandFailure> {
+    let mut child = tokio::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| CommandFailure(format!("cannot run /bin/sh -c {cmd:?}: {e}")))?;
+    let pid = child.id();
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let work = async {
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let (_, _, status) = tokio::join!(
+            stdout.read_to_end(&mut out),
+            stderr.read_to_end(&mut err),
+            child.wait()
+        );
+        out.extend_from_slice(&err);
+        (status, out)
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok((Ok(status), out)) => {
+            let text = tail(&out);
+            if status.success() {
+                Ok(text)
+            } else {
+                Err(CommandFailure(format!(
+                    "`{cmd}` {status}{}",
+                    if text.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {text}")
+                    }
+                )))
+            }
+        }
+        Ok((Err(e), _)) => Err(CommandFailure(format!("`{cmd}`: {e}"))),
+        Err(_) => {
+            if let Some(pid) = pid {
+                // The command runs in its own process group: end all of it.
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            Err(CommandFailure(format!(
+                "`{cmd}` did not finish within {} and was killed",
+                humantime::format_duration(timeout)
+            )))
+        }
+    }
+}
+
+fn tail(out: &[u8]) -> String {
+    const KEEP: usize = 4096;
+    let start = out.len().saturating_sub(KEEP);
+    String::from_utf8_lossy(&out[start..])
+        .trim()
+        .lines()
+        .map(str::trim_end)
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+/// What happened to a destination in phase 1 that phase 2 (reload) may need to undo.
+#[derive(Debug)]
+pub struct Committed {
+    /// The destination.
+    pub dest: PathBuf,
+    /// The content before (None: there was no file).
+    pub previous: Option<Vec<u8>>,
+}
+
+/// Phase 1 for one resource: compare, stage, check, commit. Returns the outcome and, for a
+/// written file, what is needed to roll it back.
+pub async fn write_checked(
+    resource: &Resource,
+    rendered: &[u8],
+    noop: bool,
+    want_diff: bool,
+) -> (Outcome, Option<Committed>) {
+    let current = match std::fs::read(&resource.dest) {
+        Ok(c) => Some(c),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return (
+                Outcome::WriteFailed {
+                    error: format!("cannot read {}: {e}", resource.dest.display()),
+                },
+                None,
+            )
+        }
+    };
+    if current.as_deref() == Some(rendered) {
+        return (Outcome::Unchanged, None);
+    }
+    let diff = want_diff.then(|| unified_diff(&resource.dest, current.as_deref(), rendered));
+    let staged = match stage(resource, rendered) {
+        Ok(s) => s,
+        Err(error) => return (Outcome::WriteFailed { error }, None),
+    };
+    if let Some(check) = &resource.check_cmd {
+        let cmd = substitute_src(check, staged.path());
+        if let Err(CommandFailure(output)) = run_command(&cmd, resource.check_timeout).await {
+            return (Outcome::CheckFailed { output }, None);
+        }
+    }
+    if noop {
+        return (Outcome::Planned { diff }, None);
+    }
+    if let Some(prev) = &current {
+        if let Err(error) = replace(&resource.dest.with_extension_bak(), prev, None) {
+            return (Outcome::WriteFailed { error }, None);
+        }
+    }
+    if let Err(e) = staged.persist(&resource.dest) {
+        return (
+            Outcome::WriteFailed {
+                error: format!(
+                    "cannot rename {} to {}: {}",
+                    e.file.path().display(),
+                    resource.dest.display(),
+                    e.error
+                ),
+            },
+            None,
+        );
+    }
+    if let Err(error) = sync_dir(&resource.dest) {
+        return (Outcome::WriteFailed { error }, None);
+    }
+    (
+        Outcome::Written,
+        Some(Committed {
+            dest: resource.dest.clone(),
+            previous: current,
+        }),
+    )
+}
+
+/// Restores what [`write_checked`] replaced: the previous content (atomically), or no file.
+pub fn roll_back(c: &Committed) -> Result<(), String> {
+    match &c.previous {
+        Some(prev) => replace(&c.dest, prev, Some(&c.dest)),
+        None => match std::fs::remove_file(&c.dest) {
+            Ok(()) => sync_dir(&c.dest),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("cannot remove {}: {e}", c.dest.display())),
+        },
+    }
+}
+
+trait BakPath {
+    fn with_extension_bak(&self) -> PathBuf;
+}
+
+impl BakPath for Path {
+    fn with_extension_bak(&self) -> PathBuf {
+        let mut s = self.as_os_str().to_owned();
+        s.push(".bak");
+        PathBuf::from(s)
+    }
+}
+
+/// `<dest>.bak`.
+#[cfg(test)]
+pub fn bak_path(dest: &Path) -> PathBuf {
+    dest.with_extension_bak()
+}
+
+/// Writes `content` to a staged file beside the destination with the destination's mode and
+/// owner (from the resource, else from the current file), fsynced.
+fn stage(resource: &Resource, content: &[u8]) -> Result<tempfile::NamedTempFile, String> {
+    let dir = resource.dest.parent().unwrap_or(Path::new("/"));
+    let name = resource
+        .dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut f = tempfile::Builder::new()
+        .prefix(&staged_prefix(&name))
+        .tempfile_in(dir)
+        .map_err(|e| format!("cannot create a staged file in {}: {e}", dir.display()))?;
+    let existing = std::fs::metadata(&resource.dest).ok();
+    let mode = resource
+        .mode
+        .map(|m| m.0)
+        .or(existing.as_ref().map(|m| m.mode() & 0o7777))
+        .unwrap_or(0o644);
+    let uid = resource.uid.or(existing.as_ref().map(|m| m.uid()));
+    let gid = resource.gid.or(existing.as_ref().map(|m| m.gid()));
+    let path = f.path().to_owned();
+    let io = |what: &str, e: std::io::Error| format!("cannot {what} {}: {e}", path.display());
+    f.write_all(content).map_err(|e| io("write", e))?;
+    f.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(|e| io("chmod", e))?;
+    if uid.is_some() || gid.is_some() {
+        std::os::unix::fs::fchown(f.as_file(), uid, gid)
+            .map_err(|e| format!("cannot chown {}: {e}", path.display()))?;
+    }
+    f.as_file().sync_all().map_err(|e| io("fsync", e))?;
+    Ok(f)
+}
+
+/// Prefix of staged files for a destination named `name` (leftovers are removed at start).
+pub fn staged_prefix(name: &str) -> String {
+    format!(".{name}.confgen-")
+}
+
+/// Removes staged files a killed confgen left beside `dest`.
+pub fn remove_leftovers(dest: &Path) -> usize {
+    let (Some(dir), Some(name)) = (dest.parent(), dest.file_name()) else {
+        return 0;
+    };
+    let prefix = staged_prefix(&name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with(&prefix)
+            && std::fs::remove_file(e.path()).is_ok()
+        {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Atomically replaces `path` with `content` (staged beside it, fsynced, renamed), copying mode
+/// and owner from `like` if given.
+fn replace(path: &Path, content: &[u8], like: Option<&Path>) -> Result<(), String> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let meta = like.and_then(|l| std::fs::metadata(l).ok());
+    let mut f = tempfile::Builder::new()
+        .prefix(&staged_prefix(&name))
+        .tempfile_in(dir)
+        .map_err(|e| format!("cannot create a staged file in {}: {e}", dir.display()))?;
+    let io = |what: &str, e: std::io::Error| format!("cannot {what} {}: {e}", path.display());
+    f.write_all(content).map_err(|e| io("write", e))?;
+    if let Some(m) = &meta {
+        let _ = f
+            .as_file()
+            .set_permissions(std::fs::Permissions::from_mode(m.mode() & 0o7777));
+        let _ = std::os::unix::fs::fchown(f.as_file(), Some(m.uid()), Some(m.gid()));
+    } else {
+        let _ = f
+            .as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644));
+    }
+    f.as_file().sync_all().map_err(|e| io("fsync", e))?;
+    f.persist(path)
+        .map_err(|e| format!("cannot rename onto {}: {}", path.display(), e.error))?;
+    sync_dir(path)
+}
+
+fn sync_dir(path: &Path) -> Result<(), String> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| format!("cannot fsync directory {}: {e}", dir.display()))
+}
+
+/// A unified diff of the destination against the render.
+pub fn unified_diff(dest: &Path, old: Option<&[u8]>, new: &[u8]) -> String {
+    let old = String::from_utf8_lossy(old.unwrap_or_default());
+    let new = String::from_utf8_lossy(new);
+    similar::TextDiff::from_lines(old.as_ref(), new.as_ref())
+        .unified_diff()
+        .context_radius(3)
+        .header(
+            &dest.display().to_string(),
+            &format!("{} (rendered)", dest.display()),
+        )
+        .to_string()
+}
+
+/// Runs a reload command; on failure rolls back every destination written in this batch for it,
+/// runs the command again, and reports.
+pub async fn reload_group(
+    cmd: &str,
+    timeout: Duration,
+    committed: &[Committed],
+) -> Result<Duration, (String, bool)> {
+    let started = Instant::now();
+    match run_command(cmd, timeout).await {
+        Ok(_) => Ok(started.elapsed()),
+        Err(CommandFailure(output)) => {
+            let mut rolled_back = true;
+            let mut notes = Vec::new();
+            for c in committed {
+                if let Err(e) = roll_back(c) {
+                    rolled_back = false;
+                    notes.push(e);
+                }
+            }
+            let again = run_command(cmd, timeout).await;
+            let mut output = output;
+            if !notes.is_empty() {
+                output.push_str(&format!("; rollback failed: {}", notes.join("; ")));
+            }
+            if let Err(CommandFailure(o)) = again {
+                output.push_str(&format!("; reload after rollback also failed: {o}"));
+            }
+            Err((output, rolled_back))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resource::{Resource, Wait};
+
+    fn resource(dir: &Path, check: Option<&str>) -> Resource {
+        Resource {
+            name: "t".into(),
+            file: dir.join("t.toml"),
+            src: dir.join("t.tmpl"),
+            src_name: "t.tmpl".into(),
+            dest: dir.join("out.cfg"),
+            prefix: String::new(),
+            keys: vec!["/".into()],
+            uid: None,
+            gid: None,
+            mode: Some(crate::resource::Mode(0o640)),
+            check_cmd: check.map(str::to_string),
+            reload_cmd: None,
+            wait: Wait::default(),
+            check_timeout: Duration::from_secs(10),
+            reload_timeout: Duration::from_secs(10),
+            max_drop: 0.5,
+            drop_grace: Duration::from_secs(30),
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_keeps_bak_and_skips_identical() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = resource(dir.path(), Some("grep -q new {{src}}"));
+        std::fs::write(&r.dest, "old\n").unwrap();
+        let (o, c) = write_checked(&r, b"new\n", false, false).await;
+        assert_eq!(o, Outcome::Written);
+        assert_eq!(std::fs::read_to_string(&r.dest).unwrap(), "new\n");
+        assert_eq!(std::fs::read_to_string(bak_path(&r.dest)).unwrap(), "old\n");
+        assert_eq!(
+            std::fs::metadata(&r.dest).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
+        assert_eq!(c.unwrap().previous.as_deref(), Some(&b"old\n"[..]));
+        let (o, c) = write_checked(&r, b"new\n", false, false).await;
+        assert_eq!(o, Outcome::Unchanged);
+        assert!(c.is_none());
+        // No staged file is left behind.
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| !n.contains("confgen-")), "{names:?}");
+    }
+
+    #[tokio::test]
+    async fn failing_check_leaves_the_destination_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = resource(dir.path(), Some("echo bad config >&2; exit 3 # {{src}}"));
+        std::fs::write(&r.dest, "old\n").unwrap();
+        let (o, c) = write_checked(&r, b"new\n", false, false).await;
+        match o {
+            Outcome::CheckFailed { output } => {
+                assert!(output.contains("exit status: 3"), "{output}");
+                assert!(output.contains("bad config"), "{output}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(c.is_none());
+        assert_eq!(std::fs::read_to_string(&r.dest).unwrap(), "old\n");
+        assert!(!bak_path(&r.dest).exists());
+        assert_eq!(remove_leftovers(&r.dest), 0);
+    }
+
+    #[tokio::test]
+    async fn noop_with_diff_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = resource(dir.path(), Some("test -s {{src}}"));
+        std::fs::write(&r.dest, "a\nb\n").unwrap();
+        let (o, _) = write_checked(&r, b"a\nc\n", true, true).await;
+        match o {
+            Outcome::Planned { diff: Some(d) } => {
+                assert!(d.contains("-b\n+c\n"), "{d}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(std::fs::read_to_string(&r.dest).unwrap(), "a\nb\n");
+    }
+
+    #[tokio::test]
+    async fn failed_reload_restores_the_previous_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = resource(dir.path(), None);
+        std::fs::write(&r.dest, "old\n").unwrap();
+        let (o, c) = write_checked(&r, b"new\n", false, false).await;
+        assert_eq!(o, Outcome::Written);
+        let marker = dir.path().join("reloads");
+        let cmd = format!("echo x >> {}; exit 1", marker.display());
+        let err = reload_group(&cmd, Duration::from_secs(5), &[c.unwrap()])
+            .await
+            .unwrap_err();
+        assert!(err.1, "rolled back");
+        assert_eq!(std::fs::read_to_string(&r.dest).unwrap(), "old\n");
+        // Reloaded twice: the failed one and the one after the rollback.
+        assert_eq!(std::fs::read_to_string(&marker).unwrap(), "x\nx\n");
+    }
+
+    #[tokio::test]
+    async fn rollback_of_a_new_file_removes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = resource(dir.path(), None);
+        let (o, c) = write_checked(&r, b"new\n", false, false).await;
+        assert_eq!(o, Outcome::Written);
+        roll_back(&c.unwrap()).unwrap();
+        assert!(!r.dest.exists());
+    }
+
+    #[tokio::test]
+    async fn command_timeout_kills_the_whole_group() {
+        let started = Instant::now();
+        let err = run_command("sleep 30 & sleep 30; wait", Duration::from_millis(200))
+            .await
+            .unwrap_err();
+        assert!(err.0.contains("did not finish within 200ms"), "{}", err.0);
+        assert!(started.elapsed() < Duration::from_secs(20));
+    }
+}

@@ -1,0 +1,773 @@
+//! `confgen run`: the watch → render → apply loop.
+//!
+//! One task owns everything (view, resources, timers), driven by a `select!` over: a new
+//! registry snapshot, a change of the cache's health, SIGHUP, a template/conf.d file event, a
+//! timer (quiescence, retry, drop guard), and shutdown. Each wake-up ends with a *flush*: every
+//! resource that is due is rendered and applied as one batch, then each distinct `reload_cmd`
+//! runs once.
+//!
+//! Per resource:
+//! - **dirty** when a change touched its keys (or its template / resource changed);
+//! - **due** at once for the first change after `wait.min` of quiet (leading edge), otherwise
+//!   when no change arrived for `wait.min`, or `wait.max` after the batch's first change;
+//! - after a failure, retried with backoff (1 s doubling to 60 s) or at the next change;
+//! - **held** by the drop guard while a render would remove more than `max_drop` of its
+//!   endpoints, until that drop has persisted for `drop_grace`.
+//!
+//! Nothing is rendered or written before the first complete registry view, nor while the watch
+//! is not current (etcd unreachable): the last good files stay, `/healthz` says stale.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use flotilla_registry::backoff::Backoff;
+use flotilla_registry::{CacheState, CacheStatus, Keys, Snapshot};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, error, info, warn};
+
+use crate::apply::{self, Committed, Outcome};
+use crate::metrics::{self, Metrics};
+use crate::resource::{self, Resource};
+use crate::template::{Engine, TemplateError};
+use crate::view::{Scope, TemplateData, View};
+
+/// Modes of `confgen run`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Modes {
+    /// Render once, apply, exit.
+    pub onetime: bool,
+    /// Render and check, write nothing.
+    pub noop: bool,
+    /// Print a unified diff of each change.
+    pub diff: bool,
+}
+
+#[derive(Debug)]
+struct Pending {
+    first: Instant,
+    last: Instant,
+    leading: bool,
+}
+
+#[derive(Debug)]
+struct Held {
+    since: Instant,
+    had: usize,
+    now: usize,
+}
+
+#[derive(Debug)]
+struct Failure {
+    kind: &'static str,
+    message: String,
+    retry_at: Instant,
+    backoff: Backoff,
+}
+
+/// One resource and its state.
+#[derive(Debug)]
+struct Slot {
+    res: Resource,
+    engine: Result<Engine, TemplateError>,
+    data: TemplateData,
+    pending: Option<Pending>,
+    last_flush: Option<Instant>,
+    applied_revision: i64,
+    applied_endpoints: Option<usize>,
+    held: Option<Held>,
+    failure: Option<Failure>,
+    succeeded_once: bool,
+    buf: Vec<u8>,
+}
+
+impl Slot {
+    fn new(res: Resource, view: &View) -> Slot {
+        let scope = Scope {
+            keys: res.keys.clone(),
+            prefix: res.prefix.clone(),
+        };
+        let engine = load_engine(&res, view, &scope);
+        Slot {
+            data: TemplateData::new(scope),
+            res,
+            engine,
+            pending: None,
+            last_flush: None,
+            applied_revision: 0,
+            applied_endpoints: None,
+            held: None,
+            failure: None,
+            succeeded_once: false,
+            buf: Vec::new(),
+        }
+    }
+
+    fn mark_dirty(&mut self, now: Instant) {
+        if let Some(f) = &mut self.failure {
+            // A new change may fix what failed: retry with it rather than after the backoff.
+            f.retry_at = now;
+        }
+        match &mut self.pending {
+            Some(p) => p.last = now,
+            None => {
+                let quiet = self
+                    .last_flush
+                    .is_none_or(|t| now.duration_since(t) >= self.res.wait.min);
+                self.pending = Some(Pending {
+                    first: now,
+                    last: now,
+                    leading: quiet,
+                });
+            }
+        }
+    }
+
+    /// When this slot should be flushed next, if at all.
+    fn due(&self) -> Option<Instant> {
+        let mut due = self.pending.as_ref().map(|p| {
+            if p.leading {
+                p.first
+            } else {
+                (p.last + self.res.wait.min).min(p.first + self.res.wait.max)
+            }
+        });
+        if let Some(f) = &self.failure {
+            due = Some(due.map_or(f.retry_at, |d| d.max(f.retry_at)));
+        }
+        if let Some(h) = &self.held {
+            let grace_end = h.since + self.res.drop_grace;
+            due = Some(due.map_or(grace_end, |d| d.min(grace_end)));
+        }
+        due
+    }
+}
+
+fn load_engine(res: &Resource, view: &View, scope: &Scope) -> Result<Engine, TemplateError> {
+    let dir = res.src.parent().map(Path::to_path_buf).unwrap_or_default();
+    // src_name may contain subdirectories; the templates dir is confdir/templates.
+    let templates_dir = templates_dir_of(res).unwrap_or(dir);
+    Engine::load(&templates_dir, &res.src_name, view.store(), scope.clone())
+}
+
+fn templates_dir_of(res: &Resource) -> Option<PathBuf> {
+    let mut dir = res.src.clone();
+    for _ in Path::new(&res.src_name).components() {
+        dir = dir.parent()?.to_path_buf();
+    }
+    Some(dir)
+}
+
+/// What `/healthz` shows.
+#[derive(Debug, Default)]
+pub struct Health {
+    cache: Option<CacheState>,
+    complete: bool,
+    resources: BTreeMap<String, String>,
+    failing: usize,
+}
+
+impl Health {
+    /// (healthy, body) for `/healthz`.
+    pub fn report(&self) -> (bool, String) {
+        let mut body = String::new();
+        let stale = !self.complete || self.cache != Some(CacheState::Watching);
+        match (&self.cache, self.complete) {
+            (_, false) => body.push_str("registry: stale (no complete view yet)\n"),
+            (Some(CacheState::Watching), true) => body.push_str("registry: current\n"),
+            (Some(CacheState::Degraded { error }), true) => {
+                body.push_str(&format!("registry: stale (last view kept): {error}\n"))
+            }
+            _ => body.push_str("registry: stale (resyncing)\n"),
+        }
+        for (name, state) in &self.resources {
+            body.push_str(&format!("resource {name}: {state}\n"));
+        }
+        (!stale && self.failing == 0, body)
+    }
+}
+
+/// The running daemon.
+pub struct Daemon {
+    confdir: PathBuf,
+    modes: Modes,
+    view: View,
+    slots: Vec<Slot>,
+    metrics: Arc<Metrics>,
+    health: Arc<Mutex<Health>>,
+    heartbeat: Arc<AtomicU64>,
+    ready_sent: bool,
+    writable: bool,
+}
+
+/// How a run ended (for `--onetime`'s exit code).
+#[derive(Debug, PartialEq, Eq)]
+pub enum RunEnd {
+    /// Every resource applied (or shutdown in daemon mode).
+    Ok,
+    /// At least one resource failed (`--onetime`).
+    Failed,
+}
+
+impl Daemon {
+    /// Loads the confdir and templates. Resource errors are fatal here (start-up); template
+    /// errors are not (the resource reports them and waits for a fix).
+    pub fn new(
+        confdir: &Path,
+        keys: &Keys,
+        modes: Modes,
+        metrics: Arc<Metrics>,
+        health: Arc<Mutex<Health>>,
+    ) -> Result<Daemon, resource::ConfigErrors> {
+        let resources = resource::load_confdir(confdir)?;
+        check_keys_under_prefix(&resources, keys)?;
+        let view = View::new(keys.clone());
+        let mut slots = Vec::new();
+        for r in resources {
+            let n = apply::remove_leftovers(&r.dest);
+            if n > 0 {
+                info!(resource = %r.name, files = n, "removed staged files left by an earlier run");
+            }
+            let slot = Slot::new(r, &view);
+            if let Err(e) = &slot.engine {
+                error!(resource = %slot.res.name, error = %e, "template does not load; the destination is left as it is");
+            }
+            slots.push(slot);
+        }
+        Ok(Daemon {
+            confdir: confdir.to_owned(),
+            modes,
+            view,
+            slots,
+            metrics,
+            health,
+            heartbeat: Arc::new(AtomicU64::new(now_secs())),
+            ready_sent: false,
+            writable: false,
+        })
+    }
+
+    /// Seconds-since-epoch of the loop's last turn (for the systemd watchdog).
+    pub fn heartbeat(&self) -> Arc<AtomicU64> {
+        self.heartbeat.clone()
+    }
+
+    /// Every file to watch for changes: the conf.d directory and the templates directory.
+    pub fn watch_dirs(&self) -> Vec<PathBuf> {
+        vec![self.confdir.join("conf.d"), self.confdir.join("templates")]
+    }
+
+    /// Runs until `shutdown` resolves (or, with `--onetime`, until one apply is done).
+    pub async fn run(
+        mut self,
+        mut snaps: watch::Receiver<Snapshot>,
+        mut status: watch::Receiver<CacheStatus>,
+        mut files: mpsc::Receiver<()>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> RunEnd {
+        tokio::pin!(shutdown);
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .expect("SIGHUP handler");
+        self.on_status(&status.borrow_and_update().clone());
+        self.on_snapshot(&mut snaps);
+        loop {
+            self.heartbeat.store(now_secs(), Ordering::Relaxed);
+            if self.modes.onetime && self.writable {
+                // Everything is dirty after the first complete view: one flush, then exit.
+                let failed = self.flush(true).await;
+                return if failed { RunEnd::Failed } else { RunEnd::Ok };
+            }
+            self.flush(false).await;
+            self.publish_health();
+            let next = self
+                .slots
+                .iter()
+                .filter_map(Slot::due)
+                .min()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            // Wake at least every 10 s so the watchdog heartbeat keeps moving.
+            let next = next.min(Instant::now() + Duration::from_secs(10));
+            tokio::select! {
+                _ = &mut shutdown => {
+                    info!("shutting down");
+                    return RunEnd::Ok;
+                }
+                r = snaps.changed() => {
+                    if r.is_err() {
+                        error!("the registry watch ended");
+                        return RunEnd::Failed;
+                    }
+                    self.on_snapshot(&mut snaps);
+                }
+                r = status.changed() => {
+                    if r.is_ok() {
+                        let s = status.borrow_and_update().clone();
+                        self.on_status(&s);
+                        // A relist may have been published just before the state changed.
+                        self.on_snapshot(&mut snaps);
+                    }
+                }
+                _ = hup.recv() => {
+                    info!("SIGHUP: re-reading conf.d and templates");
+                    self.reload_config(&mut snaps);
+                }
+                Some(()) = files.recv() => {
+                    // Let a burst of file events (an editor's save) settle: 20 ms of quiet,
+                    // at most 60 ms.
+                    let until = Instant::now() + Duration::from_millis(60);
+                    loop {
+                        let quiet = tokio::time::sleep(Duration::from_millis(20));
+                        tokio::select! {
+                            Some(()) = files.recv() => if Instant::now() >= until { break },
+                            _ = quiet => break,
+                        }
+                    }
+                    info!("template or resource file changed: re-reading conf.d and templates");
+                    self.reload_config(&mut snaps);
+                }
+                _ = tokio::time::sleep_until(next.into()) => {}
+            }
+        }
+    }
+
+    fn on_status(&mut self, s: &CacheStatus) {
+        let mut h = self.health.lock().expect("health lock");
+        h.cache = Some(s.state.clone());
+        drop(h);
+        self.update_writable();
+    }
+
+    fn update_writable(&mut self) {
+        let state = self.health.lock().expect("health lock").cache.clone();
+        let writable = self.view.complete() && state == Some(CacheState::Watching);
+        if writable != self.writable {
+            if writable {
+                info!(
+                    revision = self.view.revision(),
+                    "registry view is current; applying"
+                );
+            } else if self.view.complete() {
+                warn!(
+                    "registry view is stale; keeping the current files until it is current again"
+                );
+            }
+        }
+        self.writable = writable;
+        self.metrics.stale.set(i64::from(!writable));
+    }
+
+    fn on_snapshot(&mut self, snaps: &mut watch::Receiver<Snapshot>) {
+        let was_complete = self.view.complete();
+        let snap = snaps.borrow_and_update();
+        let changes = self
+            .view
+            .sync(&snap, self.slots.iter_mut().map(|s| &mut s.data));
+        drop(snap);
+        let now = Instant::now();
+        if !was_complete && self.view.complete() {
+            info!(
+                revision = self.view.revision(),
+                keys = changes.keys.len(),
+                "first complete registry view"
+            );
+            for s in &mut self.slots {
+                s.mark_dirty(now);
+            }
+        } else if !changes.keys.is_empty() {
+            for s in &mut self.slots {
+                if changes.keys.iter().any(|k| s.data.scope().contains(k)) {
+                    s.mark_dirty(now);
+                }
+            }
+            debug!(
+                revision = changes.revision,
+                keys = changes.keys.len(),
+                "registry changed"
+            );
+        }
+        self.metrics.revision.set(self.view.revision());
+        self.health.lock().expect("health lock").complete = self.view.complete();
+        self.update_writable();
+    }
+
+    /// Re-reads conf.d and every template. A bad resource file keeps the old configuration; a
+    /// broken template is reported by its resource.
+    fn reload_config(&mut self, snaps: &mut watch::Receiver<Snapshot>) {
+        let resources = match resource::load_confdir(&self.confdir)
+            .and_then(|r| check_keys_under_prefix(&r, self.view.keys()).map(|_| r))
+        {
+            Ok(r) => r,
+            Err(e) => {
+                error!(error = %e, "the new configuration is invalid; keeping the running one");
+                self.metrics.failure("-", "config");
+                return;
+            }
+        };
+        let mut old: BTreeMap<String, Slot> = self
+            .slots
+            .drain(..)
+            .map(|s| (s.res.name.clone(), s))
+            .collect();
+        let now = Instant::now();
+        for r in resources {
+            let mut slot = match old.remove(&r.name) {
+                Some(mut prev) if prev.res.keys == r.keys && prev.res.prefix == r.prefix => {
+                    prev.engine = load_engine(&r, &self.view, prev.data.scope());
+                    prev.res = r;
+                    prev
+                }
+                Some(prev) => {
+                    let mut s = Slot::new(r, &self.view);
+                    s.applied_endpoints = prev.applied_endpoints;
+                    s
+                }
+                None => Slot::new(r, &self.view),
+            };
+            if let Err(e) = &slot.engine {
+                error!(resource = %slot.res.name, error = %e, "template does not load; the destination is left as it is");
+                self.metrics.failure(&slot.res.name, "render");
+            }
+            slot.failure = None;
+            slot.pending = None;
+            slot.last_flush = None;
+            slot.mark_dirty(now);
+            self.slots.push(slot);
+        }
+        for name in old.keys() {
+            info!(resource = %name, "resource removed");
+        }
+        // Build the data of new or re-scoped resources.
+        let snap = snaps.borrow();
+        let changes = self
+            .view
+            .sync(&snap, self.slots.iter_mut().map(|s| &mut s.data));
+        drop(snap);
+        if !changes.keys.is_empty() {
+            for s in &mut self.slots {
+                s.mark_dirty(now);
+            }
+        }
+    }
+
+    /// Renders and applies every due resource (all dirty ones with `all`). Returns true if any
+    /// of them failed.
+    async fn flush(&mut self, all: bool) -> bool {
+        if !self.writable {
+            return false;
+        }
+        let now = Instant::now();
+        let due: Vec<usize> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| {
+                if all {
+                    s.pending.is_some() || s.failure.is_some() || s.held.is_some()
+                } else {
+                    s.due().is_some_and(|d| d <= now)
+                }
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if due.is_empty() {
+            return false;
+        }
+        let revision = self.view.revision();
+        let mut outcomes: Vec<(usize, Outcome, Option<Instant>)> = Vec::new();
+        let mut committed: BTreeMap<String, Vec<(usize, Committed)>> = BTreeMap::new();
+        for i in due {
+            let slot = &mut self.slots[i];
+            let batch_start = slot.pending.as_ref().map(|p| p.first);
+            slot.pending = None;
+            slot.last_flush = Some(now);
+            let (outcome, commit) = render_and_write(slot, &self.metrics, self.modes).await;
+            if let (Outcome::Written, Some(c)) = (&outcome, commit) {
+                if let Some(cmd) = &slot.res.reload_cmd {
+                    committed.entry(cmd.clone()).or_default().push((i, c));
+                }
+                if let Some(start) = batch_start {
+                    self.metrics
+                        .change_to_write
+                        .observe(start.elapsed().as_secs_f64());
+                }
+            }
+            outcomes.push((i, outcome, batch_start));
+        }
+        // Each distinct reload command once, after every write of the batch.
+        for (cmd, group) in committed {
+            let timeout = group
+                .iter()
+                .map(|(i, _)| self.slots[*i].res.reload_timeout)
+                .max()
+                .unwrap_or(resource::DEFAULT_COMMAND_TIMEOUT);
+            let commits: Vec<Committed> = group
+                .iter()
+                .map(|(_, c)| Committed {
+                    dest: c.dest.clone(),
+                    previous: c.previous.clone(),
+                })
+                .collect();
+            let result = apply::reload_group(&cmd, timeout, &commits).await;
+            let label = vec![(
+                "result".to_string(),
+                if result.is_ok() { "ok" } else { "failed" }.to_string(),
+            )];
+            self.metrics.reloads.get_or_create(&label).inc();
+            for (i, _) in &group {
+                if let Some(o) = outcomes.iter_mut().find(|(j, _, _)| j == i) {
+                    o.1 = match &result {
+                        Ok(took) => {
+                            debug!(resource = %self.slots[*i].res.name, took = ?took, "reloaded");
+                            Outcome::Reloaded
+                        }
+                        Err((output, rolled_back)) => Outcome::ReloadFailed {
+                            output: output.clone(),
+                            rolled_back: *rolled_back,
+                        },
+                    };
+                }
+            }
+        }
+        let mut any_failed = false;
+        for (i, outcome, batch_start) in outcomes {
+            any_failed |= !outcome.is_success() && !matches!(outcome, Outcome::Held { .. });
+            self.record(i, outcome, batch_start, revision);
+        }
+        self.update_lag();
+        if !self.ready_sent && self.slots.iter().all(|s| s.succeeded_once) {
+            self.ready_sent = true;
+            info!("every template has rendered; ready");
+            flotilla_registry::daemon::notify_ready();
+        }
+        any_failed
+    }
+
+    fn record(&mut self, i: usize, outcome: Outcome, batch_start: Option<Instant>, revision: i64) {
+        let metrics = self.metrics.clone();
+        let modes = self.modes;
+        let slot = &mut self.slots[i];
+        let name = slot.res.name.clone();
+        let labels = metrics::resource(&name);
+        metrics
+            .endpoints
+            .get_or_create(&labels)
+            .set(slot.data.endpoint_count() as i64);
+        if outcome.is_success() {
+            if slot.failure.take().is_some() {
+                info!(resource = %name, "recovered");
+            }
+            slot.succeeded_once = true;
+            slot.applied_revision = revision;
+            if !modes.noop {
+                slot.applied_endpoints = Some(slot.data.endpoint_count());
+            }
+            slot.held = None;
+            metrics.last_success.get_or_create(&labels).set(
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs_f64(),
+            );
+        }
+        match &outcome {
+            Outcome::Unchanged => {
+                debug!(resource = %name, revision, "render unchanged; nothing written")
+            }
+            Outcome::Written | Outcome::Reloaded => {
+                metrics.writes.get_or_create(&labels).inc();
+                info!(
+                    resource = %name,
+                    dest = %slot.res.dest.display(),
+                    revision,
+                    endpoints = slot.data.endpoint_count(),
+                    latency_ms = batch_start.map(|s| s.elapsed().as_millis() as u64),
+                    "{outcome}"
+                );
+            }
+            Outcome::Planned { diff } => {
+                info!(resource = %name, dest = %slot.res.dest.display(), "{outcome}");
+                if let Some(d) = diff {
+                    println!("{d}");
+                }
+            }
+            Outcome::Held { had, now } => {
+                metrics.held.get_or_create(&labels).inc();
+                let first = slot.held.is_none();
+                let since = slot.held.as_ref().map_or(Instant::now(), |h| h.since);
+                slot.held = Some(Held {
+                    since,
+                    had: *had,
+                    now: *now,
+                });
+                if first {
+                    warn!(
+                        resource = %name,
+                        had, now,
+                        max_drop = %format!("{:.0}%", slot.res.max_drop * 100.0),
+                        grace = %humantime::format_duration(slot.res.drop_grace),
+                        "drop guard: holding a render that removes too many endpoints; it is applied if the drop persists for the grace period"
+                    );
+                }
+            }
+            failed => {
+                metrics.failure(&name, failed.kind());
+                let message = failed.to_string();
+                let now = Instant::now();
+                match &mut slot.failure {
+                    Some(f) if f.message == message => {
+                        debug!(resource = %name, error = %message, "still failing");
+                        f.retry_at = now + f.backoff.next_delay();
+                    }
+                    _ => {
+                        error!(resource = %name, error = %message, "apply failed; the destination keeps its last good content");
+                        let mut backoff = Backoff::new(
+                            Duration::from_secs(1),
+                            Duration::from_secs(60),
+                            Duration::from_secs(60),
+                        );
+                        let retry_at = now + backoff.next_delay();
+                        slot.failure = Some(Failure {
+                            kind: failed.kind(),
+                            message,
+                            retry_at,
+                            backoff,
+                        });
+                    }
+                }
+                // Keep the resource dirty: the apply is retried.
+                slot.pending.get_or_insert(Pending {
+                    first: batch_start.unwrap_or(now),
+                    last: now,
+                    leading: false,
+                });
+            }
+        }
+    }
+
+    fn update_lag(&self) {
+        let oldest = self
+            .slots
+            .iter()
+            .map(|s| s.applied_revision)
+            .min()
+            .unwrap_or(0);
+        self.metrics
+            .watch_lag
+            .set((self.view.revision() - oldest).max(0));
+    }
+
+    fn publish_health(&self) {
+        let mut h = self.health.lock().expect("health lock");
+        h.resources.clear();
+        h.failing = 0;
+        for s in &self.slots {
+            let state = if let Some(f) = &s.failure {
+                h.failing += 1;
+                format!("failing ({}): {}", f.kind, f.message)
+            } else if let Err(e) = &s.engine {
+                h.failing += 1;
+                format!("template error: {e}")
+            } else if let Some(hd) = &s.held {
+                format!(
+                    "held by the drop guard ({} of {} endpoints) for {}",
+                    hd.now,
+                    hd.had,
+                    humantime::format_duration(Duration::from_secs(hd.since.elapsed().as_secs()))
+                )
+            } else if s.succeeded_once {
+                format!("ok at revision {}", s.applied_revision)
+            } else {
+                "not rendered yet".to_string()
+            };
+            h.resources.insert(s.res.name.clone(), state);
+        }
+    }
+}
+
+/// Render one slot and run phase 1 of the apply.
+async fn render_and_write(
+    slot: &mut Slot,
+    metrics: &Metrics,
+    modes: Modes,
+) -> (Outcome, Option<Committed>) {
+    let engine = match &slot.engine {
+        Ok(e) => e,
+        Err(e) => return (Outcome::RenderFailed(e.clone()), None),
+    };
+    let started = Instant::now();
+    let root = slot.data.take_root();
+    let (root, result) = engine.render(root, &mut slot.buf);
+    slot.data.restore(root);
+    let labels = metrics::resource(&slot.res.name);
+    metrics.renders.get_or_create(&labels).inc();
+    metrics
+        .render_seconds
+        .observe(started.elapsed().as_secs_f64());
+    if let Err(e) = result {
+        return (Outcome::RenderFailed(e), None);
+    }
+    // Drop guard.
+    let now_count = slot.data.endpoint_count();
+    if let Some(had) = slot.applied_endpoints {
+        let dropped = had.saturating_sub(now_count);
+        let too_many = had > 0 && (dropped as f64) > slot.res.max_drop * had as f64;
+        if too_many {
+            let persisted = slot
+                .held
+                .as_ref()
+                .is_some_and(|h| h.since.elapsed() >= slot.res.drop_grace);
+            if !persisted {
+                return (
+                    Outcome::Held {
+                        had,
+                        now: now_count,
+                    },
+                    None,
+                );
+            }
+            warn!(
+                resource = %slot.res.name,
+                had, now = now_count,
+                "drop guard: the drop persisted for the grace period; applying it"
+            );
+        }
+    }
+    apply::write_checked(&slot.res, &slot.buf, modes.noop, modes.diff).await
+}
+
+fn check_keys_under_prefix(
+    resources: &[Resource],
+    keys: &Keys,
+) -> Result<(), resource::ConfigErrors> {
+    let root = keys.root();
+    let errors: Vec<resource::ResourceError> = resources
+        .iter()
+        .flat_map(|r| {
+            r.keys
+                .iter()
+                .filter(|k| !k.starts_with(&root) && root.trim_end_matches('/') != k.as_str())
+                .map(|k| resource::ResourceError {
+                    file: r.file.clone(),
+                    message: format!(
+                        "field `keys`: {k:?} is outside --prefix {}; confgen watches only keys under it",
+                        keys.prefix()
+                    ),
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(resource::ConfigErrors(errors))
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}

@@ -1,0 +1,134 @@
+//! Prometheus metrics served at `/metrics` (names and meanings in docs/CONFGEN.md).
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+
+/// Every metric confgen exports.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// Renders by resource.
+    pub renders: Family<Labels, Counter>,
+    /// Destination writes by resource.
+    pub writes: Family<Labels, Counter>,
+    /// Reload commands run, by result (`ok`, `failed`).
+    pub reloads: Family<Labels, Counter>,
+    /// Failures by resource and kind (`render`, `check`, `write`, `reload`, `config`).
+    pub failures: Family<Labels, Counter>,
+    /// Renders held by the drop guard, by resource.
+    pub held: Family<Labels, Counter>,
+    /// Seconds from confgen seeing a change to the destination being renamed into place.
+    pub change_to_write: Histogram,
+    /// Seconds one render takes.
+    pub render_seconds: Histogram,
+    /// etcd revision of confgen's view.
+    pub revision: Gauge,
+    /// Revisions between confgen's view and the oldest applied revision of any resource.
+    pub watch_lag: Gauge,
+    /// Unix time of the last successful apply, by resource.
+    pub last_success: Family<Labels, Gauge<f64, AtomicU64>>,
+    /// 1 while the registry view is stale (etcd unreachable or not yet listed).
+    pub stale: Gauge,
+    /// Endpoints each resource's template sees.
+    pub endpoints: Family<Labels, Gauge>,
+}
+
+/// Label set `resource=<name>`.
+pub fn resource(name: &str) -> Labels {
+    vec![("resource".into(), name.into())]
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them in a new registry.
+    pub fn new() -> (Arc<Metrics>, Arc<Mutex<Registry>>) {
+        let m = Metrics {
+            renders: Family::default(),
+            writes: Family::default(),
+            reloads: Family::default(),
+            failures: Family::default(),
+            held: Family::default(),
+            change_to_write: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            render_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            revision: Gauge::default(),
+            watch_lag: Gauge::default(),
+            last_success: Family::default(),
+            stale: Gauge::default(),
+            endpoints: Family::default(),
+        };
+        let mut r = Registry::default();
+        r.register("confgen_renders", "Template renders", m.renders.clone());
+        r.register(
+            "confgen_writes",
+            "Destination files written",
+            m.writes.clone(),
+        );
+        r.register(
+            "confgen_reloads",
+            "Reload commands run, by result",
+            m.reloads.clone(),
+        );
+        r.register(
+            "confgen_failures",
+            "Failed applies by kind (render, check, write, reload, config)",
+            m.failures.clone(),
+        );
+        r.register(
+            "confgen_held",
+            "Renders held by the drop guard",
+            m.held.clone(),
+        );
+        r.register(
+            "confgen_change_to_write_seconds",
+            "From seeing a registry change to the destination renamed into place",
+            m.change_to_write.clone(),
+        );
+        r.register(
+            "confgen_render_seconds",
+            "Time to render one template",
+            m.render_seconds.clone(),
+        );
+        r.register(
+            "confgen_registry_revision",
+            "etcd revision of confgen's registry view",
+            m.revision.clone(),
+        );
+        r.register(
+            "confgen_watch_lag_revisions",
+            "Revisions between the registry view and the oldest applied revision",
+            m.watch_lag.clone(),
+        );
+        r.register(
+            "confgen_last_success_timestamp_seconds",
+            "Unix time of the last successful apply",
+            m.last_success.clone(),
+        );
+        r.register(
+            "confgen_stale",
+            "1 while the registry view is stale (etcd unreachable or not yet listed)",
+            m.stale.clone(),
+        );
+        r.register(
+            "confgen_endpoints",
+            "Endpoints each template sees",
+            m.endpoints.clone(),
+        );
+        (Arc::new(m), Arc::new(Mutex::new(r)))
+    }
+
+    /// Counts a failure of `kind` for `resource`.
+    pub fn failure(&self, resource: &str, kind: &str) {
+        self.failures
+            .get_or_create(&vec![
+                ("resource".into(), resource.into()),
+                ("kind".into(), kind.into()),
+            ])
+            .inc();
+    }
+}

@@ -1,0 +1,568 @@
+//! Loading and rendering Tera templates, with errors that name template, line and column.
+//!
+//! A resource's template is loaded together with the templates it `extends`, `include`s and
+//! `import`s (found under the same templates directory), nothing else: a broken template
+//! breaks only the resources that use it.
+//!
+//! Tera 1 reports parse errors with a position but render errors (an undefined variable, a
+//! failing function or filter) without one. When a render fails, confgen renders once more
+//! with an instrumented copy of the templates, where each tag is preceded by a call that records
+//! its position; the last position recorded before the failure is the failing tag. The normal
+//! render path pays nothing for this.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Map, Value};
+use tera::ast::{Block, Node};
+use tera::{Context, Tera};
+
+use crate::funcs;
+use crate::view::{Scope, Store};
+
+/// The function that instrumented templates call before each tag.
+const AT_FN: &str = "__confgen_at";
+
+/// A template that failed to load or render.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct TemplateError {
+    /// Template name (path under the templates directory).
+    pub template: String,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// 1-based column, when known.
+    pub column: Option<usize>,
+    /// What went wrong, one line (Tera's error chain flattened).
+    pub message: String,
+}
+
+impl fmt::Display for TemplateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.column) {
+            (Some(l), Some(c)) => write!(f, "template {}:{l}:{c}: {}", self.template, self.message),
+            (Some(l), None) => write!(f, "template {}:{l}: {}", self.template, self.message),
+            _ => write!(f, "template {}: {}", self.template, self.message),
+        }
+    }
+}
+
+/// Flattens an error and its sources into one line, without repeats.
+pub fn flatten_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string().trim().to_string();
+        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cur = err.source();
+    }
+    parts.join(": ")
+}
+
+/// A loaded template with its dependencies, ready to render.
+pub struct Engine {
+    name: String,
+    tera: Tera,
+    sources: BTreeMap<String, String>,
+    store: Store,
+    scope: Arc<Scope>,
+    /// Every file this template was loaded from (to watch them).
+    pub files: Vec<PathBuf>,
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("name", &self.name)
+            .field("files", &self.files)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Loads template `name` from `dir` (and what it extends, includes or imports), with the
+    /// confgen functions and filters reading `store` within `scope`.
+    pub fn load(
+        dir: &Path,
+        name: &str,
+        store: Store,
+        scope: Scope,
+    ) -> Result<Engine, TemplateError> {
+        let mut sources = BTreeMap::new();
+        let mut queue = vec![(name.to_string(), None::<(String, String)>)];
+        while let Some((tpl, needed_by)) = queue.pop() {
+            if sources.contains_key(&tpl) {
+                continue;
+            }
+            let path = dir.join(&tpl);
+            let text = match std::fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) => {
+                    return Err(match needed_by {
+                        Some((parent, parent_src)) => {
+                            let (line, column) = find_literal(&parent_src, &tpl);
+                            TemplateError {
+                                template: parent,
+                                line,
+                                column,
+                                message: format!("cannot read {}: {e}", path.display()),
+                            }
+                        }
+                        None => TemplateError {
+                            template: tpl.clone(),
+                            line: None,
+                            column: None,
+                            message: format!("cannot read {}: {e}", path.display()),
+                        },
+                    })
+                }
+            };
+            let parsed =
+                tera::Template::new(&tpl, None, &text).map_err(|e| parse_error(&tpl, &e))?;
+            for dep in dependencies(&parsed) {
+                queue.push((dep, Some((tpl.clone(), text.clone()))));
+            }
+            sources.insert(tpl, text);
+        }
+        let scope = Arc::new(scope);
+        let tera = build(&sources, &store, &scope, None)?;
+        Ok(Engine {
+            name: name.to_string(),
+            tera,
+            files: sources.keys().map(|n| dir.join(n)).collect(),
+            sources,
+            store,
+            scope,
+        })
+    }
+
+    /// Loads a template from a file outside any confdir (`confgen render`): its directory is
+    /// the templates directory.
+    pub fn load_file(path: &Path, store: Store, scope: Scope) -> Result<Engine, TemplateError> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Engine::load(dir, &name, store, scope)
+    }
+
+    /// Renders into `out` (cleared first) from `root` (the template data tree, moved in and
+    /// handed back).
+    pub fn render(
+        &self,
+        root: Map<String, Value>,
+        out: &mut Vec<u8>,
+    ) -> (Map<String, Value>, Result<(), TemplateError>) {
+        out.clear();
+        let ctx = Context::from_value(Value::Object(root)).expect("an object is a context");
+        let result = self.tera.render_to(&self.name, &ctx, &mut *out);
+        let root = match ctx.into_json() {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        };
+        match result {
+            Ok(()) => (root, Ok(())),
+            Err(e) => {
+                let (root, err) = self.locate(root, &e);
+                (root, Err(err))
+            }
+        }
+    }
+
+    /// Re-renders with instrumented templates to find where `e` happened.
+    fn locate(
+        &self,
+        root: Map<String, Value>,
+        e: &tera::Error,
+    ) -> (Map<String, Value>, TemplateError) {
+        let message = render_message(e);
+        let mut err = TemplateError {
+            template: self.name.clone(),
+            line: None,
+            column: None,
+            message,
+        };
+        let at: Arc<Mutex<Option<(String, usize, usize)>>> = Arc::new(Mutex::new(None));
+        let instrumented: BTreeMap<String, String> = self
+            .sources
+            .iter()
+            .map(|(n, s)| (n.clone(), instrument(n, s)))
+            .collect();
+        let Ok(tera) = build(&instrumented, &self.store, &self.scope, Some(at.clone())) else {
+            return (root, err);
+        };
+        let ctx = Context::from_value(Value::Object(root)).expect("an object is a context");
+        let failed = tera.render(&self.name, &ctx).is_err();
+        let root = match ctx.into_json() {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        };
+        if failed {
+            if let Some((tpl, line, column)) = at.lock().expect("position lock").take() {
+                err.template = tpl;
+                err.line = Some(line);
+                err.column = Some(column);
+            }
+        }
+        (root, err)
+    }
+}
+
+fn build(
+    sources: &BTreeMap<String, String>,
+    store: &Store,
+    scope: &Arc<Scope>,
+    at: Option<Arc<Mutex<Option<(String, usize, usize)>>>>,
+) -> Result<Tera, TemplateError> {
+    let mut tera = Tera::default();
+    tera.autoescape_on(vec![]);
+    funcs::register(&mut tera, store.clone(), scope.clone());
+    if let Some(at) = at {
+        tera.register_function(
+            AT_FN,
+            move |args: &std::collections::HashMap<String, Value>| {
+                let f = args
+                    .get("f")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
+                let l = args.get("l").and_then(Value::as_u64).unwrap_or(0) as usize;
+                let c = args.get("c").and_then(Value::as_u64).unwrap_or(0) as usize;
+                *at.lock().expect("position lock") = Some((f, l, c));
+                Ok(Value::String(String::new()))
+            },
+        );
+    }
+    tera.add_raw_templates(sources.iter().map(|(n, s)| (n.as_str(), s.as_str())))
+        .map_err(|e| {
+            let text = flatten_chain(&e);
+            let template = sources
+                .keys()
+                .find(|n| text.contains(&format!("'{n}'")))
+                .cloned()
+                .unwrap_or_default();
+            parse_error_text(&template, &text)
+        })?;
+    Ok(tera)
+}
+
+/// Names of the templates `t` extends, imports or includes.
+fn dependencies(t: &tera::Template) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    if let Some(p) = &t.parent {
+        out.insert(p.clone());
+    }
+    for (file, _) in &t.imported_macro_files {
+        out.insert(file.clone());
+    }
+    fn walk(nodes: &[Node], out: &mut BTreeSet<String>) {
+        for n in nodes {
+            match n {
+                Node::Include(_, names, ignore_missing) => {
+                    if !*ignore_missing {
+                        // Only the first existing one is used; require the first.
+                        if let Some(first) = names.first() {
+                            out.insert(first.clone());
+                        }
+                    }
+                }
+                Node::Block(_, Block { body, .. }, _) => walk(body, out),
+                Node::Forloop(_, f, _) => {
+                    walk(&f.body, out);
+                    if let Some(e) = &f.empty_body {
+                        walk(e, out);
+                    }
+                }
+                Node::If(i, _) => {
+                    for (_, _, body) in &i.conditions {
+                        walk(body, out);
+                    }
+                    if let Some((_, body)) = &i.otherwise {
+                        walk(body, out);
+                    }
+                }
+                Node::FilterSection(_, f, _) => walk(&f.body, out),
+                Node::MacroDefinition(_, m, _) => walk(&m.body, out),
+                _ => {}
+            }
+        }
+    }
+    walk(&t.ast, &mut out);
+    for m in t.macros.values() {
+        walk(&m.body, &mut out);
+    }
+    out
+}
+
+fn parse_error(template: &str, e: &tera::Error) -> TemplateError {
+    parse_error_text(template, &flatten_chain(e))
+}
+
+/// Turns Tera's (pest's) parse message into `line`, `column` and a one-line message.
+fn parse_error_text(template: &str, text: &str) -> TemplateError {
+    let pos = regex::Regex::new(r"-->\s*(\d+):(\d+)").expect("regex");
+    let (line, column) = match pos.captures(text) {
+        Some(c) => (c[1].parse().ok(), c[2].parse().ok()),
+        None => (None, None),
+    };
+    // pest's block: " --> 1:8\n  |\n1 | src\n  |   ^---\n  |\n  = expected …"
+    let mut message: Vec<String> = Vec::new();
+    for l in text.lines() {
+        let t = l.trim();
+        if let Some(rest) = t.strip_prefix('=') {
+            message.push(rest.trim().to_string());
+        } else if !t.is_empty()
+            && !t.starts_with("-->")
+            && !t.starts_with('|')
+            && !t.chars().next().is_some_and(|c| c.is_ascii_digit())
+        {
+            let t = t.trim_end_matches(':').trim();
+            if !t.starts_with("Failed to parse") && !t.is_empty() {
+                message.push(t.to_string());
+            }
+        }
+    }
+    let message = if message.is_empty() {
+        text.replace('\n', " ")
+    } else {
+        message.join(": ")
+    };
+    TemplateError {
+        template: template.to_string(),
+        line,
+        column,
+        message,
+    }
+}
+
+/// The useful part of a render error chain (drops "Failed to render 'x'").
+fn render_message(e: &tera::Error) -> String {
+    let text = flatten_chain(e);
+    let mut parts: Vec<&str> = text
+        .split(": ")
+        .filter(|p| !p.starts_with("Failed to render"))
+        .collect();
+    if parts.is_empty() {
+        parts.push(&text);
+    }
+    parts.join(": ")
+}
+
+/// Position of the first occurrence of `"lit"` (or `'lit'`) in `src`.
+fn find_literal(src: &str, lit: &str) -> (Option<usize>, Option<usize>) {
+    for q in ['"', '\''] {
+        let needle = format!("{q}{lit}{q}");
+        if let Some(off) = src.find(&needle) {
+            let (l, c) = line_col(src, off);
+            return (Some(l), Some(c));
+        }
+    }
+    (None, None)
+}
+
+fn line_col(src: &str, offset: usize) -> (usize, usize) {
+    let before = &src[..offset];
+    let line = before.matches('\n').count() + 1;
+    let col = before
+        .rsplit('\n')
+        .next()
+        .map(|l| l.chars().count())
+        .unwrap_or(0)
+        + 1;
+    (line, col)
+}
+
+/// Inserts `{{ __confgen_at(f=…, l=…, c=…) }}` before every `{{ }}` and `{% %}` tag (except
+/// `extends` and `import`, which must stay first), skipping comments and raw blocks.
+fn instrument(name: &str, src: &str) -> String {
+    let bytes = src.as_bytes();
+    let mut out = String::with_capacity(src.len() * 2);
+    let mut i = 0;
+    let mut copied = 0;
+    let fname = name.replace('\\', "\\\\").replace('"', "\\\"");
+    while i + 1 < bytes.len() {
+        if bytes[i] != b'{' {
+            i += 1;
+            continue;
+        }
+        match bytes[i + 1] {
+            b'#' => {
+                i = src[i..]
+                    .find("#}")
+                    .map(|o| i + o + 2)
+                    .unwrap_or(bytes.len());
+            }
+            b'{' | b'%' => {
+                let end = tag_end(src, i);
+                let inner = src[i + 2..end.saturating_sub(2).max(i + 2)]
+                    .trim_matches(|c: char| c == '-' || c.is_whitespace());
+                let word = inner.split_whitespace().next().unwrap_or("");
+                let is_stmt = bytes[i + 1] == b'%';
+                if !(is_stmt && matches!(word, "extends" | "import")) {
+                    let (l, c) = line_col(src, i);
+                    out.push_str(&src[copied..i]);
+                    out.push_str(&format!("{{{{ {AT_FN}(f=\"{fname}\", l={l}, c={c}) }}}}"));
+                    copied = i;
+                }
+                if is_stmt && word == "raw" {
+                    // Skip to after the matching endraw tag.
+                    let rest = &src[end..];
+                    let re = regex::Regex::new(r"\{%-?\s*endraw\s*-?%\}").expect("regex");
+                    i = re.find(rest).map(|m| end + m.end()).unwrap_or(bytes.len());
+                } else {
+                    i = end;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    out.push_str(&src[copied..]);
+    out
+}
+
+/// Offset just past the tag starting at `start` (`{{` or `{%`), honouring string literals.
+fn tag_end(src: &str, start: usize) -> usize {
+    let bytes = src.as_bytes();
+    let close = if bytes[start + 1] == b'{' { b'}' } else { b'%' };
+    let mut i = start + 2;
+    let mut quote: Option<u8> = None;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match quote {
+            Some(q) => {
+                if b == q {
+                    quote = None;
+                }
+            }
+            None => {
+                if b == b'"' || b == b'\'' || b == b'`' {
+                    quote = Some(b);
+                } else if b == close && i + 1 < bytes.len() && bytes[i + 1] == b'}' {
+                    return i + 2;
+                }
+            }
+        }
+        i += 1;
+    }
+    bytes.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::sync::RwLock;
+
+    fn engine(
+        files: &[(&str, &str)],
+        main: &str,
+        kvs: &[(&str, &str)],
+    ) -> (tempfile::TempDir, Result<Engine, TemplateError>) {
+        let dir = tempfile::tempdir().unwrap();
+        for (n, t) in files {
+            std::fs::write(dir.path().join(n), t).unwrap();
+        }
+        let store: Store = Arc::new(RwLock::new(
+            kvs.iter()
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+                .collect::<BTreeMap<_, _>>(),
+        ));
+        let e = Engine::load(dir.path(), main, store, Scope::everything());
+        (dir, e)
+    }
+
+    fn render(e: &Engine, root: Value) -> Result<String, TemplateError> {
+        let mut out = Vec::new();
+        let (_, r) = e.render(root.as_object().unwrap().clone(), &mut out);
+        r.map(|()| String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn parse_error_names_template_line_and_column() {
+        let (_d, e) = engine(&[("a.tmpl", "line one\n{% for x in %}\n")], "a.tmpl", &[]);
+        let e = e.unwrap_err();
+        assert_eq!(e.template, "a.tmpl");
+        assert_eq!((e.line, e.column), (Some(2), Some(13)), "{e}");
+        assert!(e.to_string().starts_with("template a.tmpl:2:13: "), "{e}");
+        assert!(e.message.contains("expected"), "{e}");
+    }
+
+    #[test]
+    fn undefined_variable_names_its_position() {
+        let src = "global\n  {{ services | length }}\n{% for name, eps in services %}\nbackend {{ name }}\n  x {{ eps.0.nope }}\n{% endfor %}\n";
+        let (_d, e) = engine(&[("a.tmpl", src)], "a.tmpl", &[]);
+        let e = e.unwrap();
+        let err = render(
+            &e,
+            serde_json::json!({"services": {"web": [{"host": "h"}]}}),
+        )
+        .unwrap_err();
+        assert_eq!((err.line, err.column), (Some(5), Some(5)), "{err}");
+        assert!(err.message.contains("eps.0.nope"), "{err}");
+    }
+
+    #[test]
+    fn missing_key_names_the_key_and_the_call() {
+        let src = "a\n{% if true %}\n  domain {{ getv(key=\"/cfg/domain\") }}\n{% endif %}\n";
+        let (_d, e) = engine(&[("a.tmpl", src)], "a.tmpl", &[("/cfg/other", "x")]);
+        let err = render(&e.unwrap(), serde_json::json!({})).unwrap_err();
+        assert_eq!((err.line, err.column), (Some(3), Some(10)), "{err}");
+        assert!(err.message.contains("/cfg/domain"), "{err}");
+        assert!(err.message.contains("not found"), "{err}");
+    }
+
+    #[test]
+    fn errors_in_included_templates_name_that_template() {
+        let (_d, e) = engine(
+            &[
+                ("main.tmpl", "top\n{% include \"part.tmpl\" %}\n"),
+                ("part.tmpl", "one\ntwo {{ nope }}\n"),
+                ("broken-unrelated.tmpl", "{% if %}"),
+            ],
+            "main.tmpl",
+            &[],
+        );
+        let e = e.unwrap();
+        assert_eq!(e.files.len(), 2);
+        let err = render(&e, serde_json::json!({})).unwrap_err();
+        assert_eq!(err.template, "part.tmpl");
+        assert_eq!((err.line, err.column), (Some(2), Some(5)), "{err}");
+    }
+
+    #[test]
+    fn missing_include_names_the_including_template() {
+        let (_d, e) = engine(
+            &[("main.tmpl", "x\n  {% include \"gone.tmpl\" %}\n")],
+            "main.tmpl",
+            &[],
+        );
+        let err = e.unwrap_err();
+        assert_eq!(err.template, "main.tmpl");
+        assert_eq!((err.line, err.column), (Some(2), Some(14)), "{err}");
+    }
+
+    #[test]
+    fn instrumentation_keeps_extends_and_raw_and_strings() {
+        let src = "{% extends \"base.tmpl\" %}{% block b %}{{ \"}}\" }}{% raw %}{{ x }}{% endraw %}{% endblock %}";
+        let out = instrument("c.tmpl", src);
+        assert!(out.starts_with("{% extends"), "{out}");
+        assert!(out.contains("{% raw %}{{ x }}{% endraw %}"), "{out}");
+        assert_eq!(out.matches(AT_FN).count(), 4, "{out}");
+        let (_d, e) = engine(
+            &[
+                ("base.tmpl", "<{% block b %}{% endblock %}>"),
+                ("c.tmpl", src),
+            ],
+            "c.tmpl",
+            &[],
+        );
+        assert_eq!(
+            render(&e.unwrap(), serde_json::json!({})).unwrap(),
+            "<}}{{ x }}>"
+        );
+    }
+}
