@@ -58,7 +58,11 @@ pub struct Cli {
     pub docker_host: String,
 
     /// Only consider containers carrying this label (KEY or KEY=VALUE); repeatable (all must match).
-    #[arg(long = "label-filter", env = "FLOTILLA_LABEL_FILTER", value_delimiter = ',')]
+    #[arg(
+        long = "label-filter",
+        env = "FLOTILLA_LABEL_FILTER",
+        value_delimiter = ','
+    )]
     pub label_filter: Vec<String>,
 
     /// File that records this process's lease id, so a restarted presence revokes its

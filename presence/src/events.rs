@@ -356,7 +356,13 @@ mod tests {
         for a in ["die", "pause", "destroy", "oom"] {
             assert_eq!(e(a), Effect::Deregister { draining: false }, "{a}");
         }
-        for a in ["create", "attach", "exec_create: sh -c x", "rename", "resize"] {
+        for a in [
+            "create",
+            "attach",
+            "exec_create: sh -c x",
+            "rename",
+            "resize",
+        ] {
             assert_eq!(e(a), Effect::Ignore, "{a}");
         }
         assert_eq!(
@@ -376,7 +382,10 @@ mod tests {
         assert!(kill_stops(None, None));
         assert!(!kill_stops(Some(1), None), "SIGHUP is a reload");
         assert!(!kill_stops(Some(10), Some("SIGTERM")));
-        assert!(kill_stops(Some(28), Some("SIGWINCH")), "Apache's stop signal");
+        assert!(
+            kill_stops(Some(28), Some("SIGWINCH")),
+            "Apache's stop signal"
+        );
         assert!(kill_stops(Some(28), Some("28")));
         assert_eq!(signal_number("SIGTERM"), Some(15));
         assert_eq!(signal_number("term"), Some(15));
@@ -390,7 +399,10 @@ mod tests {
         assert!(d.admit(&ev("a", "kill", 200)));
         assert!(!d.admit(&ev("a", "kill", 200)), "replay of the newest");
         assert!(!d.admit(&ev("a", "start", 100)), "replay of an older one");
-        assert!(d.admit(&ev("b", "start", 150)), "live, slightly out of order");
+        assert!(
+            d.admit(&ev("b", "start", 150)),
+            "live, slightly out of order"
+        );
         assert!(d.admit(&ev("a", "die", 200)), "same time, other action");
         assert_eq!(d.newest(), 200);
         // Far-away history is forgotten.
@@ -398,12 +410,14 @@ mod tests {
         assert!(d.seen.len() == 1);
     }
 
+    type ScriptItem = Option<Result<ContainerEvent, String>>;
+
     /// An in-memory event source: each subscription pops the next scripted stream and records
     /// the `since` it was asked for. A scripted `Err` at ping simulates an engine that is away.
     #[derive(Clone, Default)]
     struct Script {
         /// Items of each stream; `None` ends the stream, otherwise it stays open and quiet.
-        streams: Arc<Mutex<VecDeque<Vec<Option<Result<ContainerEvent, String>>>>>>,
+        streams: Arc<Mutex<VecDeque<Vec<ScriptItem>>>>,
         pings: Arc<Mutex<VecDeque<Result<(), String>>>>,
         sinces: Arc<Mutex<Vec<i64>>>,
     }
@@ -474,14 +488,22 @@ mod tests {
         // The engine is away for two pings between the second and third subscription.
         {
             let mut p = script.pings.lock().unwrap();
-            p.extend([Ok(()), Ok(()), Err("no socket".into()), Err("no socket".into())]);
+            p.extend([
+                Ok(()),
+                Ok(()),
+                Err("no socket".into()),
+                Err("no socket".into()),
+            ]);
         }
         let reconnects = Arc::new(Mutex::new(0));
         let (tx, mut rx) = mpsc::unbounded_channel();
         let r = reconnects.clone();
-        let task = tokio::spawn(run_reader(script.clone(), tx, reader_backoff(), move || {
-            *r.lock().unwrap() += 1
-        }));
+        let task = tokio::spawn(run_reader(
+            script.clone(),
+            tx,
+            reader_backoff(),
+            move || *r.lock().unwrap() += 1,
+        ));
         let msgs = collect(&mut rx, 12).await;
         let kinds: Vec<&str> = msgs
             .iter()

@@ -111,8 +111,10 @@ async fn dry_run(cfg: &Config) -> anyhow::Result<()> {
             Ok(Decision::Skip(reason)) => {
                 info!(container = %info.name, %reason, "would not register")
             }
-            Err(e) => warn!(container = %e.container, id = %e.short_id, field = %e.field, reason = %e.reason,
-                "container skipped: invalid label or env value"),
+            Err(e) => {
+                warn!(container = %e.container, id = %e.short_id, field = %e.field, reason = %e.reason,
+                "container skipped: invalid label or env value")
+            }
         }
     }
     Ok(())

@@ -154,7 +154,8 @@ impl<D: DockerApi> Reconciler<D> {
                     self.status.lock().expect("status").docker = Err(e);
                 }
                 Some(ReaderMsg::Event(ev, at)) => {
-                    if self.handle_event(&ev, at).await.is_err() {
+                    let handled = self.handle_event(&ev, at).await;
+                    if handled.is_err() {
                         retry_at.get_or_insert_with(|| Instant::now() + backoff.next_delay());
                     }
                 }
@@ -255,7 +256,9 @@ impl<D: DockerApi> Reconciler<D> {
         self.stop_signals.remove(id);
         self.draining.remove(id);
         if self.warned.remove(id).is_some() {
-            self.metrics.invalid_containers.set(self.warned.len() as i64);
+            self.metrics
+                .invalid_containers
+                .set(self.warned.len() as i64);
         }
     }
 
@@ -269,7 +272,9 @@ impl<D: DockerApi> Reconciler<D> {
         match decide(info, &self.spec) {
             Ok(Decision::Register(eps)) => {
                 if self.warned.remove(&info.id).is_some() {
-                    self.metrics.invalid_containers.set(self.warned.len() as i64);
+                    self.metrics
+                        .invalid_containers
+                        .set(self.warned.len() as i64);
                 }
                 eps
             }
@@ -283,7 +288,9 @@ impl<D: DockerApi> Reconciler<D> {
                     warn!(container = %e.container, id = %e.short_id, field = %e.field, reason = %e.reason,
                         "container skipped: invalid label or env value; nothing is registered for it");
                     self.warned.insert(info.id.clone(), text);
-                    self.metrics.invalid_containers.set(self.warned.len() as i64);
+                    self.metrics
+                        .invalid_containers
+                        .set(self.warned.len() as i64);
                 }
                 Vec::new()
             }
@@ -293,7 +300,10 @@ impl<D: DockerApi> Reconciler<D> {
     /// Lists and inspects every container and sends the whole desired state. Events that
     /// arrived meanwhile are applied on top (deregistrations first, so a container killed during
     /// the listing is not registered again for a moment).
-    async fn full_list(&mut self, from_reader: &mut UnboundedReceiver<ReaderMsg>) -> Result<(), ()> {
+    async fn full_list(
+        &mut self,
+        from_reader: &mut UnboundedReceiver<ReaderMsg>,
+    ) -> Result<(), ()> {
         let started = Instant::now();
         let ids = match self.api.list().await {
             Ok(ids) => ids,
@@ -348,16 +358,15 @@ impl<D: DockerApi> Reconciler<D> {
         }
         let listed: HashSet<String> = infos.iter().map(|i| i.id.clone()).collect();
         // Draining containers that are no longer running have finished draining.
-        self.draining.retain(|id| {
-            infos
-                .iter()
-                .any(|i| &i.id == id && i.running && !i.paused)
-        });
+        self.draining
+            .retain(|id| infos.iter().any(|i| &i.id == id && i.running && !i.paused));
         self.stop_signals.retain(|id, _| listed.contains(id));
         let before = self.warned.len();
         self.warned.retain(|id, _| listed.contains(id));
         if before != self.warned.len() {
-            self.metrics.invalid_containers.set(self.warned.len() as i64);
+            self.metrics
+                .invalid_containers
+                .set(self.warned.len() as i64);
         }
         let mut containers = HashMap::new();
         for info in &infos {
@@ -402,7 +411,8 @@ mod tests {
             let r = if *self.fail.lock().unwrap() {
                 Err("engine away".to_string())
             } else {
-                let mut ids: Vec<String> = self.containers.lock().unwrap().keys().cloned().collect();
+                let mut ids: Vec<String> =
+                    self.containers.lock().unwrap().keys().cloned().collect();
                 ids.sort();
                 Ok(ids)
             };
@@ -514,18 +524,27 @@ mod tests {
             .unwrap()
             .insert(c.id.clone(), c.clone());
         let now = Instant::now();
-        f.rec.handle_event(&ev(&c, "start", None), now).await.unwrap();
+        f.rec
+            .handle_event(&ev(&c, "start", None), now)
+            .await
+            .unwrap();
         f.rec
             .handle_event(&ev(&c, "kill", Some("15")), now)
             .await
             .unwrap();
-        assert_eq!(set_of(&drain(&mut f.rx)), vec![("0101".into(), 1), ("0101".into(), 0)]);
+        assert_eq!(
+            set_of(&drain(&mut f.rx)),
+            vec![("0101".into(), 1), ("0101".into(), 0)]
+        );
         // A resync while it drains (still running) must not register it again.
         f.rec.full_list(&mut f.reader_rx).await.unwrap();
         assert_eq!(set_of(&drain(&mut f.rx)), vec![("all".into(), 0)]);
         // It exits and starts again: registered.
         f.rec.handle_event(&ev(&c, "die", None), now).await.unwrap();
-        f.rec.handle_event(&ev(&c, "start", None), now).await.unwrap();
+        f.rec
+            .handle_event(&ev(&c, "start", None), now)
+            .await
+            .unwrap();
         assert_eq!(set_of(&drain(&mut f.rx)), vec![("0101".into(), 1)]);
     }
 
@@ -540,7 +559,10 @@ mod tests {
             .unwrap()
             .insert(c.id.clone(), c.clone());
         let now = Instant::now();
-        f.rec.handle_event(&ev(&c, "start", None), now).await.unwrap();
+        f.rec
+            .handle_event(&ev(&c, "start", None), now)
+            .await
+            .unwrap();
         f.rec
             .handle_event(&ev(&c, "kill", Some("1")), now)
             .await
@@ -567,7 +589,10 @@ mod tests {
         f.rec.full_list(&mut f.reader_rx).await.unwrap();
         assert_eq!(set_of(&drain(&mut f.rx)), vec![("all".into(), 2)]);
         let now = Instant::now();
-        f.rec.handle_event(&ev(&a, "pause", None), now).await.unwrap();
+        f.rec
+            .handle_event(&ev(&a, "pause", None), now)
+            .await
+            .unwrap();
         f.docker
             .containers
             .lock()
@@ -575,7 +600,10 @@ mod tests {
             .get_mut(&a.id)
             .unwrap()
             .paused = true;
-        f.rec.handle_event(&ev(&a, "unpause", None), now).await.unwrap();
+        f.rec
+            .handle_event(&ev(&a, "unpause", None), now)
+            .await
+            .unwrap();
         // pause deregisters; an unpause while Docker still says paused (a stale inspect)
         // registers nothing…
         assert_eq!(set_of(&drain(&mut f.rx)), vec![("0303".into(), 0)]);
@@ -586,7 +614,10 @@ mod tests {
             .get_mut(&a.id)
             .unwrap()
             .paused = false;
-        f.rec.handle_event(&ev(&a, "unpause", None), now).await.unwrap();
+        f.rec
+            .handle_event(&ev(&a, "unpause", None), now)
+            .await
+            .unwrap();
         assert_eq!(set_of(&drain(&mut f.rx)), vec![("0303".into(), 1)]);
 
         // A kill that arrives while a full list runs is applied to the list's result.
@@ -616,13 +647,23 @@ mod tests {
             .unwrap()
             .insert(c.id.clone(), c.clone());
         let now = Instant::now();
-        f.rec.handle_event(&ev(&c, "start", None), now).await.unwrap();
+        f.rec
+            .handle_event(&ev(&c, "start", None), now)
+            .await
+            .unwrap();
         assert!(drain(&mut f.rx).is_empty(), "nothing written for it");
         assert_eq!(f.rec.warned.len(), 1);
         assert_eq!(f.rec.metrics.invalid_containers.get(), 1);
         *f.docker.fail.lock().unwrap() = true;
-        assert!(f.rec.handle_event(&ev(&c, "start", None), now).await.is_err());
+        assert!(f
+            .rec
+            .handle_event(&ev(&c, "start", None), now)
+            .await
+            .is_err());
         assert!(f.rec.full_list(&mut f.reader_rx).await.is_err());
-        assert!(drain(&mut f.rx).is_empty(), "a failed list replaces nothing");
+        assert!(
+            drain(&mut f.rx).is_empty(),
+            "a failed list replaces nothing"
+        );
     }
 }

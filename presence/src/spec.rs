@@ -71,6 +71,9 @@ impl ContainerInfo {
     }
 }
 
+/// Per-port settings once parsed: name, tags, ignore.
+type PortSettings = (Option<String>, Option<Vec<String>>, bool);
+
 /// How endpoints are derived; fixed for the life of the process.
 #[derive(Debug, Clone)]
 pub struct SpecConfig {
@@ -442,7 +445,7 @@ pub fn decide(c: &ContainerInfo, cfg: &SpecConfig) -> Result<Decision, SpecError
         Some(s) => parse_bool(c, s)?,
         None => false,
     };
-    let mut per_port: BTreeMap<u16, (Option<String>, Option<Vec<String>>, bool)> = BTreeMap::new();
+    let mut per_port: BTreeMap<u16, PortSettings> = BTreeMap::new();
     for (port, s) in &meta.per_port {
         let name = s.name.as_ref().map(|v| parse_name(c, v)).transpose()?;
         let tags = s.tags.as_ref().map(|v| parse_tags(c, v)).transpose()?;
@@ -457,7 +460,10 @@ pub fn decide(c: &ContainerInfo, cfg: &SpecConfig) -> Result<Decision, SpecError
         if s.value.is_empty() || s.value.len() > MAX_META_VALUE {
             return Err(c.err(
                 &s.field,
-                format!("value must be 1-{MAX_META_VALUE} bytes, got {}", s.value.len()),
+                format!(
+                    "value must be 1-{MAX_META_VALUE} bytes, got {}",
+                    s.value.len()
+                ),
             ));
         }
         if let Some(bad) = s.value.chars().find(|ch| !is_meta_char(*ch)) {
@@ -559,10 +565,8 @@ pub fn decide(c: &ContainerInfo, cfg: &SpecConfig) -> Result<Decision, SpecError
     };
     let mut endpoints = Vec::new();
     for (port, proto, host, host_port) in targets {
-        let (port_name, port_tags, port_ignore) = per_port
-            .get(&port)
-            .cloned()
-            .unwrap_or((None, None, false));
+        let (port_name, port_tags, port_ignore) =
+            per_port.get(&port).cloned().unwrap_or((None, None, false));
         if port_ignore {
             continue;
         }
@@ -658,7 +662,10 @@ mod tests {
             ("nginx", Some("nginx")),
             ("nginx:1.25", Some("nginx")),
             ("library/nginx:1.25", Some("nginx")),
-            ("registry.example:5000/team/web_app:1.2@sha256:abcd", Some("web-app")),
+            (
+                "registry.example:5000/team/web_app:1.2@sha256:abcd",
+                Some("web-app"),
+            ),
             ("localhost:5000/My.App", Some("my-app")),
             ("flotilla-busybox:test", Some("flotilla-busybox")),
             ("sha256:0123", Some("sha256")),
@@ -681,7 +688,10 @@ mod tests {
         assert_eq!(ep.proto, Proto::Tcp);
         assert_eq!(ep.container, "0123456789ab");
         assert_eq!(ep.health, Health::None);
-        assert_eq!(ep.meta.get("container_name").map(String::as_str), Some("web-1"));
+        assert_eq!(
+            ep.meta.get("container_name").map(String::as_str),
+            Some("web-1")
+        );
     }
 
     #[test]
@@ -696,14 +706,16 @@ mod tests {
         assert_eq!(register(&c, &cfg())[0].tags, vec!["env-tag"]);
         c.labels.insert("SERVICE_NAME".into(), "from-label".into());
         assert_eq!(register(&c, &cfg())[0].service, "from-label");
-        c.labels.insert("flotilla.service".into(), "flotilla-label".into());
+        c.labels
+            .insert("flotilla.service".into(), "flotilla-label".into());
         c.labels.insert("flotilla.tags".into(), "a, b,,c".into());
         let ep = &register(&c, &cfg())[0];
         assert_eq!(ep.service, "flotilla-label");
         assert_eq!(ep.tags, vec!["a", "b", "c"]);
         c.env.push("SERVICE_8080_NAME=per-port".into());
         assert_eq!(register(&c, &cfg())[0].service, "per-port");
-        c.labels.insert("flotilla.service.8080".into(), "per-port-label".into());
+        c.labels
+            .insert("flotilla.service.8080".into(), "per-port-label".into());
         c.labels.insert("flotilla.tags.8080".into(), "x".into());
         let ep = &register(&c, &cfg())[0];
         assert_eq!(ep.service, "per-port-label");
@@ -725,7 +737,10 @@ mod tests {
             ..cfg()
         };
         let c = web();
-        assert_eq!(decide(&c, &explicit), Ok(Decision::Skip(SkipReason::Unnamed)));
+        assert_eq!(
+            decide(&c, &explicit),
+            Ok(Decision::Skip(SkipReason::Unnamed))
+        );
         let mut named = web();
         named.labels.insert("flotilla.service".into(), "web".into());
         assert_eq!(register(&named, &explicit)[0].service, "web");
@@ -752,7 +767,10 @@ mod tests {
         c.ports[0].bindings.clear();
         assert_eq!(decide(&c, &cfg()), Ok(Decision::Skip(SkipReason::NoPorts)));
         c.running = false;
-        assert_eq!(decide(&c, &cfg()), Ok(Decision::Skip(SkipReason::NotRunning)));
+        assert_eq!(
+            decide(&c, &cfg()),
+            Ok(Decision::Skip(SkipReason::NotRunning))
+        );
     }
 
     #[test]
@@ -793,7 +811,11 @@ mod tests {
         let mut c = web();
         c.networks.insert("zeta".into(), "10.9.0.7".into());
         let ep = &register(&c, &internal)[0];
-        assert_eq!((ep.host.as_str(), ep.port), ("172.17.0.2", 8080), "first network by name");
+        assert_eq!(
+            (ep.host.as_str(), ep.port),
+            ("172.17.0.2", 8080),
+            "first network by name"
+        );
         c.labels.insert("flotilla.network".into(), "zeta".into());
         let ep = &register(&c, &internal)[0];
         assert_eq!((ep.host.as_str(), ep.port), ("10.9.0.7", 8080));
@@ -806,15 +828,27 @@ mod tests {
     fn injection_attempts_are_refused_naming_the_container_and_field() {
         let long = "a".repeat(64);
         let cases: Vec<(&str, &str, &str)> = vec![
-            ("flotilla.service", "web\n  server evil 1.2.3.4:80", "label flotilla.service"),
+            (
+                "flotilla.service",
+                "web\n  server evil 1.2.3.4:80",
+                "label flotilla.service",
+            ),
             ("flotilla.service", "web\"", "label flotilla.service"),
             ("flotilla.service", &long, "label flotilla.service"),
             ("flotilla.tags", "ok,bad\ttag", "label flotilla.tags"),
             ("flotilla.tags", "a\"b", "label flotilla.tags"),
             ("flotilla.tags", "a\u{7}b", "label flotilla.tags"),
             ("flotilla.tags", "x\n", "label flotilla.tags"),
-            ("flotilla.service.99999", "web", "label flotilla.service.99999"),
-            ("flotilla.service.http", "web", "label flotilla.service.http"),
+            (
+                "flotilla.service.99999",
+                "web",
+                "label flotilla.service.99999",
+            ),
+            (
+                "flotilla.service.http",
+                "web",
+                "label flotilla.service.http",
+            ),
             ("flotilla.ignore", "maybe", "label flotilla.ignore"),
             ("flotilla.meta.owner", "a b", "label flotilla.meta.owner"),
             ("flotilla.meta.bad key", "v", "label flotilla.meta.bad key"),
@@ -831,7 +865,8 @@ mod tests {
             assert!(!e.to_string().contains('\n'), "one-line message: {e}");
         }
         let mut c = web();
-        c.labels.insert("flotilla.tags".into(), "t".repeat(MAX_VALUE + 1));
+        c.labels
+            .insert("flotilla.tags".into(), "t".repeat(MAX_VALUE + 1));
         assert!(error(&c).reason.contains("limit"));
         let mut c = web();
         c.env.push("SERVICE_NAME=Web".into());
@@ -850,7 +885,8 @@ mod tests {
     #[test]
     fn a_bad_value_on_an_unpublished_port_still_refuses_the_container() {
         let mut c = web();
-        c.labels.insert("flotilla.service.9999".into(), "bad name".into());
+        c.labels
+            .insert("flotilla.service.9999".into(), "bad name".into());
         assert_eq!(error(&c).field, "label flotilla.service.9999");
     }
 

@@ -115,7 +115,10 @@ mod tests {
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no temp left");
         fs::write(&path, "garbage").unwrap();
         let e = read(&path).unwrap_err().to_string();
-        assert!(e.contains("--state-file") && e.contains("presence.state"), "{e}");
+        assert!(
+            e.contains("--state-file") && e.contains("presence.state"),
+            "{e}"
+        );
         remove(&path).unwrap();
         remove(&path).unwrap();
         assert!(!path.exists());

@@ -18,9 +18,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use etcd_client::{
-    Client, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp,
-};
+use etcd_client::{Client, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp};
 use flotilla_registry::backoff::Backoff;
 use flotilla_registry::daemon;
 use flotilla_registry::etcd::error_chain;
@@ -100,9 +98,11 @@ pub fn plan_full(
         }
     }
     for (key, want) in desired {
-        let existing = found
-            .get(key.as_str())
-            .and_then(|kv| Endpoint::decode(keys, key, &kv.value).ok().map(|ep| (ep, kv.lease)));
+        let existing = found.get(key.as_str()).and_then(|kv| {
+            Endpoint::decode(keys, key, &kv.value)
+                .ok()
+                .map(|ep| (ep, kv.lease))
+        });
         match existing {
             Some((ep, l)) if same(&ep, want) && l == lease => {
                 plan.result.insert(key.clone(), ep);
@@ -380,6 +380,8 @@ impl Writer {
         }
         let at = Instant::now();
         let client = self.client.clone();
+        // Opening the stream renews once: etcd-client sends a request and reads its answer,
+        // failing with "lease not found" when the lease is gone.
         match self
             .call("lease keepalive", async move {
                 let mut c = client;
@@ -388,9 +390,13 @@ impl Writer {
             .await
         {
             Ok(pair) => {
-                // Opening the stream sends the first request.
                 self.keepalive = Some(pair);
-                self.sent.push_back(at);
+                self.deadline = Some(at + self.cfg.ttl);
+                self.etcd_ok();
+            }
+            Err(e) if e.contains("lease not found") => {
+                warn!(lease = %format!("{id:x}"), "etcd says the lease is gone; granting a new one and re-putting everything");
+                self.lease_lost();
             }
             Err(e) => {
                 self.metrics.lease_renew_failures.inc();
@@ -402,6 +408,14 @@ impl Writer {
                 }
             }
         }
+    }
+
+    fn lease_lost(&mut self) {
+        self.lease = None;
+        self.keepalive = None;
+        self.sent.clear();
+        self.deadline = None;
+        self.need_full = true;
     }
 
     fn keepalive_answer(
@@ -416,11 +430,7 @@ impl Writer {
                     self.etcd_ok();
                 } else {
                     warn!(lease = %format!("{:x}", resp.id()), "etcd says the lease is gone; granting a new one and re-putting everything");
-                    self.lease = None;
-                    self.keepalive = None;
-                    self.sent.clear();
-                    self.deadline = None;
-                    self.need_full = true;
+                    self.lease_lost();
                 }
             }
             Ok(None) | Err(_) => {
@@ -503,28 +513,28 @@ impl Writer {
     async fn recover(&mut self) -> EtcdResult<()> {
         self.metrics.full_syncs.inc();
         if let Some(id) = self.lease {
-            // Is the lease alive? A fresh keepalive stream answers with its TTL (0: gone).
+            // Is the lease alive? Opening a keepalive stream renews it once, or fails with
+            // "lease not found".
             self.keepalive = None;
             self.sent.clear();
             let client = self.client.clone();
             let sent = Instant::now();
-            let (keeper, mut stream) = self
+            match self
                 .call("lease keepalive", async move {
                     let mut c = client;
                     c.lease_keep_alive(id).await
                 })
-                .await?;
-            let answer = timeout(self.op_timeout, stream.message())
                 .await
-                .map_err(|_| "lease keepalive: no answer".to_string())?
-                .map_err(|e| format!("lease keepalive: {}", error_chain(&e)))?
-                .ok_or_else(|| "lease keepalive: stream closed".to_string())?;
-            if answer.ttl() > 0 {
-                self.deadline = Some(sent + Duration::from_secs(answer.ttl() as u64));
-                self.keepalive = Some((keeper, stream));
-            } else {
-                warn!(lease = %format!("{id:x}"), "the lease expired; granting a new one and re-putting everything");
-                self.lease = None;
+            {
+                Ok(pair) => {
+                    self.deadline = Some(sent + self.cfg.ttl);
+                    self.keepalive = Some(pair);
+                }
+                Err(e) if e.contains("lease not found") => {
+                    warn!(lease = %format!("{id:x}"), "the lease expired; granting a new one and re-putting everything");
+                    self.lease = None;
+                }
+                Err(e) => return Err(e),
             }
         }
         if self.lease.is_none() {
@@ -585,7 +595,9 @@ impl Writer {
             .await?;
         let node_ok = node_resp.kvs().first().is_some_and(|kv| {
             kv.lease() == lease
-                && Node::decode(&self.cfg.keys, &node_key, kv.value()).ok().as_ref()
+                && Node::decode(&self.cfg.keys, &node_key, kv.value())
+                    .ok()
+                    .as_ref()
                     == Some(&self.cfg.node)
         });
         let plan = plan_full(
@@ -689,8 +701,10 @@ impl Writer {
             Ok(Err(e)) if error_chain(&e).contains("not found") => {
                 info!("lease already gone");
             }
-            Ok(Err(e)) => warn!(error = %error_chain(&e), ttl = %humantime::format_duration(self.cfg.ttl),
-                "cannot revoke the lease; the entries expire within the TTL"),
+            Ok(Err(e)) => {
+                warn!(error = %error_chain(&e), ttl = %humantime::format_duration(self.cfg.ttl),
+                "cannot revoke the lease; the entries expire within the TTL")
+            }
             Err(_) => warn!(ttl = %humantime::format_duration(self.cfg.ttl),
                 "etcd did not answer the revoke; the entries expire within the TTL"),
         }
@@ -744,10 +758,10 @@ mod tests {
         let mut changed = ep(3, T0);
         changed.port = 1;
         let actual = vec![
-            kv(&ep(1, T0), 7),                       // same, our lease: untouched
-            kv(&ep(2, T0), 6),                       // same, predecessor's lease: re-put
-            kv(&changed, 7),                         // differs: put
-            kv(&ep(4, T0), 6),                       // leftover: delete
+            kv(&ep(1, T0), 7), // same, our lease: untouched
+            kv(&ep(2, T0), 6), // same, predecessor's lease: re-put
+            kv(&changed, 7),   // differs: put
+            kv(&ep(4, T0), 6), // leftover: delete
             ActualKv {
                 key: ep(5, T0).key(&keys()),
                 value: b"{not json".to_vec(),

@@ -1,0 +1,527 @@
+//! Helpers for presence's end-to-end tests: the presence binary as a child process, a view of
+//! etcd, containers labelled for one test only, and a cuttable proxy in front of the Docker socket.
+//!
+//! Isolation: every test uses its own etcd, its own node name and a unique label value
+//! (`flotilla.test=<label>`) on its containers, and runs presence with
+//! `--label-filter flotilla.test=<label>`, so parallel tests never see each other's containers.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, GetOptions};
+use flotilla_harness::docker::{busybox_image, unique_name, Container};
+use flotilla_harness::{free_port, wait_for, KillOnDrop};
+use flotilla_registry::{Endpoint, EtcdArgs, Keys};
+
+/// A name unique to this test process and `tag`, usable as a node name and label value.
+pub fn uniq(tag: &str) -> String {
+    format!("t{}-{tag}", std::process::id())
+}
+
+/// The presence binary under test, killed (SIGKILL) on drop.
+pub struct Presence {
+    pub child: KillOnDrop,
+    pub log: PathBuf,
+    pub metrics: SocketAddr,
+    pub node: String,
+}
+
+/// Command-line arguments for one test's presence.
+#[derive(Clone)]
+pub struct Args {
+    pub node: String,
+    pub label: String,
+    pub etcd: Vec<String>,
+    pub ttl: &'static str,
+    pub extra: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl Args {
+    pub fn new(node: &str, label: &str, etcd: Vec<String>) -> Args {
+        Args {
+            node: node.into(),
+            label: label.into(),
+            etcd,
+            ttl: "3s",
+            extra: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+    pub fn arg(mut self, a: impl Into<String>) -> Args {
+        self.extra.push(a.into());
+        self
+    }
+    pub fn ttl(mut self, ttl: &'static str) -> Args {
+        self.ttl = ttl;
+        self
+    }
+    pub fn env(mut self, k: &str, v: &str) -> Args {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+}
+
+impl Presence {
+    /// Starts presence with its log in `dir` (appended, so restarts keep history).
+    pub fn start(args: &Args, dir: &Path) -> Presence {
+        let log = dir.join(format!("presence-{}.log", args.node));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_presence"));
+        cmd.arg("--node")
+            .arg(&args.node)
+            .arg("--advertise-ip")
+            .arg("127.0.0.1")
+            .arg("--ttl")
+            .arg(args.ttl)
+            .arg("--etcd-endpoints")
+            .arg(args.etcd.join(","))
+            .arg("--label-filter")
+            .arg(format!("flotilla.test={}", args.label))
+            .arg("--metrics-addr")
+            .arg(metrics.to_string())
+            .args(&args.extra)
+            .env("RUST_LOG", "presence=debug,info")
+            .env("NO_COLOR", "1")
+            .envs(args.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file);
+        let child = cmd.spawn().expect("spawn presence");
+        Presence {
+            child: KillOnDrop(Some(child)),
+            log,
+            metrics,
+            node: args.node.clone(),
+        }
+    }
+
+    /// The log so far, without ANSI colours.
+    pub fn log(&self) -> String {
+        let raw = std::fs::read_to_string(&self.log).unwrap_or_default();
+        strip_ansi(&raw)
+    }
+
+    /// Waits for "initial sync done" in the log (the first full sync with etcd).
+    pub fn wait_ready(&self, timeout: Duration) {
+        let start = Instant::now();
+        while !self.log().contains("initial sync done") {
+            if let Some(child) = self.child.0.as_ref() {
+                assert!(
+                    nix::sys::wait::waitpid(
+                        nix::unistd::Pid::from_raw(child.id() as i32),
+                        Some(nix::sys::wait::WaitPidFlag::WNOHANG)
+                    )
+                    .map(|s| s == nix::sys::wait::WaitStatus::StillAlive)
+                    .unwrap_or(true),
+                    "presence exited early; log:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "presence not ready after {timeout:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        self.child.signal(sig);
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let mut child = self.child.0.take().expect("running");
+        let start = Instant::now();
+        loop {
+            if let Some(st) = child.try_wait().expect("try_wait") {
+                return st;
+            }
+            if start.elapsed() > timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "presence did not exit within {timeout:?} of SIGTERM; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `/metrics` as name → value (labels kept in the name).
+    pub fn metrics(&self) -> BTreeMap<String, f64> {
+        let body = http_get(self.metrics, "/metrics").unwrap_or_default();
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                Some((name.to_owned(), value.parse().ok()?))
+            })
+            .collect()
+    }
+
+    pub fn metric(&self, name: &str) -> f64 {
+        self.metrics().get(name).copied().unwrap_or(0.0)
+    }
+
+    /// `/healthz`: (status line, body).
+    pub fn healthz(&self) -> Option<(String, String)> {
+        let mut s = std::net::TcpStream::connect(self.metrics).ok()?;
+        s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        let status = text.lines().next()?.to_owned();
+        let body = text.split("\r\n\r\n").nth(1)?.to_owned();
+        Some((status, body))
+    }
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    Some(text.split("\r\n\r\n").nth(1)?.to_owned())
+}
+
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A synchronous view of etcd for assertions.
+pub struct EtcdView {
+    rt: tokio::runtime::Runtime,
+    client: Client,
+    pub keys: Keys,
+}
+
+/// One endpoint as stored, with its lease.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub endpoint: Endpoint,
+    pub lease: i64,
+    pub create_revision: i64,
+}
+
+impl EtcdView {
+    pub fn plain(endpoints: Vec<String>) -> EtcdView {
+        EtcdView::connect(EtcdArgs {
+            endpoints,
+            ..EtcdArgs::default()
+        })
+    }
+
+    pub fn connect(args: EtcdArgs) -> EtcdView {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let keys = args.keys().unwrap();
+        let client = wait_for("etcd view connects", Duration::from_secs(30), || {
+            rt.block_on(args.connect()).ok()
+        });
+        EtcdView { rt, client, keys }
+    }
+
+    /// Every endpoint of `node` by instance (each validated by the registry's decoder).
+    pub fn endpoints(&self, node: &str) -> Result<BTreeMap<String, Stored>, String> {
+        let mut c = self.client.clone();
+        let prefix = self.keys.endpoints_of(node);
+        let resp = self
+            .rt
+            .block_on(async {
+                tokio::time::timeout(
+                    Duration::from_secs(3),
+                    c.get(prefix, Some(GetOptions::new().with_prefix())),
+                )
+                .await
+            })
+            .map_err(|_| "timeout".to_string())?
+            .map_err(|e| e.to_string())?;
+        let mut out = BTreeMap::new();
+        for kv in resp.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            let ep = Endpoint::decode(&self.keys, &key, kv.value())
+                .unwrap_or_else(|e| panic!("presence wrote an invalid record: {e}"));
+            assert!(
+                out.insert(
+                    ep.instance.clone(),
+                    Stored {
+                        endpoint: ep,
+                        lease: kv.lease(),
+                        create_revision: kv.create_revision(),
+                    }
+                )
+                .is_none(),
+                "duplicate instance"
+            );
+        }
+        Ok(out)
+    }
+
+    /// The instances of `node`, or `None` while etcd does not answer.
+    pub fn instances(&self, node: &str) -> Option<BTreeSet<String>> {
+        self.endpoints(node).ok().map(|m| m.into_keys().collect())
+    }
+
+    /// Value and lease of one key.
+    pub fn get(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>, String> {
+        let mut c = self.client.clone();
+        let key = key.to_owned();
+        let resp = self
+            .rt
+            .block_on(async { c.get(key, None).await })
+            .map_err(|e| e.to_string())?;
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| (kv.value().to_vec(), kv.lease())))
+    }
+
+    /// The store's current revision.
+    pub fn revision(&self) -> i64 {
+        let mut c = self.client.clone();
+        let resp = self
+            .rt
+            .block_on(async { c.get("/", Some(GetOptions::new().with_count_only())).await })
+            .expect("revision");
+        resp.header().expect("header").revision()
+    }
+
+    /// The revisions in `from..=to` at which `key` existed (etcd keeps every revision here:
+    /// nothing compacts the test etcd).
+    pub fn revisions_with_key(&self, key: &str, from: i64, to: i64) -> Vec<i64> {
+        let mut out = Vec::new();
+        for rev in from..=to {
+            let mut c = self.client.clone();
+            let key = key.to_owned();
+            let resp = self
+                .rt
+                .block_on(async {
+                    c.get(
+                        key,
+                        Some(GetOptions::new().with_revision(rev).with_count_only()),
+                    )
+                    .await
+                })
+                .expect("get at revision");
+            if resp.count() > 0 {
+                out.push(rev);
+            }
+        }
+        out
+    }
+
+    /// Remaining TTL of a lease (-1 when it does not exist).
+    pub fn lease_ttl(&self, id: i64) -> i64 {
+        let mut c = self.client.clone();
+        self.rt
+            .block_on(async { c.lease_time_to_live(id, None).await })
+            .map(|r| r.ttl())
+            .unwrap_or(-1)
+    }
+}
+
+/// Waits until the instances of `node` are exactly `want`; returns how long it took.
+pub fn wait_instances(view: &EtcdView, node: &str, want: &[String], timeout: Duration) -> Duration {
+    let want: BTreeSet<String> = want.iter().cloned().collect();
+    let start = Instant::now();
+    let mut last = None;
+    let deadline = start + timeout;
+    loop {
+        let got = view.instances(node);
+        if got.as_ref() == Some(&want) {
+            return start.elapsed();
+        }
+        last = got.or(last);
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?}: node {node} has {last:?}, want {want:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The instance id presence gives a container's private port.
+pub fn instance(node: &str, c: &Container, port: u16) -> String {
+    format!("{node}-{}-{port}", c.short_id())
+}
+
+/// `httpd` on 8080 published on 127.0.0.1, labelled for this test, with `labels` (KEY=VALUE)
+/// and extra `docker run` options.
+pub fn web(tag: &str, label: &str, labels: &[&str], extra: &[&str]) -> Container {
+    let image = busybox_image();
+    let name = unique_name(tag);
+    let test_label = format!("flotilla.test={label}");
+    let mut args: Vec<&str> = vec!["-l", &test_label, "-p", "127.0.0.1::8080"];
+    for l in labels {
+        args.push("-l");
+        args.push(l);
+    }
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[image, "httpd", "-f", "-p", "8080"]);
+    Container::run(&name, &args)
+}
+
+/// Like [`web`], but the shell traps SIGTERM and takes `drain_secs` to exit, as a server
+/// draining its connections would.
+pub fn draining_web(tag: &str, label: &str, service: &str, drain_secs: u32) -> Container {
+    let image = busybox_image();
+    let name = unique_name(tag);
+    let test_label = format!("flotilla.test={label}");
+    let service_label = format!("flotilla.service={service}");
+    let script = format!("trap 'sleep {drain_secs}; exit 0' TERM; httpd -f -p 8080 & wait");
+    Container::run(
+        &name,
+        &[
+            "-l",
+            &test_label,
+            "-l",
+            &service_label,
+            "-p",
+            "127.0.0.1::8080",
+            image,
+            "sh",
+            "-c",
+            &script,
+        ],
+    )
+}
+
+/// A Unix-socket proxy in front of the Docker socket whose connections can be cut, to end
+/// presence's event stream without touching the shared Docker engine.
+pub struct DockerProxy {
+    pub path: PathBuf,
+    refusing: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<UnixStream>>>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DockerProxy {
+    pub fn start(dir: &Path) -> DockerProxy {
+        let path = dir.join("docker-proxy.sock");
+        let listener = UnixListener::bind(&path).expect("bind proxy socket");
+        listener.set_nonblocking(true).unwrap();
+        let refusing = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
+        let (r, s, c) = (refusing.clone(), stop.clone(), conns.clone());
+        let accept = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        if r.load(Ordering::SeqCst) {
+                            drop(client);
+                            continue;
+                        }
+                        client.set_nonblocking(false).unwrap();
+                        let Ok(upstream) = UnixStream::connect("/var/run/docker.sock") else {
+                            continue;
+                        };
+                        {
+                            let mut list = c.lock().unwrap();
+                            list.push(client.try_clone().unwrap());
+                            list.push(upstream.try_clone().unwrap());
+                        }
+                        pipe(client.try_clone().unwrap(), upstream.try_clone().unwrap());
+                        pipe(upstream, client);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        DockerProxy {
+            path,
+            refusing,
+            stop,
+            conns,
+            accept: Some(accept),
+        }
+    }
+
+    /// `unix://…` for `--docker-host`.
+    pub fn url(&self) -> String {
+        format!("unix://{}", self.path.display())
+    }
+
+    /// Closes every open connection (ending the event stream) and refuses new ones.
+    pub fn cut(&self) {
+        self.refusing.store(true, Ordering::SeqCst);
+        for s in self.conns.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Accepts connections again.
+    pub fn restore(&self) {
+        self.refusing.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for DockerProxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn pipe(mut from: UnixStream, mut to: UnixStream) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
+}
+
+/// `docker <args>` and its stdout.
+pub fn docker(args: &[&str]) -> String {
+    flotilla_harness::run(Command::new("docker").args(args))
+        .unwrap_or_else(|e| panic!("docker {args:?}: {e}"))
+}

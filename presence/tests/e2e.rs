@@ -1,0 +1,735 @@
+//! End-to-end tests: the presence binary against the real Docker engine and real etcd.
+//!
+//! Each test starts its own etcd on free loopback ports, uses its own node name, and labels its
+//! containers `flotilla.test=<unique>` (presence runs with a matching `--label-filter`), so tests
+//! can run in parallel. Containers are removed and processes killed on drop, also on panic.
+//! Deadlines here are generous (a noisy 2-core machine); the latency goals are measured by
+//! `presence/benches/presence_bench.rs` and reported in docs/BENCHMARKS.md.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use flotilla_harness::docker::{busybox_image, unique_name, Container};
+use flotilla_harness::etcd::{Etcd, EtcdCluster, TlsEtcd};
+use flotilla_harness::wait_for;
+use flotilla_registry::{EtcdArgs, Health, Proto};
+use nix::sys::signal::Signal;
+
+const LONG: Duration = Duration::from_secs(20);
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+#[test]
+fn a_published_port_appears_with_host_port_service_and_tags() {
+    let etcd = Etcd::start();
+    let view = EtcdView::plain(vec![etcd.endpoint()]);
+    let dir = tmp();
+    let (node, label) = (uniq("reg"), uniq("reg"));
+    let p = Presence::start(&Args::new(&node, &label, vec![etcd.endpoint()]), dir.path());
+    p.wait_ready(LONG);
+
+    let c = web(
+        "reg",
+        &label,
+        &[
+            "flotilla.service=shop",
+            "flotilla.tags=v1,canary",
+            "flotilla.service.53=dns",
+        ],
+        &["-p", "127.0.0.1::53/udp"],
+    );
+    let tcp = instance(&node, &c, 8080);
+    let udp = format!("{}-udp", instance(&node, &c, 53));
+    let took = wait_instances(&view, &node, &[tcp.clone(), udp.clone()], LONG);
+    eprintln!("registered after {took:?}");
+
+    let eps = view.endpoints(&node).unwrap();
+    let ep = &eps[&tcp].endpoint;
+    assert_eq!(ep.service, "shop");
+    assert_eq!(ep.host, "127.0.0.1");
+    assert_eq!(ep.port, c.host_port("8080/tcp"));
+    assert_eq!(ep.proto, Proto::Tcp);
+    assert_eq!(ep.tags, vec!["v1", "canary"]);
+    assert_eq!(ep.container, c.short_id());
+    assert_eq!(ep.image, busybox_image());
+    assert_eq!(ep.health, Health::None);
+    assert_eq!(ep.node, node);
+    assert_eq!(
+        eps[&tcp].endpoint.key(&view.keys),
+        format!("/flotilla/endpoints/{node}/shop/{tcp}")
+    );
+    let dns = &eps[&udp].endpoint;
+    assert_eq!((dns.service.as_str(), dns.proto), ("dns", Proto::Udp));
+    assert_eq!(dns.port, c.host_port("53/udp"));
+
+    // Both keys and the node record hang on one lease.
+    let (_, node_lease) = view
+        .get(&view.keys.node(&node))
+        .unwrap()
+        .expect("node record");
+    assert!(node_lease != 0);
+    assert!(eps.values().all(|s| s.lease == node_lease));
+
+    // Metrics and health reflect it.
+    assert_eq!(p.metric("presence_endpoints_registered"), 2.0);
+    assert!(p.metric("presence_docker_events_total{action=\"start\"}") >= 1.0);
+    wait_for("the latency to be observed", LONG, || {
+        (p.metric("presence_event_to_etcd_seconds_count") >= 1.0).then_some(())
+    });
+    let (status, body) = p.healthz().expect("healthz");
+    assert!(status.contains("200"), "{status}\n{body}");
+    assert!(
+        body.contains("etcd: ok") && body.contains("docker: ok"),
+        "{body}"
+    );
+}
+
+#[test]
+fn docker_stop_removes_the_entry_before_the_container_has_exited() {
+    let etcd = Etcd::start();
+    let view = EtcdView::plain(vec![etcd.endpoint()]);
+    let dir = tmp();
+    let (node, label) = (uniq("stop"), uniq("stop"));
+    let p = Presence::start(&Args::new(&node, &label, vec![etcd.endpoint()]), dir.path());
+    p.wait_ready(LONG);
+    let c = draining_web("stop", &label, "drainer", 4);
+    let inst = instance(&node, &c, 8080);
+    wait_instances(&view, &node, std::slice::from_ref(&inst), LONG);
+
+    let mut stop = Command::new("docker")
+        .args(["stop", "-t", "20", &c.name])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("docker stop");
+    let t0 = Instant::now();
+    wait_instances(&view, &node, &[], LONG);
+    let gone_after = t0.elapsed();
+    // The container traps SIGTERM and takes 4 s to exit: it must still be running now.
+    assert_eq!(
+        c.inspect("{{.State.Running}}").unwrap(),
+        "true",
+        "the entry must be gone while the container drains (gone after {gone_after:?})"
+    );
+    eprintln!("deregistered {gone_after:?} after docker stop, container still running");
+    assert!(stop.wait().unwrap().success());
+    assert_eq!(c.inspect("{{.State.Running}}").unwrap(), "false");
+    // A resync after the exit does not bring it back.
+    p.signal(Signal::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(view.instances(&node), Some(BTreeSet::new()));
+    assert!(p.log().contains("SIGHUP: reconciling now"));
+}
+
+#[test]
+fn pause_removes_and_unpause_restores() {
+    let etcd = Etcd::start();
+    let view = EtcdView::plain(vec![etcd.endpoint()]);
+    let dir = tmp();
+    let (node, label) = (uniq("pause"), uniq("pause"));
+    let p = Presence::start(&Args::new(&node, &label, vec![etcd.endpoint()]), dir.path());
+    p.wait_ready(LONG);
+    let c = web("pause", &label, &["flotilla.service=paws"], &[]);
+    let inst = instance(&node, &c, 8080);
+    wait_instances(&view, &node, std::slice::from_ref(&inst), LONG);
+    for _ in 0..2 {
+        c.docker("pause", &[]).unwrap();
+        wait_instances(&view, &node, &[], LONG);
+        // A resync while paused keeps it out.
+        p.signal(Signal::SIGHUP);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(view.instances(&node), Some(BTreeSet::new()));
+        c.docker("unpause", &[]).unwrap();
+        wait_instances(&view, &node, std::slice::from_ref(&inst), LONG);
+    }
+}
+
+#[test]
+fn a_failing_healthcheck_never_appears_and_appears_once_healthy() {
+    let etcd = Etcd::start();
+    let view = EtcdView::plain(vec![etcd.endpoint()]);
+    let dir = tmp();
+    let (node, label) = (uniq("health"), uniq("health"));
+    let p = Presence::start(&Args::new(&node, &label, vec![etcd.endpoint()]), dir.path());
+    p.wait_ready(LONG);
+    let rev0 = view.revision();
+    let c = web(
+        "health",
+        &label,
+        &["flotilla.service=checked"],
+        &[
+            "--health-cmd",
+            "test -f /ok",
+            "--health-interval",
+            "500ms",
+            "--health-retries",
+            "1",
+            "--health-timeout",
+            "2s",
+        ],
+    );
+    let inst = instance(&node, &c, 8080);
+    let key = format!("/flotilla/endpoints/{node}/checked/{inst}");
+    wait_for("docker to call it unhealthy", LONG, || {
+        (c.inspect("{{.State.Health.Status}}").ok()? == "unhealthy").then_some(())
+    });
+    // Let presence see the health event and a resync.
+    p.signal(Signal::SIGHUP);
+    wait_for("the health event to be read", LONG, || {
+        (p.metric("presence_docker_events_total{action=\"health_status_unhealthy\"}") >= 1.0)
+            .then_some(())
+    });
+    assert_eq!(view.instances(&node), Some(BTreeSet::new()));
+
+    let rev_before_ok = view.revision();
+    flotilla_harness::run(Command::new("docker").args(["exec", &c.name, "touch", "/ok"])).unwrap();
+    wait_instances(&view, &node, std::slice::from_ref(&inst), LONG);
+    let ep = &view.endpoints(&node).unwrap()[&inst].endpoint;
+    assert_eq!(ep.health, Health::Healthy);
+    // Never present before it turned healthy: no revision between the start of the test and
+    // the touch held the key.
+    let early = view.revisions_with_key(&key, rev0, rev_before_ok);
+    assert!(
+        early.is_empty(),
+        "registered while unhealthy at revisions {early:?}"
+    );
+
+    // Turning unhealthy again removes it.
+    flotilla_harness::run(Command::new("docker").args(["exec", &c.name, "rm", "/ok"])).unwrap();
+    wait_instances(&view, &node, &[], LONG);
+}
+
+#[test]
+fn kill_9_entries_vanish_within_ttl_plus_2s() {
+    let etcd = Etcd::start();
+    let view = EtcdView::plain(vec![etcd.endpoint()]);
+    let dir = tmp();
+    let (node, label) = (uniq("kill9"), uniq("kill9"));
+    let mut p = Presence::start(
+        &Args::new(&node, &label, vec![etcd.endpoint()]).ttl("3s"),
+        dir.path(),
+    );
+    p.wait_ready(LONG);
+    let c = web("kill9", &label, &["flotilla.service=k"], &[]);
+    wait_instances(&view, &node, &[instance(&node, &c, 8080)], LONG);
+    let node_key = view.keys.node(&node);
+    p.child.kill(); // SIGKILL
+    let t0 = Instant::now();
+    wait_for("entries to expire", LONG, || {
+        let gone = view.instances(&node)?.is_empty() && view.get(&node_key).ok()?.is_none();
+        gone.then_some(())
+    });
+    let took = t0.elapsed();
+    eprintln!("entries gone {took:?} after kill -9 (TTL 3s)");
+    assert!(
+        took <= Duration::from_secs(5),
+        "entries took {took:?} to vanish, more than TTL + 2 s"
+    );
+}
+
+#[test]
+fn restart_with_state_file_revokes_the_predecessor_at_once_without_duplicates() {
+    let etcd = Etcd::start();
+    let view = EtcdView::plain(vec![etcd.endpoint()]);
+    let dir = tmp();
+    let (node, label) = (uniq("restart"), uniq("restart"));
+    let state = dir.path().join("presence.state");
+    // A long TTL: expiry cannot be what removes the predecessor's entries.
+    let args = Args::new(&node, &label, vec![etcd.endpoint()])
+        .ttl("60s")
+        .arg("--state-file")
+        .arg(state.display().to_string());
+    let mut a = Presence::start(&args, dir.path());
+    a.wait_ready(LONG);
+    let live = web("live", &label, &["flotilla.service=svc"], &[]);
+    let stale = web("stale", &label, &["flotilla.service=svc"], &[]);
+    wait_instances(
+        &view,
+        &node,
+        &[instance(&node, &live, 8080), instance(&node, &stale, 8080)],
+        LONG,
+    );
+    let before = view.endpoints(&node).unwrap();
+    let old_lease = before.values().next().unwrap().lease;
+    a.child.kill();
+    // While no presence runs: one container goes away, one new one starts.
+    drop(stale);
+    let fresh = web("fresh", &label, &["flotilla.service=svc"], &[]);
+
+    let t0 = Instant::now();
+    let b = Presence::start(&args, dir.path());
+    let want = [instance(&node, &live, 8080), instance(&node, &fresh, 8080)];
+    let took = wait_instances(&view, &node, &want, LONG);
+    eprintln!("restart reconciled in {took:?} (TTL 60s)");
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "the stale entry must go at once, not at expiry"
+    );
+    b.wait_ready(LONG);
+    let after = view.endpoints(&node).unwrap();
+    let new_lease = after.values().next().unwrap().lease;
+    assert_ne!(new_lease, old_lease);
+    assert!(after.values().all(|s| s.lease == new_lease));
+    // The live container's entry was moved to the new lease, not re-created: no flap.
+    let live_inst = instance(&node, &live, 8080);
+    assert_eq!(
+        after[&live_inst].create_revision, before[&live_inst].create_revision,
+        "the live entry was never deleted"
+    );
+    assert_eq!(
+        after[&live_inst].endpoint.registered_at,
+        before[&live_inst].endpoint.registered_at
+    );
+    wait_for("the predecessor's lease to be revoked", LONG, || {
+        (view.lease_ttl(old_lease) == -1).then_some(())
+    });
+    assert!(b.log().contains("revoked the predecessor's lease"));
+    let recorded: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    assert_eq!(recorded["lease"].as_i64(), Some(new_lease));
+}
+
+#[test]
+fn sigterm_revokes_the_lease_and_exits_0() {
+    let etcd = Etcd::start();
+    let view = EtcdView::plain(vec![etcd.endpoint()]);
+    let dir = tmp();
+    let (node, label) = (uniq("term"), uniq("term"));
+    let state = dir.path().join("presence.state");
+    let mut p = Presence::start(
+        &Args::new(&node, &label, vec![etcd.endpoint()])
+            .ttl("60s")
+            .arg("--state-file")
+            .arg(state.display().to_string()),
+        dir.path(),
+    );
+    p.wait_ready(LONG);
+    let c = web("term", &label, &["flotilla.service=t"], &[]);
+    wait_instances(&view, &node, &[instance(&node, &c, 8080)], LONG);
+    assert!(state.exists());
+    let status = p.terminate(LONG);
+    assert_eq!(status.code(), Some(0), "log:\n{}", p.log());
+    // Gone at once (TTL is 60 s), node record too; the state file is removed.
+    assert_eq!(view.instances(&node), Some(BTreeSet::new()));
+    assert_eq!(view.get(&view.keys.node(&node)).unwrap(), None);
+    assert!(!state.exists());
+}
+
+#[test]
+fn etcd_down_for_two_ttls_everything_live_is_back_and_nothing_stale() {
+    let mut etcd = Etcd::start();
+    let dir = tmp();
+    let (node, label) = (uniq("outage"), uniq("outage"));
+    let p = Presence::start(
+        &Args::new(&node, &label, vec![etcd.endpoint()]).ttl("3s"),
+        dir.path(),
+    );
+    p.wait_ready(LONG);
+    let keep = web("keep", &label, &["flotilla.service=o"], &[]);
+    let gone = web("gone", &label, &["flotilla.service=o"], &[]);
+    {
+        let view = EtcdView::plain(vec![etcd.endpoint()]);
+        wait_instances(
+            &view,
+            &node,
+            &[instance(&node, &keep, 8080), instance(&node, &gone, 8080)],
+            LONG,
+        );
+    }
+    etcd.stop();
+    let down = Instant::now();
+    drop(gone);
+    let new = web("new", &label, &["flotilla.service=o"], &[]);
+    wait_for("/healthz to report etcd down", LONG, || {
+        let (status, body) = p.healthz()?;
+        (status.contains("503") && body.contains("etcd: down")).then_some(())
+    });
+    // Down for 2 × TTL.
+    std::thread::sleep(Duration::from_secs(6).saturating_sub(down.elapsed()));
+    etcd.restart();
+    let back = Instant::now();
+    let view = EtcdView::plain(vec![etcd.endpoint()]);
+    let took = wait_instances(
+        &view,
+        &node,
+        &[instance(&node, &keep, 8080), instance(&node, &new, 8080)],
+        LONG,
+    );
+    eprintln!(
+        "registered again {:?} after etcd returned (view connected after {:?})",
+        back.elapsed(),
+        back.elapsed() - took
+    );
+    let eps = view.endpoints(&node).unwrap();
+    let lease = eps.values().next().unwrap().lease;
+    assert!(eps.values().all(|s| s.lease == lease));
+    assert!(view.lease_ttl(lease) > 0);
+    wait_for("/healthz healthy again", LONG, || {
+        p.healthz()?.0.contains("200").then_some(())
+    });
+    assert!(p.metric("presence_etcd_errors_total") >= 1.0);
+}
+
+#[test]
+fn injection_attempts_through_labels_and_env_are_refused_with_one_warning() {
+    let etcd = Etcd::start();
+    let view = EtcdView::plain(vec![etcd.endpoint()]);
+    let dir = tmp();
+    let (node, label) = (uniq("inject"), uniq("inject"));
+    let p = Presence::start(
+        &Args::new(&node, &label, vec![etcd.endpoint()]).arg("--resync=1s"),
+        dir.path(),
+    );
+    p.wait_ready(LONG);
+    let long_tag = format!("flotilla.tags={}", "x".repeat(200));
+    let cases: Vec<(&str, Vec<String>, &str)> = vec![
+        (
+            "nl",
+            vec![
+                "-l".into(),
+                "flotilla.tags=ok,a\n  server evil 10.0.0.1:80".into(),
+            ],
+            "label flotilla.tags",
+        ),
+        (
+            "quote",
+            vec!["-l".into(), "flotilla.service=web\"x".into()],
+            "label flotilla.service",
+        ),
+        (
+            "ctrl",
+            vec!["-l".into(), "flotilla.tags=a\u{1b}[31mb".into()],
+            "label flotilla.tags",
+        ),
+        ("big", vec!["-l".into(), long_tag], "label flotilla.tags"),
+        (
+            "port",
+            vec!["-l".into(), "flotilla.service.99999=web".into()],
+            "label flotilla.service.99999",
+        ),
+        (
+            "env",
+            vec!["-e".into(), "SERVICE_NAME=web\nbackend evil".into()],
+            "env SERVICE_NAME",
+        ),
+        (
+            "meta",
+            vec!["-l".into(), "flotilla.meta.owner=a;b".into()],
+            "label flotilla.meta.owner",
+        ),
+    ];
+    let image = busybox_image();
+    let test_label = format!("flotilla.test={label}");
+    let mut bad = Vec::new();
+    for (tag, opts, field) in &cases {
+        let name = unique_name(&format!("inject-{tag}"));
+        let mut args: Vec<&str> = vec!["-l", &test_label, "-p", "127.0.0.1::8080"];
+        args.extend(opts.iter().map(String::as_str));
+        args.extend_from_slice(&[image, "httpd", "-f", "-p", "8080"]);
+        bad.push((Container::run(&name, &args), *field));
+    }
+    let good = web("inject-good", &label, &["flotilla.service=good"], &[]);
+    wait_instances(&view, &node, &[instance(&node, &good, 8080)], LONG);
+    // Several full resyncs later, still nothing for the bad ones, and one warning each.
+    let syncs = p.metric("presence_full_syncs_total");
+    wait_for("three more resyncs", LONG, || {
+        (p.metric("presence_full_syncs_total") >= syncs + 3.0).then_some(())
+    });
+    assert_eq!(
+        view.instances(&node).unwrap(),
+        BTreeSet::from([instance(&node, &good, 8080)])
+    );
+    let log = p.log();
+    for (c, field) in &bad {
+        let warnings: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("container skipped") && l.contains(&c.name))
+            .collect();
+        assert_eq!(warnings.len(), 1, "one warning for {}:\n{log}", c.name);
+        assert!(
+            warnings[0].contains(&format!("field={field}"))
+                || warnings[0].contains(&format!("field=\"{field}\"")),
+            "warning names the field {field}: {}",
+            warnings[0]
+        );
+        assert!(warnings[0].contains(c.short_id()));
+    }
+    assert_eq!(p.metric("presence_invalid_containers"), cases.len() as f64);
+}
+
+#[test]
+fn event_stream_cut_reconnects_and_reconciles_what_happened_meanwhile() {
+    let etcd = Etcd::start();
+    let view = EtcdView::plain(vec![etcd.endpoint()]);
+    let dir = tmp();
+    let proxy = DockerProxy::start(dir.path());
+    let (node, label) = (uniq("cut"), uniq("cut"));
+    let p = Presence::start(
+        &Args::new(&node, &label, vec![etcd.endpoint()])
+            .arg("--docker-host")
+            .arg(proxy.url())
+            // No periodic resync during the test: only the reconnect may repair things.
+            .arg("--resync=1h"),
+        dir.path(),
+    );
+    p.wait_ready(LONG);
+    let stays = web("cut-stays", &label, &["flotilla.service=c"], &[]);
+    let stops = web("cut-stops", &label, &["flotilla.service=c"], &[]);
+    wait_instances(
+        &view,
+        &node,
+        &[instance(&node, &stays, 8080), instance(&node, &stops, 8080)],
+        LONG,
+    );
+    proxy.cut();
+    wait_for("/healthz to report the Docker stream down", LONG, || {
+        let (_, body) = p.healthz()?;
+        body.contains("docker: down").then_some(())
+    });
+    // While the stream is down: one container stops, one starts.
+    stops.docker("stop", &["-t", "1"]).unwrap();
+    let started = web("cut-started", &label, &["flotilla.service=c"], &[]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        view.instances(&node).unwrap().len(),
+        2,
+        "nothing can change while presence is blind"
+    );
+    proxy.restore();
+    wait_instances(
+        &view,
+        &node,
+        &[
+            instance(&node, &stays, 8080),
+            instance(&node, &started, 8080),
+        ],
+        LONG,
+    );
+    assert!(p.metric("presence_docker_reconnects_total") >= 1.0);
+    assert!(p.log().contains("Docker event stream re-subscribed"));
+    // And the stream works again afterwards.
+    started.docker("pause", &[]).unwrap();
+    wait_instances(&view, &node, &[instance(&node, &stays, 8080)], LONG);
+    started.docker("unpause", &[]).unwrap();
+}
+
+#[test]
+fn least_privilege_user_confined_to_its_own_prefixes_works() {
+    let t = TlsEtcd::start();
+    let root = EtcdView::connect(EtcdArgs {
+        endpoints: vec![t.etcd.endpoint()],
+        cacert: Some(t.tls.ca.clone()),
+        cert: Some(t.tls.root_cert.clone()),
+        key: Some(t.tls.root_key.clone()),
+        user: Some("root".into()),
+        password: Some("rootpw".into()),
+        ..EtcdArgs::default()
+    });
+    let dir = tmp();
+    let node = "node-a"; // the user the harness confines to node-a's prefixes
+    let label = uniq("rbac");
+    let args = Args::new(node, &label, vec![t.etcd.endpoint()])
+        .ttl("3s")
+        .arg("--etcd-cacert")
+        .arg(t.tls.ca.display().to_string())
+        .arg("--etcd-cert")
+        .arg(t.tls.client_cert.display().to_string())
+        .arg("--etcd-key")
+        .arg(t.tls.client_key.display().to_string())
+        .arg("--etcd-user")
+        .arg("node-a")
+        .env("FLOTILLA_ETCD_PASSWORD", "node-a-secret");
+    let mut p = Presence::start(&args, dir.path());
+    p.wait_ready(LONG);
+    let c = web("rbac", &label, &["flotilla.service=secure"], &[]);
+    wait_instances(&root, node, &[instance(node, &c, 8080)], LONG);
+    c.docker("pause", &[]).unwrap();
+    wait_instances(&root, node, &[], LONG);
+    c.docker("unpause", &[]).unwrap();
+    wait_instances(&root, node, &[instance(node, &c, 8080)], LONG);
+    assert_eq!(p.metric("presence_etcd_errors_total"), 0.0, "{}", p.log());
+    // The clean shutdown's revoke is allowed too.
+    assert_eq!(p.terminate(LONG).code(), Some(0), "{}", p.log());
+    assert_eq!(root.instances(node), Some(BTreeSet::new()));
+    assert_eq!(root.get("/flotilla/nodes/node-a").unwrap(), None);
+}
+
+#[test]
+fn killing_the_etcd_leader_loses_nothing_and_leaves_nothing_stale() {
+    let mut cluster = EtcdCluster::start(3);
+    let dir = tmp();
+    let (node, label) = (uniq("leader"), uniq("leader"));
+    let p = Presence::start(
+        &Args::new(&node, &label, cluster.endpoints()).ttl("5s"),
+        dir.path(),
+    );
+    p.wait_ready(Duration::from_secs(60));
+    let view = EtcdView::plain(cluster.endpoints());
+    let a = web("leader-a", &label, &["flotilla.service=l"], &[]);
+    let b = web("leader-b", &label, &["flotilla.service=l"], &[]);
+    wait_instances(
+        &view,
+        &node,
+        &[instance(&node, &a, 8080), instance(&node, &b, 8080)],
+        LONG,
+    );
+    for round in 0..2 {
+        let leader = cluster.leader();
+        cluster.members[leader].kill();
+        // Changes right during the election.
+        let c = web(
+            &format!("leader-c{round}"),
+            &label,
+            &["flotilla.service=l"],
+            &[],
+        );
+        b.docker("pause", &[]).unwrap();
+        wait_instances(
+            &view,
+            &node,
+            &[instance(&node, &a, 8080), instance(&node, &c, 8080)],
+            Duration::from_secs(40),
+        );
+        b.docker("unpause", &[]).unwrap();
+        wait_instances(
+            &view,
+            &node,
+            &[
+                instance(&node, &a, 8080),
+                instance(&node, &b, 8080),
+                instance(&node, &c, 8080),
+            ],
+            Duration::from_secs(40),
+        );
+        drop(c);
+        wait_instances(
+            &view,
+            &node,
+            &[instance(&node, &a, 8080), instance(&node, &b, 8080)],
+            Duration::from_secs(40),
+        );
+        cluster.members[leader].restart();
+        cluster.wait_healthy(Duration::from_secs(60));
+    }
+    // Longer than a TTL later, still all there (the lease is kept alive through the changes).
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        view.instances(&node).unwrap(),
+        BTreeSet::from([instance(&node, &a, 8080), instance(&node, &b, 8080)])
+    );
+}
+
+#[test]
+fn internal_mode_and_host_network() {
+    let etcd = Etcd::start();
+    let view = EtcdView::plain(vec![etcd.endpoint()]);
+    let dir = tmp();
+    let (node, label) = (uniq("internal"), uniq("internal"));
+    let p = Presence::start(
+        &Args::new(&node, &label, vec![etcd.endpoint()]).arg("--internal"),
+        dir.path(),
+    );
+    p.wait_ready(LONG);
+    let c = web("internal", &label, &["flotilla.service=inside"], &[]);
+    let inst = instance(&node, &c, 8080);
+    wait_instances(&view, &node, std::slice::from_ref(&inst), LONG);
+    let ip = c
+        .inspect("{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}")
+        .unwrap();
+    let ep = &view.endpoints(&node).unwrap()[&inst].endpoint;
+    assert_eq!((ep.host.as_str(), ep.port), (ip.as_str(), 8080));
+    drop(p);
+
+    // Host network: the exposed port on the advertised address (nothing listens; no traffic).
+    let (node2, label2) = (uniq("hostnet"), uniq("hostnet"));
+    let p2 = Presence::start(
+        &Args::new(&node2, &label2, vec![etcd.endpoint()]),
+        dir.path(),
+    );
+    p2.wait_ready(LONG);
+    let name = unique_name("hostnet");
+    let test_label = format!("flotilla.test={label2}");
+    let h = Container::run(
+        &name,
+        &[
+            "-l",
+            &test_label,
+            "-l",
+            "flotilla.service=hostnet",
+            "--network",
+            "host",
+            "--expose",
+            "39999",
+            busybox_image(),
+            "sleep",
+            "300",
+        ],
+    );
+    let inst = instance(&node2, &h, 39999);
+    wait_instances(&view, &node2, std::slice::from_ref(&inst), LONG);
+    let ep = &view.endpoints(&node2).unwrap()[&inst].endpoint;
+    assert_eq!((ep.host.as_str(), ep.port), ("127.0.0.1", 39999));
+}
+
+#[test]
+fn dry_run_prints_what_would_be_registered_and_exits() {
+    let label = uniq("dry");
+    let c = web(
+        "dry",
+        &label,
+        &["flotilla.service=dry", "flotilla.tags=a"],
+        &[],
+    );
+    let node = uniq("dry");
+    let out = Command::new(env!("CARGO_BIN_EXE_presence"))
+        .args(["--node", &node, "--advertise-ip", "127.0.0.1", "--dry-run"])
+        .arg("--label-filter")
+        .arg(format!("flotilla.test={label}"))
+        // etcd is not contacted: nothing listens here.
+        .args(["--etcd-endpoints", "http://127.0.0.1:9"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    let inst = instance(&node, &c, 8080);
+    assert_eq!(
+        lines[0]["key"],
+        format!("/flotilla/endpoints/{node}/dry/{inst}")
+    );
+    assert_eq!(lines[0]["endpoint"]["port"], c.host_port("8080/tcp"));
+    assert_eq!(lines[0]["endpoint"]["tags"][0], "a");
+}
+
+#[test]
+fn bad_flags_are_all_reported_with_exit_code_2() {
+    let out = Command::new(env!("CARGO_BIN_EXE_presence"))
+        .args([
+            "--node",
+            "Bad_Node",
+            "--advertise-ip",
+            "0.0.0.0",
+            "--ttl",
+            "500ms",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for flag in ["--node", "--advertise-ip", "--ttl"] {
+        assert!(err.contains(flag), "{flag} missing: {err}");
+    }
+}
