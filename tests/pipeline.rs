@@ -59,11 +59,19 @@ impl Chain {
         let confdir = d.join("confdir");
         std::fs::create_dir_all(confdir.join("templates")).unwrap();
         std::fs::create_dir_all(confdir.join("conf.d")).unwrap();
-        std::fs::copy(
-            repo().join("templates/templates/haproxy.cfg.tmpl"),
-            confdir.join("templates/haproxy.cfg.tmpl"),
-        )
-        .expect("the shipped haproxy template");
+        // The main template and its per-service fragments.
+        for f in std::fs::read_dir(repo().join("templates/templates")).unwrap() {
+            let f = f.unwrap().path();
+            if f.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("haproxy")
+            {
+                std::fs::copy(&f, confdir.join("templates").join(f.file_name().unwrap()))
+                    .expect("the shipped haproxy templates");
+            }
+        }
         let haproxy = flotilla_harness::require("haproxy", "haproxy");
         std::fs::write(
             confdir.join("conf.d/haproxy.toml"),

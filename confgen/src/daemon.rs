@@ -697,9 +697,12 @@ async fn render_and_write(
         Err(e) => return (Outcome::RenderFailed(e.clone()), None),
     };
     let started = Instant::now();
-    let root = slot.data.take_root();
-    let (root, result) = engine.render(root, &mut slot.buf);
-    slot.data.restore(root);
+    let fragments_before = engine.fragment_renders();
+    let result = engine.render(&mut slot.data, &mut slot.buf);
+    metrics
+        .fragment_renders
+        .get_or_create(&metrics::resource(&slot.res.name))
+        .inc_by(engine.fragment_renders() - fragments_before);
     let labels = metrics::resource(&slot.res.name);
     metrics.renders.get_or_create(&labels).inc();
     metrics

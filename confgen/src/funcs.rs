@@ -423,20 +423,75 @@ pub fn register(tera: &mut Tera, store: Store, scope: Arc<Scope>) {
                 .unwrap_or(Value::String(String::new()))),
         }
     });
+    tera.register_filter("tcp_routes", |v: &Value, _: &HashMap<String, Value>| {
+        let services = v.as_object().ok_or_else(|| {
+            Error::msg("tcp_routes: expects the services map (services | tcp_routes)")
+        })?;
+        let mut claimed: HashMap<u16, String> = HashMap::new();
+        let mut out = Vec::new();
+        for (name, eps) in services {
+            let Some(eps) = eps.as_array() else { continue };
+            let meta = |key: &str| {
+                eps.iter().find_map(|e| {
+                    e.get("meta")
+                        .and_then(|m| m.get(key))
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                })
+            };
+            if meta("mode").as_deref() != Some("tcp") {
+                continue;
+            }
+            let mut m = Map::new();
+            m.insert("service".into(), Value::String(name.clone()));
+            let port = meta("service_port")
+                .and_then(|p| p.parse::<u16>().ok())
+                .filter(|p| *p > 0);
+            let error = match port {
+                None => Some("mode=tcp needs meta service_port=1-65535".to_string()),
+                Some(p) => match claimed.get(&p) {
+                    Some(other) => Some(format!(
+                        "service_port {p} is already taken by service {other}"
+                    )),
+                    None => {
+                        claimed.insert(p, name.clone());
+                        None
+                    }
+                },
+            };
+            m.insert("port".into(), Value::from(port.unwrap_or(0)));
+            m.insert(
+                "error".into(),
+                error.map(Value::String).unwrap_or(Value::Null),
+            );
+            out.push(Value::Object(m));
+        }
+        Ok(Value::Array(out))
+    });
     tera.register_filter("path_routes", |v: &Value, _: &HashMap<String, Value>| {
         let services = v.as_object().ok_or_else(|| {
             Error::msg("path_routes: expects the services map (services | path_routes)")
         })?;
         let mut routes: Vec<(String, String)> = Vec::new();
         for (name, eps) in services {
-            let path = eps.as_array().and_then(|eps| {
+            let Some(eps) = eps.as_array() else { continue };
+            let meta = |key: &str| {
                 eps.iter().find_map(|e| {
                     e.get("meta")
-                        .and_then(|m| m.get("path"))
+                        .and_then(|m| m.get(key))
                         .and_then(Value::as_str)
                         .map(str::to_string)
                 })
+            };
+            // Only HTTP services with at least one usable endpoint get a route.
+            let usable = eps.iter().any(|e| {
+                e.get("health").and_then(Value::as_str) != Some("unhealthy")
+                    && e.get("proto").and_then(Value::as_str) != Some("udp")
             });
+            if !usable || meta("mode").as_deref() == Some("tcp") {
+                continue;
+            }
+            let path = meta("path");
             if let Some(p) = path {
                 if p.starts_with('/') && is_token(&p) {
                     routes.push((name.clone(), p));
@@ -620,7 +675,7 @@ mod tests {
             "services": {
                 "web": [
                     {"instance": "a", "health": "healthy", "tags": ["blue"], "meta": {"path": "/api/"}},
-                    {"instance": "b", "health": "unhealthy", "tags": [], "meta": {"mode": "tcp"}},
+                    {"instance": "b", "health": "unhealthy", "tags": [], "meta": {"weight": "2"}},
                     {"instance": "c", "health": "none", "tags": ["blue"], "meta": {}}
                 ],
                 "v2": [{"instance": "d", "health": "none", "tags": [], "meta": {"path": "/api/v2"}}],
@@ -645,8 +700,8 @@ mod tests {
             .unwrap(),
             "ac"
         );
-        assert_eq!(r(&mut t, "{% for e in services.web | with_meta(key=\"mode\", value=\"tcp\") %}{{ e.instance }}{% endfor %}").unwrap(), "b");
-        assert_eq!(r(&mut t, "{{ services.web | meta(key=\"mode\") }}|{{ services.v2 | meta(key=\"mode\", default=\"http\") }}").unwrap(), "tcp|http");
+        assert_eq!(r(&mut t, "{% for e in services.web | with_meta(key=\"weight\", value=\"2\") %}{{ e.instance }}{% endfor %}").unwrap(), "b");
+        assert_eq!(r(&mut t, "{{ services.web | meta(key=\"weight\") }}|{{ services.v2 | meta(key=\"mode\", default=\"http\") }}").unwrap(), "2|http");
         assert_eq!(r(&mut t, "{{ odd | ident }}").unwrap(), "web_1_x");
         assert_eq!(
             r(
@@ -662,6 +717,20 @@ mod tests {
             r(&mut t, "{{ \"0.0.0.0:80\" | token }}").unwrap(),
             "0.0.0.0:80"
         );
+    }
+
+    #[test]
+    fn tcp_routes_first_claim_wins() {
+        let mut t = tera(&[], Scope::everything());
+        let ep = |meta: serde_json::Value| serde_json::json!([{"instance": "x", "meta": meta}]);
+        let ctx = serde_json::json!({"services": {
+            "a": ep(serde_json::json!({"mode": "tcp", "service_port": "5432"})),
+            "b": ep(serde_json::json!({"mode": "tcp", "service_port": "5432"})),
+            "c": ep(serde_json::json!({"mode": "tcp", "service_port": "x"})),
+            "d": ep(serde_json::json!({"mode": "http"})),
+        }});
+        let out = one(&mut t, "{% for r in services | tcp_routes %}{{ r.service }}:{{ r.port }}:{% if r.error %}{{ r.error }}{% endif %};{% endfor %}", ctx).unwrap();
+        assert_eq!(out, "a:5432:;b:5432:service_port 5432 is already taken by service a;c:0:mode=tcp needs meta service_port=1-65535;");
     }
 
     #[test]

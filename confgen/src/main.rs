@@ -299,7 +299,9 @@ fn render(a: RenderArgs) -> anyhow::Result<u8> {
         }
     };
     let mut out = Vec::new();
-    let (_, result) = engine.render(data.take_root(), &mut out);
+    let started = std::time::Instant::now();
+    let result = engine.render(&mut data, &mut out);
+    tracing::debug!(took = ?started.elapsed(), bytes = out.len(), "rendered");
     if let Err(e) = result {
         eprintln!("confgen: error: {e}");
         return Ok(EXIT_FAILED);

@@ -16,6 +16,8 @@ type Labels = Vec<(String, String)>;
 pub struct Metrics {
     /// Renders by resource.
     pub renders: Family<Labels, Counter>,
+    /// Per-service fragments rendered (cache misses), by resource.
+    pub fragment_renders: Family<Labels, Counter>,
     /// Destination writes by resource.
     pub writes: Family<Labels, Counter>,
     /// Reload commands run, by result (`ok`, `failed`).
@@ -51,6 +53,7 @@ impl Metrics {
         let m = Metrics {
             renders: Family::default(),
             writes: Family::default(),
+            fragment_renders: Family::default(),
             reloads: Family::default(),
             failures: Family::default(),
             held: Family::default(),

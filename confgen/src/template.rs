@@ -20,10 +20,19 @@ use tera::ast::{Block, Node};
 use tera::{Context, Tera};
 
 use crate::funcs;
-use crate::view::{Scope, Store};
+use crate::view::{Scope, Store, TemplateData};
 
 /// The function that instrumented templates call before each tag.
 const AT_FN: &str = "__confgen_at";
+/// The function that inserts a per-service fragment.
+const PER_SERVICE_FN: &str = "per_service";
+
+/// Rendered fragments: fragment template → service → (service version, output).
+#[derive(Debug, Default)]
+struct FragCache {
+    epoch: u64,
+    by_template: BTreeMap<String, std::collections::HashMap<String, (u64, String)>>,
+}
 
 /// A template that failed to load or render.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -69,6 +78,9 @@ pub struct Engine {
     sources: BTreeMap<String, String>,
     store: Store,
     scope: Arc<Scope>,
+    fragments: BTreeSet<String>,
+    cache: Arc<Mutex<FragCache>>,
+    fragment_renders: std::sync::atomic::AtomicU64,
     /// Every file this template was loaded from (to watch them).
     pub files: Vec<PathBuf>,
 }
@@ -92,6 +104,7 @@ impl Engine {
         scope: Scope,
     ) -> Result<Engine, TemplateError> {
         let mut sources = BTreeMap::new();
+        let mut fragments = BTreeSet::new();
         let mut queue = vec![(name.to_string(), None::<(String, String)>)];
         while let Some((tpl, needed_by)) = queue.pop() {
             if sources.contains_key(&tpl) {
@@ -122,13 +135,19 @@ impl Engine {
             };
             let parsed =
                 tera::Template::new(&tpl, None, &text).map_err(|e| parse_error(&tpl, &e))?;
-            for dep in dependencies(&parsed) {
+            let frags = per_service_templates(&parsed);
+            for dep in dependencies(&parsed)
+                .into_iter()
+                .chain(frags.iter().cloned())
+            {
                 queue.push((dep, Some((tpl.clone(), text.clone()))));
             }
+            fragments.extend(frags);
             sources.insert(tpl, text);
         }
         let scope = Arc::new(scope);
-        let tera = build(&sources, &store, &scope, None)?;
+        let cache = Arc::new(Mutex::new(FragCache::default()));
+        let tera = build(&sources, &store, &scope, &cache, None)?;
         Ok(Engine {
             name: name.to_string(),
             tera,
@@ -136,6 +155,9 @@ impl Engine {
             sources,
             store,
             scope,
+            fragments,
+            cache,
+            fragment_renders: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -150,14 +172,15 @@ impl Engine {
         Engine::load(dir, &name, store, scope)
     }
 
-    /// Renders into `out` (cleared first) from `root` (the template data tree, moved in and
-    /// handed back).
-    pub fn render(
-        &self,
-        root: Map<String, Value>,
-        out: &mut Vec<u8>,
-    ) -> (Map<String, Value>, Result<(), TemplateError>) {
+    /// Renders into `out` (cleared first) from `data`. Per-service fragments whose service
+    /// changed are rendered first; the others come from the cache.
+    pub fn render(&self, data: &mut TemplateData, out: &mut Vec<u8>) -> Result<(), TemplateError> {
         out.clear();
+        let mut root = data.take_root();
+        if let Err(e) = self.render_fragments(data, &mut root) {
+            data.restore(root);
+            return Err(e);
+        }
         let ctx = Context::from_value(Value::Object(root)).expect("an object is a context");
         let result = self.tera.render_to(&self.name, &ctx, &mut *out);
         let root = match ctx.into_json() {
@@ -165,23 +188,109 @@ impl Engine {
             _ => Map::new(),
         };
         match result {
-            Ok(()) => (root, Ok(())),
+            Ok(()) => {
+                data.restore(root);
+                Ok(())
+            }
             Err(e) => {
-                let (root, err) = self.locate(root, &e);
-                (root, Err(err))
+                let (root, err) = self.locate(&self.name, root, &e);
+                data.restore(root);
+                Err(err)
             }
         }
+    }
+
+    /// How many per-service fragments were rendered so far (cache misses).
+    pub fn fragment_renders(&self) -> u64 {
+        self.fragment_renders
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Renders every `per_service` fragment for every service whose endpoints changed since its
+    /// cached render (all of them when config keys or nodes changed: the epoch moved).
+    fn render_fragments(
+        &self,
+        data: &TemplateData,
+        root: &mut Map<String, Value>,
+    ) -> Result<(), TemplateError> {
+        if self.fragments.is_empty() {
+            return Ok(());
+        }
+        let Some(Value::Object(services)) = root.get_mut("services") else {
+            return Ok(());
+        };
+        {
+            let mut cache = self.cache.lock().expect("fragment cache lock");
+            if cache.epoch != data.epoch() {
+                cache.by_template.clear();
+                cache.epoch = data.epoch();
+            }
+            for frag in &self.fragments {
+                let entries = cache.by_template.entry(frag.clone()).or_default();
+                entries.retain(|name, _| services.contains_key(name));
+            }
+        }
+        // The lock is held only around cache lookups and inserts: a fragment's render (which may
+        // call per_service itself) and locating an error both take it.
+        for frag in &self.fragments {
+            for (name, eps) in services.iter_mut() {
+                let version = data.service_version(name);
+                let cached = self
+                    .cache
+                    .lock()
+                    .expect("fragment cache lock")
+                    .by_template
+                    .get(frag)
+                    .and_then(|m| m.get(name))
+                    .is_some_and(|(v, _)| *v == version);
+                if cached {
+                    continue;
+                }
+                let mut ctx_root = Map::new();
+                ctx_root.insert("name".into(), Value::String(name.clone()));
+                ctx_root.insert("eps".into(), std::mem::take(eps));
+                let ctx =
+                    Context::from_value(Value::Object(ctx_root)).expect("an object is a context");
+                let result = self.tera.render(frag, &ctx);
+                self.fragment_renders
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mut ctx_root = match ctx.into_json() {
+                    Value::Object(m) => m,
+                    _ => Map::new(),
+                };
+                match result {
+                    Ok(text) => {
+                        *eps = ctx_root.remove("eps").unwrap_or(Value::Null);
+                        self.cache
+                            .lock()
+                            .expect("fragment cache lock")
+                            .by_template
+                            .entry(frag.clone())
+                            .or_default()
+                            .insert(name.clone(), (version, text));
+                    }
+                    Err(e) => {
+                        let (mut back, mut err) = self.locate(frag, ctx_root, &e);
+                        *eps = back.remove("eps").unwrap_or(Value::Null);
+                        err.message = format!("{} (service {name})", err.message);
+                        return Err(err);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Re-renders with instrumented templates to find where `e` happened.
     fn locate(
         &self,
+        template: &str,
         root: Map<String, Value>,
         e: &tera::Error,
     ) -> (Map<String, Value>, TemplateError) {
         let message = render_message(e);
         let mut err = TemplateError {
-            template: self.name.clone(),
+            template: template.to_string(),
             line: None,
             column: None,
             message,
@@ -192,11 +301,27 @@ impl Engine {
             .iter()
             .map(|(n, s)| (n.clone(), instrument(n, s)))
             .collect();
-        let Ok(tera) = build(&instrumented, &self.store, &self.scope, Some(at.clone())) else {
+        // Fragments render from a copy of the cache, so an instrumented render cannot pollute it.
+        let cache = Arc::new(Mutex::new(FragCache {
+            epoch: 0,
+            by_template: self
+                .cache
+                .lock()
+                .expect("fragment cache lock")
+                .by_template
+                .clone(),
+        }));
+        let Ok(tera) = build(
+            &instrumented,
+            &self.store,
+            &self.scope,
+            &cache,
+            Some(at.clone()),
+        ) else {
             return (root, err);
         };
         let ctx = Context::from_value(Value::Object(root)).expect("an object is a context");
-        let failed = tera.render(&self.name, &ctx).is_err();
+        let failed = tera.render(template, &ctx).is_err();
         let root = match ctx.into_json() {
             Value::Object(m) => m,
             _ => Map::new(),
@@ -212,15 +337,38 @@ impl Engine {
     }
 }
 
+/// Where an instrumented render last was: (template, line, column).
+type AtSlot = Arc<Mutex<Option<(String, usize, usize)>>>;
+
 fn build(
     sources: &BTreeMap<String, String>,
     store: &Store,
     scope: &Arc<Scope>,
-    at: Option<Arc<Mutex<Option<(String, usize, usize)>>>>,
+    cache: &Arc<Mutex<FragCache>>,
+    at: Option<AtSlot>,
 ) -> Result<Tera, TemplateError> {
     let mut tera = Tera::default();
     tera.autoescape_on(vec![]);
     funcs::register(&mut tera, store.clone(), scope.clone());
+    let cache = cache.clone();
+    tera.register_function(
+        PER_SERVICE_FN,
+        move |args: &std::collections::HashMap<String, Value>| {
+            let template = args.get("template").and_then(Value::as_str).ok_or_else(|| {
+                tera::Error::msg("per_service: argument `template` must be a string literal")
+            })?;
+            let name = args.get("name").and_then(Value::as_str).ok_or_else(|| {
+                tera::Error::msg("per_service: argument `name` must be a service name")
+            })?;
+            let cache = cache.lock().expect("fragment cache lock");
+            match cache.by_template.get(template).and_then(|m| m.get(name)) {
+                Some((_, text)) => Ok(Value::String(text.clone())),
+                None => Err(tera::Error::msg(format!(
+                    "per_service: no service {name:?} in `services` (call it with a key of services)"
+                ))),
+            }
+        },
+    );
     if let Some(at) = at {
         tera.register_function(
             AT_FN,
@@ -262,12 +410,10 @@ fn dependencies(t: &tera::Template) -> BTreeSet<String> {
     fn walk(nodes: &[Node], out: &mut BTreeSet<String>) {
         for n in nodes {
             match n {
-                Node::Include(_, names, ignore_missing) => {
-                    if !*ignore_missing {
-                        // Only the first existing one is used; require the first.
-                        if let Some(first) = names.first() {
-                            out.insert(first.clone());
-                        }
+                // Only the first existing one is used; require the first.
+                Node::Include(_, names, false) => {
+                    if let Some(first) = names.first() {
+                        out.insert(first.clone());
                     }
                 }
                 Node::Block(_, Block { body, .. }, _) => walk(body, out),
@@ -291,6 +437,56 @@ fn dependencies(t: &tera::Template) -> BTreeSet<String> {
             }
         }
     }
+    walk(&t.ast, &mut out);
+    for m in t.macros.values() {
+        walk(&m.body, &mut out);
+    }
+    out
+}
+
+/// Templates named by `per_service(template="…", …)` calls in `t` (string literals only).
+fn per_service_templates(t: &tera::Template) -> BTreeSet<String> {
+    use tera::ast::{Expr, ExprVal};
+    fn expr(e: &Expr, out: &mut BTreeSet<String>) {
+        if let ExprVal::FunctionCall(f) = &e.val {
+            if f.name == PER_SERVICE_FN {
+                if let Some(Expr {
+                    val: ExprVal::String(s),
+                    ..
+                }) = f.args.get("template")
+                {
+                    out.insert(s.clone());
+                }
+            }
+        }
+    }
+    fn walk(nodes: &[Node], out: &mut BTreeSet<String>) {
+        for n in nodes {
+            match n {
+                Node::VariableBlock(_, e) => expr(e, out),
+                Node::Set(_, s) => expr(&s.value, out),
+                Node::Block(_, Block { body, .. }, _) => walk(body, out),
+                Node::Forloop(_, f, _) => {
+                    walk(&f.body, out);
+                    if let Some(e) = &f.empty_body {
+                        walk(e, out);
+                    }
+                }
+                Node::If(i, _) => {
+                    for (_, _, body) in &i.conditions {
+                        walk(body, out);
+                    }
+                    if let Some((_, body)) = &i.otherwise {
+                        walk(body, out);
+                    }
+                }
+                Node::FilterSection(_, f, _) => walk(&f.body, out),
+                Node::MacroDefinition(_, m, _) => walk(&m.body, out),
+                _ => {}
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
     walk(&t.ast, &mut out);
     for m in t.macros.values() {
         walk(&m.body, &mut out);
@@ -376,6 +572,12 @@ fn line_col(src: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
+/// Matches an `endraw` tag.
+fn endraw_regex() -> &'static regex::Regex {
+    static RE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
+    RE.get_or_init(|| regex::Regex::new(r"\{%-?\s*endraw\s*-?%\}").expect("regex"))
+}
+
 /// Inserts `{{ __confgen_at(f=…, l=…, c=…) }}` before every `{{ }}` and `{% %}` tag (except
 /// `extends` and `import`, which must stay first), skipping comments and raw blocks.
 fn instrument(name: &str, src: &str) -> String {
@@ -411,8 +613,10 @@ fn instrument(name: &str, src: &str) -> String {
                 if is_stmt && word == "raw" {
                     // Skip to after the matching endraw tag.
                     let rest = &src[end..];
-                    let re = regex::Regex::new(r"\{%-?\s*endraw\s*-?%\}").expect("regex");
-                    i = re.find(rest).map(|m| end + m.end()).unwrap_or(bytes.len());
+                    i = endraw_regex()
+                        .find(rest)
+                        .map(|m| end + m.end())
+                        .unwrap_or(bytes.len());
                 } else {
                     i = end;
                 }
@@ -477,8 +681,10 @@ mod tests {
 
     fn render(e: &Engine, root: Value) -> Result<String, TemplateError> {
         let mut out = Vec::new();
-        let (_, r) = e.render(root.as_object().unwrap().clone(), &mut out);
-        r.map(|()| String::from_utf8(out).unwrap())
+        let mut data = TemplateData::new(Scope::everything());
+        data.restore(root.as_object().unwrap().clone());
+        e.render(&mut data, &mut out)
+            .map(|()| String::from_utf8(out).unwrap())
     }
 
     #[test]
@@ -543,6 +749,90 @@ mod tests {
         let err = e.unwrap_err();
         assert_eq!(err.template, "main.tmpl");
         assert_eq!((err.line, err.column), (Some(2), Some(14)), "{err}");
+    }
+
+    #[test]
+    fn per_service_fragments_are_rendered_again_only_when_their_service_changed() {
+        use crate::view::tests::ep_json;
+        use crate::view::{snapshot_from_kvs, View};
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("main.tmpl"),
+            "{% for name, eps in services %}{{ per_service(template=\"be.tmpl\", name=name) }}{% endfor %}",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("be.tmpl"),
+            "[{{ name }}{% for ep in eps %} {{ ep.addr }}{% endfor %} {{ getv(key=\"/flotilla/config/x\", default=\"-\") }}]",
+        )
+        .unwrap();
+        let keys = flotilla_registry::Keys::new("/flotilla").unwrap();
+        let mut view = View::new(keys.clone());
+        let engine =
+            Engine::load(dir.path(), "main.tmpl", view.store(), Scope::everything()).unwrap();
+        assert_eq!(engine.files.len(), 2);
+        let mut data = TemplateData::new(Scope::everything());
+        let mut kvs: BTreeMap<String, Vec<u8>> = [
+            ep_json("a", "web", 1, "127.0.0.2"),
+            ep_json("a", "db", 2, "127.0.0.3"),
+        ]
+        .into_iter()
+        .collect();
+        view.sync(&snapshot_from_kvs(&keys, 2, kvs.clone()), [&mut data]);
+        let mut out = Vec::new();
+        engine.render(&mut data, &mut out).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "[db 127.0.0.3:8002 -][web 127.0.0.2:8001 -]"
+        );
+        assert_eq!(engine.fragment_renders(), 2);
+        // One service changes: one fragment rendered.
+        let (k, v) = ep_json("a", "web", 1, "127.0.0.9");
+        kvs.insert(k, v);
+        view.sync(&snapshot_from_kvs(&keys, 3, kvs.clone()), [&mut data]);
+        engine.render(&mut data, &mut out).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "[db 127.0.0.3:8002 -][web 127.0.0.9:8001 -]"
+        );
+        assert_eq!(engine.fragment_renders(), 3);
+        // Nothing changes: none.
+        engine.render(&mut data, &mut out).unwrap();
+        assert_eq!(engine.fragment_renders(), 3);
+        // A config key changes: all of them (fragments may read it).
+        kvs.insert("/flotilla/config/x".into(), b"X".to_vec());
+        view.sync(&snapshot_from_kvs(&keys, 4, kvs.clone()), [&mut data]);
+        engine.render(&mut data, &mut out).unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "[db 127.0.0.3:8002 X][web 127.0.0.9:8001 X]"
+        );
+        assert_eq!(engine.fragment_renders(), 5);
+        // A service disappears: its fragment goes too.
+        kvs.retain(|k, _| !k.contains("/db/"));
+        view.sync(&snapshot_from_kvs(&keys, 5, kvs), [&mut data]);
+        engine.render(&mut data, &mut out).unwrap();
+        assert_eq!(String::from_utf8_lossy(&out), "[web 127.0.0.9:8001 X]");
+    }
+
+    #[test]
+    fn fragment_errors_name_the_fragment_and_the_service() {
+        let (_d, e) = engine(
+            &[
+                ("main.tmpl", "{% for name, eps in services %}{{ per_service(template=\"be.tmpl\", name=name) }}{% endfor %}"),
+                ("be.tmpl", "ok\n  {{ eps.0.nope }}"),
+            ],
+            "main.tmpl",
+            &[],
+        );
+        let err = render(
+            &e.unwrap(),
+            serde_json::json!({"services": {"web": [{"a": 1}]}}),
+        )
+        .unwrap_err();
+        assert_eq!(err.template, "be.tmpl");
+        assert_eq!((err.line, err.column), (Some(2), Some(3)), "{err}");
+        assert!(err.message.contains("(service web)"), "{err}");
     }
 
     #[test]

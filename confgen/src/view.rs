@@ -56,6 +56,11 @@ pub struct TemplateData {
     root: Map<String, Value>,
     endpoints: usize,
     built: bool,
+    /// Version of each service's endpoint list (bumped when it is rebuilt).
+    versions: std::collections::HashMap<String, u64>,
+    next_version: u64,
+    /// Bumped when anything in scope other than an endpoint changes (config keys, nodes).
+    epoch: u64,
 }
 
 impl TemplateData {
@@ -69,7 +74,20 @@ impl TemplateData {
             root,
             endpoints: 0,
             built: false,
+            versions: std::collections::HashMap::new(),
+            next_version: 1,
+            epoch: 1,
         }
+    }
+
+    /// Version of `service`'s endpoint list: changes whenever the list is rebuilt.
+    pub fn service_version(&self, service: &str) -> u64 {
+        self.versions.get(service).copied().unwrap_or(0)
+    }
+
+    /// Changes whenever something in scope other than an endpoint changed (config keys, nodes).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// The template's scope.
@@ -124,6 +142,9 @@ impl TemplateData {
             .collect();
         eps.sort_by(|a, b| (&a.node, &a.instance).cmp(&(&b.node, &b.instance)));
         let list: Vec<Value> = eps.iter().map(|ep| endpoint_value(ep)).collect();
+        let version = self.next_version;
+        self.next_version += 1;
+        self.versions.insert(service.to_owned(), version);
         let services = self.services_mut();
         let old = if list.is_empty() {
             services.remove(service)
@@ -158,7 +179,11 @@ impl TemplateData {
     }
 
     fn rebuild_all(&mut self, index: &ServiceIndex, keys: &Keys, snap: &Snapshot) {
+        let (next_version, epoch) = (self.next_version, self.epoch + 1);
         *self = TemplateData::new(self.scope.clone());
+        // Versions never repeat, so cached per-service renders cannot be mistaken as current.
+        self.next_version = next_version;
+        self.epoch = epoch;
         for service in index.keys() {
             self.rebuild_service(service, index, snap);
         }
@@ -310,6 +335,13 @@ impl View {
                 if data.scope.contains(key) {
                     data.rebuild_node(node, key, snap);
                 }
+            }
+            let other = changes.keys.iter().any(|k| {
+                data.scope.contains(k)
+                    && !matches!(self.keys.parse(k), Some(KeyKind::Endpoint { .. }))
+            });
+            if other {
+                data.epoch += 1;
             }
         }
         changes
