@@ -19,7 +19,10 @@ fn endpoint_json(node: &str, service: &str, n: u32, host: &str) -> (String, Stri
 }
 
 fn proxyctl(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_proxyctl")).args(args).output().expect("run proxyctl");
+    let out = Command::new(env!("CARGO_BIN_EXE_proxyctl"))
+        .args(args)
+        .output()
+        .expect("run proxyctl");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -45,12 +48,29 @@ fn ls_lists_services_json_filters_and_reports_bad_records() {
     let (code, out, err) = proxyctl(&["ls", "--etcd-endpoints", &ep]);
     assert_eq!(code, 0, "stderr: {err}");
     let lines: Vec<&str> = out.lines().collect();
-    assert!(lines[0].starts_with("SERVICE") && lines[0].contains("HEALTH"), "{out}");
+    assert!(
+        lines[0].starts_with("SERVICE") && lines[0].contains("HEALTH"),
+        "{out}"
+    );
     assert_eq!(lines.len(), 4, "header + 3 valid endpoints:\n{out}");
-    assert!(lines[1].starts_with("api ") && lines[1].contains("10.0.0.1:30003"), "{out}");
-    assert!(out.contains("node-b-000000000002-80") && out.contains("v1,prod") && out.contains("healthy"), "{out}");
-    assert!(!out.contains("evil"), "an invalid record is never listed: {out}");
-    assert!(err.contains(&bad_key) && err.contains("host"), "the bad record is named on stderr: {err}");
+    assert!(
+        lines[1].starts_with("api ") && lines[1].contains("10.0.0.1:30003"),
+        "{out}"
+    );
+    assert!(
+        out.contains("node-b-000000000002-80")
+            && out.contains("v1,prod")
+            && out.contains("healthy"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("evil"),
+        "an invalid record is never listed: {out}"
+    );
+    assert!(
+        err.contains(&bad_key) && err.contains("host"),
+        "the bad record is named on stderr: {err}"
+    );
 
     let (code, out, err) = proxyctl(&["ls", "web", "--json", "--etcd-endpoints", &ep]);
     assert_eq!(code, 0, "{err}");
@@ -58,7 +78,10 @@ fn ls_lists_services_json_filters_and_reports_bad_records() {
     assert_eq!(v["services"].as_object().unwrap().len(), 1);
     assert_eq!(v["services"]["web"].as_array().unwrap().len(), 2);
     assert_eq!(v["services"]["web"][0]["node"], "node-a");
-    assert!(v["rejected"][&bad_key].as_str().unwrap().contains("host"), "{out}");
+    assert!(
+        v["rejected"][&bad_key].as_str().unwrap().contains("host"),
+        "{out}"
+    );
     assert!(v["revision"].as_i64().unwrap() > 0);
 
     let (code, _, err) = proxyctl(&["ls", "nosuch", "--etcd-endpoints", &ep]);
@@ -66,9 +89,18 @@ fn ls_lists_services_json_filters_and_reports_bad_records() {
     assert!(err.contains("nosuch"), "{err}");
 
     let dead = format!("http://127.0.0.1:{}", free_port());
-    let (code, _, err) = proxyctl(&["ls", "--etcd-endpoints", &dead, "--etcd-dial-timeout", "500ms"]);
+    let (code, _, err) = proxyctl(&[
+        "ls",
+        "--etcd-endpoints",
+        &dead,
+        "--etcd-dial-timeout",
+        "500ms",
+    ]);
     assert_eq!(code, 4, "{err}");
-    assert!(err.contains(&dead) && err.contains("--etcd-endpoints"), "{err}");
+    assert!(
+        err.contains(&dead) && err.contains("--etcd-endpoints"),
+        "{err}"
+    );
     assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
 
     let (code, _, err) = proxyctl(&["ls", "--etcd-endpoints", &ep, "--prefix", "flotilla/"]);
