@@ -389,6 +389,8 @@ pub fn platform_unit(
     out.push_str(&format!("ExecStart={}\n", argv.join(" \\\n    ")));
     out.push_str("ExecReload=/bin/kill -HUP $MAINPID\n");
     out.push_str("Restart=always\nRestartSec=5s\n");
+    // Both daemons ping WATCHDOG=1 at half this interval while their main loop runs.
+    out.push_str("WatchdogSec=30s\n");
 
     if let PlatformTarget::Fleet = target {
         out.push_str("\n[X-Fleet]\nGlobal=true\n");

@@ -621,7 +621,20 @@ fn main() {
         "| profile | client | mode | requests | failed | timed out | failed per round | reload time (median) |"
     );
     println!("| --- | --- | --- | ---: | ---: | ---: | --- | ---: |");
+    // One line per figure for scripts/bench's summary table: figure | target | measured.
+    let mut summaries = Vec::new();
     for s in &table {
+        let target = if s.label.contains("| control |") {
+            "0 (control)"
+        } else {
+            "0"
+        };
+        summaries.push(format!(
+            "summary: failed requests, 50 reloads in 10 s under load {} | {target} | {} (rounds {:?})",
+            s.label.trim_matches(|c| c == '|' || c == ' ').replace(" | ", ", "),
+            median(s.failed.clone()),
+            s.failed
+        ));
         println!(
             "{} {} | {} | {} | {:?} | {} ms |",
             s.label,
@@ -646,10 +659,19 @@ fn main() {
             let p90 = sorted[(sorted.len() * 9 / 10).min(sorted.len() - 1)];
             println!(
                 "| {mode} | {} ms | {} ms | {} ms |",
-                median_duration(times).as_millis(),
+                median_duration(times.clone()).as_millis(),
                 p90.as_millis(),
                 sorted.last().unwrap().as_millis()
             );
+            summaries.push(format!(
+                "summary: {mode} reload → new backend serving, median (p90) | ≤ 1 s | {} ms ({} ms)",
+                median_duration(times).as_millis(),
+                p90.as_millis()
+            ));
         }
+    }
+    println!();
+    for line in summaries {
+        println!("{line}");
     }
 }

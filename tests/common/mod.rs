@@ -2,6 +2,8 @@
 //! on drop, and HTTP through HAProxy.
 #![allow(dead_code)]
 
+pub mod chain;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

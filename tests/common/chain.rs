@@ -1,0 +1,261 @@
+//! One whole chain on one machine for the end-to-end tests and the start-to-serve benchmark:
+//! etcd, HAProxy (master-worker), confgen with the shipped template, presence, in a temp dir.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use super::{bin, http_get, Daemon, Proxy};
+use flotilla_harness::docker::{busybox_image, unique_name, Container};
+use flotilla_harness::etcd::Etcd;
+use flotilla_harness::{free_port, wait_for};
+
+pub const TTL: &str = "3s";
+
+/// One chain: etcd, HAProxy, confgen and presence, in a temp dir; everything stops on drop.
+pub struct Chain {
+    // Drop order: daemons first, then HAProxy, etcd, the dir.
+    pub presence: Option<Daemon>,
+    pub confgen: Daemon,
+    pub proxy: Proxy,
+    pub etcd: Etcd,
+    pub http_port: u16,
+    pub node: String,
+    pub test_label: String,
+    pub dir: tempfile::TempDir,
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+impl Chain {
+    pub fn start(tag: &str) -> Chain {
+        let dir = tempfile::Builder::new()
+            .prefix("flotilla-e2e-")
+            .tempdir()
+            .expect("tempdir");
+        let d = dir.path();
+        let etcd = Etcd::start();
+        let http_port = free_port();
+        let admin = d.join("admin.sock");
+        let master = d.join("master.sock");
+        let cfg = d.join("haproxy.cfg");
+        for (k, v) in [
+            ("http_bind", format!("127.0.0.1:{http_port}")),
+            ("stats_socket", admin.display().to_string()),
+            ("hard_stop_after", "5s".to_string()),
+            ("maxconn", "1000".to_string()),
+        ] {
+            etcd.etcdctl(&["put", &format!("/flotilla/config/haproxy/{k}"), &v])
+                .unwrap();
+        }
+
+        // The shipped template, with a resource pointing into the temp dir.
+        let confdir = d.join("confdir");
+        std::fs::create_dir_all(confdir.join("templates")).unwrap();
+        std::fs::create_dir_all(confdir.join("conf.d")).unwrap();
+        // The main template and its per-service fragments.
+        for f in std::fs::read_dir(repo().join("templates/templates")).unwrap() {
+            let f = f.unwrap().path();
+            if f.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with("haproxy")
+            {
+                std::fs::copy(&f, confdir.join("templates").join(f.file_name().unwrap()))
+                    .expect("the shipped haproxy templates");
+            }
+        }
+        let haproxy = flotilla_harness::require("haproxy", "haproxy");
+        std::fs::write(
+            confdir.join("conf.d/haproxy.toml"),
+            format!(
+                r#"[template]
+src = "haproxy.cfg.tmpl"
+dest = "{cfg}"
+prefix = "/flotilla"
+keys = ["/endpoints", "/config/haproxy"]
+check_cmd = "{haproxy} -c -q -f {{{{src}}}}"
+reload_cmd = "{proxyctl} reload --config {cfg} --master-socket {master} --haproxy-bin {haproxy} --timeout 10s"
+wait = "20ms:1s"
+max_drop = "100%"
+"#,
+                cfg = cfg.display(),
+                haproxy = haproxy.display(),
+                proxyctl = bin("proxyctl").display(),
+                master = master.display(),
+            ),
+        )
+        .unwrap();
+
+        // HAProxy starts on a bootstrap config; confgen's first apply replaces and reloads it.
+        std::fs::write(
+            &cfg,
+            format!(
+                "global\n    master-worker\n    stats socket {} mode 600 level admin expose-fd listeners\n\
+                 defaults\n    mode http\n    timeout connect 2s\n    timeout client 10s\n    timeout server 10s\n\
+                 frontend http\n    bind 127.0.0.1:{http_port}\n",
+                admin.display()
+            ),
+        )
+        .unwrap();
+        let proxy = Proxy::start(&cfg, &master, d);
+        wait_for("HAProxy to listen", Duration::from_secs(15), || {
+            std::net::TcpStream::connect(("127.0.0.1", http_port))
+                .ok()
+                .map(|_| ())
+        });
+
+        let endpoints = etcd.endpoint();
+        let confgen = Daemon::start(
+            "confgen",
+            &bin("confgen"),
+            &[
+                "run".into(),
+                "--confdir".into(),
+                confdir.display().to_string(),
+                "--etcd-endpoints".into(),
+                endpoints,
+            ],
+            d,
+        );
+        let node = format!("e2e-{tag}-{}", std::process::id());
+        let test_label = unique_name(tag);
+        let mut chain = Chain {
+            presence: None,
+            confgen,
+            proxy,
+            etcd,
+            http_port,
+            node,
+            test_label,
+            dir,
+        };
+        chain.start_presence();
+        // confgen has applied the template once HAProxy runs its stats socket from the template.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !chain.config().contains("Generated by confgen") {
+            chain.confgen.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "confgen did not apply the template within 30 s\n{}",
+                chain.diagnostics()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        chain
+    }
+
+    pub fn start_presence(&mut self) {
+        let state = self.dir.path().join("presence.state");
+        let args: Vec<String> = [
+            "--node",
+            &self.node,
+            "--advertise-ip",
+            "127.0.0.1",
+            "--ttl",
+            TTL,
+            "--resync",
+            "5s",
+            "--label-filter",
+            &format!("flotilla.test={}", self.test_label),
+            "--state-file",
+            &state.display().to_string(),
+            "--etcd-endpoints",
+            &self.etcd.endpoint(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        self.presence = Some(Daemon::start(
+            "presence",
+            &bin("presence"),
+            &args,
+            self.dir.path(),
+        ));
+    }
+
+    /// Starts a busybox httpd container for `service` that answers with its own name and keeps
+    /// serving for 2 s after SIGTERM (like a real app draining).
+    pub fn container(&self, service: &str, name: &str) -> Container {
+        let script = "mkdir -p /www && echo \"$NAME\" > /www/index.html && \
+                      trap 'sleep 2; exit 0' TERM; httpd -f -p 8080 -h /www & wait; wait";
+        Container::run(
+            name,
+            &[
+                "-p",
+                "127.0.0.1::8080",
+                "-e",
+                &format!("NAME={name}"),
+                "--label",
+                &format!("flotilla.service={service}"),
+                "--label",
+                &format!("flotilla.test={}", self.test_label),
+                "--stop-timeout",
+                "10",
+                busybox_image(),
+                "sh",
+                "-c",
+                script,
+            ],
+        )
+    }
+
+    pub fn get(&self, service: &str) -> std::io::Result<(u16, String)> {
+        http_get(
+            self.http_port,
+            &format!("{service}.localhost"),
+            "/",
+            Duration::from_secs(3),
+        )
+    }
+
+    pub fn config(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("haproxy.cfg")).unwrap_or_default()
+    }
+
+    pub fn diagnostics(&self) -> String {
+        let presence = self.presence.as_ref().map(Daemon::log).unwrap_or_default();
+        let tail = |s: String| {
+            s.lines()
+                .rev()
+                .take(40)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        format!(
+            "--- haproxy.cfg\n{}\n--- confgen\n{}\n--- presence\n{}\n--- haproxy\n{}",
+            self.config(),
+            tail(self.confgen.log()),
+            tail(presence),
+            tail(self.proxy.log())
+        )
+    }
+
+    /// Waits until requests for `service` are answered by exactly the containers in `names`.
+    pub fn wait_served_by(&self, service: &str, names: &[&str], timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut seen = std::collections::BTreeSet::new();
+        loop {
+            if let Ok((200, body)) = self.get(service) {
+                seen.insert(body.trim().to_string());
+                if names.iter().all(|n| seen.contains(*n))
+                    && seen.iter().all(|s| names.contains(&s.as_str()))
+                {
+                    return;
+                }
+                if !seen.iter().all(|s| names.contains(&s.as_str())) {
+                    seen.clear(); // a stale backend answered: start over
+                }
+            }
+            if Instant::now() > deadline {
+                panic!("{service} not served by exactly {names:?} within {timeout:?} (seen {seen:?})\n{}", self.diagnostics());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
