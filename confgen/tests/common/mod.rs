@@ -1,0 +1,464 @@
+//! Shared pieces of confgen's integration tests: a confdir in a temp dir, the confgen binary as
+//! a daemon (killed on drop) or a one-shot command, endpoint records written to a real etcd
+//! through `flotilla_registry`'s encoding, and small HTTP helpers.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use flotilla_harness::etcd::Etcd;
+use flotilla_harness::{free_port, KillOnDrop};
+use flotilla_registry::{Endpoint, Health, Keys, Proto};
+
+/// The confgen binary under test.
+pub fn confgen_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_confgen"))
+}
+
+/// Another workspace binary from the same target dir (`target/debug/<name>`).
+pub fn workspace_bin(name: &str) -> PathBuf {
+    // target/debug/deps/<test> -> target/debug/<name>
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the workspace binaries first (`cargo build --bins`, as scripts/test \
+         does)",
+        path.display()
+    );
+    path
+}
+
+/// The repository root (the workspace).
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
+}
+
+/// A confdir (`conf.d/`, `templates/`) plus an `out/` directory for destinations, in a temp dir
+/// removed on drop.
+pub struct Confdir {
+    pub dir: tempfile::TempDir,
+}
+
+impl Confdir {
+    pub fn new() -> Confdir {
+        let dir = tempfile::Builder::new()
+            .prefix("confgen-it-")
+            .tempdir()
+            .expect("tempdir");
+        for sub in ["conf.d", "templates", "out"] {
+            std::fs::create_dir_all(dir.path().join(sub)).expect("mkdir");
+        }
+        Confdir { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `out/<name>`.
+    pub fn out(&self, name: &str) -> PathBuf {
+        self.dir.path().join("out").join(name)
+    }
+
+    pub fn template_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join("templates").join(name)
+    }
+
+    /// Writes `templates/<name>` atomically (as an editor that saves by rename does).
+    pub fn template(&self, name: &str, text: &str) {
+        write_atomic(&self.template_path(name), text.as_bytes());
+    }
+
+    /// Copies every shipped `templates/templates/haproxy*.tmpl` (main template and fragments).
+    pub fn shipped_haproxy_templates(&self) {
+        for f in std::fs::read_dir(repo().join("templates/templates")).expect("templates dir") {
+            let f = f.expect("dir entry").path();
+            let name = f.file_name().unwrap().to_string_lossy().into_owned();
+            if name.starts_with("haproxy") {
+                std::fs::copy(&f, self.template_path(&name)).expect("copy shipped template");
+            }
+        }
+    }
+
+    /// Writes `conf.d/<name>.toml`.
+    pub fn resource(&self, name: &str, toml: &str) {
+        write_atomic(
+            &self.dir.path().join("conf.d").join(format!("{name}.toml")),
+            toml.as_bytes(),
+        );
+    }
+}
+
+/// Replaces `path` by a rename of a file written beside it.
+pub fn write_atomic(path: &Path, bytes: &[u8]) {
+    let staged = path.with_extension("it-staged");
+    std::fs::write(&staged, bytes).expect("write staged");
+    std::fs::rename(&staged, path).expect("rename staged");
+}
+
+/// (inode, mtime in ns) of a file: tells whether it was replaced or rewritten.
+pub fn identity(path: &Path) -> Option<(u64, i128)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((
+        m.ino(),
+        m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+    ))
+}
+
+pub fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// Lines of a reload log (one line per reload the `reload_cmd` ran).
+pub fn count_lines(path: &Path) -> usize {
+    read(path).lines().count()
+}
+
+/// `haproxy -c` on a file: Ok or HAProxy's complaint.
+pub fn haproxy_check(path: &Path) -> Result<(), String> {
+    let haproxy = flotilla_harness::require("haproxy", "haproxy");
+    let out = Command::new(haproxy)
+        .args(["-c", "-q", "-f"])
+        .arg(path)
+        .output()
+        .expect("run haproxy -c");
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// The last `n` lines of a text.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// `confgen run --confdir … --etcd-endpoints … --metrics-addr …` as a daemon; SIGKILLed on drop.
+pub struct Confgen {
+    pub proc: KillOnDrop,
+    pub log: PathBuf,
+    pub metrics_port: u16,
+}
+
+impl Confgen {
+    /// Starts `confgen run` with `extra` flags, logging (RUST_LOG=debug for confgen) to
+    /// `<confdir>/confgen.log` (appended, so restarts keep one log).
+    pub fn start(confdir: &Confdir, etcd: &str, extra: &[&str]) -> Confgen {
+        let log = confdir.path().join("confgen.log");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        let metrics_port = free_port();
+        let child = clean_env(Command::new(confgen_bin()))
+            .arg("run")
+            .arg("--confdir")
+            .arg(confdir.path())
+            .arg("--etcd-endpoints")
+            .arg(etcd)
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{metrics_port}"))
+            .args(extra)
+            .env("RUST_LOG", "info,confgen=debug")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("dup"))
+            .stderr(file)
+            .spawn()
+            .expect("start confgen");
+        Confgen {
+            proc: KillOnDrop(Some(child)),
+            log,
+            metrics_port,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        read(&self.log)
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        self.proc.signal(sig);
+    }
+
+    /// Fails with the log if confgen has exited.
+    pub fn assert_running(&mut self) {
+        if let Some(child) = self.proc.0.as_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("confgen exited ({status}); its log:\n{}", self.log());
+            }
+        }
+    }
+
+    /// Polls until the log contains `needle` (counting only occurrences after `skip` of them).
+    pub fn wait_log(&mut self, needle: &str, timeout: Duration) -> String {
+        self.wait_log_count(needle, 1, timeout)
+    }
+
+    /// Polls until the log contains `needle` at least `n` times; returns the log.
+    pub fn wait_log_count(&mut self, needle: &str, n: usize, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            if log.matches(needle).count() >= n {
+                return log;
+            }
+            self.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "confgen did not log {needle:?} ({n}×) within {timeout:?}; log tail:\n{}",
+                tail(&log, 40)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `GET /metrics` (OpenMetrics text), or "" while it does not answer.
+    pub fn metrics(&self) -> String {
+        http_get(
+            self.metrics_port,
+            "127.0.0.1",
+            "/metrics",
+            Duration::from_secs(2),
+        )
+        .map(|(_, b)| b)
+        .unwrap_or_default()
+    }
+
+    /// `GET /healthz`: (status, body).
+    pub fn healthz(&self) -> std::io::Result<(u16, String)> {
+        http_get(
+            self.metrics_port,
+            "127.0.0.1",
+            "/healthz",
+            Duration::from_secs(2),
+        )
+    }
+
+    /// Sum of the samples of metric `name` whose labels contain every `labels` pair.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric(&self.metrics(), name, labels)
+    }
+}
+
+/// Sum of the samples of `name` in an OpenMetrics text whose labels contain every pair.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest),
+                None => (series, ""),
+            };
+            if n != name {
+                return None;
+            }
+            labels
+                .iter()
+                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+                .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// A command without inherited `FLOTILLA_*` settings, so the developer's environment cannot
+/// change what a test runs.
+pub fn clean_env(mut cmd: Command) -> Command {
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("FLOTILLA_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+/// Runs `confgen args…` to completion (30 s at most).
+pub fn confgen(args: &[&str]) -> Output {
+    let mut child = clean_env(Command::new(confgen_bin()))
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run confgen");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if child.try_wait().expect("try_wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "confgen {args:?} did not finish within 30 s; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Writes records to a real etcd through `flotilla_registry`'s encoding.
+pub struct Registry {
+    rt: tokio::runtime::Runtime,
+    client: etcd_client::Client,
+    pub keys: Keys,
+}
+
+impl Registry {
+    pub fn connect(etcd: &Etcd) -> Registry {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let client = rt
+            .block_on(etcd_client::Client::connect([etcd.endpoint()], None))
+            .expect("connect to etcd");
+        Registry {
+            rt,
+            client,
+            keys: Keys::new("/flotilla").unwrap(),
+        }
+    }
+
+    /// Endpoint `n` of `service` on `node` at 127.0.0.1:`port`; the same arguments always give
+    /// the same record (and the same bytes).
+    pub fn endpoint(&self, node: &str, service: &str, n: u32, port: u16) -> (String, Vec<u8>) {
+        let container = format!("{:012x}", 0xc0ffee000000u64 + u64::from(n));
+        let ep = Endpoint {
+            service: service.into(),
+            instance: format!("{node}-{container}-8080"),
+            node: node.into(),
+            host: "127.0.0.1".into(),
+            port,
+            proto: Proto::Tcp,
+            container,
+            image: "flotilla/test:1".into(),
+            tags: vec![],
+            meta: Default::default(),
+            health: Health::None,
+            registered_at: "2026-01-01T00:00:00Z".into(),
+        };
+        (
+            ep.key(&self.keys),
+            ep.encode(&self.keys).expect("valid record"),
+        )
+    }
+
+    pub fn put(&self, key: &str, value: impl Into<Vec<u8>>) {
+        let mut c = self.client.clone();
+        self.rt
+            .block_on(c.put(key, value.into(), None))
+            .unwrap_or_else(|e| panic!("put {key}: {e}"));
+    }
+
+    /// Puts endpoint `n` of `service` and returns its key.
+    pub fn put_endpoint(&self, node: &str, service: &str, n: u32, port: u16) -> String {
+        let (k, v) = self.endpoint(node, service, n, port);
+        self.put(&k, v);
+        k
+    }
+
+    pub fn delete(&self, key: &str) {
+        let mut c = self.client.clone();
+        self.rt
+            .block_on(c.delete(key, None))
+            .unwrap_or_else(|e| panic!("delete {key}: {e}"));
+    }
+
+    /// Deletes `keys` in one transaction (one revision: "at once").
+    pub fn delete_at_once(&self, keys: &[String]) {
+        let ops: Vec<etcd_client::TxnOp> = keys
+            .iter()
+            .map(|k| etcd_client::TxnOp::delete(k.as_str(), None))
+            .collect();
+        let mut c = self.client.clone();
+        self.rt
+            .block_on(c.txn(etcd_client::Txn::new().and_then(ops)))
+            .expect("delete txn");
+    }
+
+    /// Puts every pair as its own request (its own revision), `parallel` in flight at a time.
+    pub fn put_each(&self, kvs: Vec<(String, Vec<u8>)>, parallel: usize) {
+        let client = self.client.clone();
+        self.rt.block_on(async move {
+            use futures::StreamExt;
+            futures::stream::iter(kvs)
+                .map(|(k, v)| {
+                    let mut c = client.clone();
+                    async move { c.put(k.clone(), v, None).await.map_err(|e| (k, e)) }
+                })
+                .buffer_unordered(parallel)
+                .for_each(|r| async move {
+                    if let Err((k, e)) = r {
+                        panic!("put {k}: {e}");
+                    }
+                })
+                .await;
+        });
+    }
+
+    /// The current revision of the store.
+    pub fn revision(&self) -> i64 {
+        let mut c = self.client.clone();
+        self.rt
+            .block_on(c.get("/flotilla/", None))
+            .expect("get")
+            .header()
+            .map(|h| h.revision())
+            .unwrap_or(0)
+    }
+}
+
+/// `GET path` to 127.0.0.1:port with a Host header and `Connection: close`: (status, body).
+pub fn http_get(
+    port: u16,
+    host: &str,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("no end of headers: {text:?}"),
+        )
+    })?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("no status: {head:?}"),
+            )
+        })?;
+    Ok((status, body.to_owned()))
+}
