@@ -616,8 +616,12 @@ impl Daemon {
                 let message = failed.to_string();
                 let now = Instant::now();
                 match &mut slot.failure {
-                    Some(f) if f.message == message => {
+                    // The same kind of failure again is the same fault still there: keep backing
+                    // off and log at debug. Messages are not compared: they vary between attempts
+                    // (a check names the staged file and HAProxy prints its pid).
+                    Some(f) if f.kind == failed.kind() => {
                         debug!(resource = %name, error = %message, "still failing");
+                        f.message = message;
                         f.retry_at = now + f.backoff.next_delay();
                     }
                     _ => {

@@ -259,11 +259,27 @@ fn a_failing_check_leaves_the_file_untouched_and_a_failing_reload_restores_the_p
         .confgen()
         .wait_log("check_cmd failed", Duration::from_secs(30));
     assert!(log.contains("hard-stop-after"), "{}", tail(&log, 20));
-    // It is retried with backoff, and keeps failing the same way.
-    wait_for("a second failed check", Duration::from_secs(30), || {
+    // It is retried with a growing backoff, and logged as an error once, not at every retry
+    // (regression: HAProxy names the staged file, whose random name made every retry look like
+    // a new failure, logged at error level with a backoff started afresh each time).
+    let failing_since = Instant::now();
+    wait_for("a third failed check", Duration::from_secs(30), || {
         let m = s.confgen.as_ref().unwrap().metrics();
-        (common::metric(&m, "confgen_failures_total", &[("kind", "check")]) >= 2.0).then_some(())
+        (common::metric(&m, "confgen_failures_total", &[("kind", "check")]) >= 3.0).then_some(())
     });
+    let log = s.confgen().log();
+    assert_eq!(log.matches("apply failed").count(), 1, "{}", tail(&log, 20));
+    assert!(
+        log.matches("still failing").count() >= 2,
+        "{}",
+        tail(&log, 20)
+    );
+    // Delays of 0.5-1 s then 1-2 s: the third attempt cannot come before 1.5 s.
+    assert!(
+        failing_since.elapsed() >= Duration::from_millis(1400),
+        "three checks in {:?}: no backoff",
+        failing_since.elapsed()
+    );
     assert_eq!(
         std::fs::read(&dest).unwrap(),
         good,

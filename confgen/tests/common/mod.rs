@@ -227,26 +227,38 @@ impl Confgen {
         }
     }
 
-    /// `GET /metrics` (OpenMetrics text), or "" while it does not answer.
+    /// `GET /metrics` (OpenMetrics text); retries for up to 10 s while it does not answer.
     pub fn metrics(&self) -> String {
-        http_get(
-            self.metrics_port,
-            "127.0.0.1",
-            "/metrics",
-            Duration::from_secs(2),
-        )
-        .map(|(_, b)| b)
-        .unwrap_or_default()
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = http_get(
+                self.metrics_port,
+                "127.0.0.1",
+                "/metrics",
+                Duration::from_secs(2),
+            );
+            match got {
+                Ok((200, body)) if body.contains("# EOF") => return body,
+                other if Instant::now() > deadline => {
+                    panic!("GET /metrics on 127.0.0.1:{}: {other:?}", self.metrics_port)
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
     }
 
     /// `GET /healthz`: (status, body).
     pub fn healthz(&self) -> std::io::Result<(u16, String)> {
-        http_get(
+        let r = http_get(
             self.metrics_port,
             "127.0.0.1",
             "/healthz",
             Duration::from_secs(2),
-        )
+        );
+        if let Err(e) = &r {
+            eprintln!("GET /healthz on 127.0.0.1:{}: {e}", self.metrics_port);
+        }
+        r
     }
 
     /// Sum of the samples of metric `name` whose labels contain every `labels` pair.
@@ -437,10 +449,10 @@ pub fn http_get(
     let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )?;
+    // One write: the /metrics + /healthz server (registry::daemon) reads a request with a
+    // single read(), so a request split over several segments can be cut (EPIPE here).
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes())?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw);

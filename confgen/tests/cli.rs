@@ -1,0 +1,279 @@
+//! The confgen command line against a real etcd: `run --onetime`, `--noop --diff`, the
+//! `dump` → `render` round trip, and errors that name template, line, column and key.
+
+mod common;
+
+use std::process::Output;
+use std::time::Instant;
+
+use common::{confgen, haproxy_check, identity, read, Confdir, Registry};
+use flotilla_harness::etcd::Etcd;
+use flotilla_harness::require;
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn show(o: &Output) -> String {
+    format!(
+        "status {}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status,
+        text(&o.stdout),
+        text(&o.stderr)
+    )
+}
+
+/// The shipped haproxy templates with a resource like the shipped one writing `out/haproxy.cfg`.
+fn haproxy_confdir() -> Confdir {
+    let confdir = Confdir::new();
+    confdir.shipped_haproxy_templates();
+    confdir.resource(
+        "haproxy",
+        &format!(
+            r#"[template]
+src = "haproxy.cfg.tmpl"
+dest = "{}"
+prefix = "/flotilla"
+keys = ["/endpoints/", "/config/haproxy/"]
+check_cmd = "{} -c -q -f {{{{src}}}}"
+"#,
+            confdir.out("haproxy.cfg").display(),
+            require("haproxy", "haproxy").display()
+        ),
+    );
+    confdir
+}
+
+#[test]
+fn onetime_noop_diff_and_the_dump_render_round_trip() {
+    let etcd = Etcd::start();
+    let ep = etcd.endpoint();
+    let reg = Registry::connect(&etcd);
+    let confdir = haproxy_confdir();
+    let dest = confdir.out("haproxy.cfg");
+    reg.put("/flotilla/config/haproxy/http_bind", "127.0.0.1:1");
+    reg.put(
+        "/flotilla/config/haproxy/stats_socket",
+        confdir.path().join("admin.sock").display().to_string(),
+    );
+    reg.put("/flotilla/config/haproxy/domain", "example.test");
+    reg.put_endpoint("node-a", "web", 1, 8001);
+    reg.put_endpoint("node-b", "web", 2, 8002);
+    reg.put_endpoint("node-a", "api", 3, 8003);
+    // A key outside the resource's keys: the template must not see it.
+    reg.put("/flotilla/config/other/x", "y");
+    let d = confdir.path().display().to_string();
+
+    // --onetime: applies once and exits 0.
+    let started = Instant::now();
+    let o = confgen(&["run", "--confdir", &d, "--onetime", "--etcd-endpoints", &ep]);
+    eprintln!("run --onetime took {} ms", started.elapsed().as_millis());
+    assert!(o.status.success(), "{}", show(&o));
+    let first = read(&dest);
+    assert!(first.contains("127.0.0.1:8001") && first.contains("127.0.0.1:8003"));
+    assert!(first.contains("-i web.example.test"), "{first}");
+    haproxy_check(&dest).unwrap();
+
+    // --onetime again with nothing changed: nothing is written.
+    let id = identity(&dest).unwrap();
+    let o = confgen(&["run", "--confdir", &d, "--onetime", "--etcd-endpoints", &ep]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(identity(&dest).unwrap(), id);
+
+    // --noop --diff: prints a unified diff of the change, writes nothing.
+    reg.put_endpoint("node-b", "api", 4, 8004);
+    let o = confgen(&[
+        "run",
+        "--confdir",
+        &d,
+        "--onetime",
+        "--noop",
+        "--diff",
+        "--etcd-endpoints",
+        &ep,
+    ]);
+    assert!(o.status.success(), "{}", show(&o));
+    let diff = text(&o.stdout);
+    let dest_s = dest.display().to_string();
+    assert!(diff.contains(&format!("--- {dest_s}\n")), "{diff}");
+    assert!(
+        diff.contains(&format!("+++ {dest_s} (rendered)\n")),
+        "{diff}"
+    );
+    let added: Vec<&str> = diff
+        .lines()
+        .filter(|l| l.starts_with('+') && !l.starts_with("+++"))
+        .collect();
+    assert_eq!(added.len(), 1, "{diff}");
+    assert!(added[0].contains("127.0.0.1:8004"), "{diff}");
+    assert!(!diff
+        .lines()
+        .any(|l| l.starts_with('-') && !l.starts_with("---")));
+    assert!(diff.contains("@@ "), "{diff}");
+    assert_eq!(identity(&dest).unwrap(), id, "--noop wrote the file");
+    assert_eq!(read(&dest), first);
+    let leftovers = std::fs::read_dir(dest.parent().unwrap()).unwrap().count();
+    assert_eq!(leftovers, 1, "--noop left files beside the destination");
+
+    // dump → render gives the file run --onetime writes.
+    let o = confgen(&["dump", "--etcd-endpoints", &ep]);
+    assert!(o.status.success(), "{}", show(&o));
+    let snap_path = confdir.path().join("snap.json");
+    std::fs::write(&snap_path, &o.stdout).unwrap();
+    let snap: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(snap["prefix"], "/flotilla");
+    assert!(snap["revision"].as_i64().unwrap() > 0);
+    assert_eq!(
+        snap["kvs"]["/flotilla/config/haproxy/domain"],
+        "example.test"
+    );
+    let o = confgen(&["run", "--confdir", &d, "--onetime", "--etcd-endpoints", &ep]);
+    assert!(o.status.success(), "{}", show(&o));
+    let applied = std::fs::read(&dest).unwrap();
+    assert!(text(&applied).contains("127.0.0.1:8004"));
+    let template = confdir.template_path("haproxy.cfg.tmpl");
+    let render_args = [
+        "render",
+        "--template",
+        template.to_str().unwrap(),
+        "--data",
+        snap_path.to_str().unwrap(),
+        "--keys",
+        "/flotilla/endpoints/,/flotilla/config/haproxy/",
+        "--key-prefix",
+        "/flotilla",
+    ];
+    let o = confgen(&render_args);
+    assert!(o.status.success(), "{}", show(&o));
+    if o.stdout != applied {
+        panic!(
+            "render --data differs from run --onetime:\n{}",
+            similar::TextDiff::from_lines(&text(&applied), &text(&o.stdout))
+                .unified_diff()
+                .header("run --onetime", "render")
+        );
+    }
+}
+
+#[test]
+fn onetime_without_etcd_exits_3_and_writes_nothing() {
+    let mut etcd = Etcd::start();
+    let ep = etcd.endpoint();
+    etcd.stop();
+    let confdir = haproxy_confdir();
+    let dest = confdir.out("haproxy.cfg");
+    std::fs::write(&dest, "last good\n").unwrap();
+    let d = confdir.path().display().to_string();
+    let o = confgen(&[
+        "run",
+        "--confdir",
+        &d,
+        "--onetime",
+        "--sync-timeout",
+        "2s",
+        "--etcd-endpoints",
+        &ep,
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{}", show(&o));
+    assert!(
+        text(&o.stderr).contains("nothing was written"),
+        "{}",
+        show(&o)
+    );
+    assert_eq!(read(&dest), "last good\n");
+    let o = confgen(&["dump", "--sync-timeout", "2s", "--etcd-endpoints", &ep]);
+    assert_eq!(o.status.code(), Some(3), "{}", show(&o));
+}
+
+#[test]
+fn template_errors_name_template_line_and_column_and_a_missing_key_names_the_key() {
+    let etcd = Etcd::start();
+    let ep = etcd.endpoint();
+    let reg = Registry::connect(&etcd);
+    reg.put_endpoint("node-a", "web", 1, 8001);
+    let confdir = Confdir::new();
+    let d = confdir.path().display().to_string();
+    let snap = confdir.path().join("snap.json");
+    let o = confgen(&["dump", "--etcd-endpoints", &ep]);
+    assert!(o.status.success(), "{}", show(&o));
+    std::fs::write(&snap, &o.stdout).unwrap();
+    let snap = snap.to_str().unwrap();
+
+    // A syntax error: `render` names template, line and column.
+    confdir.template("syntax.tmpl", "global\n  # fine\n  {% for x in %}\n");
+    let t = confdir.template_path("syntax.tmpl");
+    let o = confgen(&["render", "--template", t.to_str().unwrap(), "--data", snap]);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    let err = text(&o.stderr);
+    assert!(err.contains("template syntax.tmpl:3:"), "{err}");
+    let col = err.split("template syntax.tmpl:3:").nth(1).unwrap();
+    assert!(col.starts_with(|c: char| c.is_ascii_digit()), "{err}");
+
+    // An error inside an included fragment names the fragment.
+    confdir.template("main.tmpl", "top\n{% include \"part.tmpl\" %}\n");
+    confdir.template("part.tmpl", "one\ntwo {{ nope }}\n");
+    let t = confdir.template_path("main.tmpl");
+    let o = confgen(&["render", "--template", t.to_str().unwrap(), "--data", snap]);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(
+        text(&o.stderr).contains("template part.tmpl:2:"),
+        "{}",
+        show(&o)
+    );
+
+    // getv of a missing key without a default names the key (render and run --onetime).
+    confdir.template(
+        "getv.tmpl",
+        "a\n{% for name, eps in services %}{{ name }}\n{% endfor %}domain {{ getv(key=\"/config/app/domain\") }}\n",
+    );
+    let t = confdir.template_path("getv.tmpl");
+    let o = confgen(&[
+        "render",
+        "--template",
+        t.to_str().unwrap(),
+        "--data",
+        snap,
+        "--key-prefix",
+        "/flotilla",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("key \"/flotilla/config/app/domain\" not found"),
+        "{err}"
+    );
+    assert!(err.contains("template getv.tmpl:3:20:"), "{err}");
+
+    let dest = confdir.out("app.conf");
+    confdir.resource(
+        "app",
+        &format!(
+            "[template]\nsrc = \"getv.tmpl\"\ndest = \"{}\"\nprefix = \"/flotilla\"\nkeys = [\"/endpoints/\", \"/config/app/\"]\n",
+            dest.display()
+        ),
+    );
+    let o = confgen(&["run", "--confdir", &d, "--onetime", "--etcd-endpoints", &ep]);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    let err = text(&o.stderr);
+    assert!(err.contains("/config/app/domain"), "{err}");
+    assert!(err.contains("getv.tmpl:3:20:"), "{err}");
+    assert!(!dest.exists(), "a failed render wrote {}", dest.display());
+    // With the key, the same run succeeds.
+    reg.put("/flotilla/config/app/domain", "example.test");
+    let o = confgen(&["run", "--confdir", &d, "--onetime", "--etcd-endpoints", &ep]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(read(&dest), "a\nweb\ndomain example.test\n");
+
+    // A bad resource: exit 2 naming the file, the field, line and column.
+    confdir.resource(
+        "bad",
+        "[template]\nsrc = \"getv.tmpl\"\ndest = \"/tmp/x\"\nkeys = [\"/k\"]\nreload_command = \"x\"\n",
+    );
+    let o = confgen(&["run", "--confdir", &d, "--onetime", "--etcd-endpoints", &ep]);
+    assert_eq!(o.status.code(), Some(2), "{}", show(&o));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("bad.toml") && err.contains("reload_command") && err.contains("line 5"),
+        "{err}"
+    );
+}

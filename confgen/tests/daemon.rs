@@ -1,0 +1,389 @@
+//! `confgen run` as a process against a real etcd: coalescing a burst, no write for an
+//! unchanged render, template edits (file watch and SIGHUP), the drop guard, and staleness while
+//! etcd is unreachable. Reloads are counted by a `reload_cmd` that appends to a file.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::{count_lines, haproxy_check, identity, read, tail, Confdir, Confgen, Registry};
+use flotilla_harness::etcd::Etcd;
+use flotilla_harness::{require, wait_for};
+
+/// A small template listing every endpoint, one `server` line each, and a trailer.
+const LIST: &str = "# services\n\
+{% for name, eps in services %}{% for ep in eps %}server {{ name }} {{ ep.addr }}\n{% endfor %}{% endfor %}\
+# end\n";
+
+fn servers(text: &str) -> usize {
+    text.lines()
+        .filter(|l| l.trim_start().starts_with("server "))
+        .count()
+}
+
+/// A resource `name` rendering `src` to `out/<name>`, counting reloads in `<name>.reloads`.
+fn resource(confdir: &Confdir, name: &str, src: &str, extra: &str) -> (PathBuf, PathBuf) {
+    let dest = confdir.out(name);
+    let reloads = confdir.path().join(format!("{name}.reloads"));
+    confdir.resource(
+        name,
+        &format!(
+            r#"[template]
+src = "{src}"
+dest = "{dest}"
+prefix = "/flotilla"
+keys = ["/endpoints/", "/config/"]
+reload_cmd = "echo reload >> {reloads}"
+{extra}
+"#,
+            dest = dest.display(),
+            reloads = reloads.display(),
+        ),
+    );
+    (dest, reloads)
+}
+
+#[test]
+fn a_burst_of_1000_puts_gives_a_few_reloads_and_an_unchanged_render_none() {
+    let etcd = Etcd::start();
+    let reg = Registry::connect(&etcd);
+    let confdir = Confdir::new();
+    confdir.shipped_haproxy_templates();
+    let haproxy = require("haproxy", "haproxy");
+    // The shipped resource's quiescence (templates/conf.d/haproxy.toml) and a real check.
+    let (dest, reloads) = resource(
+        &confdir,
+        "haproxy",
+        "haproxy.cfg.tmpl",
+        &format!(
+            "check_cmd = \"{} -c -q -f {{{{src}}}}\"\nwait = \"20ms:1s\"\n",
+            haproxy.display()
+        ),
+    );
+    reg.put("/flotilla/config/haproxy/http_bind", "127.0.0.1:1");
+    reg.put(
+        "/flotilla/config/haproxy/stats_socket",
+        confdir.path().join("admin.sock").display().to_string(),
+    );
+    let mut c = Confgen::start(&confdir, &etcd.endpoint(), &[]);
+    wait_for("the first write", Duration::from_secs(30), || {
+        c.assert_running();
+        (count_lines(&reloads) == 1).then_some(())
+    });
+    let renders_before = c.metric("confgen_renders_total", &[]);
+
+    // 1,000 puts, each its own request and revision, 32 in flight.
+    let kvs: Vec<(String, Vec<u8>)> = (0..1000u32)
+        .map(|i| reg.endpoint("node-a", &format!("svc{}", i % 50), i, 30000 + i as u16))
+        .collect();
+    let started = Instant::now();
+    reg.put_each(kvs.clone(), 32);
+    let put_took = started.elapsed();
+    wait_for(
+        "every endpoint of the burst in the file",
+        Duration::from_secs(60),
+        || (servers(&read(&dest)) == 1000).then_some(()),
+    );
+    let settled = started.elapsed();
+    // Every write has had its reload.
+    wait_for("the last reload", Duration::from_secs(30), || {
+        let writes = c.metric("confgen_writes_total", &[]) as usize;
+        (writes == count_lines(&reloads)).then_some(writes)
+    });
+    let burst_reloads = count_lines(&reloads) - 1;
+    let burst_renders = c.metric("confgen_renders_total", &[]) - renders_before;
+    eprintln!(
+        "burst: 1000 puts in {} ms; file complete after {} ms; {burst_renders} renders, \
+         {burst_reloads} reloads",
+        put_took.as_millis(),
+        settled.as_millis()
+    );
+    haproxy_check(&dest).unwrap();
+    // The puts take ~1-3 s here and a batch is flushed at least every second (wait max).
+    assert!(
+        (1..=6).contains(&burst_reloads),
+        "{burst_reloads} reloads for a burst of 1000 puts\n{}",
+        tail(&c.log(), 30)
+    );
+
+    // The same values again (new revisions, identical bytes), and a changed record whose
+    // change the template does not show (the image), and an unused config key: no write, no
+    // reload. The config key's render is the barrier: after it everything before was handled.
+    let id = identity(&dest).unwrap();
+    let writes = c.metric("confgen_writes_total", &[]);
+    let reloads_now = count_lines(&reloads);
+    reg.put_each(kvs[..100].to_vec(), 8);
+    let (key, _) = reg.endpoint("node-a", "svc7", 7, 30007);
+    let mut ep: flotilla_registry::Endpoint = serde_json::from_slice(&kvs[7].1).unwrap();
+    ep.image = "flotilla/test:2".into();
+    reg.put(&key, ep.encode(&reg.keys).unwrap());
+    let renders = c.metric("confgen_renders_total", &[]);
+    let unchanged = c.log().matches("render unchanged").count();
+    reg.put("/flotilla/config/unused", "barrier");
+    c.wait_log_count(
+        "render unchanged; nothing written",
+        unchanged + 1,
+        Duration::from_secs(30),
+    );
+    let revision = reg.revision();
+    wait_for("confgen at the barrier", Duration::from_secs(30), || {
+        (c.metric("confgen_registry_revision", &[]) as i64 >= revision).then_some(())
+    });
+    assert!(c.metric("confgen_renders_total", &[]) > renders);
+    assert_eq!(c.metric("confgen_writes_total", &[]), writes, "a write");
+    assert_eq!(count_lines(&reloads), reloads_now, "a reload");
+    assert_eq!(identity(&dest).unwrap(), id, "the file was rewritten");
+    c.assert_running();
+}
+
+#[test]
+fn template_edits_are_picked_up_by_the_file_watch_and_sighup_and_a_broken_one_keeps_the_file() {
+    let etcd = Etcd::start();
+    let reg = Registry::connect(&etcd);
+    let confdir = Confdir::new();
+    // templates/list.tmpl is a link to src/list.tmpl, outside the watched directories: editing
+    // src/list.tmpl in place is seen only through SIGHUP.
+    let outside = confdir.path().join("src");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("list.tmpl"), LIST).unwrap();
+    std::os::unix::fs::symlink(
+        outside.join("list.tmpl"),
+        confdir.template_path("list.tmpl"),
+    )
+    .unwrap();
+    let (dest, reloads) = resource(&confdir, "list", "list.tmpl", "");
+    reg.put_endpoint("node-a", "web", 1, 8001);
+    let mut c = Confgen::start(&confdir, &etcd.endpoint(), &[]);
+    wait_for("the first write", Duration::from_secs(30), || {
+        c.assert_running();
+        (servers(&read(&dest)) == 1).then_some(())
+    });
+
+    // SIGHUP re-reads the template.
+    std::fs::write(outside.join("list.tmpl"), format!("# v2\n{LIST}")).unwrap();
+    c.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for("the SIGHUP re-render", Duration::from_secs(30), || {
+        read(&dest).starts_with("# v2\n").then_some(())
+    });
+    let log = c.log();
+    assert!(log.contains("SIGHUP: re-reading conf.d and templates"));
+    assert!(
+        !log.contains("template or resource file changed"),
+        "the file watch saw an edit outside the watched directories"
+    );
+    wait_for("the reload", Duration::from_secs(30), || {
+        (count_lines(&reloads) == 2).then_some(())
+    });
+
+    // A broken save (replacing the link): the old file stays, the error names template, line
+    // and column.
+    let good = std::fs::read(&dest).unwrap();
+    let good_id = identity(&dest).unwrap();
+    let saved = Instant::now();
+    common::write_atomic(
+        &confdir.template_path("list.tmpl"),
+        b"# v3\n{% for name, eps in services %}\n{{ name }}\n{% for ep in %}\n",
+    );
+    let log = c.wait_log("template does not load", Duration::from_secs(30));
+    let noticed = saved.elapsed();
+    let line = log
+        .lines()
+        .find(|l| l.contains("template does not load"))
+        .unwrap();
+    assert!(line.contains("template list.tmpl:4:"), "{line}");
+    let column = line.split("template list.tmpl:4:").nth(1).unwrap();
+    assert!(
+        column.starts_with(|ch: char| ch.is_ascii_digit()),
+        "no column in {line}"
+    );
+    // A registry change now renders nothing: the file keeps its content.
+    reg.put_endpoint("node-a", "web", 2, 8002);
+    wait_for("the render failure", Duration::from_secs(30), || {
+        (c.metric("confgen_failures_total", &[("kind", "render")]) >= 2.0).then_some(())
+    });
+    assert_eq!(std::fs::read(&dest).unwrap(), good);
+    assert_eq!(identity(&dest).unwrap(), good_id);
+    assert_eq!(count_lines(&reloads), 2, "a reload after a broken template");
+    let (code, health) = c.healthz().unwrap();
+    assert_eq!(code, 503);
+    assert!(health.contains("list.tmpl:4:"), "{health}");
+
+    // The fix is applied with the change that came meanwhile.
+    let saved = Instant::now();
+    common::write_atomic(&confdir.template_path("list.tmpl"), LIST.as_bytes());
+    wait_for(
+        "the fixed template applied",
+        Duration::from_secs(30),
+        || (servers(&read(&dest)) == 2).then_some(()),
+    );
+    let applied = saved.elapsed();
+    eprintln!(
+        "template save → error logged {} ms; fixed save → file written {} ms",
+        noticed.as_millis(),
+        applied.as_millis()
+    );
+    assert_eq!(
+        read(&dest),
+        format!("# services\nserver web 127.0.0.1:8001\nserver web 127.0.0.1:8002\n# end\n")
+    );
+    wait_for("the reload", Duration::from_secs(30), || {
+        (count_lines(&reloads) == 3).then_some(())
+    });
+    c.assert_running();
+}
+
+#[test]
+fn the_drop_guard_holds_a_render_losing_80_percent_for_the_grace_then_applies_it() {
+    let etcd = Etcd::start();
+    let reg = Registry::connect(&etcd);
+    let confdir = Confdir::new();
+    confdir.template("list.tmpl", LIST);
+    let grace = Duration::from_secs(2);
+    let (dest, reloads) = resource(
+        &confdir,
+        "list",
+        "list.tmpl",
+        "wait = \"20ms:200ms\"\nmax_drop = \"50%\"\ndrop_grace = \"2s\"\n",
+    );
+    let keys: Vec<String> = (0..10)
+        .map(|i| reg.put_endpoint("node-a", "web", i, 9000 + i as u16))
+        .collect();
+    let mut c = Confgen::start(&confdir, &etcd.endpoint(), &[]);
+    wait_for("10 endpoints in the file", Duration::from_secs(30), || {
+        c.assert_running();
+        (servers(&read(&dest)) == 10).then_some(())
+    });
+    let ten = read(&dest);
+
+    // 8 of 10 vanish in one transaction.
+    reg.delete_at_once(&keys[..8]);
+    let deleted = Instant::now();
+    c.wait_log("drop guard: holding", Duration::from_secs(10));
+    let (code, health) = c.healthz().unwrap();
+    assert!(
+        health.contains("held by the drop guard (2 of 10 endpoints)"),
+        "{code} {health}"
+    );
+    // Held: the file keeps all 10 until the grace has passed.
+    while deleted.elapsed() < grace - Duration::from_millis(300) {
+        assert_eq!(
+            read(&dest),
+            ten,
+            "the drop was applied {} ms after the delete, before the {grace:?} grace",
+            deleted.elapsed().as_millis()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_for("the drop applied after the grace", grace * 10, || {
+        (servers(&read(&dest)) == 2).then_some(())
+    });
+    let applied = deleted.elapsed();
+    eprintln!(
+        "drop guard: 8 of 10 deleted; applied {} ms later (grace {grace:?})",
+        applied.as_millis()
+    );
+    assert!(applied >= grace, "applied after {applied:?}");
+    c.wait_log(
+        "the drop persisted for the grace period",
+        Duration::from_secs(5),
+    );
+    let m = c.metrics();
+    assert!(common::metric(&m, "confgen_held_total", &[]) >= 1.0, "{m}");
+    wait_for("its reload", Duration::from_secs(30), || {
+        (count_lines(&reloads) == 2).then_some(())
+    });
+
+    // A small drop (1 of 2 is 50 %, not more) is applied at once.
+    reg.delete(&keys[8]);
+    wait_for("a 50 % drop applied", Duration::from_secs(10), || {
+        (servers(&read(&dest)) == 1).then_some(())
+    });
+    c.assert_running();
+}
+
+#[test]
+fn nothing_is_written_before_a_complete_view_nor_while_etcd_is_down_and_healthz_says_stale() {
+    let mut etcd = Etcd::start();
+    let reg = Registry::connect(&etcd);
+    reg.put_endpoint("node-a", "web", 1, 8001);
+    drop(reg);
+    let confdir = Confdir::new();
+    confdir.template("list.tmpl", LIST);
+    let (dest, reloads) = resource(&confdir, "list", "list.tmpl", "");
+    std::fs::write(&dest, "the last good config\n").unwrap();
+    let id = identity(&dest).unwrap();
+
+    // etcd down from the start: no view, nothing written, stale.
+    etcd.stop();
+    let mut c = Confgen::start(&confdir, &etcd.endpoint(), &[]);
+    let (code, body) = wait_for("/healthz", Duration::from_secs(30), || c.healthz().ok());
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("registry: stale (no complete view yet)"),
+        "{body}"
+    );
+    assert_eq!(c.metric("confgen_stale", &[]), 1.0);
+    // A template save would render now if anything could be: it must not.
+    confdir.template("list.tmpl", &format!("# edited\n{LIST}"));
+    c.wait_log("template or resource file changed", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        identity(&dest).unwrap(),
+        id,
+        "written without a registry view"
+    );
+    assert_eq!(read(&dest), "the last good config\n");
+    assert_eq!(count_lines(&reloads), 0);
+
+    // etcd back: the first complete view is applied.
+    etcd.restart();
+    wait_for("the first write", Duration::from_secs(30), || {
+        c.assert_running();
+        (servers(&read(&dest)) == 1).then_some(())
+    });
+    assert!(read(&dest).starts_with("# edited\n"));
+    let (code, body) = wait_for("healthy", Duration::from_secs(30), || {
+        c.healthz().ok().filter(|(code, _)| *code == 200)
+    });
+    assert!(body.contains("registry: current"), "{code} {body}");
+
+    // etcd stops: stale, and the file stays as it is (a template save is not applied).
+    etcd.stop();
+    let stopped = Instant::now();
+    let body = wait_for("/healthz to say stale", Duration::from_secs(30), || {
+        c.healthz()
+            .ok()
+            .filter(|(code, _)| *code == 503)
+            .map(|(_, b)| b)
+    });
+    eprintln!(
+        "etcd stopped → /healthz stale after {} ms: {}",
+        stopped.elapsed().as_millis(),
+        body.trim()
+    );
+    assert!(body.contains("registry: stale"), "{body}");
+    assert_eq!(c.metric("confgen_stale", &[]), 1.0);
+    let written = std::fs::read(&dest).unwrap();
+    let id = identity(&dest).unwrap();
+    let saves = c.log().matches("template or resource file changed").count();
+    confdir.template("list.tmpl", &format!("# edited again\n{LIST}"));
+    c.wait_log_count(
+        "template or resource file changed",
+        saves + 1,
+        Duration::from_secs(10),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(std::fs::read(&dest).unwrap(), written);
+    assert_eq!(identity(&dest).unwrap(), id, "written while etcd was down");
+
+    // Back again: current, and the pending edit is applied.
+    etcd.restart();
+    wait_for("the edit applied", Duration::from_secs(30), || {
+        read(&dest).starts_with("# edited again\n").then_some(())
+    });
+    wait_for("healthy again", Duration::from_secs(30), || {
+        c.healthz().ok().filter(|(code, _)| *code == 200)
+    });
+    c.assert_running();
+}
