@@ -352,6 +352,18 @@ impl Registry {
     /// Endpoint `n` of `service` on `node` at 127.0.0.1:`port`; the same arguments always give
     /// the same record (and the same bytes).
     pub fn endpoint(&self, node: &str, service: &str, n: u32, port: u16) -> (String, Vec<u8>) {
+        self.endpoint_meta(node, service, n, port, &[])
+    }
+
+    /// Like [`Registry::endpoint`], with `meta` entries.
+    pub fn endpoint_meta(
+        &self,
+        node: &str,
+        service: &str,
+        n: u32,
+        port: u16,
+        meta: &[(&str, &str)],
+    ) -> (String, Vec<u8>) {
         let container = format!("{:012x}", 0xc0ffee000000u64 + u64::from(n));
         let ep = Endpoint {
             service: service.into(),
@@ -363,7 +375,10 @@ impl Registry {
             container,
             image: "flotilla/test:1".into(),
             tags: vec![],
-            meta: Default::default(),
+            meta: meta
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             health: Health::None,
             registered_at: "2026-01-01T00:00:00Z".into(),
         };
