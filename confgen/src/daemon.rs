@@ -390,6 +390,7 @@ impl Daemon {
         self.metrics.revision.set(self.view.revision());
         self.health.lock().expect("health lock").complete = self.view.complete();
         self.update_writable();
+        self.update_lag();
     }
 
     /// Re-reads conf.d and every template. A bad resource file keeps the old configuration; a
@@ -650,11 +651,22 @@ impl Daemon {
         }
     }
 
+    /// Revisions the oldest resource is behind. A resource with nothing to apply (not dirty,
+    /// not failing, not held) is current at the view's revision, whatever revision it last
+    /// wrote at: changes outside its keys do not concern it.
     fn update_lag(&self) {
+        let view = self.view.revision();
         let oldest = self
             .slots
             .iter()
-            .map(|s| s.applied_revision)
+            .map(|s| {
+                let idle = s.pending.is_none() && s.failure.is_none() && s.held.is_none();
+                if idle && s.succeeded_once {
+                    view
+                } else {
+                    s.applied_revision
+                }
+            })
             .min()
             .unwrap_or(0);
         self.metrics

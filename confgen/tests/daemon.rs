@@ -387,3 +387,89 @@ fn nothing_is_written_before_a_complete_view_nor_while_etcd_is_down_and_healthz_
     });
     c.assert_running();
 }
+
+#[test]
+fn a_change_renders_only_the_resources_whose_keys_it_touches_and_a_shared_reload_runs_once() {
+    let etcd = Etcd::start();
+    let reg = Registry::connect(&etcd);
+    let confdir = Confdir::new();
+    let reloads = confdir.path().join("shared.reloads");
+    confdir.template(
+        "a.tmpl",
+        &format!("a={{{{ getv(key=\"/config/a/x\", default=\"-\") }}}}\n{LIST}"),
+    );
+    confdir.template(
+        "b.tmpl",
+        "b={{ getv(key=\"/config/b/x\", default=\"-\") }}\n",
+    );
+    for (name, keys) in [
+        ("a", "[\"/endpoints/\", \"/config/a/\"]"),
+        ("b", "[\"/config/b/\"]"),
+    ] {
+        confdir.resource(
+            name,
+            &format!(
+                "[template]\nsrc = \"{name}.tmpl\"\ndest = \"{}\"\nprefix = \"/flotilla\"\nkeys = {keys}\n\
+                 reload_cmd = \"echo reload >> {}\"\nwait = \"20ms:200ms\"\n",
+                confdir.out(name).display(),
+                reloads.display()
+            ),
+        );
+    }
+    reg.put_endpoint("node-a", "web", 1, 8001);
+    let mut c = Confgen::start(&confdir, &etcd.endpoint(), &[]);
+    wait_for("both files", Duration::from_secs(30), || {
+        c.assert_running();
+        (confdir.out("a").exists() && confdir.out("b").exists() && count_lines(&reloads) >= 1)
+            .then_some(())
+    });
+    // Both were written in the first batch: their one reload command ran once.
+    wait_for("the writes counted", Duration::from_secs(10), || {
+        (c.metric("confgen_writes_total", &[]) == 2.0).then_some(())
+    });
+    assert_eq!(count_lines(&reloads), 1);
+    let renders = |c: &Confgen, r: &str| c.metric("confgen_renders_total", &[("resource", r)]);
+    let a_renders = renders(&c, "a");
+
+    // A change only b sees: only b is rendered.
+    reg.put("/flotilla/config/b/x", "1");
+    wait_for("b written", Duration::from_secs(30), || {
+        (read(&confdir.out("b")) == "b=1\n").then_some(())
+    });
+    wait_for("its reload", Duration::from_secs(10), || {
+        (count_lines(&reloads) == 2).then_some(())
+    });
+    assert_eq!(
+        renders(&c, "a"),
+        a_renders,
+        "a was rendered for a change of b's keys"
+    );
+    // Nothing is left to apply: the watch lag is back to 0 (a is current too).
+    wait_for("watch lag 0", Duration::from_secs(10), || {
+        (c.metric("confgen_watch_lag_revisions", &[]) == 0.0).then_some(())
+    });
+
+    // A key outside every resource's keys: nothing is rendered, and no lag either.
+    let before = c.metric("confgen_renders_total", &[]);
+    reg.put("/flotilla/config/elsewhere/x", "1");
+    let revision = reg.revision();
+    wait_for("confgen at that revision", Duration::from_secs(10), || {
+        (c.metric("confgen_registry_revision", &[]) as i64 >= revision).then_some(())
+    });
+    assert_eq!(c.metric("confgen_renders_total", &[]), before);
+    assert_eq!(c.metric("confgen_watch_lag_revisions", &[]), 0.0);
+
+    // One transaction touching both: both written, one reload.
+    reg.put_at_once(&[("/flotilla/config/a/x", "2"), ("/flotilla/config/b/x", "2")]);
+    wait_for("both written", Duration::from_secs(30), || {
+        (read(&confdir.out("a")).starts_with("a=2\n") && read(&confdir.out("b")) == "b=2\n")
+            .then_some(())
+    });
+    wait_for("the writes counted", Duration::from_secs(10), || {
+        (c.metric("confgen_writes_total", &[]) == 5.0).then_some(())
+    });
+    wait_for("the reload", Duration::from_secs(10), || {
+        (count_lines(&reloads) == 3).then_some(())
+    });
+    c.assert_running();
+}

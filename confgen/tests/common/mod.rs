@@ -421,6 +421,18 @@ impl Registry {
             .expect("delete txn");
     }
 
+    /// Puts every pair in one transaction (one revision: "at once").
+    pub fn put_at_once(&self, kvs: &[(&str, &str)]) {
+        let ops: Vec<etcd_client::TxnOp> = kvs
+            .iter()
+            .map(|(k, v)| etcd_client::TxnOp::put(*k, *v, None))
+            .collect();
+        let mut c = self.client.clone();
+        self.rt
+            .block_on(c.txn(etcd_client::Txn::new().and_then(ops)))
+            .expect("put txn");
+    }
+
     /// Puts every pair as its own request (its own revision), `parallel` in flight at a time.
     pub fn put_each(&self, kvs: Vec<(String, Vec<u8>)>, parallel: usize) {
         let client = self.client.clone();
