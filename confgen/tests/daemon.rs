@@ -473,3 +473,91 @@ fn a_change_renders_only_the_resources_whose_keys_it_touches_and_a_shared_reload
     });
     c.assert_running();
 }
+
+#[test]
+fn sd_notify_ready_only_once_every_template_rendered_then_watchdog_pings_and_stopping() {
+    let etcd = Etcd::start();
+    let reg = Registry::connect(&etcd);
+    reg.put_endpoint("node-a", "web", 1, 8001);
+    let confdir = Confdir::new();
+    confdir.template("good.tmpl", LIST);
+    confdir.template("broken.tmpl", "x\n{% if %}\n");
+    resource(&confdir, "good", "good.tmpl", "");
+    let (broken_dest, _) = resource(&confdir, "broken", "broken.tmpl", "");
+    let socket_path = confdir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut c = Confgen::start_with_env(
+        &confdir,
+        &etcd.endpoint(),
+        &[],
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "400000"),
+            ("WATCHDOG_PID", "self"),
+        ],
+    );
+    let mut messages: Vec<String> = Vec::new();
+    fn receive(
+        socket: &std::os::unix::net::UnixDatagram,
+        messages: &mut Vec<String>,
+        until: impl Fn(&[String]) -> bool,
+        timeout: Duration,
+    ) {
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 512];
+        while !until(messages) {
+            assert!(
+                Instant::now() < deadline,
+                "sd_notify messages so far: {messages:?}"
+            );
+            if let Ok(n) = socket.recv(&mut buf) {
+                messages.push(String::from_utf8_lossy(&buf[..n]).trim().to_string());
+            }
+        }
+    }
+    // One template renders, the other cannot: watchdog pings, but no READY.
+    wait_for("the good template written", Duration::from_secs(30), || {
+        (servers(&read(&confdir.out("good"))) == 1).then_some(())
+    });
+    receive(
+        &socket,
+        &mut messages,
+        |m| m.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 3,
+        Duration::from_secs(10),
+    );
+    assert!(
+        !messages.iter().any(|m| m.contains("READY=1")),
+        "READY before every template rendered: {messages:?}"
+    );
+    assert!(!broken_dest.exists());
+
+    // Fixed: READY once.
+    confdir.template("broken.tmpl", "fixed\n");
+    receive(
+        &socket,
+        &mut messages,
+        |m| m.iter().any(|m| m.contains("READY=1")),
+        Duration::from_secs(30),
+    );
+    assert_eq!(read(&broken_dest), "fixed\n");
+    // SIGTERM: STOPPING=1, and a clean exit.
+    c.signal(nix::sys::signal::Signal::SIGTERM);
+    receive(
+        &socket,
+        &mut messages,
+        |m| m.iter().any(|m| m.contains("STOPPING=1")),
+        Duration::from_secs(10),
+    );
+    let status = wait_for("confgen to exit", Duration::from_secs(10), || {
+        c.proc.0.as_mut().unwrap().try_wait().unwrap()
+    });
+    assert!(status.success(), "{status}\n{}", tail(&c.log(), 20));
+    assert_eq!(
+        messages.iter().filter(|m| m.contains("READY=1")).count(),
+        1,
+        "{messages:?}"
+    );
+}

@@ -158,6 +158,16 @@ impl Confgen {
     /// Starts `confgen run` with `extra` flags, logging (RUST_LOG=debug for confgen) to
     /// `<confdir>/confgen.log` (appended, so restarts keep one log).
     pub fn start(confdir: &Confdir, etcd: &str, extra: &[&str]) -> Confgen {
+        Confgen::start_with_env(confdir, etcd, extra, &[])
+    }
+
+    /// Like [`Confgen::start`], with extra environment variables.
+    pub fn start_with_env(
+        confdir: &Confdir,
+        etcd: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Confgen {
         let log = confdir.path().join("confgen.log");
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -165,7 +175,20 @@ impl Confgen {
             .open(&log)
             .expect("log file");
         let metrics_port = free_port();
-        let child = clean_env(Command::new(confgen_bin()))
+        // ("WATCHDOG_PID", "self"): the pid of confgen itself, as systemd sets it (through a
+        // shell that execs confgen, so the pid is known before it starts).
+        let own_pid = env.contains(&("WATCHDOG_PID", "self"));
+        let mut cmd = if own_pid {
+            let mut c = clean_env(Command::new("/bin/sh"));
+            c.arg("-c")
+                .arg("WATCHDOG_PID=$$ exec \"$0\" \"$@\"")
+                .arg(confgen_bin());
+            c
+        } else {
+            clean_env(Command::new(confgen_bin()))
+        };
+        let env = env.iter().filter(|(k, _)| *k != "WATCHDOG_PID");
+        let child = cmd
             .arg("run")
             .arg("--confdir")
             .arg(confdir.path())
@@ -175,6 +198,7 @@ impl Confgen {
             .arg(format!("127.0.0.1:{metrics_port}"))
             .args(extra)
             .env("RUST_LOG", "info,confgen=debug")
+            .envs(env.copied())
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("dup"))
             .stderr(file)
