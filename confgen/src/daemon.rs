@@ -80,6 +80,9 @@ struct Slot {
     held: Option<Held>,
     failure: Option<Failure>,
     succeeded_once: bool,
+    /// The destination was renamed into place but its reload has not succeeded yet (also
+    /// across restarts, through [`reload_marker`]).
+    reload_pending: bool,
     buf: Vec<u8>,
 }
 
@@ -101,6 +104,7 @@ impl Slot {
             held: None,
             failure: None,
             succeeded_once: false,
+            reload_pending: false,
             buf: Vec::new(),
         }
     }
@@ -226,11 +230,18 @@ impl Daemon {
         let view = View::new(keys.clone());
         let mut slots = Vec::new();
         for r in resources {
+            // A run killed between renaming a new file into place and its reload left the
+            // marker: the proxy may still run the old config, so reload at the first apply.
+            let reload_pending = r.reload_cmd.is_some() && reload_marker(&r.dest).exists();
+            if reload_pending {
+                warn!(resource = %r.name, dest = %r.dest.display(), "an earlier run wrote this file but did not finish its reload; reloading at the first apply");
+            }
             let n = apply::remove_leftovers(&r.dest);
             if n > 0 {
                 info!(resource = %r.name, files = n, "removed staged files left by an earlier run");
             }
-            let slot = Slot::new(r, &view);
+            let mut slot = Slot::new(r, &view);
+            slot.reload_pending = reload_pending;
             if let Err(e) = &slot.engine {
                 error!(resource = %slot.res.name, error = %e, "template does not load; the destination is left as it is");
             }
@@ -422,6 +433,7 @@ impl Daemon {
                 Some(prev) => {
                     let mut s = Slot::new(r, &self.view);
                     s.applied_endpoints = prev.applied_endpoints;
+                    s.reload_pending = prev.reload_pending;
                     s
                 }
                 None => Slot::new(r, &self.view),
@@ -478,6 +490,7 @@ impl Daemon {
         let revision = self.view.revision();
         let mut outcomes: Vec<(usize, Outcome, Option<Instant>)> = Vec::new();
         let mut committed: BTreeMap<String, Vec<(usize, Committed)>> = BTreeMap::new();
+        let mut reload_only: Vec<usize> = Vec::new();
         for i in due {
             let slot = &mut self.slots[i];
             let batch_start = slot.pending.as_ref().map(|p| p.first);
@@ -486,12 +499,29 @@ impl Daemon {
             let (outcome, commit) = render_and_write(slot, &self.metrics, self.modes).await;
             if let (Outcome::Written, Some(c)) = (&outcome, commit) {
                 if let Some(cmd) = &slot.res.reload_cmd {
+                    slot.reload_pending = true;
                     committed.entry(cmd.clone()).or_default().push((i, c));
                 }
                 if let Some(start) = batch_start {
                     self.metrics
                         .change_to_write
                         .observe(start.elapsed().as_secs_f64());
+                }
+            } else if let (Outcome::Unchanged, true, Some(cmd)) =
+                (&outcome, slot.reload_pending, &slot.res.reload_cmd)
+            {
+                // The file is current but its reload never succeeded: reload it now. A rollback
+                // would put back the same content.
+                if let Ok(current) = std::fs::read(&slot.res.dest) {
+                    info!(resource = %slot.res.name, "the destination is current but was not reloaded; reloading");
+                    reload_only.push(i);
+                    committed.entry(cmd.clone()).or_default().push((
+                        i,
+                        Committed {
+                            dest: slot.res.dest.clone(),
+                            previous: Some(current),
+                        },
+                    ));
                 }
             }
             outcomes.push((i, outcome, batch_start));
@@ -517,10 +547,19 @@ impl Daemon {
             )];
             self.metrics.reloads.get_or_create(&label).inc();
             for (i, _) in &group {
+                let slot = &mut self.slots[*i];
+                if result.is_ok() {
+                    slot.reload_pending = false;
+                    remove_reload_marker(&slot.res.dest);
+                }
                 if let Some(o) = outcomes.iter_mut().find(|(j, _, _)| j == i) {
                     o.1 = match &result {
+                        Ok(took) if reload_only.contains(i) => {
+                            info!(resource = %slot.res.name, took = ?took, "reloaded");
+                            Outcome::Unchanged
+                        }
                         Ok(took) => {
-                            debug!(resource = %self.slots[*i].res.name, took = ?took, "reloaded");
+                            debug!(resource = %slot.res.name, took = ?took, "reloaded");
                             Outcome::Reloaded
                         }
                         Err((output, rolled_back)) => Outcome::ReloadFailed {
@@ -753,7 +792,41 @@ async fn render_and_write(
             );
         }
     }
-    apply::write_checked(&slot.res, &slot.buf, modes.noop, modes.diff).await
+    if slot.res.reload_cmd.is_some() && !modes.noop && !slot.reload_pending {
+        create_reload_marker(&slot.res.dest);
+    }
+    let (outcome, commit) =
+        apply::write_checked(&slot.res, &slot.buf, modes.noop, modes.diff).await;
+    if !matches!(outcome, Outcome::Written) && !slot.reload_pending {
+        remove_reload_marker(&slot.res.dest);
+    }
+    (outcome, commit)
+}
+
+/// `.<dest name>.reload-pending` beside the destination: exists from before a new file is
+/// renamed into place until its `reload_cmd` succeeded, so that a run killed in between is
+/// followed by a reload (the file then equals the render, which alone would reload nothing).
+fn reload_marker(dest: &Path) -> PathBuf {
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dest.with_file_name(format!(".{name}.reload-pending"))
+}
+
+fn create_reload_marker(dest: &Path) {
+    // Made durable by the directory fsync that follows the rename of the new file.
+    if let Err(e) = std::fs::File::create(reload_marker(dest)) {
+        warn!(dest = %dest.display(), error = %e, "cannot create the reload marker");
+    }
+}
+
+fn remove_reload_marker(dest: &Path) {
+    match std::fs::remove_file(reload_marker(dest)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!(dest = %dest.display(), error = %e, "cannot remove the reload marker"),
+    }
 }
 
 fn check_keys_under_prefix(

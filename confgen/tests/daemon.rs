@@ -561,3 +561,73 @@ fn sd_notify_ready_only_once_every_template_rendered_then_watchdog_pings_and_sto
         "{messages:?}"
     );
 }
+
+/// Regression: confgen killed after renaming a new file into place but before its reload ran
+/// left the proxy on the old config for good: the restarted confgen found the file equal to its
+/// render ("unchanged") and never reloaded.
+#[test]
+fn a_kill_between_write_and_reload_is_followed_by_a_reload_after_restart() {
+    let etcd = Etcd::start();
+    let reg = Registry::connect(&etcd);
+    let confdir = Confdir::new();
+    confdir.template("a.tmpl", LIST);
+    confdir.template("b.tmpl", "b {{ services | length }}\n");
+    // a is written first; b's check then takes 3 s, and the batch's reloads run after it.
+    let (a_dest, a_reloads) = resource(&confdir, "a", "a.tmpl", "");
+    let b_check = confdir.path().join("b-check-started");
+    resource(
+        &confdir,
+        "b",
+        "b.tmpl",
+        &format!(
+            "check_cmd = \"touch {} && sleep 3 && test -s {{{{src}}}}\"\n",
+            b_check.display()
+        ),
+    );
+    let mut c = Confgen::start(&confdir, &etcd.endpoint(), &[]);
+    wait_for("the first reload of a", Duration::from_secs(30), || {
+        c.assert_running();
+        (count_lines(&a_reloads) == 1).then_some(())
+    });
+    std::fs::remove_file(&b_check).unwrap();
+
+    reg.put_endpoint("node-a", "web", 1, 8001);
+    wait_for(
+        "a written and b's check running",
+        Duration::from_secs(30),
+        || (servers(&read(&a_dest)) == 1 && b_check.exists()).then_some(()),
+    );
+    c.proc.kill();
+    assert_eq!(count_lines(&a_reloads), 1, "a was reloaded before the kill");
+
+    // The file is new and the proxy has not loaded it: the next run reloads it.
+    let mut c = Confgen::start(&confdir, &etcd.endpoint(), &[]);
+    wait_for(
+        "a reload of the file written by the killed run",
+        Duration::from_secs(30),
+        || {
+            c.assert_running();
+            (count_lines(&a_reloads) == 2).then_some(())
+        },
+    );
+    // And only once: a further restart with nothing changed reloads nothing.
+    wait_for("the restart settled", Duration::from_secs(30), || {
+        c.log()
+            .contains("every template has rendered; ready")
+            .then_some(())
+    });
+    drop(c);
+    let log_len = read(&confdir.path().join("confgen.log")).len();
+    let mut c = Confgen::start(&confdir, &etcd.endpoint(), &[]);
+    wait_for("the third run ready", Duration::from_secs(30), || {
+        c.assert_running();
+        read(&confdir.path().join("confgen.log"))[log_len..]
+            .contains("every template has rendered; ready")
+            .then_some(())
+    });
+    assert_eq!(
+        count_lines(&a_reloads),
+        2,
+        "a restart without changes reloaded"
+    );
+}
