@@ -412,7 +412,12 @@ impl Daemon {
         {
             Ok(r) => r,
             Err(e) => {
-                error!(error = %e, "the new configuration is invalid; keeping the running one");
+                // One log line: every problem, each naming its file and field.
+                let errors: Vec<String> = e.0.iter().map(ToString::to_string).collect();
+                error!(
+                    errors = %errors.join("; "),
+                    "the new configuration is invalid; keeping the running one"
+                );
                 self.metrics.failure("-", "config");
                 return;
             }

@@ -631,3 +631,90 @@ fn a_kill_between_write_and_reload_is_followed_by_a_reload_after_restart() {
         "a restart without changes reloaded"
     );
 }
+
+#[test]
+fn conf_d_edits_add_and_remove_resources_and_an_invalid_edit_keeps_the_running_configuration() {
+    let etcd = Etcd::start();
+    let reg = Registry::connect(&etcd);
+    let confdir = Confdir::new();
+    confdir.template("list.tmpl", LIST);
+    let (a_dest, _) = resource(&confdir, "a", "list.tmpl", "");
+    reg.put_endpoint("node-a", "web", 1, 8001);
+    let mut c = Confgen::start(&confdir, &etcd.endpoint(), &[]);
+    wait_for("a written", Duration::from_secs(30), || {
+        c.assert_running();
+        (servers(&read(&a_dest)) == 1).then_some(())
+    });
+
+    // A new resource file is picked up and rendered.
+    let (b_dest, _) = resource(&confdir, "b", "list.tmpl", "");
+    wait_for("b written", Duration::from_secs(30), || {
+        (servers(&read(&b_dest)) == 1).then_some(())
+    });
+
+    // An invalid edit (unknown field): reported with file and field, the running
+    // configuration (a and b) keeps working.
+    let changed = c.log().matches("template or resource file changed").count();
+    confdir.resource(
+        "b",
+        &format!(
+            "[template]\nsrc = \"list.tmpl\"\ndest = \"{}\"\nkeys = [\"/flotilla/endpoints/\"]\nreload_command = \"x\"\n",
+            b_dest.display()
+        ),
+    );
+    let log = c.wait_log_count(
+        "the new configuration is invalid; keeping the running one",
+        1,
+        Duration::from_secs(10),
+    );
+    assert!(log.matches("template or resource file changed").count() > changed);
+    let line = log
+        .lines()
+        .find(|l| l.contains("keeping the running one"))
+        .unwrap();
+    assert!(
+        line.contains("b.toml") && line.contains("reload_command"),
+        "{line}"
+    );
+    reg.put_endpoint("node-a", "web", 2, 8002);
+    wait_for("both still applied", Duration::from_secs(30), || {
+        (servers(&read(&a_dest)) == 2 && servers(&read(&b_dest)) == 2).then_some(())
+    });
+
+    // Removing b: it is no longer managed (its file stays as it is).
+    std::fs::remove_file(confdir.path().join("conf.d/b.toml")).unwrap();
+    c.wait_log("resource removed", Duration::from_secs(10));
+    reg.put_endpoint("node-a", "web", 3, 8003);
+    wait_for("a applied", Duration::from_secs(30), || {
+        (servers(&read(&a_dest)) == 3).then_some(())
+    });
+    assert_eq!(servers(&read(&b_dest)), 2, "a removed resource was written");
+    c.assert_running();
+}
+
+#[test]
+fn noop_daemon_prints_diffs_and_writes_nothing() {
+    let etcd = Etcd::start();
+    let reg = Registry::connect(&etcd);
+    let confdir = Confdir::new();
+    confdir.template("list.tmpl", LIST);
+    let (dest, reloads) = resource(&confdir, "list", "list.tmpl", "");
+    std::fs::write(&dest, "# services\n# end\n").unwrap();
+    let id = identity(&dest).unwrap();
+    let mut c = Confgen::start(&confdir, &etcd.endpoint(), &["--noop", "--diff"]);
+    reg.put_endpoint("node-a", "web", 1, 8001);
+    let log = c.wait_log("+server web 127.0.0.1:8001", Duration::from_secs(30));
+    assert!(
+        log.contains("would be written (--noop)"),
+        "{}",
+        tail(&log, 10)
+    );
+    reg.put_endpoint("node-a", "web", 2, 8002);
+    c.wait_log("+server web 127.0.0.1:8002", Duration::from_secs(30));
+    assert_eq!(identity(&dest).unwrap(), id);
+    assert_eq!(read(&dest), "# services\n# end\n");
+    assert_eq!(count_lines(&reloads), 0);
+    let leftovers = std::fs::read_dir(dest.parent().unwrap()).unwrap().count();
+    assert_eq!(leftovers, 1, "--noop left files beside the destination");
+    c.assert_running();
+}
