@@ -277,3 +277,57 @@ fn template_errors_name_template_line_and_column_and_a_missing_key_names_the_key
         "{err}"
     );
 }
+
+#[test]
+fn values_that_would_inject_directives_never_reach_the_file() {
+    let etcd = Etcd::start();
+    let ep = etcd.endpoint();
+    let reg = Registry::connect(&etcd);
+    let confdir = haproxy_confdir();
+    let dest = confdir.out("haproxy.cfg");
+    let d = confdir.path().display().to_string();
+    reg.put("/flotilla/config/haproxy/http_bind", "127.0.0.1:1");
+    reg.put(
+        "/flotilla/config/haproxy/stats_socket",
+        confdir.path().join("admin.sock").display().to_string(),
+    );
+    reg.put_endpoint("node-a", "web", 1, 8001);
+    // Records written around the registry's encoding: a host and a meta value that would add a
+    // server line, and a body that is not JSON.
+    let (key, good) = reg.endpoint("node-a", "web", 2, 8002);
+    let mut evil: serde_json::Value = serde_json::from_slice(&good).unwrap();
+    evil["host"] = "127.0.0.1 weight 1\n    server evil 6.6.6.6:80 #".into();
+    reg.put(&key, serde_json::to_vec(&evil).unwrap());
+    let (key3, good3) = reg.endpoint("node-a", "web", 3, 8003);
+    let mut evil3: serde_json::Value = serde_json::from_slice(&good3).unwrap();
+    evil3["meta"] = serde_json::json!({"path": "/api\n    server evil 6.6.6.6:80"});
+    reg.put(&key3, serde_json::to_vec(&evil3).unwrap());
+    reg.put("/flotilla/endpoints/node-a/web/broken-1", "{not json");
+
+    let o = confgen(&["run", "--confdir", &d, "--onetime", "--etcd-endpoints", &ep]);
+    assert!(o.status.success(), "{}", show(&o));
+    let cfg = read(&dest);
+    assert!(cfg.contains("127.0.0.1:8001"), "{cfg}");
+    assert!(!cfg.contains("evil") && !cfg.contains("6.6.6.6"), "{cfg}");
+    assert!(!cfg.contains("8002") && !cfg.contains("8003"), "{cfg}");
+    haproxy_check(&dest).unwrap();
+    let err = text(&o.stderr);
+    assert!(err.contains(&key) && err.contains("host"), "{err}");
+    assert!(err.contains(&key3), "{err}");
+    assert!(err.contains("broken-1"), "{err}");
+
+    // A free-form config value the template prints as one argument: the render fails, naming
+    // where, and the file keeps its content.
+    let id = identity(&dest).unwrap();
+    reg.put(
+        "/flotilla/config/haproxy/domain",
+        "example.test\n    bind :1",
+    );
+    let o = confgen(&["run", "--confdir", &d, "--onetime", "--etcd-endpoints", &ep]);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    let err = text(&o.stderr);
+    assert!(err.contains("template haproxy"), "{err}");
+    assert!(err.contains("token"), "{err}");
+    assert_eq!(identity(&dest).unwrap(), id);
+    assert_eq!(read(&dest), cfg);
+}
