@@ -35,6 +35,7 @@ src = "haproxy.cfg.tmpl"
 dest = "{}"
 prefix = "/flotilla"
 keys = ["/endpoints/", "/config/haproxy/"]
+mode = "0640"
 check_cmd = "{} -c -q -f {{{{src}}}}"
 "#,
             confdir.out("haproxy.cfg").display(),
@@ -73,6 +74,11 @@ fn onetime_noop_diff_and_the_dump_render_round_trip() {
     assert!(first.contains("127.0.0.1:8001") && first.contains("127.0.0.1:8003"));
     assert!(first.contains("-i web.example.test"), "{first}");
     haproxy_check(&dest).unwrap();
+    let mode = |p: &std::path::Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    };
+    assert_eq!(mode(&dest), 0o640, "the resource's mode");
 
     // --onetime again with nothing changed: nothing is written.
     let id = identity(&dest).unwrap();
@@ -131,6 +137,7 @@ fn onetime_noop_diff_and_the_dump_render_round_trip() {
     assert!(o.status.success(), "{}", show(&o));
     let applied = std::fs::read(&dest).unwrap();
     assert!(text(&applied).contains("127.0.0.1:8004"));
+    assert_eq!(mode(&dest), 0o640, "the mode after a replace");
     let template = confdir.template_path("haproxy.cfg.tmpl");
     let render_args = [
         "render",
