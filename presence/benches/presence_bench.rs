@@ -3,6 +3,8 @@
 //! ```text
 //! CARGO_TARGET_DIR=/work/target-presence cargo bench -p presence --bench presence_bench
 //! PRESENCE_BENCH_N=50 …   # fewer containers
+//! PRESENCE_BENCH_DIR=/tmp/pb PRESENCE_BENCH_RUST_LOG=presence=debug …
+//!                          # keep per-start samples (CSV) and presence's log there
 //! ```
 //!
 //! Measures, and prints as a Markdown table:
@@ -78,7 +80,10 @@ impl Presence {
             .args(["--etcd-endpoints", etcd, "--metrics-addr", &metrics])
             .arg("--label-filter")
             .arg(format!("flotilla.test={label}"))
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("PRESENCE_BENCH_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("NO_COLOR", "1")
             .stdout(file.try_clone().unwrap())
             .stderr(file)
@@ -166,16 +171,23 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[idx]
 }
 
-fn summary(mut v: Vec<f64>) -> String {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    format!(
+/// Percentiles, and for up to 20 samples every run in the order measured.
+fn summary(v: Vec<f64>) -> String {
+    let mut sorted = v.clone();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let mut out = format!(
         "n={} p50={:.1} p90={:.1} p99={:.1} max={:.1}",
-        v.len(),
-        pct(&v, 0.5),
-        pct(&v, 0.9),
-        pct(&v, 0.99),
-        v.last().copied().unwrap_or(f64::NAN)
-    )
+        sorted.len(),
+        pct(&sorted, 0.5),
+        pct(&sorted, 0.9),
+        pct(&sorted, 0.99),
+        sorted.last().copied().unwrap_or(f64::NAN)
+    );
+    if v.len() <= 20 {
+        let runs: Vec<String> = v.iter().map(|x| format!("{x:.0}")).collect();
+        out.push_str(&format!(" (runs: {})", runs.join(", ")));
+    }
+    out
 }
 
 /// Histogram quantile estimate from Prometheus buckets (upper bound of the bucket).
@@ -298,6 +310,7 @@ fn main() {
     let mut ev_ms = Vec::new();
     let mut run_ms = Vec::new();
     let mut ids = Vec::new();
+    let mut samples = String::from("container,docker_start_ns,run_returned_ns,put_seen_ns\n");
     let test_label = format!("flotilla.test={label}");
     for i in 0..n {
         let name = format!("flotilla-bench-{}-{i}", std::process::id());
@@ -330,6 +343,7 @@ fn main() {
         });
         ev_ms.push((put - start_ev) as f64 / 1e6);
         run_ms.push((put - returned) as f64 / 1e6);
+        samples.push_str(&format!("{id},{start_ev},{returned},{put}\n"));
         ids.push((id, name, key));
     }
     let metrics = p.metrics_text();
@@ -381,6 +395,10 @@ fn main() {
     let mut stop_ms = Vec::new();
     let mut kill_ms = Vec::new();
     for (id, name, key) in ids.iter().take(20.min(n)) {
+        // The initial-sync runs above revoked (deleted) every key: forget those deletions.
+        if let Some(e) = seen.lock().unwrap().get_mut(key) {
+            e.1 = None;
+        }
         let issued = now_ns();
         let mut stop = Command::new("docker")
             .args(["stop", "-t", "2", name])
@@ -516,5 +534,15 @@ fn main() {
     println!(
         "\nRSS (KiB): idle {rss_idle}; after {n} starts {rss_after_starts} (peak {hwm_after_starts}); peak during initial syncs {hwm_sync}; peak after stops {hwm_final}"
     );
+    if let Ok(keep) = std::env::var("PRESENCE_BENCH_DIR") {
+        let keep = Path::new(&keep);
+        fs::create_dir_all(keep).unwrap();
+        fs::write(keep.join("samples.csv"), samples).unwrap();
+        fs::copy(&log, keep.join("presence.log")).unwrap();
+        println!(
+            "\nper-start samples and presence's log in {}",
+            keep.display()
+        );
+    }
     drop(containers);
 }

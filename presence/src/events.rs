@@ -289,6 +289,7 @@ pub async fn run_reader<S: EventSource>(
                 match next {
                     Some(Ok(ev)) => {
                         let received = Instant::now();
+                        debug!(id = %ev.id, action = %ev.action, time_nano = ev.time_nano, "event read");
                         if dedup.admit(&ev) {
                             if tx.send(ReaderMsg::Event(ev, received)).is_err() {
                                 return;

@@ -76,8 +76,11 @@ fn a_published_port_appears_with_host_port_service_and_tags() {
     assert!(node_lease != 0);
     assert!(eps.values().all(|s| s.lease == node_lease));
 
-    // Metrics and health reflect it.
-    assert_eq!(p.metric("presence_endpoints_registered"), 2.0);
+    // Metrics and health reflect it (the gauge is set once presence has read etcd's answer,
+    // which may be a moment after the view sees the keys).
+    wait_for("the gauge to count both endpoints", LONG, || {
+        (p.metric("presence_endpoints_registered") == 2.0).then_some(())
+    });
     assert!(p.metric("presence_docker_events_total{action=\"start\"}") >= 1.0);
     wait_for("the latency to be observed", LONG, || {
         (p.metric("presence_event_to_etcd_seconds_count") >= 1.0).then_some(())
@@ -732,4 +735,132 @@ fn bad_flags_are_all_reported_with_exit_code_2() {
     for flag in ["--node", "--advertise-ip", "--ttl"] {
         assert!(err.contains(flag), "{flag} missing: {err}");
     }
+}
+
+#[test]
+fn a_second_dockerd_stopped_and_restarted_is_reconciled_from_a_full_list() {
+    let etcd = Etcd::start();
+    let view = EtcdView::plain(vec![etcd.endpoint()]);
+    let dir = tmp();
+    let mut engine = SecondDockerd::start("restart");
+    let (node, label) = (uniq("dockerd"), uniq("dockerd"));
+    let p = Presence::start(
+        &Args::new(&node, &label, vec![etcd.endpoint()])
+            .arg("--docker-host")
+            .arg(engine.url())
+            // No periodic resync: only the reconnect may repair things.
+            .arg("--resync=1h"),
+        dir.path(),
+    );
+    p.wait_ready(LONG);
+    let test_label = format!("flotilla.test={label}");
+    let run = |engine: &SecondDockerd, name: &str, restart: &str| -> String {
+        let id = engine
+            .docker(&[
+                "run",
+                "-d",
+                "--name",
+                name,
+                "--restart",
+                restart,
+                "-l",
+                &test_label,
+                "-l",
+                "flotilla.service=second",
+                "-p",
+                "127.0.0.1::8080",
+                busybox_image(),
+                "httpd",
+                "-f",
+                "-p",
+                "8080",
+            ])
+            .unwrap_or_else(|e| panic!("docker run {name}: {e}\n{}", engine.log_tail()));
+        format!("{node}-{}-8080", &id[..12])
+    };
+    let stays = run(&engine, "stays", "no");
+    let dies = run(&engine, "dies", "no");
+    let comes_back = run(&engine, "comes-back", "always");
+    wait_instances(
+        &view,
+        &node,
+        &[stays.clone(), dies.clone(), comes_back.clone()],
+        LONG,
+    );
+    let before = view.endpoints(&node).unwrap();
+    let pid_of = |engine: &SecondDockerd, name: &str| -> i32 {
+        engine
+            .docker(&["inspect", "-f", "{{.State.Pid}}", name])
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (dies_pid, back_pid) = (pid_of(&engine, "dies"), pid_of(&engine, "comes-back"));
+
+    // The engine goes away (its containers keep running: --live-restore): the stream ends.
+    engine.stop();
+    wait_for("/healthz to report the Docker stream down", LONG, || {
+        let (_, body) = p.healthz()?;
+        body.contains("docker: down").then_some(())
+    });
+    // While it is down, two containers die; one of them has a restart policy.
+    for pid in [dies_pid, back_pid] {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        view.instances(&node).unwrap().len(),
+        3,
+        "nothing can change while presence is blind"
+    );
+
+    // The engine returns: it finds `dies` dead and restarts `comes-back` before its API
+    // answers, so the new stream has no events for either. Presence must re-subscribe and
+    // reconcile from a full list. A container started right away must appear too.
+    engine.restart();
+    let back = Instant::now();
+    let fresh = run(&engine, "fresh", "no");
+    assert_ne!(pid_of(&engine, "comes-back"), back_pid, "restarted");
+    let took = wait_instances(
+        &view,
+        &node,
+        &[stays.clone(), comes_back.clone(), fresh.clone()],
+        LONG,
+    );
+    eprintln!(
+        "reconciled {:?} after the engine answered again ({took:?} after `fresh` started)",
+        back.elapsed()
+    );
+    assert!(p.metric("presence_docker_reconnects_total") >= 1.0);
+    assert!(p.log().contains("Docker event stream re-subscribed"));
+    let after = view.endpoints(&node).unwrap();
+    // The untouched container's entry was never deleted or rewritten.
+    assert_eq!(
+        after[&stays].create_revision,
+        before[&stays].create_revision
+    );
+    // Every port is the one the engine reports now.
+    for (name, inst) in [
+        ("stays", &stays),
+        ("comes-back", &comes_back),
+        ("fresh", &fresh),
+    ] {
+        let port = engine.docker(&["port", name, "8080/tcp"]).unwrap();
+        let port: u16 = port
+            .lines()
+            .next()
+            .unwrap()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(after[inst].endpoint.port, port, "{name}");
+    }
+    wait_for("/healthz healthy again", LONG, || {
+        p.healthz()?.0.contains("200").then_some(())
+    });
+    // And the new stream works.
+    engine.docker(&["stop", "-t", "1", "stays"]).unwrap();
+    wait_instances(&view, &node, &[comes_back, fresh], LONG);
 }

@@ -167,8 +167,19 @@ impl Presence {
     }
 
     /// `/metrics` as name → value (labels kept in the name).
+    /// Panics if /metrics cannot be fetched (a metric that is absent reads as 0, a failed
+    /// fetch must not).
     pub fn metrics(&self) -> BTreeMap<String, f64> {
-        let body = http_get(self.metrics, "/metrics").unwrap_or_default();
+        let body = (0..3)
+            .find_map(|_| {
+                http_get(self.metrics, "/metrics")
+                    .filter(|b| b.contains("# EOF"))
+                    .or_else(|| {
+                        std::thread::sleep(Duration::from_millis(100));
+                        None
+                    })
+            })
+            .unwrap_or_else(|| panic!("cannot fetch /metrics; log:\n{}", self.log()));
         body.lines()
             .filter(|l| !l.starts_with('#'))
             .filter_map(|l| {
@@ -197,7 +208,10 @@ impl Presence {
 fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     let mut s = std::net::TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\n\r\n").ok()?;
+    // One write: `write!` would send "GET ", the path and the rest in separate segments, and
+    // the daemon's minimal server reads the request with a single read.
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .ok()?;
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
     Some(text.split("\r\n\r\n").nth(1)?.to_owned())
@@ -524,4 +538,230 @@ fn pipe(mut from: UnixStream, mut to: UnixStream) {
 pub fn docker(args: &[&str]) -> String {
     flotilla_harness::run(Command::new("docker").args(args))
         .unwrap_or_else(|e| panic!("docker {args:?}: {e}"))
+}
+
+/// A second Docker engine for this test only: its own socket, data root and exec root, inside
+/// its own network namespace (entered with `nsenter --net=/var/run/netns/NAME`; `ip netns exec`
+/// would remount /sys and hide the cgroups dockerd needs, and a second dockerd in the host
+/// namespace would delete the shared engine's docker0). It can be stopped and restarted without
+/// touching the shared engine. It runs with `--live-restore`, so its containers keep running
+/// while it is down, and on its return it restarts those with a restart policy that died
+/// meanwhile. On drop: its containers are removed, the daemon, its containerd and shims are
+/// stopped, its mounts are unmounted, and the directory and namespace are deleted.
+pub struct SecondDockerd {
+    pub root: PathBuf,
+    netns: String,
+    proc: Option<std::process::Child>,
+}
+
+impl SecondDockerd {
+    pub fn start(tag: &str) -> SecondDockerd {
+        let require = flotilla_harness::require;
+        require("dockerd", "docker.io");
+        require("nsenter", "util-linux");
+        let ip = require("ip", "iproute2");
+        let name = format!("flt-{}-{tag}", std::process::id());
+        // On the same file system as /var/lib/docker (overlay2 needs a real one, not overlayfs).
+        let root = PathBuf::from(format!("/var/lib/flotilla-test-dockerd-{name}"));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).expect("second dockerd root");
+        let _ = Command::new(&ip).args(["netns", "del", &name]).output();
+        flotilla_harness::run(Command::new(&ip).args(["netns", "add", &name]))
+            .expect("ip netns add");
+        let mut d = SecondDockerd {
+            root,
+            netns: name,
+            proc: None,
+        };
+        d.nsenter(&[ip.to_str().unwrap(), "link", "set", "lo", "up"]);
+        d.launch();
+        // The test image, copied from the shared engine (nothing is pulled).
+        let image = busybox_image();
+        flotilla_harness::run(Command::new("sh").arg("-c").arg(format!(
+            "docker save {image} | docker -H {} load -q",
+            d.url()
+        )))
+        .unwrap_or_else(|e| {
+            panic!(
+                "loading {image} into the second dockerd: {e}\n{}",
+                d.log_tail()
+            )
+        });
+        d
+    }
+
+    fn nsenter(&self, args: &[&str]) {
+        flotilla_harness::run(
+            Command::new("nsenter")
+                .arg(format!("--net=/var/run/netns/{}", self.netns))
+                .args(args),
+        )
+        .unwrap_or_else(|e| panic!("nsenter {args:?}: {e}"));
+    }
+
+    /// `unix://…/docker.sock`, for `--docker-host` and `docker -H`.
+    pub fn url(&self) -> String {
+        format!("unix://{}/docker.sock", self.root.display())
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.root.join("dockerd.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    fn launch(&mut self) {
+        if let Err(e) = self.try_launch() {
+            panic!("{e}");
+        }
+    }
+
+    fn try_launch(&mut self) -> Result<(), String> {
+        if self.proc.is_some() {
+            return Err("the second dockerd is already running".into());
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.join("dockerd.log"))
+            .map_err(|e| format!("dockerd log: {e}"))?;
+        let r = self.root.display().to_string();
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/var/run/netns/{}", self.netns))
+            .arg("dockerd")
+            .arg(format!("--host={}", self.url()))
+            .arg(format!("--data-root={r}/data"))
+            .arg(format!("--exec-root={r}/exec"))
+            .arg(format!("--pidfile={r}/docker.pid"))
+            .args(["--live-restore", "--iptables=false", "--ip6tables=false"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("spawn the second dockerd: {e}"))?;
+        self.proc = Some(child);
+        let url = self.url();
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.proc.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.proc = None;
+                return Err(format!(
+                    "the second dockerd exited ({st}):\n{}",
+                    self.log_tail()
+                ));
+            }
+            let up = Command::new("docker")
+                .args(["-H", &url, "version", "-f", "{{.Server.APIVersion}}"])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if up {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                return Err(format!(
+                    "the second dockerd does not answer after 60 s:\n{}",
+                    self.log_tail()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `docker -H <this engine> ARGS…`.
+    pub fn docker(&self, args: &[&str]) -> anyhow::Result<String> {
+        flotilla_harness::run(Command::new("docker").arg("-H").arg(self.url()).args(args))
+            .map(|s| s.trim().to_owned())
+    }
+
+    /// Stops the daemon (SIGTERM) and waits for it to exit; containers keep running.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.proc.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let start = Instant::now();
+            while child.try_wait().ok().flatten().is_none() {
+                if start.elapsed() > Duration::from_secs(30) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Starts the daemon again with the same data; waits until it answers.
+    pub fn restart(&mut self) {
+        self.launch();
+    }
+
+    /// Processes whose command line names this daemon's directory (its containerd and shims).
+    fn own_processes(&self) -> Vec<i32> {
+        let needle = self.root.display().to_string();
+        let mut pids = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&needle) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+}
+
+impl Drop for SecondDockerd {
+    fn drop(&mut self) {
+        if self.proc.is_none() {
+            // Its containers kept running while it was down: start it to remove them.
+            let _ = self.try_launch();
+        }
+        if let Ok(ids) = self.docker(&["ps", "-aq"]) {
+            let ids: Vec<&str> = ids.split_whitespace().collect();
+            if !ids.is_empty() {
+                let mut args = vec!["rm", "-f", "-v"];
+                args.extend(ids);
+                let _ = self.docker(&args);
+            }
+        }
+        self.stop();
+        // Its containerd and shims (started by it, found by its directory), if any remain.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = self.own_processes();
+            if left.is_empty() {
+                break;
+            }
+            if Instant::now() > deadline + Duration::from_secs(5) {
+                break;
+            }
+            let sig = if Instant::now() > deadline {
+                nix::sys::signal::Signal::SIGKILL
+            } else {
+                nix::sys::signal::Signal::SIGTERM
+            };
+            for pid in left {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // dockerd bind-mounts its data root and leaves mounts behind: unmount, deepest first.
+        let prefix = format!("{}/", self.root.display());
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let mut points: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter(|p| p.starts_with(&prefix) || *p == self.root.to_str().unwrap_or_default())
+            .collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for p in points {
+            let _ = Command::new("umount").arg("-l").arg(p).output();
+        }
+        let _ = std::fs::remove_dir_all(&self.root);
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .output();
+    }
 }
