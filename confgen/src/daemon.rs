@@ -171,6 +171,8 @@ pub struct Health {
     complete: bool,
     resources: BTreeMap<String, String>,
     failing: usize,
+    /// Resources that have not been applied once yet (not ready, as for sd_notify READY).
+    unready: usize,
 }
 
 impl Health {
@@ -189,7 +191,7 @@ impl Health {
         for (name, state) in &self.resources {
             body.push_str(&format!("resource {name}: {state}\n"));
         }
-        (!stale && self.failing == 0, body)
+        (!stale && self.failing == 0 && self.unready == 0, body)
     }
 }
 
@@ -722,6 +724,7 @@ impl Daemon {
         let mut h = self.health.lock().expect("health lock");
         h.resources.clear();
         h.failing = 0;
+        h.unready = 0;
         for s in &self.slots {
             let state = if let Some(f) = &s.failure {
                 h.failing += 1;
@@ -739,6 +742,7 @@ impl Daemon {
             } else if s.succeeded_once {
                 format!("ok at revision {}", s.applied_revision)
             } else {
+                h.unready += 1;
                 "not rendered yet".to_string()
             };
             h.resources.insert(s.res.name.clone(), state);

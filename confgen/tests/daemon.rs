@@ -718,3 +718,76 @@ fn noop_daemon_prints_diffs_and_writes_nothing() {
     assert_eq!(leftovers, 1, "--noop left files beside the destination");
     c.assert_running();
 }
+
+/// The pid of the etcd process serving `endpoint` (found by its command line).
+fn etcd_pid(endpoint: &str) -> i32 {
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let listens = args
+            .windows(2)
+            .any(|w| w[0] == b"--listen-client-urls" && w[1] == endpoint.as_bytes());
+        if args.first().is_some_and(|a| a.ends_with(b"etcd")) && listens {
+            return pid;
+        }
+    }
+    panic!("no etcd process listening on {endpoint}");
+}
+
+#[test]
+fn a_hung_etcd_is_noticed_healthz_says_stale_and_nothing_is_written_until_it_answers() {
+    let etcd = Etcd::start();
+    let reg = Registry::connect(&etcd);
+    reg.put_endpoint("node-a", "web", 1, 8001);
+    let confdir = Confdir::new();
+    confdir.template("list.tmpl", LIST);
+    let (dest, _) = resource(&confdir, "list", "list.tmpl", "");
+    let mut c = Confgen::start(&confdir, &etcd.endpoint(), &[]);
+    wait_for("healthy", Duration::from_secs(30), || {
+        c.assert_running();
+        c.healthz().ok().filter(|(code, _)| *code == 200)
+    });
+    assert_eq!(servers(&read(&dest)), 1);
+
+    // etcd stops answering (SIGSTOP: connections stay open, nothing comes back).
+    let pid = nix::unistd::Pid::from_raw(etcd_pid(&etcd.endpoint()));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    struct Resume(nix::unistd::Pid);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+    let resume = Resume(pid);
+    let hung = Instant::now();
+    let body = wait_for("/healthz to say stale", Duration::from_secs(30), || {
+        c.healthz()
+            .ok()
+            .filter(|(code, _)| *code == 503)
+            .map(|(_, b)| b)
+    });
+    eprintln!(
+        "etcd hung (SIGSTOP) → /healthz stale after {} ms: {}",
+        hung.elapsed().as_millis(),
+        body.trim()
+    );
+    assert!(body.contains("registry: stale"), "{body}");
+    let id = identity(&dest).unwrap();
+    confdir.template("list.tmpl", &format!("# edited\n{LIST}"));
+    c.wait_log("template or resource file changed", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(identity(&dest).unwrap(), id, "written while etcd hung");
+
+    // It answers again: current, and the edit is applied.
+    drop(resume);
+    wait_for("the edit applied", Duration::from_secs(30), || {
+        read(&dest).starts_with("# edited\n").then_some(())
+    });
+    wait_for("healthy again", Duration::from_secs(30), || {
+        c.healthz().ok().filter(|(code, _)| *code == 200)
+    });
+    c.assert_running();
+}
