@@ -100,6 +100,32 @@ fn a_burst_of_1000_puts_gives_a_few_reloads_and_an_unchanged_render_none() {
         settled.as_millis()
     );
     haproxy_check(&dest).unwrap();
+    // What the incremental view and the per-service fragment cache produced after 1,000
+    // changes is exactly a full render of the same registry (dump → render).
+    let dump = common::confgen(&["dump", "--etcd-endpoints", &etcd.endpoint()]);
+    assert!(dump.status.success());
+    let snap = confdir.path().join("snap.json");
+    std::fs::write(&snap, &dump.stdout).unwrap();
+    let full = common::confgen(&[
+        "render",
+        "--template",
+        confdir.template_path("haproxy.cfg.tmpl").to_str().unwrap(),
+        "--data",
+        snap.to_str().unwrap(),
+        "--keys",
+        "/flotilla/endpoints/,/flotilla/config/",
+        "--key-prefix",
+        "/flotilla",
+    ]);
+    assert!(
+        full.status.success(),
+        "{}",
+        String::from_utf8_lossy(&full.stderr)
+    );
+    assert!(
+        full.stdout == std::fs::read(&dest).unwrap(),
+        "the daemon's file differs from a full render of the same registry"
+    );
     // The puts take ~1-3 s here and a batch is flushed at least every second (wait max).
     assert!(
         (1..=6).contains(&burst_reloads),

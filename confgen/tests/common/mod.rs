@@ -323,9 +323,10 @@ pub fn clean_env(mut cmd: Command) -> Command {
     cmd
 }
 
-/// Runs `confgen args…` to completion (30 s at most).
+/// Runs `confgen args…` to completion (30 s at most; then it is killed and the test fails).
+/// Output is read while it runs, so a large stdout cannot fill the pipe and block it.
 pub fn confgen(args: &[&str]) -> Output {
-    let mut child = clean_env(Command::new(confgen_bin()))
+    let child = clean_env(Command::new(confgen_bin()))
         .args(args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
@@ -333,20 +334,22 @@ pub fn confgen(args: &[&str]) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run confgen");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if child.try_wait().expect("try_wait").is_some() {
-            return child.wait_with_output().expect("output");
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(out) => out.expect("confgen output"),
+        Err(_) => {
+            // Not reaped yet (the waiting thread owns it), so the pid is still ours.
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let out = rx.recv().expect("confgen output").expect("confgen output");
             panic!(
                 "confgen {args:?} did not finish within 30 s; stderr:\n{}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
