@@ -551,11 +551,36 @@ max_drop = "100%"
         replaced == 20 && writes >= 20,
         "{writes} writes in 20 rounds"
     );
-    // A later start removes what killed runs left behind.
-    let _c = Confgen::start(&confdir, &etcd.endpoint(), &[]);
+    // A later start removes what killed runs left behind, and brings the file to exactly a
+    // full render of the registry as the churn left it (dump → render).
+    let mut c = Confgen::start(&confdir, &etcd.endpoint(), &[]);
     wait_for("leftovers removed", Duration::from_secs(30), || {
         (staged_leftovers(&dest) == 0).then_some(())
     });
+    let dump = common::confgen(&["dump", "--etcd-endpoints", &etcd.endpoint()]);
+    assert!(dump.status.success());
+    let snap = confdir.path().join("snap.json");
+    std::fs::write(&snap, &dump.stdout).unwrap();
+    let full = common::confgen(&[
+        "render",
+        "--template",
+        main.to_str().unwrap(),
+        "--data",
+        snap.to_str().unwrap(),
+        "--keys",
+        "/flotilla/endpoints/,/flotilla/config/haproxy/",
+        "--key-prefix",
+        "/flotilla",
+    ]);
+    assert!(full.status.success());
+    wait_for(
+        "the file equal to a full render",
+        Duration::from_secs(30),
+        || {
+            c.assert_running();
+            (std::fs::read(&dest).ok()? == full.stdout).then_some(())
+        },
+    );
 }
 
 fn churn_endpoint(n: u32, i: u32) -> flotilla_registry::Endpoint {
