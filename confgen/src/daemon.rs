@@ -244,6 +244,12 @@ impl Daemon {
             }
             let mut slot = Slot::new(r, &view);
             slot.reload_pending = reload_pending;
+            // The drop guard compares with what the last run applied, too (a run started while
+            // most endpoints had vanished must not write that at once). --onetime cannot wait
+            // for a grace period, so it starts without.
+            if !modes.onetime {
+                slot.applied_endpoints = load_applied_endpoints(&slot.res.dest);
+            }
             if let Err(e) = &slot.engine {
                 error!(resource = %slot.res.name, error = %e, "template does not load; the destination is left as it is");
             }
@@ -608,7 +614,11 @@ impl Daemon {
             slot.succeeded_once = true;
             slot.applied_revision = revision;
             if !modes.noop {
-                slot.applied_endpoints = Some(slot.data.endpoint_count());
+                let n = slot.data.endpoint_count();
+                if slot.applied_endpoints != Some(n) {
+                    store_applied_endpoints(&slot.res.dest, n);
+                }
+                slot.applied_endpoints = Some(n);
             }
             slot.held = None;
             metrics.last_success.get_or_create(&labels).set(
@@ -821,6 +831,35 @@ fn reload_marker(dest: &Path) -> PathBuf {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     dest.with_file_name(format!(".{name}.reload-pending"))
+}
+
+/// `.<dest name>.endpoints` beside the destination: how many endpoints its last applied render
+/// had, for the drop guard of the next run.
+fn applied_endpoints_file(dest: &Path) -> PathBuf {
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dest.with_file_name(format!(".{name}.endpoints"))
+}
+
+fn load_applied_endpoints(dest: &Path) -> Option<usize> {
+    if !dest.exists() {
+        return None;
+    }
+    let text = std::fs::read_to_string(applied_endpoints_file(dest)).ok()?;
+    text.trim().parse().ok()
+}
+
+fn store_applied_endpoints(dest: &Path, n: usize) {
+    // Staged and renamed: a torn file would only disable the guard once, but costs nothing.
+    let path = applied_endpoints_file(dest);
+    let staged = path.with_extension("endpoints.tmp");
+    let result =
+        std::fs::write(&staged, format!("{n}\n")).and_then(|()| std::fs::rename(&staged, &path));
+    if let Err(e) = result {
+        debug!(path = %path.display(), error = %e, "cannot store the applied endpoint count");
+    }
 }
 
 fn create_reload_marker(dest: &Path) {

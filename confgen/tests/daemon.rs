@@ -817,3 +817,60 @@ fn a_hung_etcd_is_noticed_healthz_says_stale_and_nothing_is_written_until_it_ans
     });
     c.assert_running();
 }
+
+/// Regression: the drop guard compared with the endpoints of the last render *of this run*, so
+/// a confgen restarted while 80 % of the endpoints had vanished wrote the drop at once.
+#[test]
+fn the_drop_guard_also_holds_a_drop_that_happened_while_confgen_was_not_running() {
+    let etcd = Etcd::start();
+    let reg = Registry::connect(&etcd);
+    let confdir = Confdir::new();
+    confdir.template("list.tmpl", LIST);
+    let grace = Duration::from_secs(2);
+    let (dest, _) = resource(
+        &confdir,
+        "list",
+        "list.tmpl",
+        "wait = \"20ms:200ms\"\nmax_drop = \"50%\"\ndrop_grace = \"2s\"\n",
+    );
+    let keys: Vec<String> = (0..10)
+        .map(|i| reg.put_endpoint("node-a", "web", i, 9000 + i as u16))
+        .collect();
+    let mut c = Confgen::start(&confdir, &etcd.endpoint(), &[]);
+    wait_for("10 endpoints in the file", Duration::from_secs(30), || {
+        c.assert_running();
+        (servers(&read(&dest)) == 10).then_some(())
+    });
+    c.signal(nix::sys::signal::Signal::SIGTERM);
+    wait_for("confgen to exit", Duration::from_secs(10), || {
+        c.proc.0.as_mut().unwrap().try_wait().unwrap()
+    });
+    let ten = read(&dest);
+
+    reg.delete_at_once(&keys[..8]);
+    let mut c = Confgen::start(&confdir, &etcd.endpoint(), &[]);
+    let started = Instant::now();
+    c.wait_log("drop guard: holding", Duration::from_secs(10));
+    while started.elapsed() < grace - Duration::from_millis(300) {
+        assert_eq!(read(&dest), ten, "the drop was applied before the grace");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    wait_for("the drop applied after the grace", grace * 10, || {
+        (servers(&read(&dest)) == 2).then_some(())
+    });
+    c.assert_running();
+
+    // --onetime cannot wait for a grace: it applies rather than exit 0 with nothing applied.
+    drop(c);
+    reg.delete_at_once(&keys[8..10]);
+    let o = common::confgen(&[
+        "run",
+        "--confdir",
+        confdir.path().to_str().unwrap(),
+        "--onetime",
+        "--etcd-endpoints",
+        &etcd.endpoint(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(servers(&read(&dest)), 0);
+}
