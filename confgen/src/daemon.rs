@@ -10,12 +10,22 @@
 //! - **dirty** when a change touched its keys (or its template / resource changed);
 //! - **due** at once for the first change after `wait.min` of quiet (leading edge), otherwise
 //!   when no change arrived for `wait.min`, or `wait.max` after the batch's first change;
-//! - after a failure, retried with backoff (1 s doubling to 60 s) or at the next change;
+//! - after a failure, retried with backoff (1 s doubling to 60 s) or at the next change; a
+//!   failure of the same kind again is logged at debug, not as a new error;
 //! - **held** by the drop guard while a render would remove more than `max_drop` of its
-//!   endpoints, until that drop has persisted for `drop_grace`.
+//!   endpoints, until that drop has persisted for `drop_grace`. The endpoint count it compares
+//!   with survives restarts (not with `--onetime`).
+//!
+//! Files beside a destination `D` (besides staged `.D.confgen-*` files, removed at start):
+//! `D.bak` (the previous content), `.D.reload-pending` (exists from before a new file is
+//! renamed into place until its reload succeeded; a run that finds it reloads at its first
+//! apply even if the file is current) and `.D.endpoints` (endpoints of the last applied render,
+//! for the drop guard of the next run).
 //!
 //! Nothing is rendered or written before the first complete registry view, nor while the watch
 //! is not current (etcd unreachable): the last good files stay, `/healthz` says stale.
+//! `/healthz` is healthy once the view is current and every resource has been applied once
+//! without failing since.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
