@@ -53,6 +53,8 @@ pub struct Modes {
     pub noop: bool,
     /// Print a unified diff of each change.
     pub diff: bool,
+    /// Write, but run no reload command.
+    pub no_reload: bool,
 }
 
 #[derive(Debug)]
@@ -521,7 +523,7 @@ impl Daemon {
             slot.last_flush = Some(now);
             let (outcome, commit) = render_and_write(slot, &self.metrics, self.modes).await;
             if let (Outcome::Written, Some(c)) = (&outcome, commit) {
-                if let Some(cmd) = &slot.res.reload_cmd {
+                if let (Some(cmd), false) = (&slot.res.reload_cmd, self.modes.no_reload) {
                     slot.reload_pending = true;
                     committed.entry(cmd.clone()).or_default().push((i, c));
                 }
@@ -530,9 +532,12 @@ impl Daemon {
                         .change_to_write
                         .observe(start.elapsed().as_secs_f64());
                 }
-            } else if let (Outcome::Unchanged, true, Some(cmd)) =
-                (&outcome, slot.reload_pending, &slot.res.reload_cmd)
-            {
+            } else if let (Outcome::Unchanged, true, Some(cmd), false) = (
+                &outcome,
+                slot.reload_pending,
+                &slot.res.reload_cmd,
+                self.modes.no_reload,
+            ) {
                 // The file is current but its reload never succeeded: reload it now. A rollback
                 // would put back the same content.
                 if let Ok(current) = std::fs::read(&slot.res.dest) {
@@ -821,7 +826,7 @@ async fn render_and_write(
             );
         }
     }
-    if slot.res.reload_cmd.is_some() && !modes.noop && !slot.reload_pending {
+    if slot.res.reload_cmd.is_some() && !modes.noop && !modes.no_reload && !slot.reload_pending {
         create_reload_marker(&slot.res.dest);
     }
     let (outcome, commit) =

@@ -70,6 +70,11 @@ struct RunArgs {
     /// Print a unified diff (against the current destination) of every change to stdout.
     #[arg(long, env = "FLOTILLA_DIFF")]
     diff: bool,
+    /// Check and write, but run no reload_cmd: for writing the first config before the proxy
+    /// starts (e.g. `--onetime --no-reload` as the proxy unit's ExecStartPre), when a reload
+    /// can only fail and its rollback would take the new file away again.
+    #[arg(long, env = "FLOTILLA_NO_RELOAD")]
+    no_reload: bool,
     /// With --onetime: give up (exit 3) if etcd has not answered a full list by then.
     #[arg(long, env = "FLOTILLA_SYNC_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     sync_timeout: Duration,
@@ -158,6 +163,7 @@ async fn run(a: RunArgs) -> anyhow::Result<u8> {
         onetime: a.onetime,
         noop: a.noop,
         diff: a.diff,
+        no_reload: a.no_reload,
     };
     let daemon = match daemon::Daemon::new(&a.confdir, &keys, modes, metrics, health.clone()) {
         Ok(d) => d,

@@ -4,7 +4,7 @@
 mod common;
 
 use std::process::Output;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::{confgen, haproxy_check, identity, read, Confdir, Registry};
 use flotilla_harness::etcd::Etcd;
@@ -346,4 +346,140 @@ fn values_that_would_inject_directives_never_reach_the_file() {
     assert!(err.contains("token"), "{err}");
     assert_eq!(identity(&dest).unwrap(), id);
     assert_eq!(read(&dest), cfg);
+}
+
+/// Regression: `run --onetime` before the proxy runs (the ExecStartPre of docs/OPERATIONS.md)
+/// could not write the first config: the reload failed (no proxy yet) and its rollback took the
+/// new file away again. `--no-reload` writes it (checked), and the proxy then starts on it.
+#[test]
+fn onetime_no_reload_writes_the_first_config_before_the_proxy_starts() {
+    use flotilla_harness::haproxy::StaticBackend;
+    let etcd = Etcd::start();
+    let ep = etcd.endpoint();
+    let reg = Registry::connect(&etcd);
+    let confdir = Confdir::new();
+    confdir.shipped_haproxy_templates();
+    let d = confdir.path();
+    let dest = confdir.out("haproxy.cfg");
+    let master = d.join("master.sock");
+    let haproxy = require("haproxy", "haproxy");
+    confdir.resource(
+        "haproxy",
+        &format!(
+            r#"[template]
+src = "haproxy.cfg.tmpl"
+dest = "{dest}"
+prefix = "/flotilla"
+keys = ["/endpoints/", "/config/haproxy/"]
+check_cmd = "{haproxy} -c -q -f {{{{src}}}}"
+reload_cmd = "{proxyctl} reload --config {dest} --master-socket {master} --haproxy-bin {haproxy} --timeout 10s"
+wait = "20ms:200ms"
+"#,
+            dest = dest.display(),
+            haproxy = haproxy.display(),
+            proxyctl = common::workspace_bin("proxyctl").display(),
+            master = master.display(),
+        ),
+    );
+    let http_port = flotilla_harness::free_port();
+    reg.put(
+        "/flotilla/config/haproxy/http_bind",
+        format!("127.0.0.1:{http_port}"),
+    );
+    reg.put(
+        "/flotilla/config/haproxy/stats_socket",
+        d.join("admin.sock").display().to_string(),
+    );
+    reg.put("/flotilla/config/haproxy/hard_stop_after", "5s");
+    let alpha = StaticBackend::start("alpha");
+    let beta = StaticBackend::start("beta");
+    reg.put_endpoint("node-a", "web", 1, alpha.port());
+    let ds = d.to_str().unwrap();
+
+    // Without --no-reload: the reload cannot work yet, and the rollback leaves no file.
+    let o = confgen(&["run", "--confdir", ds, "--onetime", "--etcd-endpoints", &ep]);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(
+        text(&o.stderr).contains("reload_cmd failed"),
+        "{}",
+        show(&o)
+    );
+    assert!(!dest.exists());
+
+    // With it: written and checked, no reload attempted, exit 0.
+    let o = confgen(&[
+        "run",
+        "--confdir",
+        ds,
+        "--onetime",
+        "--no-reload",
+        "--etcd-endpoints",
+        &ep,
+    ]);
+    assert!(o.status.success(), "{}", show(&o));
+    haproxy_check(&dest).unwrap();
+    assert!(read(&dest).contains(&alpha.addr()));
+
+    // HAProxy starts on it and serves; the daemon then reloads it as usual.
+    let _proxy = MasterWorker::start(&haproxy, &dest, &master, d);
+    let get = |host: &str| {
+        common::http_get(http_port, host, "/", Duration::from_secs(3))
+            .ok()
+            .filter(|(code, _)| *code == 200)
+            .map(|(_, body)| body.trim().to_string())
+    };
+    flotilla_harness::wait_for("HAProxy to serve alpha", Duration::from_secs(15), || {
+        (get("web.localhost").as_deref() == Some("alpha")).then_some(())
+    });
+    let mut c = common::Confgen::start(&confdir, &ep, &[]);
+    reg.put_endpoint("node-b", "shop", 2, beta.port());
+    flotilla_harness::wait_for("HAProxy to serve shop", Duration::from_secs(30), || {
+        c.assert_running();
+        (get("shop.localhost").as_deref() == Some("beta")).then_some(())
+    });
+}
+
+/// `haproxy -W -db -S <master> -f <config>`: SIGTERM (the master stops its workers), then
+/// SIGKILL, on drop.
+struct MasterWorker(flotilla_harness::KillOnDrop);
+
+impl MasterWorker {
+    fn start(
+        haproxy: &std::path::Path,
+        config: &std::path::Path,
+        master: &std::path::Path,
+        dir: &std::path::Path,
+    ) -> MasterWorker {
+        let log = std::fs::File::create(dir.join("haproxy.log")).unwrap();
+        let child = std::process::Command::new(haproxy)
+            .arg("-W")
+            .arg("-db")
+            .arg("-S")
+            .arg(format!("{},mode,600", master.display()))
+            .arg("-f")
+            .arg(config)
+            .current_dir(dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start haproxy");
+        MasterWorker(flotilla_harness::KillOnDrop(Some(child)))
+    }
+}
+
+impl Drop for MasterWorker {
+    fn drop(&mut self) {
+        self.0.signal(nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Some(c) = self.0 .0.as_mut() {
+                if matches!(c.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.0.kill();
+    }
 }
