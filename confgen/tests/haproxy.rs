@@ -342,21 +342,23 @@ fn a_failing_check_leaves_the_file_untouched_and_a_failing_reload_restores_the_p
     // (regression: HAProxy names the staged file, whose random name made every retry look like
     // a new failure, logged at error level with a backoff started afresh each time).
     let failing_since = Instant::now();
-    wait_for("a third failed check", Duration::from_secs(30), || {
+    wait_for("a fourth failed check", Duration::from_secs(30), || {
         let m = s.confgen.as_ref().unwrap().metrics();
-        (common::metric(&m, "confgen_failures_total", &[("kind", "check")]) >= 3.0).then_some(())
+        (common::metric(&m, "confgen_failures_total", &[("kind", "check")]) >= 4.0).then_some(())
     });
     let log = s.confgen().log();
     assert_eq!(log.matches("apply failed").count(), 1, "{}", tail(&log, 20));
     assert!(
-        log.matches("still failing").count() >= 2,
+        log.matches("still failing").count() >= 3,
         "{}",
         tail(&log, 20)
     );
-    // Delays of 0.5-1 s then 1-2 s: the third attempt cannot come before 1.5 s.
+    // Growing delays (0.5-1 s, 1-2 s, 2-4 s): the fourth attempt comes at least 3.5 s after
+    // the first; delays that restart at 0.5-1 s would allow 1.5 s. (1 s of slack for noise in
+    // noticing the first failure.)
     assert!(
-        failing_since.elapsed() >= Duration::from_millis(1400),
-        "three checks in {:?}: no backoff",
+        failing_since.elapsed() >= Duration::from_millis(2500),
+        "four checks in {:?}: the backoff does not grow",
         failing_since.elapsed()
     );
     assert_eq!(
