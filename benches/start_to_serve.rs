@@ -1,7 +1,7 @@
 //! Container start → first 200 through HAProxy, over the whole chain (not a timed test).
 //!
 //! ```text
-//! cargo build --release --bins && cargo bench -p flotilla --bench start_to_serve -- [--starts 50]
+//! cargo build --release --workspace --bins && cargo bench -p flotilla --bench start_to_serve -- [--starts 50]
 //! ```
 //!
 //! One chain as in `tests/pipeline.rs` (etcd, HAProxy master-worker, confgen with the shipped
