@@ -267,6 +267,8 @@ impl Daemon {
             }
             slots.push(slot);
         }
+        // Stale until the first complete, current view (/metrics may be scraped before).
+        metrics.stale.set(1);
         Ok(Daemon {
             confdir: confdir.to_owned(),
             modes,
@@ -301,6 +303,8 @@ impl Daemon {
         tokio::pin!(shutdown);
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .expect("SIGHUP handler");
+        // Resources are listed (not rendered yet) before the view can make /healthz current.
+        self.publish_health();
         self.on_status(&status.borrow_and_update().clone());
         self.on_snapshot(&mut snaps);
         loop {

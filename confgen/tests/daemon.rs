@@ -776,7 +776,13 @@ fn a_hung_etcd_is_noticed_healthz_says_stale_and_nothing_is_written_until_it_ans
         c.assert_running();
         c.healthz().ok().filter(|(code, _)| *code == 200)
     });
-    assert_eq!(servers(&read(&dest)), 1);
+    assert_eq!(
+        servers(&read(&dest)),
+        1,
+        "/healthz was 200 before the file was written: {:?}\n{}",
+        read(&dest),
+        tail(&c.log(), 30)
+    );
 
     // etcd stops answering (SIGSTOP: connections stay open, nothing comes back).
     let pid = nix::unistd::Pid::from_raw(etcd_pid(&etcd.endpoint()));
