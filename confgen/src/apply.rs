@@ -237,7 +237,7 @@ pub async fn write_checked(
         return (Outcome::Planned { diff }, None);
     }
     if let Some(prev) = &current {
-        if let Err(error) = replace(&resource.dest.with_extension_bak(), prev, None) {
+        if let Err(error) = keep_bak(&resource.dest, prev) {
             return (Outcome::WriteFailed { error }, None);
         }
     }
@@ -288,6 +288,36 @@ impl BakPath for Path {
         s.push(".bak");
         PathBuf::from(s)
     }
+}
+
+/// Keeps the current destination as `<dest>.bak`, replacing the previous one atomically.
+///
+/// The current file is already on disk, so `.bak` is a hard link to it (link to a staged name,
+/// rename onto `.bak`): nothing is copied or fsynced, and the directory is fsynced once, after
+/// the rename of the new destination that follows. That keeps two fsyncs of the file's size off
+/// every change. Where a link is not possible (not a regular file, a file system without links),
+/// `current` is written as a copy.
+fn keep_bak(dest: &Path, current: &[u8]) -> Result<(), String> {
+    let bak = dest.with_extension_bak();
+    let regular = std::fs::symlink_metadata(dest).is_ok_and(|m| m.file_type().is_file());
+    if let (true, Some(dir), Some(name)) = (regular, dest.parent(), dest.file_name()) {
+        let staged = dir.join(format!(
+            "{}bak-{:016x}",
+            staged_prefix(&name.to_string_lossy()),
+            fastrand::u64(..)
+        ));
+        if std::fs::hard_link(dest, &staged).is_ok() {
+            return std::fs::rename(&staged, &bak).map_err(|e| {
+                let _ = std::fs::remove_file(&staged);
+                format!(
+                    "cannot rename {} to {}: {e}",
+                    staged.display(),
+                    bak.display()
+                )
+            });
+        }
+    }
+    replace(&bak, current, Some(dest))
 }
 
 /// `<dest>.bak`.

@@ -10,7 +10,7 @@
 //! `with_meta(key, value?)`, `meta(key, default?)`, `path_routes`.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde_json::{Map, Value};
 use tera::{Error, Result, Tera};
@@ -222,8 +222,121 @@ fn short(v: &Value) -> String {
     }
 }
 
+/// What `path_routes` and `tcp_routes` need to know of one service.
+#[derive(Debug)]
+struct Routing {
+    mode: Option<String>,
+    path: Option<String>,
+    service_port: Option<String>,
+    /// At least one endpoint that is not unhealthy and not UDP.
+    usable: bool,
+}
+
+impl Routing {
+    fn of(eps: &[Value]) -> Routing {
+        let [mode, path, service_port] = first_meta(eps, ["mode", "path", "service_port"]);
+        Routing {
+            mode: mode.map(str::to_string),
+            path: path.map(str::to_string),
+            service_port: service_port.map(str::to_string),
+            usable: eps.iter().any(|e| {
+                e.get("health").and_then(Value::as_str) != Some("unhealthy")
+                    && e.get("proto").and_then(Value::as_str) != Some("udp")
+            }),
+        }
+    }
+}
+
+/// Per-service results of `path_routes` / `tcp_routes`, kept across renders.
+///
+/// Both filters look at every endpoint of every service, on every render: at 10,000 endpoints
+/// that was most of the cost of a one-endpoint change. Before each render the template engine
+/// records, for every service, the address of its endpoint list in the render's context and the
+/// list's version (bumped whenever the view rebuilds it, never reused). A filter that is handed
+/// a list at exactly that address is looking at that very list (it is alive and unchanged for the
+/// whole render, so no other list can have its address), and reuses the result computed for that
+/// version. Anything else (a copy, a filtered map, a call outside a render) is computed afresh.
+#[derive(Debug, Default)]
+pub struct RouteCache {
+    /// service → (address of its endpoint list in the current render's context, version).
+    current: HashMap<String, (usize, u64)>,
+    /// service → (version, what the filters need).
+    by_service: HashMap<String, (u64, Arc<Routing>)>,
+}
+
+/// The [`RouteCache`] one template's filters share with its engine.
+pub type SharedRouteCache = Arc<Mutex<RouteCache>>;
+
+impl RouteCache {
+    /// Called right before a render whose context holds `services`; `version` gives each
+    /// service's list version.
+    pub fn begin(&mut self, services: &Map<String, Value>, version: impl Fn(&str) -> u64) {
+        self.current.clear();
+        for (name, eps) in services {
+            if let Value::Array(list) = eps {
+                if !list.is_empty() {
+                    self.current
+                        .insert(name.clone(), (list.as_ptr() as usize, version(name)));
+                }
+            }
+        }
+        self.by_service
+            .retain(|name, _| services.contains_key(name));
+    }
+
+    /// Called after the render: no address is valid any more.
+    pub fn end(&mut self) {
+        self.current.clear();
+    }
+
+    fn routing(&mut self, name: &str, eps: &[Value]) -> Arc<Routing> {
+        let Some(&(addr, version)) = self.current.get(name) else {
+            return Arc::new(Routing::of(eps));
+        };
+        if eps.is_empty() || addr != eps.as_ptr() as usize {
+            return Arc::new(Routing::of(eps));
+        }
+        if let Some((v, r)) = self.by_service.get(name) {
+            if *v == version {
+                return r.clone();
+            }
+        }
+        let r = Arc::new(Routing::of(eps));
+        self.by_service
+            .insert(name.to_string(), (version, r.clone()));
+        r
+    }
+}
+
+/// Service-level settings from one service's endpoints, in one pass: for each of `keys`, the
+/// string value of the first endpoint whose meta has it.
+///
+/// `path_routes` and `tcp_routes` run over every service on every render, so this is on the
+/// hot path of a change: each endpoint's `meta` is looked up once, and the scan stops as soon as
+/// every key is found.
+fn first_meta<'a, const N: usize>(eps: &'a [Value], keys: [&str; N]) -> [Option<&'a str>; N] {
+    let mut out = [None; N];
+    for e in eps {
+        let Some(Value::Object(meta)) = e.get("meta") else {
+            continue;
+        };
+        if meta.is_empty() {
+            continue;
+        }
+        for (slot, key) in out.iter_mut().zip(keys) {
+            if slot.is_none() {
+                *slot = meta.get(key).and_then(Value::as_str);
+            }
+        }
+        if out.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    out
+}
+
 /// Registers every confgen function and filter on `tera`.
-pub fn register(tera: &mut Tera, store: Store, scope: Arc<Scope>) {
+pub fn register(tera: &mut Tera, store: Store, scope: Arc<Scope>, routes: SharedRouteCache) {
     let kv = Kv { store, scope };
 
     let k = kv.clone();
@@ -423,103 +536,95 @@ pub fn register(tera: &mut Tera, store: Store, scope: Arc<Scope>) {
                 .unwrap_or(Value::String(String::new()))),
         }
     });
-    tera.register_filter("tcp_routes", |v: &Value, _: &HashMap<String, Value>| {
-        let services = v.as_object().ok_or_else(|| {
-            Error::msg("tcp_routes: expects the services map (services | tcp_routes)")
-        })?;
-        let mut claimed: HashMap<u16, String> = HashMap::new();
-        let mut out = Vec::new();
-        for (name, eps) in services {
-            let Some(eps) = eps.as_array() else { continue };
-            let meta = |key: &str| {
-                eps.iter().find_map(|e| {
-                    e.get("meta")
-                        .and_then(|m| m.get(key))
-                        .and_then(Value::as_str)
-                        .map(str::to_string)
-                })
-            };
-            if meta("mode").as_deref() != Some("tcp") {
-                continue;
+    let cache = routes.clone();
+    tera.register_filter(
+        "tcp_routes",
+        move |v: &Value, _: &HashMap<String, Value>| {
+            let services = v.as_object().ok_or_else(|| {
+                Error::msg("tcp_routes: expects the services map (services | tcp_routes)")
+            })?;
+            let mut cache = cache.lock().expect("route cache lock");
+            let mut claimed: HashMap<u16, String> = HashMap::new();
+            let mut out = Vec::new();
+            for (name, eps) in services {
+                let Some(eps) = eps.as_array() else { continue };
+                let r = cache.routing(name, eps);
+                if r.mode.as_deref() != Some("tcp") {
+                    continue;
+                }
+                let mut m = Map::new();
+                m.insert("service".into(), Value::String(name.clone()));
+                let port = r
+                    .service_port
+                    .as_deref()
+                    .and_then(|p| p.parse::<u16>().ok())
+                    .filter(|p| *p > 0);
+                let error = match port {
+                    None => Some("mode=tcp needs meta service_port=1-65535".to_string()),
+                    Some(p) => match claimed.get(&p) {
+                        Some(other) => Some(format!(
+                            "service_port {p} is already taken by service {other}"
+                        )),
+                        None => {
+                            claimed.insert(p, name.clone());
+                            None
+                        }
+                    },
+                };
+                m.insert("port".into(), Value::from(port.unwrap_or(0)));
+                m.insert(
+                    "error".into(),
+                    error.map(Value::String).unwrap_or(Value::Null),
+                );
+                out.push(Value::Object(m));
             }
-            let mut m = Map::new();
-            m.insert("service".into(), Value::String(name.clone()));
-            let port = meta("service_port")
-                .and_then(|p| p.parse::<u16>().ok())
-                .filter(|p| *p > 0);
-            let error = match port {
-                None => Some("mode=tcp needs meta service_port=1-65535".to_string()),
-                Some(p) => match claimed.get(&p) {
-                    Some(other) => Some(format!(
-                        "service_port {p} is already taken by service {other}"
-                    )),
-                    None => {
-                        claimed.insert(p, name.clone());
-                        None
-                    }
-                },
-            };
-            m.insert("port".into(), Value::from(port.unwrap_or(0)));
-            m.insert(
-                "error".into(),
-                error.map(Value::String).unwrap_or(Value::Null),
-            );
-            out.push(Value::Object(m));
-        }
-        Ok(Value::Array(out))
-    });
-    tera.register_filter("path_routes", |v: &Value, _: &HashMap<String, Value>| {
-        let services = v.as_object().ok_or_else(|| {
-            Error::msg("path_routes: expects the services map (services | path_routes)")
-        })?;
-        let mut routes: Vec<(String, String)> = Vec::new();
-        for (name, eps) in services {
-            let Some(eps) = eps.as_array() else { continue };
-            let meta = |key: &str| {
-                eps.iter().find_map(|e| {
-                    e.get("meta")
-                        .and_then(|m| m.get(key))
-                        .and_then(Value::as_str)
-                        .map(str::to_string)
-                })
-            };
-            // Only HTTP services with at least one usable endpoint get a route.
-            let usable = eps.iter().any(|e| {
-                e.get("health").and_then(Value::as_str) != Some("unhealthy")
-                    && e.get("proto").and_then(Value::as_str) != Some("udp")
-            });
-            if !usable || meta("mode").as_deref() == Some("tcp") {
-                continue;
-            }
-            let path = meta("path");
-            if let Some(p) = path {
-                if p.starts_with('/') && is_token(&p) {
-                    routes.push((name.clone(), p));
+            Ok(Value::Array(out))
+        },
+    );
+    let cache = routes;
+    tera.register_filter(
+        "path_routes",
+        move |v: &Value, _: &HashMap<String, Value>| {
+            let services = v.as_object().ok_or_else(|| {
+                Error::msg("path_routes: expects the services map (services | path_routes)")
+            })?;
+            let mut cache = cache.lock().expect("route cache lock");
+            let mut routes: Vec<(String, String)> = Vec::new();
+            for (name, eps) in services {
+                let Some(eps) = eps.as_array() else { continue };
+                let r = cache.routing(name, eps);
+                let Some(p) = &r.path else { continue };
+                // Only HTTP services with at least one usable endpoint get a route.
+                if r.mode.as_deref() == Some("tcp") || !r.usable {
+                    continue;
+                }
+                if p.starts_with('/') && is_token(p) {
+                    routes.push((name.clone(), p.clone()));
                 }
             }
-        }
-        // Longest prefix first, so /api/v2 wins over /api; then by name for a stable order.
-        routes.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(&b.0)));
-        Ok(Value::Array(
-            routes
-                .into_iter()
-                .map(|(service, path)| {
-                    let mut m = Map::new();
-                    let trimmed = path.trim_end_matches('/');
-                    m.insert("service".into(), Value::String(service));
-                    m.insert(
-                        "path".into(),
-                        Value::String(if trimmed.is_empty() {
-                            "/".into()
-                        } else {
-                            trimmed.into()
-                        }),
-                    );
-                    Value::Object(m)
-                })
-                .collect(),
-        ))
-    });
+            // Longest prefix first, so /api/v2 wins over /api; then by name for a stable order.
+            routes.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(&b.0)));
+            Ok(Value::Array(
+                routes
+                    .into_iter()
+                    .map(|(service, path)| {
+                        let mut m = Map::new();
+                        let trimmed = path.trim_end_matches('/');
+                        m.insert("service".into(), Value::String(service));
+                        m.insert(
+                            "path".into(),
+                            Value::String(if trimmed.is_empty() {
+                                "/".into()
+                            } else {
+                                trimmed.into()
+                            }),
+                        );
+                        Value::Object(m)
+                    })
+                    .collect(),
+            ))
+        },
+    );
 }
 
 fn parse_json(s: &str) -> Result<Value> {
@@ -544,7 +649,7 @@ mod tests {
                 .collect::<BTreeMap<_, _>>(),
         ));
         let mut t = Tera::default();
-        register(&mut t, store, Arc::new(scope));
+        register(&mut t, store, Arc::new(scope), SharedRouteCache::default());
         t
     }
 

@@ -68,6 +68,11 @@ impl Metrics {
         let mut r = Registry::default();
         r.register("confgen_renders", "Template renders", m.renders.clone());
         r.register(
+            "confgen_fragment_renders",
+            "Per-service fragments rendered (fragment cache misses)",
+            m.fragment_renders.clone(),
+        );
+        r.register(
             "confgen_writes",
             "Destination files written",
             m.writes.clone(),

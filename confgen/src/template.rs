@@ -19,7 +19,7 @@ use serde_json::{Map, Value};
 use tera::ast::{Block, Node};
 use tera::{Context, Tera};
 
-use crate::funcs;
+use crate::funcs::{self, SharedRouteCache};
 use crate::view::{Scope, Store, TemplateData};
 
 /// The function that instrumented templates call before each tag.
@@ -80,6 +80,7 @@ pub struct Engine {
     scope: Arc<Scope>,
     fragments: BTreeSet<String>,
     cache: Arc<Mutex<FragCache>>,
+    routes: SharedRouteCache,
     fragment_renders: std::sync::atomic::AtomicU64,
     /// Every file this template was loaded from (to watch them).
     pub files: Vec<PathBuf>,
@@ -147,7 +148,8 @@ impl Engine {
         }
         let scope = Arc::new(scope);
         let cache = Arc::new(Mutex::new(FragCache::default()));
-        let tera = build(&sources, &store, &scope, &cache, None)?;
+        let routes = SharedRouteCache::default();
+        let tera = build(&sources, &store, &scope, &cache, &routes, None)?;
         Ok(Engine {
             name: name.to_string(),
             tera,
@@ -157,6 +159,7 @@ impl Engine {
             scope,
             fragments,
             cache,
+            routes,
             fragment_renders: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -181,8 +184,15 @@ impl Engine {
             data.restore(root);
             return Err(e);
         }
+        if let Some(Value::Object(services)) = root.get("services") {
+            self.routes
+                .lock()
+                .expect("route cache lock")
+                .begin(services, |name| data.service_version(name));
+        }
         let ctx = Context::from_value(Value::Object(root)).expect("an object is a context");
         let result = self.tera.render_to(&self.name, &ctx, &mut *out);
+        self.routes.lock().expect("route cache lock").end();
         let root = match ctx.into_json() {
             Value::Object(m) => m,
             _ => Map::new(),
@@ -316,6 +326,7 @@ impl Engine {
             &self.store,
             &self.scope,
             &cache,
+            &SharedRouteCache::default(),
             Some(at.clone()),
         ) else {
             return (root, err);
@@ -345,11 +356,12 @@ fn build(
     store: &Store,
     scope: &Arc<Scope>,
     cache: &Arc<Mutex<FragCache>>,
+    routes: &SharedRouteCache,
     at: Option<AtSlot>,
 ) -> Result<Tera, TemplateError> {
     let mut tera = Tera::default();
     tera.autoescape_on(vec![]);
-    funcs::register(&mut tera, store.clone(), scope.clone());
+    funcs::register(&mut tera, store.clone(), scope.clone(), routes.clone());
     let cache = cache.clone();
     tera.register_function(
         PER_SERVICE_FN,
@@ -813,6 +825,52 @@ mod tests {
         view.sync(&snapshot_from_kvs(&keys, 5, kvs), [&mut data]);
         engine.render(&mut data, &mut out).unwrap();
         assert_eq!(String::from_utf8_lossy(&out), "[web 127.0.0.9:8001 X]");
+    }
+
+    #[test]
+    fn route_filters_follow_changes_of_their_service() {
+        use crate::view::tests::ep_json;
+        use crate::view::{snapshot_from_kvs, View};
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("main.tmpl"),
+            "{% for r in services | path_routes %}{{ r.service }}={{ r.path }};{% endfor %}\
+             {% set copy = services %}{% for r in copy | path_routes %}[{{ r.path }}]{% endfor %}",
+        )
+        .unwrap();
+        let with_path = |node: &str, service: &str, n: u32, path: Option<&str>| {
+            let (k, v) = ep_json(node, service, n, "127.0.0.2");
+            let mut v: Value = serde_json::from_slice(&v).unwrap();
+            if let Some(p) = path {
+                v["meta"]["path"] = Value::String(p.into());
+            }
+            (k, serde_json::to_vec(&v).unwrap())
+        };
+        let keys = flotilla_registry::Keys::new("/flotilla").unwrap();
+        let mut view = View::new(keys.clone());
+        let engine =
+            Engine::load(dir.path(), "main.tmpl", view.store(), Scope::everything()).unwrap();
+        let mut data = TemplateData::new(Scope::everything());
+        let mut kvs: BTreeMap<String, Vec<u8>> = [
+            with_path("a", "api", 1, Some("/api")),
+            with_path("a", "web", 2, None),
+        ]
+        .into_iter()
+        .collect();
+        let mut out = Vec::new();
+        let mut expect = |kvs: &BTreeMap<String, Vec<u8>>, rev: i64, want: &str| {
+            view.sync(&snapshot_from_kvs(&keys, rev, kvs.clone()), [&mut data]);
+            engine.render(&mut data, &mut out).unwrap();
+            assert_eq!(String::from_utf8_lossy(&out), want);
+        };
+        expect(&kvs, 2, "api=/api;[/api]");
+        expect(&kvs, 2, "api=/api;[/api]");
+        let (k, v) = with_path("a", "web", 2, Some("/web/v2"));
+        kvs.insert(k, v);
+        expect(&kvs, 3, "web=/web/v2;api=/api;[/web/v2][/api]");
+        let (k, v) = with_path("a", "api", 1, None);
+        kvs.insert(k, v);
+        expect(&kvs, 4, "web=/web/v2;[/web/v2]");
     }
 
     #[test]
