@@ -625,6 +625,8 @@ fn a_kill_between_write_and_reload_is_followed_by_a_reload_after_restart() {
     );
     c.proc.kill();
     assert_eq!(count_lines(&a_reloads), 1, "a was reloaded before the kill");
+    // The check command runs in its own process group and outlives a SIGKILLed confgen: end it.
+    kill_processes_mentioning(&b_check.display().to_string());
 
     // The file is new and the proxy has not loaded it: the next run reloads it.
     let mut c = Confgen::start(&confdir, &etcd.endpoint(), &[]);
@@ -743,6 +745,22 @@ fn noop_daemon_prints_diffs_and_writes_nothing() {
     let leftovers = std::fs::read_dir(dest.parent().unwrap()).unwrap().count();
     assert_eq!(leftovers, 1, "--noop left files beside the destination");
     c.assert_running();
+}
+
+/// SIGKILLs every process whose command line contains `needle`.
+fn kill_processes_mentioning(needle: &str) {
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(needle) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
 }
 
 /// The pid of the etcd process serving `endpoint` (found by its command line).

@@ -228,7 +228,7 @@ impl Confgen {
         }
     }
 
-    /// Polls until the log contains `needle` (counting only occurrences after `skip` of them).
+    /// Polls until the log contains `needle`; returns the log.
     pub fn wait_log(&mut self, needle: &str, timeout: Duration) -> String {
         self.wait_log_count(needle, 1, timeout)
     }
