@@ -898,3 +898,54 @@ fn the_drop_guard_also_holds_a_drop_that_happened_while_confgen_was_not_running(
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(servers(&read(&dest)), 0);
 }
+
+#[test]
+fn under_steady_churn_a_batch_is_flushed_by_wait_max_at_the_latest() {
+    let etcd = Etcd::start();
+    let reg = Registry::connect(&etcd);
+    let confdir = Confdir::new();
+    confdir.template("list.tmpl", LIST);
+    // Changes never pause for 100 ms, so only `max` (400 ms) ends a batch.
+    let (dest, reloads) = resource(
+        &confdir,
+        "list",
+        "list.tmpl",
+        "wait = \"100ms:400ms\"\nmax_drop = \"100%\"\n",
+    );
+    let mut c = Confgen::start(&confdir, &etcd.endpoint(), &[]);
+    wait_for("the first write", Duration::from_secs(30), || {
+        c.assert_running();
+        (count_lines(&reloads) == 1).then_some(())
+    });
+    let writes_before = c.metric("confgen_writes_total", &[]);
+    let churn = Duration::from_secs(3);
+    let started = Instant::now();
+    let mut i = 0u32;
+    let mut seen_during = 0;
+    let mut last_servers = servers(&read(&dest));
+    while started.elapsed() < churn {
+        reg.put_endpoint("node-a", "web", i % 40, 10000 + (i % 1000) as u16);
+        i += 1;
+        let now = servers(&read(&dest));
+        if now != last_servers {
+            seen_during += 1;
+            last_servers = now;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let writes = c.metric("confgen_writes_total", &[]) - writes_before;
+    eprintln!(
+        "steady churn: {i} puts in {:?}, {writes} writes during it (wait 100ms:400ms)",
+        started.elapsed()
+    );
+    assert!(
+        seen_during >= 1,
+        "nothing was written while the churn lasted"
+    );
+    // 3 s / 400 ms ≈ 7 batches; allow for a slow machine, but not one write per put.
+    assert!(
+        (3.0..=15.0).contains(&writes),
+        "{writes} writes for {i} puts in 3 s"
+    );
+    c.assert_running();
+}
