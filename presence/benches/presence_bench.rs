@@ -3,6 +3,7 @@
 //! ```text
 //! CARGO_TARGET_DIR=/work/target-presence cargo bench -p presence --bench presence_bench
 //! PRESENCE_BENCH_N=50 …   # fewer containers
+//! PRESENCE_BENCH_SYNC_RUNS=10 …   # initial-sync runs (default 5)
 //! PRESENCE_BENCH_DIR=/tmp/pb PRESENCE_BENCH_RUST_LOG=presence=debug …
 //!                          # keep per-start samples (CSV) and presence's log there
 //! ```
@@ -12,7 +13,8 @@
 //!    watcher, over N sequential container starts (each waits for its key before the next), and
 //!    `docker run -d` returning → key seen. Also presence's own histogram.
 //! 2. `docker stop` issued → key deleted (the `kill` event deregisters before the exit).
-//! 3. initial sync: presence started with N containers running → all N keys in etcd, 5 runs.
+//! 3. initial sync: presence started with N containers running → all N keys in etcd, 5 runs
+//!    (PRESENCE_BENCH_SYNC_RUNS).
 //! 4. peak RSS (VmHWM) of presence after each phase.
 //! 5. etcd away for 2 × TTL (3 s TTL) with one container stopped and one started meanwhile:
 //!    etcd back → exact state in etcd, 3 runs; and `kill -9` of presence → entries gone.
@@ -373,7 +375,11 @@ fn main() {
     });
     let mut sync_ms = Vec::new();
     let mut hwm_sync = 0;
-    for _ in 0..5 {
+    let sync_runs: usize = std::env::var("PRESENCE_BENCH_SYNC_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    for _ in 0..sync_runs {
         let t0 = Instant::now();
         let mut q = Presence::start(&endpoint, &label, "15s", &log);
         wait("all keys", Duration::from_secs(60), || {
