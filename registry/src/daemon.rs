@@ -67,11 +67,25 @@ pub async fn serve_observability(
         let registry = registry.clone();
         let health = health.clone();
         tokio::spawn(async move {
+            // Read until the end of the request head (a client may send it in several
+            // segments), at most 2 KiB, within 5 s.
             let mut buf = vec![0u8; 2048];
-            let n = match tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
+            let mut n = 0;
+            let head = async {
+                while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k,
+                    }
+                }
             };
+            if tokio::time::timeout(Duration::from_secs(5), head)
+                .await
+                .is_err()
+                || n == 0
+            {
+                return;
+            }
             let req = String::from_utf8_lossy(&buf[..n]);
             let path = req.split_whitespace().nth(1).unwrap_or("/");
             let (status, ctype, body) = match path {
