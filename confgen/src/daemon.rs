@@ -602,6 +602,14 @@ impl Daemon {
                 }
             }
         }
+        // Quiet for the leading edge of `wait` counts from the *end* of this flush. Counted from
+        // its start, a flush that took longer than `wait.min` (a 900 KB render, write and reload
+        // on a loaded machine) made the first change seen after it a leading edge again although
+        // the changes had never paused (they queue up while the loop is busy flushing).
+        let ended = Instant::now();
+        for (i, _, _) in &outcomes {
+            self.slots[*i].last_flush = Some(ended);
+        }
         let mut any_failed = false;
         for (i, outcome, batch_start) in outcomes {
             any_failed |= !outcome.is_success() && !matches!(outcome, Outcome::Held { .. });
