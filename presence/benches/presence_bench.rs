@@ -501,6 +501,49 @@ fn main() {
     }
     p.terminate();
 
+    // One line per figure for scripts/bench's summary table: figure | target | measured.
+    let quantile = |v: &[f64], q: f64| {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        pct(&v, q)
+    };
+    let summaries = [
+        format!(
+            "summary: presence, Docker `start` event → key in etcd, p50 / p99 over {n} | ≤ 10 ms p50 | {:.1} ms / {:.1} ms",
+            quantile(&ev_ms, 0.5),
+            quantile(&ev_ms, 0.99)
+        ),
+        format!(
+            "summary: presence, `docker run -d` returned → key in etcd, p99 over {n} | ≤ 1 s | {:.0} ms",
+            quantile(&run_ms, 0.99)
+        ),
+        format!(
+            "summary: presence, `docker stop` → key deleted (before the container exits), p50 | before exit | {:.0} ms",
+            quantile(&stop_ms, 0.5)
+        ),
+        format!(
+            "summary: presence, initial sync of {n} running containers, median | ≤ 2 s | {:.0} ms",
+            quantile(&sync_ms, 0.5)
+        ),
+        format!(
+            "summary: presence, etcd down 2 × TTL → exact state again, median (max) | ≤ 2 s | {:.0} ms ({:.0} ms)",
+            quantile(&outage_ms, 0.5),
+            quantile(&outage_ms, 1.0)
+        ),
+        format!(
+            "summary: presence, `kill -9` → every entry gone (TTL 3 s), median (max) | ≤ TTL + 2 s | {:.0} ms ({:.0} ms)",
+            quantile(&expiry_ms, 0.5),
+            quantile(&expiry_ms, 1.0)
+        ),
+        format!(
+            "summary: presence, peak RSS | ≤ 15 MB | {:.1} MiB",
+            [hwm_after_starts, hwm_sync, hwm_final]
+                .into_iter()
+                .max()
+                .unwrap_or(0) as f64
+                / 1024.0
+        ),
+    ];
     let date = run(Command::new("date").args(["-u", "+%Y-%m-%d"])).unwrap();
     println!("## presence benchmark ({}, N = {n})\n", date.trim());
     println!("| measure | result (ms) |\n| --- | --- |");
@@ -549,6 +592,10 @@ fn main() {
             "\nper-start samples and presence's log in {}",
             keep.display()
         );
+    }
+    println!();
+    for line in summaries {
+        println!("{line}");
     }
     drop(containers);
 }
