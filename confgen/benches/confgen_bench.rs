@@ -505,7 +505,18 @@ fn round(
     for _ in 0..onetimes {
         let _ = fs::remove_file(s.dest());
         let t = Instant::now();
-        let out = Command::new(bin)
+        // CONFGEN_BENCH_ONETIME_WRAP="perf record -g -o /tmp/onetime.data --" profiles it.
+        let wrap = std::env::var("CONFGEN_BENCH_ONETIME_WRAP").unwrap_or_default();
+        let mut words = wrap.split_whitespace();
+        let mut cmd = match words.next() {
+            Some(w) => {
+                let mut c = Command::new(w);
+                c.args(words).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let out = cmd
             .args(["run", "--onetime", "--confdir"])
             .arg(s.confdir())
             .args(["--etcd-endpoints", &s.etcd_url])
