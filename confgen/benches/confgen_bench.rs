@@ -577,6 +577,8 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         load_avg.trim()
     );
+    // One line per figure with a target, for scripts/bench's summary table.
+    let summaries = std::cell::RefCell::new(Vec::<String>::new());
     for n in scales {
         let services = n / PER_SERVICE;
         let etcd = Etcd::start();
@@ -647,6 +649,11 @@ fn main() {
         println!("| --- | --- | --- | --- |");
         let row = |name: &str, target: &str, (m, all): (f64, String)| {
             println!("| {name} | {target} | {m:.2} | {all} |");
+            if !target.is_empty() && target != "—" {
+                summaries.borrow_mut().push(format!(
+                    "summary: confgen, {n} endpoints, {name}, median of rounds | {target} | {m:.2} (rounds {all})"
+                ));
+            }
         };
         let (lt50, lt99) = if big {
             ("≤ 150 ms", "—")
@@ -726,4 +733,8 @@ fn main() {
             .unwrap_or_default()
             .trim()
     );
+    println!();
+    for line in summaries.into_inner() {
+        println!("{line}");
+    }
 }
