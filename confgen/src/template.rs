@@ -419,40 +419,14 @@ fn dependencies(t: &tera::Template) -> BTreeSet<String> {
     for (file, _) in &t.imported_macro_files {
         out.insert(file.clone());
     }
-    fn walk(nodes: &[Node], out: &mut BTreeSet<String>) {
-        for n in nodes {
-            match n {
-                // Only the first existing one is used; require the first.
-                Node::Include(_, names, false) => {
-                    if let Some(first) = names.first() {
-                        out.insert(first.clone());
-                    }
-                }
-                Node::Block(_, Block { body, .. }, _) => walk(body, out),
-                Node::Forloop(_, f, _) => {
-                    walk(&f.body, out);
-                    if let Some(e) = &f.empty_body {
-                        walk(e, out);
-                    }
-                }
-                Node::If(i, _) => {
-                    for (_, _, body) in &i.conditions {
-                        walk(body, out);
-                    }
-                    if let Some((_, body)) = &i.otherwise {
-                        walk(body, out);
-                    }
-                }
-                Node::FilterSection(_, f, _) => walk(&f.body, out),
-                Node::MacroDefinition(_, m, _) => walk(&m.body, out),
-                _ => {}
+    visit_nodes(t, &mut |n| {
+        // Only the first existing one is used; require the first.
+        if let Node::Include(_, names, false) = n {
+            if let Some(first) = names.first() {
+                out.insert(first.clone());
             }
         }
-    }
-    walk(&t.ast, &mut out);
-    for m in t.macros.values() {
-        walk(&m.body, &mut out);
-    }
+    });
     out
 }
 
@@ -472,38 +446,46 @@ fn per_service_templates(t: &tera::Template) -> BTreeSet<String> {
             }
         }
     }
-    fn walk(nodes: &[Node], out: &mut BTreeSet<String>) {
+    let mut out = BTreeSet::new();
+    visit_nodes(t, &mut |n| match n {
+        Node::VariableBlock(_, e) => expr(e, &mut out),
+        Node::Set(_, s) => expr(&s.value, &mut out),
+        _ => {}
+    });
+    out
+}
+
+/// Calls `f` on every node of `t` (its body and its macros), nested ones included.
+fn visit_nodes(t: &tera::Template, f: &mut impl FnMut(&Node)) {
+    fn walk(nodes: &[Node], f: &mut impl FnMut(&Node)) {
         for n in nodes {
+            f(n);
             match n {
-                Node::VariableBlock(_, e) => expr(e, out),
-                Node::Set(_, s) => expr(&s.value, out),
-                Node::Block(_, Block { body, .. }, _) => walk(body, out),
-                Node::Forloop(_, f, _) => {
-                    walk(&f.body, out);
-                    if let Some(e) = &f.empty_body {
-                        walk(e, out);
+                Node::Block(_, Block { body, .. }, _) => walk(body, f),
+                Node::Forloop(_, l, _) => {
+                    walk(&l.body, f);
+                    if let Some(e) = &l.empty_body {
+                        walk(e, f);
                     }
                 }
                 Node::If(i, _) => {
                     for (_, _, body) in &i.conditions {
-                        walk(body, out);
+                        walk(body, f);
                     }
                     if let Some((_, body)) = &i.otherwise {
-                        walk(body, out);
+                        walk(body, f);
                     }
                 }
-                Node::FilterSection(_, f, _) => walk(&f.body, out),
-                Node::MacroDefinition(_, m, _) => walk(&m.body, out),
+                Node::FilterSection(_, s, _) => walk(&s.body, f),
+                Node::MacroDefinition(_, m, _) => walk(&m.body, f),
                 _ => {}
             }
         }
     }
-    let mut out = BTreeSet::new();
-    walk(&t.ast, &mut out);
+    walk(&t.ast, f);
     for m in t.macros.values() {
-        walk(&m.body, &mut out);
+        walk(&m.body, f);
     }
-    out
 }
 
 fn parse_error(template: &str, e: &tera::Error) -> TemplateError {

@@ -367,14 +367,23 @@ impl StaticBackend {
 
 /// A one-shot `GET <path>` to 127.0.0.1:`port` with `Connection: close`: (status, body).
 pub fn http_get(port: u16, path: &str, timeout: Duration) -> std::io::Result<(u16, String)> {
+    http_get_host(port, "127.0.0.1", path, timeout)
+}
+
+/// `GET path` to 127.0.0.1:port with a `Host` header and `Connection: close`, the request sent
+/// in one write: (status, body).
+pub fn http_get_host(
+    port: u16,
+    host: &str,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes())?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw);

@@ -4,7 +4,6 @@
 
 pub mod chain;
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -126,38 +125,4 @@ impl Drop for Proxy {
 }
 
 /// `GET path` to 127.0.0.1:port with a Host header and `Connection: close`: (status, body).
-pub fn http_get(
-    port: u16,
-    host: &str,
-    path: &str,
-    timeout: Duration,
-) -> std::io::Result<(u16, String)> {
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("no headers end: {text:?}"),
-        )
-    })?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("no status: {head:?}"),
-            )
-        })?;
-    Ok((status, body.to_owned()))
-}
+pub use flotilla_harness::haproxy::http_get_host as http_get;

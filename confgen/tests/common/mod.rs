@@ -3,7 +3,6 @@
 //! through `flotilla_registry`'s encoding, and small HTTP helpers.
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -493,38 +492,4 @@ impl Registry {
 }
 
 /// `GET path` to 127.0.0.1:port with a Host header and `Connection: close`: (status, body).
-pub fn http_get(
-    port: u16,
-    host: &str,
-    path: &str,
-    timeout: Duration,
-) -> std::io::Result<(u16, String)> {
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    // One write: the /metrics + /healthz server (registry::daemon) reads a request with a
-    // single read(), so a request split over several segments can be cut (EPIPE here).
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    s.write_all(request.as_bytes())?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("no end of headers: {text:?}"),
-        )
-    })?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("no status: {head:?}"),
-            )
-        })?;
-    Ok((status, body.to_owned()))
-}
+pub use flotilla_harness::haproxy::http_get_host as http_get;

@@ -205,16 +205,15 @@ impl Presence {
     }
 }
 
+/// The body of `GET path` from the daemon's /metrics + /healthz listener (on loopback).
 fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    // One write: `write!` would send "GET ", the path and the rest in separate segments, and
-    // the daemon's minimal server reads the request with a single read.
-    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    Some(text.split("\r\n\r\n").nth(1)?.to_owned())
+    assert!(
+        addr.ip().is_loopback(),
+        "tests talk to loopback only: {addr}"
+    );
+    flotilla_harness::haproxy::http_get_host(addr.port(), "127.0.0.1", path, Duration::from_secs(5))
+        .ok()
+        .map(|(_, body)| body)
 }
 
 pub fn strip_ansi(s: &str) -> String {
