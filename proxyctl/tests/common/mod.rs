@@ -107,8 +107,14 @@ pub fn line_of(text: &str, needle: &str) -> usize {
 }
 
 /// Parses the master's `show proc` with the library under test.
+/// `show proc` through the master CLI. Right after a reload the master re-executes itself and
+/// its socket refuses connections for a moment, so a refused connection is retried (≤ 5 s).
 pub fn show_proc(hx: &Haproxy) -> proxyctl::ProcList {
-    proxyctl::ProcList::parse(&hx.master_cli("show proc")).expect("show proc parses")
+    let answer =
+        flotilla_harness::wait_for("the master CLI to answer", Duration::from_secs(5), || {
+            hx.try_master_cli("show proc").ok()
+        });
+    proxyctl::ProcList::parse(&answer).expect("show proc parses")
 }
 
 pub fn path_str(p: &Path) -> String {
