@@ -4,7 +4,8 @@
 //! registry snapshot, a change of the cache's health, SIGHUP, a template/conf.d file event, a
 //! timer (quiescence, retry, drop guard), and shutdown. Each wake-up ends with a *flush*: every
 //! resource that is due is rendered and applied as one batch, then each distinct `reload_cmd`
-//! runs once.
+//! runs once. A resource with a pending change that shares a reload command with a due one joins
+//! the batch even if its own quiet period has not ended (one transaction, one reload).
 //!
 //! Per resource:
 //! - **dirty** when a change touched its keys (or its template / resource changed);
@@ -493,6 +494,38 @@ impl Daemon {
         }
     }
 
+    /// `due` plus every other resource with a pending change that shares a reload command with
+    /// one of them (and is neither in failure backoff nor held by the drop guard). Each slot
+    /// keeps its own quiescence timer, so without this one etcd transaction touching two
+    /// resources could be applied in two batches, a leading-edge one and a trailing one, and
+    /// their shared reload would run twice: the reload is the expensive part, and it runs now
+    /// anyway, so the sibling's render joins it.
+    fn with_siblings(&self, mut due: Vec<usize>, now: Instant) -> Vec<usize> {
+        let cmds: Vec<&String> = due
+            .iter()
+            .filter_map(|&i| self.slots[i].res.reload_cmd.as_ref())
+            .collect();
+        if cmds.is_empty() || self.modes.no_reload {
+            return due;
+        }
+        let joining: Vec<usize> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| {
+                !due.contains(i)
+                    && s.pending.is_some()
+                    && s.held.is_none()
+                    && s.failure.as_ref().is_none_or(|f| f.retry_at <= now)
+                    && s.res.reload_cmd.as_ref().is_some_and(|c| cmds.contains(&c))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        due.extend(joining);
+        due.sort_unstable();
+        due
+    }
+
     /// Renders and applies every due resource (all dirty ones with `all`). Returns true if any
     /// of them failed.
     async fn flush(&mut self, all: bool) -> bool {
@@ -516,6 +549,7 @@ impl Daemon {
         if due.is_empty() {
             return false;
         }
+        let due = self.with_siblings(due, now);
         let revision = self.view.revision();
         let mut outcomes: Vec<(usize, Outcome, Option<Instant>)> = Vec::new();
         let mut committed: BTreeMap<String, Vec<(usize, Committed)>> = BTreeMap::new();

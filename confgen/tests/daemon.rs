@@ -539,6 +539,63 @@ fn a_change_renders_only_the_resources_whose_keys_it_touches_and_a_shared_reload
     c.assert_running();
 }
 
+/// The cause of a flaky run of the test above: each resource has its own quiet timer, so a
+/// transaction that arrives while one resource is inside its quiet period (it was flushed less
+/// than `wait.min` ago) and the other is not was applied in two batches, with two reloads. Here
+/// b's quiet period is long (8 s), so that split is certain without the fix.
+#[test]
+fn one_transaction_touching_two_resources_with_one_reload_command_reloads_once() {
+    let etcd = Etcd::start();
+    let reg = Registry::connect(&etcd);
+    let confdir = Confdir::new();
+    let reloads = confdir.path().join("shared.reloads");
+    for (name, wait) in [("a", "20ms:200ms"), ("b", "8s:16s")] {
+        confdir.template(
+            &format!("{name}.tmpl"),
+            &format!("{name}={{{{ getv(key=\"/config/{name}/x\", default=\"-\") }}}}\n"),
+        );
+        confdir.resource(
+            name,
+            &format!(
+                "[template]\nsrc = \"{name}.tmpl\"\ndest = \"{}\"\nprefix = \"/flotilla\"\n\
+                 keys = [\"/config/{name}/\"]\nreload_cmd = \"echo reload >> {}\"\nwait = \"{wait}\"\n",
+                confdir.out(name).display(),
+                reloads.display()
+            ),
+        );
+    }
+    let mut c = Confgen::start(&confdir, &etcd.endpoint(), &[]);
+    wait_for("both files and one reload", Duration::from_secs(30), || {
+        c.assert_running();
+        (confdir.out("a").exists() && confdir.out("b").exists() && count_lines(&reloads) == 1)
+            .then_some(())
+    });
+    // b changes alone (a leading edge: applied at once) and starts its 8 s quiet period.
+    reg.put("/flotilla/config/b/x", "1");
+    wait_for("b=1 and its reload", Duration::from_secs(30), || {
+        (read(&confdir.out("b")) == "b=1\n" && count_lines(&reloads) == 2).then_some(())
+    });
+    // Within b's quiet period, one transaction touching both.
+    let start = Instant::now();
+    reg.put_at_once(&[("/flotilla/config/a/x", "2"), ("/flotilla/config/b/x", "2")]);
+    wait_for("both written", Duration::from_secs(30), || {
+        (read(&confdir.out("a")) == "a=2\n" && read(&confdir.out("b")) == "b=2\n").then_some(())
+    });
+    assert!(
+        start.elapsed() < Duration::from_secs(6),
+        "b waited out its quiet period ({:?}) instead of joining a's batch",
+        start.elapsed()
+    );
+    wait_for("the writes counted", Duration::from_secs(10), || {
+        (c.metric("confgen_writes_total", &[]) == 5.0).then_some(())
+    });
+    // Past b's quiet period: still one reload for the transaction, none trailing.
+    std::thread::sleep(Duration::from_secs(9).saturating_sub(start.elapsed()));
+    assert_eq!(count_lines(&reloads), 3, "one reload per batch: 1 + 1 + 1");
+    assert_eq!(c.metric("confgen_writes_total", &[]), 5.0);
+    c.assert_running();
+}
+
 #[test]
 fn sd_notify_ready_only_once_every_template_rendered_then_watchdog_pings_and_stopping() {
     let etcd = Etcd::start();
