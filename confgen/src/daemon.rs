@@ -28,22 +28,23 @@
 //! `/healthz` is healthy once the view is current and every resource has been applied once
 //! without failing since.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use flotilla_registry::backoff::Backoff;
-use flotilla_registry::{CacheState, CacheStatus, Keys, Snapshot};
+use flotilla_registry::{CacheState, CacheStatus, KeyKind, Keys, Update};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
+use crate::admit::AdmitArgs;
 use crate::apply::{self, Committed, Outcome};
 use crate::metrics::{self, Metrics};
 use crate::resource::{self, Resource};
 use crate::template::{Engine, TemplateError};
-use crate::view::{Scope, TemplateData, View};
+use crate::view::{Changes, Scope, TemplateData, View};
 
 /// Modes of `confgen run`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -122,9 +123,12 @@ impl Slot {
         }
     }
 
-    fn mark_dirty(&mut self, now: Instant) {
-        if let Some(f) = &mut self.failure {
-            // A new change may fix what failed: retry with it rather than after the backoff.
+    /// A change this resource sees arrived. `config`: a key other than an endpoint changed
+    /// (or the template, or the resource): that may be the fix for a failure, so a failing
+    /// resource is retried at once. Endpoint churn alone does not cut a failure's backoff short:
+    /// a check that fails for a reason the endpoints cannot fix must not run once per change.
+    fn mark_dirty(&mut self, now: Instant, config: bool) {
+        if let (Some(f), true) = (&mut self.failure, config) {
             f.retry_at = now;
         }
         match &mut self.pending {
@@ -236,13 +240,14 @@ impl Daemon {
     pub fn new(
         confdir: &Path,
         keys: &Keys,
+        admit: AdmitArgs,
         modes: Modes,
         metrics: Arc<Metrics>,
         health: Arc<Mutex<Health>>,
     ) -> Result<Daemon, resource::ConfigErrors> {
         let resources = resource::load_confdir(confdir)?;
         check_keys_under_prefix(&resources, keys)?;
-        let view = View::new(keys.clone());
+        let view = View::new(keys.clone(), admit);
         let mut slots = Vec::new();
         for r in resources {
             // A run killed between renaming a new file into place and its reload left the
@@ -296,7 +301,7 @@ impl Daemon {
     /// Runs until `shutdown` resolves (or, with `--onetime`, until one apply is done).
     pub async fn run(
         mut self,
-        mut snaps: watch::Receiver<Snapshot>,
+        mut updates: mpsc::UnboundedReceiver<Update>,
         mut status: watch::Receiver<CacheStatus>,
         mut files: mpsc::Receiver<()>,
         shutdown: impl std::future::Future<Output = ()>,
@@ -307,7 +312,7 @@ impl Daemon {
         // Resources are listed (not rendered yet) before the view can make /healthz current.
         self.publish_health();
         self.on_status(&status.borrow_and_update().clone());
-        self.on_snapshot(&mut snaps);
+        self.drain_updates(&mut updates);
         loop {
             self.heartbeat.store(now_secs(), Ordering::Relaxed);
             if self.modes.onetime && self.writable {
@@ -330,24 +335,24 @@ impl Daemon {
                     info!("shutting down");
                     return RunEnd::Ok;
                 }
-                r = snaps.changed() => {
-                    if r.is_err() {
+                u = updates.recv() => {
+                    let Some(u) = u else {
                         error!("the registry watch ended");
                         return RunEnd::Failed;
-                    }
-                    self.on_snapshot(&mut snaps);
+                    };
+                    self.on_update(&u);
+                    self.drain_updates(&mut updates);
                 }
                 r = status.changed() => {
                     if r.is_ok() {
                         let s = status.borrow_and_update().clone();
                         self.on_status(&s);
-                        // A relist may have been published just before the state changed.
-                        self.on_snapshot(&mut snaps);
+                        self.drain_updates(&mut updates);
                     }
                 }
                 _ = hup.recv() => {
                     info!("SIGHUP: re-reading conf.d and templates");
-                    self.reload_config(&mut snaps);
+                    self.reload_config();
                 }
                 Some(()) = files.recv() => {
                     // Let a burst of file events (an editor's save) settle: 20 ms of quiet,
@@ -361,7 +366,7 @@ impl Daemon {
                         }
                     }
                     info!("template or resource file changed: re-reading conf.d and templates");
-                    self.reload_config(&mut snaps);
+                    self.reload_config();
                 }
                 _ = tokio::time::sleep_until(next.into()) => {}
             }
@@ -394,34 +399,40 @@ impl Daemon {
         self.metrics.stale.set(i64::from(!writable));
     }
 
-    fn on_snapshot(&mut self, snaps: &mut watch::Receiver<Snapshot>) {
+    /// Applies every update already queued (each in order: they are incremental).
+    fn drain_updates(&mut self, updates: &mut mpsc::UnboundedReceiver<Update>) {
+        while let Ok(u) = updates.try_recv() {
+            self.on_update(&u);
+        }
+    }
+
+    fn on_update(&mut self, update: &Update) {
         let was_complete = self.view.complete();
-        let snap = snaps.borrow_and_update();
-        let changes = self
-            .view
-            .sync(&snap, self.slots.iter_mut().map(|s| &mut s.data));
-        drop(snap);
+        let changes = self.view.sync(update);
         let now = Instant::now();
-        if !was_complete && self.view.complete() {
+        let first = !was_complete && self.view.complete();
+        for s in &mut self.slots {
+            let dirty = s.data.apply(&self.view, &changes);
+            if first || dirty.any {
+                s.mark_dirty(now, dirty.config);
+            }
+        }
+        if first {
             info!(
                 revision = self.view.revision(),
                 keys = changes.keys.len(),
                 "first complete registry view"
             );
-            for s in &mut self.slots {
-                s.mark_dirty(now);
-            }
         } else if !changes.keys.is_empty() {
-            for s in &mut self.slots {
-                if changes.keys.iter().any(|k| s.data.scope().contains(k)) {
-                    s.mark_dirty(now);
-                }
-            }
             debug!(
                 revision = changes.revision,
                 keys = changes.keys.len(),
+                services = changes.services.len(),
                 "registry changed"
             );
+        }
+        if !changes.keys.is_empty() {
+            self.publish_excluded();
         }
         self.metrics.revision.set(self.view.revision());
         self.health.lock().expect("health lock").complete = self.view.complete();
@@ -429,9 +440,27 @@ impl Daemon {
         self.update_lag();
     }
 
+    fn publish_excluded(&self) {
+        let counts = self.view.excluded_counts();
+        for reason in [
+            "no_node_record",
+            "claim",
+            "loopback",
+            "dns_host",
+            "weight",
+            "node_cap",
+            "duplicate_instance",
+        ] {
+            self.metrics
+                .excluded
+                .get_or_create(&vec![("reason".into(), reason.into())])
+                .set(counts.get(reason).copied().unwrap_or(0) as i64);
+        }
+    }
+
     /// Re-reads conf.d and every template. A bad resource file keeps the old configuration; a
     /// broken template is reported by its resource.
-    fn reload_config(&mut self, snaps: &mut watch::Receiver<Snapshot>) {
+    fn reload_config(&mut self) {
         let resources = match resource::load_confdir(&self.confdir)
             .and_then(|r| check_keys_under_prefix(&r, self.view.keys()).map(|_| r))
         {
@@ -475,22 +504,13 @@ impl Daemon {
             slot.failure = None;
             slot.pending = None;
             slot.last_flush = None;
-            slot.mark_dirty(now);
+            slot.mark_dirty(now, true);
+            // New or re-scoped resources build their data from the view.
+            slot.data.apply(&self.view, &Changes::default());
             self.slots.push(slot);
         }
         for name in old.keys() {
             info!(resource = %name, "resource removed");
-        }
-        // Build the data of new or re-scoped resources.
-        let snap = snaps.borrow();
-        let changes = self
-            .view
-            .sync(&snap, self.slots.iter_mut().map(|s| &mut s.data));
-        drop(snap);
-        if !changes.keys.is_empty() {
-            for s in &mut self.slots {
-                s.mark_dirty(now);
-            }
         }
     }
 
@@ -559,7 +579,15 @@ impl Daemon {
             let batch_start = slot.pending.as_ref().map(|p| p.first);
             slot.pending = None;
             slot.last_flush = Some(now);
-            let (outcome, commit) = render_and_write(slot, &self.metrics, self.modes).await;
+            let (mut outcome, mut commit) = render_and_write(slot, &self.metrics, self.modes).await;
+            if let Outcome::CheckFailed { output } = &outcome {
+                let output = output.clone();
+                if self.isolate(i, &output).await {
+                    (outcome, commit) =
+                        render_and_write(&mut self.slots[i], &self.metrics, self.modes).await;
+                }
+            }
+            let slot = &mut self.slots[i];
             if let (Outcome::Written, Some(c)) = (&outcome, commit) {
                 if let (Some(cmd), false) = (&slot.res.reload_cmd, self.modes.no_reload) {
                     slot.reload_pending = true;
@@ -658,6 +686,75 @@ impl Daemon {
         any_failed
     }
 
+    /// The check failed: find the endpoints it fails with among those put since the last good
+    /// apply, and leave them out of this resource (quarantine), so one bad record cannot freeze
+    /// the file for every service. Returns true if a render without them passes the check; false
+    /// if the failure is not the endpoints' (then the resource fails as a whole, as before).
+    ///
+    /// The search renders and checks (nothing is written): first with every suspect left out
+    /// (if that fails too, the cause is elsewhere), then halving the suspects that still fail,
+    /// at most [`MAX_ISOLATION_CHECKS`] checks; suspects it could not clear within that stay
+    /// out. A quarantined endpoint is tried again when its record changes.
+    async fn isolate(&mut self, i: usize, output: &str) -> bool {
+        let view = &self.view;
+        let slot = &mut self.slots[i];
+        let base = slot.data.quarantined().clone();
+        let suspects: Vec<String> = slot
+            .data
+            .suspects()
+            .iter()
+            .filter(|k| !base.contains(*k) && view.is_routed(k))
+            .cloned()
+            .collect();
+        if suspects.is_empty() || slot.engine.is_err() {
+            return false;
+        }
+        let started = Instant::now();
+        let mut out: BTreeSet<String> = base.iter().chain(&suspects).cloned().collect();
+        if !passes_check(slot, view, out.clone()).await {
+            slot.data.set_quarantine(base, view);
+            return false;
+        }
+        let mut checks = 1;
+        let mut groups = vec![suspects];
+        while let Some(g) = groups.pop() {
+            if checks >= MAX_ISOLATION_CHECKS {
+                break;
+            }
+            checks += 1;
+            let without: BTreeSet<String> =
+                out.iter().filter(|k| !g.contains(k)).cloned().collect();
+            if passes_check(slot, view, without.clone()).await {
+                out = without;
+            } else if g.len() > 1 {
+                let (a, b) = g.split_at(g.len() / 2);
+                groups.push(b.to_vec());
+                groups.push(a.to_vec());
+            }
+        }
+        slot.data.set_quarantine(out.clone(), view);
+        let reason = check_summary(output);
+        let mut by_service: BTreeMap<String, Vec<&String>> = BTreeMap::new();
+        for k in out.difference(&base) {
+            if let Some(KeyKind::Endpoint { service, .. }) = view.keys().parse(k) {
+                by_service.entry(service.to_owned()).or_default().push(k);
+            }
+        }
+        for (service, keys) in by_service {
+            warn!(
+                resource = %slot.res.name,
+                service,
+                count = keys.len(),
+                key = %keys[0],
+                check = %reason,
+                checks,
+                took_ms = started.elapsed().as_millis() as u64,
+                "endpoint left out of this resource: its check_cmd fails with it; the rest is applied. It is tried again when its record changes"
+            );
+        }
+        true
+    }
+
     fn record(&mut self, i: usize, outcome: Outcome, batch_start: Option<Instant>, revision: i64) {
         let metrics = self.metrics.clone();
         let modes = self.modes;
@@ -668,7 +765,12 @@ impl Daemon {
             .endpoints
             .get_or_create(&labels)
             .set(slot.data.endpoint_count() as i64);
+        metrics
+            .quarantined
+            .get_or_create(&labels)
+            .set(slot.data.quarantined().len() as i64);
         if outcome.is_success() {
+            slot.data.applied();
             if slot.failure.take().is_some() {
                 info!(resource = %name, "recovered");
             }
@@ -822,6 +924,33 @@ impl Daemon {
 }
 
 /// Render one slot and run phase 1 of the apply.
+/// Most checks [`Daemon::isolate`] runs for one failure.
+const MAX_ISOLATION_CHECKS: usize = 48;
+
+/// Renders `slot` with `quarantine` left out and runs its check (nothing is written).
+async fn passes_check(slot: &mut Slot, view: &View, quarantine: BTreeSet<String>) -> bool {
+    slot.data.set_quarantine(quarantine, view);
+    let Ok(engine) = &slot.engine else {
+        return false;
+    };
+    if engine.render(&mut slot.data, &mut slot.buf).is_err() {
+        return false;
+    }
+    let (outcome, _) = apply::write_checked(&slot.res, &slot.buf, true, false).await;
+    outcome.is_success()
+}
+
+/// The part of a failed check's output that says what is wrong (HAProxy's first ALERT, nginx's
+/// `[emerg]`), short. The output is one line with ` | ` between the command's lines.
+fn check_summary(output: &str) -> String {
+    let parts = || output.split(['\n', '|']).map(str::trim);
+    let part = parts()
+        .find(|l| l.contains("[ALERT]") || l.contains("[emerg]"))
+        .or_else(|| parts().find(|l| !l.is_empty()))
+        .unwrap_or("");
+    part.chars().take(400).collect()
+}
+
 async fn render_and_write(
     slot: &mut Slot,
     metrics: &Metrics,

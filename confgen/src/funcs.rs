@@ -55,7 +55,7 @@ impl Kv {
             .unwrap_or(&full);
         let store = self.store.read().expect("store lock");
         Ok(store
-            .range(fixed.to_string()..)
+            .range_from(fixed)
             .take_while(|(k, _)| k.starts_with(fixed))
             .filter(|(k, _)| self.scope.contains(k) && re.is_match(k))
             .map(|(k, v)| {
@@ -77,7 +77,7 @@ impl Kv {
         let store = self.store.read().expect("store lock");
         let mut out = BTreeSet::new();
         for (k, _) in store
-            .range(base.clone()..)
+            .range_from(&base)
             .take_while(|(k, _)| k.starts_with(&base))
         {
             if !self.scope.contains(k) {
@@ -639,15 +639,13 @@ fn parse_json(s: &str) -> Result<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
     use std::sync::RwLock;
 
     fn tera(kvs: &[(&str, &str)], scope: Scope) -> Tera {
-        let store: Store = Arc::new(RwLock::new(
+        let store: Store = Arc::new(RwLock::new(crate::view::KvStore::from_pairs(
             kvs.iter()
-                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
-                .collect::<BTreeMap<_, _>>(),
-        ));
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())),
+        )));
         let mut t = Tera::default();
         register(&mut t, store, Arc::new(scope), SharedRouteCache::default());
         t

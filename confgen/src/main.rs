@@ -2,6 +2,7 @@
 //!
 //! `main` parses flags and wires the parts; see docs/CONFGEN.md for the behaviour.
 
+mod admit;
 mod apply;
 mod daemon;
 mod funcs;
@@ -79,6 +80,8 @@ struct RunArgs {
     #[arg(long, env = "FLOTILLA_SYNC_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     sync_timeout: Duration,
     #[command(flatten)]
+    admit: admit::AdmitArgs,
+    #[command(flatten)]
     etcd: EtcdArgs,
     #[command(flatten)]
     obs: ObsArgs,
@@ -101,6 +104,9 @@ struct RenderArgs {
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     log_format: plumbing::LogFormat,
+    /// The admission rules, as for `run` (so an offline render shows what the daemon renders).
+    #[command(flatten)]
+    admit: admit::AdmitArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -165,12 +171,27 @@ async fn run(a: RunArgs) -> anyhow::Result<u8> {
         diff: a.diff,
         no_reload: a.no_reload,
     };
-    let daemon = match daemon::Daemon::new(&a.confdir, &keys, modes, metrics, health.clone()) {
+    let daemon = match daemon::Daemon::new(
+        &a.confdir,
+        &keys,
+        a.admit.clone(),
+        modes,
+        metrics,
+        health.clone(),
+    ) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("confgen: {e}");
             return Ok(EXIT_USAGE);
         }
+    };
+    // Template and conf.d files: a save re-reads them (as SIGHUP does). Watched before
+    // /healthz answers, so a client that saw /healthz knows a save is noticed.
+    let (file_tx, file_rx) = tokio::sync::mpsc::channel(16);
+    let _watcher = if a.onetime {
+        None
+    } else {
+        Some(watch_files(&daemon.watch_dirs(), file_tx)?)
     };
     if let Some(addr) = a.obs.metrics_addr {
         let h = health.clone();
@@ -178,6 +199,7 @@ async fn run(a: RunArgs) -> anyhow::Result<u8> {
         plumbing::spawn_observability(addr, registry, f).await?;
     }
     let cache = WatchCache::spawn(a.etcd.clone(), keys.clone(), keys.root());
+    let updates = cache.updates();
     if a.onetime {
         let mut status = cache.status();
         let mut snaps = cache.subscribe();
@@ -194,13 +216,6 @@ async fn run(a: RunArgs) -> anyhow::Result<u8> {
             return Ok(EXIT_UNREACHABLE);
         }
     }
-    // Template and conf.d files: a save re-reads them (as SIGHUP does).
-    let (file_tx, file_rx) = tokio::sync::mpsc::channel(16);
-    let _watcher = if a.onetime {
-        None
-    } else {
-        Some(watch_files(&daemon.watch_dirs(), file_tx)?)
-    };
     let heartbeat = daemon.heartbeat();
     let _watchdog = plumbing::spawn_watchdog(Arc::new(move || {
         let last = heartbeat.load(Ordering::Relaxed);
@@ -220,9 +235,7 @@ async fn run(a: RunArgs) -> anyhow::Result<u8> {
             std::process::exit(130);
         });
     };
-    let end = daemon
-        .run(cache.subscribe(), cache.status(), file_rx, shutdown)
-        .await;
+    let end = daemon.run(updates, cache.status(), file_rx, shutdown).await;
     info!("stopped");
     Ok(match end {
         daemon::RunEnd::Ok => 0,
@@ -271,7 +284,7 @@ fn render(a: RenderArgs) -> anyhow::Result<u8> {
         )
     })?;
     let keys = Keys::new(&file.prefix).with_context(|| format!("--data {}", a.data.display()))?;
-    let snap = view::snapshot_from_kvs(
+    let update = view::update_from_kvs(
         &keys,
         file.revision,
         file.kvs
@@ -279,7 +292,7 @@ fn render(a: RenderArgs) -> anyhow::Result<u8> {
             .map(|(k, v)| (k, v.into_bytes()))
             .collect(),
     );
-    for (key, reason) in snap.rejected.iter() {
+    for (key, reason) in update.snapshot.rejected.iter() {
         tracing::warn!(key, reason, "skipping an invalid record");
     }
     let scope = view::Scope {
@@ -294,9 +307,10 @@ fn render(a: RenderArgs) -> anyhow::Result<u8> {
     } else {
         scope
     };
-    let mut v = view::View::new(keys);
+    let mut v = view::View::new(keys, a.admit.clone());
     let mut data = view::TemplateData::new(scope.clone());
-    v.sync(&snap, [&mut data]);
+    let changes = v.sync(&update);
+    data.apply(&v, &changes);
     let engine = match template::Engine::load_file(&a.template, v.store(), scope) {
         Ok(e) => e,
         Err(e) => {
@@ -344,7 +358,7 @@ async fn dump(a: DumpArgs) -> anyhow::Result<u8> {
             .iter()
             .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
             .collect(),
-        rejected: (*snap.rejected).clone(),
+        rejected: snap.rejected.clone().into_iter().collect(),
     };
     let mut text = serde_json::to_string_pretty(&file).context("encoding the snapshot")?;
     text.push('\n');

@@ -40,6 +40,10 @@ pub struct Metrics {
     pub stale: Gauge,
     /// Endpoints each resource's template sees.
     pub endpoints: Family<Labels, Gauge>,
+    /// Valid endpoint records left out of every config, by reason.
+    pub excluded: Family<Labels, Gauge>,
+    /// Endpoints left out of one resource because its check failed with them.
+    pub quarantined: Family<Labels, Gauge>,
 }
 
 /// Label set `resource=<name>`.
@@ -64,6 +68,8 @@ impl Metrics {
             last_success: Family::default(),
             stale: Gauge::default(),
             endpoints: Family::default(),
+            excluded: Family::default(),
+            quarantined: Family::default(),
         };
         let mut r = Registry::default();
         r.register("confgen_renders", "Template renders", m.renders.clone());
@@ -126,6 +132,16 @@ impl Metrics {
             "confgen_endpoints",
             "Endpoints each template sees",
             m.endpoints.clone(),
+        );
+        r.register(
+            "confgen_endpoints_excluded",
+            "Valid endpoint records left out of every config, by reason (no_node_record, claim, loopback, dns_host, weight, node_cap, duplicate_instance)",
+            m.excluded.clone(),
+        );
+        r.register(
+            "confgen_endpoints_quarantined",
+            "Endpoints left out of a resource because its check_cmd failed with them",
+            m.quarantined.clone(),
         );
         (Arc::new(m), Arc::new(Mutex::new(r)))
     }

@@ -664,11 +664,10 @@ mod tests {
         for (n, t) in files {
             std::fs::write(dir.path().join(n), t).unwrap();
         }
-        let store: Store = Arc::new(RwLock::new(
+        let store: Store = Arc::new(RwLock::new(crate::view::KvStore::from_pairs(
             kvs.iter()
-                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
-                .collect::<BTreeMap<_, _>>(),
-        ));
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())),
+        )));
         let e = Engine::load(dir.path(), main, store, Scope::everything());
         (dir, e)
     }
@@ -747,8 +746,7 @@ mod tests {
 
     #[test]
     fn per_service_fragments_are_rendered_again_only_when_their_service_changed() {
-        use crate::view::tests::ep_json;
-        use crate::view::{snapshot_from_kvs, View};
+        use crate::view::tests::{ep_json, node_json, Sync};
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("main.tmpl"),
@@ -760,19 +758,24 @@ mod tests {
             "[{{ name }}{% for ep in eps %} {{ ep.addr }}{% endfor %} {{ getv(key=\"/flotilla/config/x\", default=\"-\") }}]",
         )
         .unwrap();
-        let keys = flotilla_registry::Keys::new("/flotilla").unwrap();
-        let mut view = View::new(keys.clone());
-        let engine =
-            Engine::load(dir.path(), "main.tmpl", view.store(), Scope::everything()).unwrap();
+        let mut sync = Sync::new();
+        let engine = Engine::load(
+            dir.path(),
+            "main.tmpl",
+            sync.view.store(),
+            Scope::everything(),
+        )
+        .unwrap();
         assert_eq!(engine.files.len(), 2);
         let mut data = TemplateData::new(Scope::everything());
         let mut kvs: BTreeMap<String, Vec<u8>> = [
+            node_json("a"),
             ep_json("a", "web", 1, "127.0.0.2"),
             ep_json("a", "db", 2, "127.0.0.3"),
         ]
         .into_iter()
         .collect();
-        view.sync(&snapshot_from_kvs(&keys, 2, kvs.clone()), [&mut data]);
+        sync.to(&kvs, &mut data);
         let mut out = Vec::new();
         engine.render(&mut data, &mut out).unwrap();
         assert_eq!(
@@ -783,7 +786,7 @@ mod tests {
         // One service changes: one fragment rendered.
         let (k, v) = ep_json("a", "web", 1, "127.0.0.9");
         kvs.insert(k, v);
-        view.sync(&snapshot_from_kvs(&keys, 3, kvs.clone()), [&mut data]);
+        sync.to(&kvs, &mut data);
         engine.render(&mut data, &mut out).unwrap();
         assert_eq!(
             String::from_utf8_lossy(&out),
@@ -795,7 +798,7 @@ mod tests {
         assert_eq!(engine.fragment_renders(), 3);
         // A config key changes: all of them (fragments may read it).
         kvs.insert("/flotilla/config/x".into(), b"X".to_vec());
-        view.sync(&snapshot_from_kvs(&keys, 4, kvs.clone()), [&mut data]);
+        sync.to(&kvs, &mut data);
         engine.render(&mut data, &mut out).unwrap();
         assert_eq!(
             String::from_utf8_lossy(&out),
@@ -804,15 +807,14 @@ mod tests {
         assert_eq!(engine.fragment_renders(), 5);
         // A service disappears: its fragment goes too.
         kvs.retain(|k, _| !k.contains("/db/"));
-        view.sync(&snapshot_from_kvs(&keys, 5, kvs), [&mut data]);
+        sync.to(&kvs, &mut data);
         engine.render(&mut data, &mut out).unwrap();
         assert_eq!(String::from_utf8_lossy(&out), "[web 127.0.0.9:8001 X]");
     }
 
     #[test]
     fn route_filters_follow_changes_of_their_service() {
-        use crate::view::tests::ep_json;
-        use crate::view::{snapshot_from_kvs, View};
+        use crate::view::tests::{ep_json, ep_meta, node_json, Sync};
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("main.tmpl"),
@@ -820,39 +822,45 @@ mod tests {
              {% set copy = services %}{% for r in copy | path_routes %}[{{ r.path }}]{% endfor %}",
         )
         .unwrap();
-        let with_path = |node: &str, service: &str, n: u32, path: Option<&str>| {
-            let (k, v) = ep_json(node, service, n, "127.0.0.2");
-            let mut v: Value = serde_json::from_slice(&v).unwrap();
-            if let Some(p) = path {
-                v["meta"]["path"] = Value::String(p.into());
-            }
-            (k, serde_json::to_vec(&v).unwrap())
-        };
         let keys = flotilla_registry::Keys::new("/flotilla").unwrap();
-        let mut view = View::new(keys.clone());
-        let engine =
-            Engine::load(dir.path(), "main.tmpl", view.store(), Scope::everything()).unwrap();
+        let path =
+            |service: &str, p: &str| (keys.service_setting(service, "path"), p.as_bytes().to_vec());
+        let mut sync = Sync::new();
+        let engine = Engine::load(
+            dir.path(),
+            "main.tmpl",
+            sync.view.store(),
+            Scope::everything(),
+        )
+        .unwrap();
         let mut data = TemplateData::new(Scope::everything());
         let mut kvs: BTreeMap<String, Vec<u8>> = [
-            with_path("a", "api", 1, Some("/api")),
-            with_path("a", "web", 2, None),
+            node_json("a"),
+            ep_json("a", "api", 1, "127.0.0.2"),
+            ep_json("a", "web", 2, "127.0.0.2"),
+            path("api", "/api"),
         ]
         .into_iter()
         .collect();
         let mut out = Vec::new();
-        let mut expect = |kvs: &BTreeMap<String, Vec<u8>>, rev: i64, want: &str| {
-            view.sync(&snapshot_from_kvs(&keys, rev, kvs.clone()), [&mut data]);
+        let mut expect = |kvs: &BTreeMap<String, Vec<u8>>, want: &str| {
+            sync.to(kvs, &mut data);
             engine.render(&mut data, &mut out).unwrap();
             assert_eq!(String::from_utf8_lossy(&out), want);
         };
-        expect(&kvs, 2, "api=/api;[/api]");
-        expect(&kvs, 2, "api=/api;[/api]");
-        let (k, v) = with_path("a", "web", 2, Some("/web/v2"));
+        expect(&kvs, "api=/api;[/api]");
+        expect(&kvs, "api=/api;[/api]");
+        // A route from endpoint meta alone is not a route.
+        let (k, v) = ep_meta("a", "web", 2, "127.0.0.2", &[("path", "/web/v2")]);
         kvs.insert(k, v);
-        expect(&kvs, 3, "web=/web/v2;api=/api;[/web/v2][/api]");
-        let (k, v) = with_path("a", "api", 1, None);
+        expect(&kvs, "api=/api;[/api]");
+        // The operator's route, narrowed by the endpoint.
+        let (k, v) = path("web", "/web");
         kvs.insert(k, v);
-        expect(&kvs, 4, "web=/web/v2;[/web/v2]");
+        expect(&kvs, "web=/web/v2;api=/api;[/web/v2][/api]");
+        let (k, _) = path("api", "/api");
+        kvs.remove(&k);
+        expect(&kvs, "web=/web/v2;[/web/v2]");
     }
 
     #[test]

@@ -11,174 +11,11 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::{
-    count_lines, haproxy_check, http_get, identity, read, tail, workspace_bin, Confdir, Confgen,
-    Registry,
-};
+use common::setup::Setup;
+use common::{haproxy_check, http_get, identity, read, tail, Confdir, Confgen, Registry};
 use flotilla_harness::etcd::Etcd;
-use flotilla_harness::haproxy::{Haproxy, StaticBackend, TEST_DEFAULTS};
-use flotilla_harness::{free_port, require, wait_for};
-
-/// etcd + HAProxy + a confdir with the shipped haproxy templates whose resource writes
-/// HAProxy's config file and reloads it with `reload.sh` (which logs each reload, keeps a copy of
-/// the file it reloaded, can be told to fail once, and then runs `proxyctl reload`).
-struct Setup {
-    // Drop order: confgen first, then HAProxy, etcd, the dir.
-    confgen: Option<Confgen>,
-    haproxy: Haproxy,
-    reg: Registry,
-    etcd: Etcd,
-    http_port: u16,
-    confdir: Confdir,
-}
-
-impl Setup {
-    fn start(resource_extra: &str) -> Setup {
-        let etcd = Etcd::start();
-        let reg = Registry::connect(&etcd);
-        let http_port = free_port();
-        let haproxy = Haproxy::start(&format!(
-            "{TEST_DEFAULTS}\nfrontend http\n    bind 127.0.0.1:{http_port}\n"
-        ));
-        for (k, v) in [
-            ("http_bind", format!("127.0.0.1:{http_port}")),
-            // The harness talks to the runtime API on this socket; keep it where it is.
-            ("stats_socket", haproxy.stats_socket().display().to_string()),
-            ("hard_stop_after", "5s".into()),
-            ("maxconn", "1000".into()),
-        ] {
-            reg.put(&format!("/flotilla/config/haproxy/{k}"), v);
-        }
-        let confdir = Confdir::new();
-        confdir.shipped_haproxy_templates();
-        let cfg = haproxy.config_path().to_owned();
-        let hap = require("haproxy", "haproxy");
-        let d = confdir.path();
-        std::fs::create_dir_all(d.join("reloaded")).unwrap();
-        std::fs::write(
-            d.join("reload.sh"),
-            format!(
-                "set -e\n\
-                 echo reload >> {d}/reloads.log\n\
-                 n=$(wc -l < {d}/reloads.log)\n\
-                 cp {cfg} {d}/reloaded/$n\n\
-                 if [ -e {d}/fail-next-reload ]; then\n  \
-                   rm {d}/fail-next-reload\n  \
-                   echo 'simulated reload failure' >&2\n  \
-                   exit 1\n\
-                 fi\n\
-                 exec {proxyctl} reload --config {cfg} --master-socket {master} --haproxy-bin {hap} --timeout 10s\n",
-                d = d.display(),
-                cfg = cfg.display(),
-                proxyctl = workspace_bin("proxyctl").display(),
-                master = haproxy.master_socket().display(),
-                hap = hap.display(),
-            ),
-        )
-        .unwrap();
-        confdir.resource(
-            "haproxy",
-            &format!(
-                r#"[template]
-src = "haproxy.cfg.tmpl"
-dest = "{cfg}"
-prefix = "/flotilla"
-keys = ["/endpoints/", "/config/haproxy/"]
-mode = "0644"
-# Without -q: a failed check then says why (with -q HAProxy prints nothing at all).
-check_cmd = "{hap} -c -f {{{{src}}}}"
-reload_cmd = "/bin/sh {d}/reload.sh"
-reload_timeout = "20s"
-{resource_extra}
-"#,
-                cfg = cfg.display(),
-                hap = hap.display(),
-                d = d.display(),
-            ),
-        );
-        Setup {
-            confgen: None,
-            haproxy,
-            reg,
-            etcd,
-            http_port,
-            confdir,
-        }
-    }
-
-    fn start_confgen(&mut self) {
-        self.confgen = Some(Confgen::start(&self.confdir, &self.etcd.endpoint(), &[]));
-    }
-
-    fn confgen(&mut self) -> &mut Confgen {
-        self.confgen.as_mut().expect("confgen started")
-    }
-
-    fn dest(&self) -> PathBuf {
-        self.haproxy.config_path().to_owned()
-    }
-
-    fn reloads(&self) -> usize {
-        count_lines(&self.confdir.path().join("reloads.log"))
-    }
-
-    /// The file as it was when reload number `n` (1-based) ran.
-    fn reloaded(&self, n: usize) -> String {
-        read(&self.confdir.path().join("reloaded").join(n.to_string()))
-    }
-
-    fn diagnostics(&self) -> String {
-        format!(
-            "--- haproxy.cfg\n{}\n--- confgen\n{}\n--- haproxy\n{}",
-            read(&self.dest()),
-            tail(
-                &self.confgen.as_ref().map(Confgen::log).unwrap_or_default(),
-                40
-            ),
-            tail(&self.haproxy.log(), 20)
-        )
-    }
-
-    fn get(&self, service: &str) -> std::io::Result<(u16, String)> {
-        http_get(
-            self.http_port,
-            &format!("{service}.localhost"),
-            "/",
-            Duration::from_secs(3),
-        )
-    }
-
-    /// Waits until requests for `service` are answered by exactly the backends with `bodies`:
-    /// each of them answered, and nothing else answered for `4 × len + 4` requests in a row
-    /// (round robin would have reached a leftover backend by then).
-    fn wait_served_by(&self, service: &str, bodies: &[&str], timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let mut seen = BTreeSet::new();
-        let mut in_a_row = 0;
-        loop {
-            match self.get(service) {
-                Ok((200, body)) if bodies.contains(&body.trim()) => {
-                    seen.insert(body.trim().to_string());
-                    in_a_row += 1;
-                    if seen.len() == bodies.len() && in_a_row >= 4 * bodies.len() + 4 {
-                        return;
-                    }
-                }
-                _ => {
-                    // A backend that should be gone answered, or none did: start over.
-                    seen.clear();
-                    in_a_row = 0;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{service} not served by exactly {bodies:?} within {timeout:?} (seen {seen:?})\n{}",
-                self.diagnostics()
-            );
-            std::thread::sleep(Duration::from_millis(30));
-        }
-    }
-}
+use flotilla_harness::haproxy::StaticBackend;
+use flotilla_harness::{free_port, wait_for};
 
 #[test]
 fn endpoints_written_to_etcd_are_rendered_checked_and_routed_by_haproxy_after_a_reload() {
@@ -268,18 +105,15 @@ fn tcp_services_get_their_own_frontend_and_path_prefixes_are_routed() {
     let api = StaticBackend::start("api");
     let tcp_port = free_port();
     let tcp_port_s = tcp_port.to_string();
-    let (k, v) = s.reg.endpoint_meta(
-        "node-a",
-        "db",
-        1,
-        db.port(),
-        &[("mode", "tcp"), ("service_port", &tcp_port_s)],
+    // Service-wide settings are the operator's keys (endpoint meta may only narrow them).
+    s.reg.put("/flotilla/config/services/db/mode", "tcp");
+    s.reg.put(
+        "/flotilla/config/services/db/service_port",
+        tcp_port_s.as_str(),
     );
-    s.reg.put(&k, v);
-    let (k, v) = s
-        .reg
-        .endpoint_meta("node-b", "api", 2, api.port(), &[("path", "/api")]);
-    s.reg.put(&k, v);
+    s.reg.put("/flotilla/config/services/api/path", "/api");
+    s.reg.put_endpoint("node-a", "db", 1, db.port());
+    s.reg.put_endpoint("node-b", "api", 2, api.port());
     s.start_confgen();
 
     // TCP: raw connections to the service port reach the backend (an HTTP server here).
@@ -467,6 +301,8 @@ max_drop = "100%"
         .map(|i| reg.endpoint("node-a", &format!("svc{}", i % 20), i, 10000 + i as u16))
         .collect();
     reg.put_each(initial, 16);
+    let (k, v) = reg.node_record("node-c");
+    reg.put(&k, v);
 
     // Churn: endpoints come and go for as long as the test runs.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

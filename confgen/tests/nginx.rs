@@ -104,8 +104,8 @@ wait = "20ms:200ms"
     let web = StaticBackend::start("web-1");
     let api = StaticBackend::start("api-1");
     reg.put_endpoint("node-a", "web", 1, web.port());
-    let (k, v) = reg.endpoint_meta("node-a", "api", 2, api.port(), &[("path", "/api")]);
-    reg.put(&k, v);
+    reg.put("/flotilla/config/services/api/path", "/api");
+    reg.put_endpoint("node-a", "api", 2, api.port());
 
     // nginx starts on a bootstrap config; --onetime renders, checks (nginx -t), writes and
     // reloads.

@@ -1,5 +1,6 @@
 //! Command line and its validation into a [`Config`].
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -70,6 +71,16 @@ pub struct Cli {
     #[arg(long, env = "FLOTILLA_STATE_FILE")]
     pub state_file: Option<PathBuf>,
 
+    /// A label of this host, KEY=VALUE, written into its node record (repeatable, or a comma
+    /// list). Service claim policies (`<prefix>/policy/services/<service>`) may allow nodes by
+    /// label instead of by name.
+    #[arg(
+        long = "node-label",
+        env = "FLOTILLA_NODE_LABEL",
+        value_delimiter = ','
+    )]
+    pub node_label: Vec<String>,
+
     /// Print the endpoints that would be registered (JSON lines) and exit; etcd is not contacted.
     #[arg(long)]
     pub dry_run: bool,
@@ -93,6 +104,7 @@ pub struct Config {
     pub docker_host: String,
     pub label_filter: Vec<String>,
     pub state_file: Option<PathBuf>,
+    pub node_labels: BTreeMap<String, String>,
     pub keys: Keys,
 }
 
@@ -138,6 +150,25 @@ impl Cli {
                 ));
             }
         }
+        let mut node_labels = BTreeMap::new();
+        for l in &self.node_label {
+            let ok = l.split_once('=').filter(|(k, v)| {
+                let good = |s: &str| {
+                    !s.is_empty()
+                        && s.len() <= flotilla_registry::record::MAX_TAG
+                        && s.chars().all(flotilla_registry::record::is_instance_char)
+                };
+                good(k) && good(v)
+            });
+            match ok {
+                Some((k, v)) => {
+                    node_labels.insert(k.to_owned(), v.to_owned());
+                }
+                None => errors.push(format!(
+                    "--node-label {l:?}: must be KEY=VALUE, each of [A-Za-z0-9._-], 1-128 chars"
+                )),
+            }
+        }
         if let Err(e) = self.etcd.validate() {
             if !self.dry_run {
                 errors.push(e.to_string());
@@ -163,6 +194,7 @@ impl Cli {
                 docker_host: self.docker_host.clone(),
                 label_filter: self.label_filter.clone(),
                 state_file: self.state_file.clone(),
+                node_labels,
                 keys,
             }),
             _ => Err(errors),

@@ -241,6 +241,7 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         started_at: now_rfc3339(),
         advertise_ip: cfg.advertise_ip,
+        labels: cfg.node_labels.clone(),
     };
     let writer = Writer::new(
         client,

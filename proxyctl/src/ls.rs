@@ -61,7 +61,7 @@ pub async fn ls(args: LsArgs) -> Result<(), LsError> {
             ))
         })?;
     let mut services = snap.services();
-    let mut rejected: BTreeMap<String, String> = (*snap.rejected).clone();
+    let mut rejected: BTreeMap<String, String> = snap.rejected.clone().into_iter().collect();
     if let Some(only) = &args.service {
         services.retain(|name, _| name == only);
         let needle = format!("/{only}/");

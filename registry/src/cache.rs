@@ -16,14 +16,28 @@
 //! arrive; an invalid one is left out of [`Snapshot::endpoints`] / [`Snapshot::nodes`] with one
 //! warning per write naming the key and field, and listed in [`Snapshot::rejected`].
 //!
-//! The current snapshot is published through `tokio::sync::watch`; the task ends when the last
-//! receiver is dropped.
+//! Two ways to follow it:
+//!
+//! - [`WatchCache::subscribe`]: the current [`Snapshot`] through `tokio::sync::watch` (a reader
+//!   that wakes up late sees only the newest one);
+//! - [`WatchCache::updates`]: every change, in order, never coalesced: an [`Update`] per listing
+//!   or watch response, carrying the keys it changed **and** the snapshot right after it (in the
+//!   style of kube-rs' watcher: a consumer that keeps derived state applies the changed keys and
+//!   never has to diff two snapshots itself).
+//!
+//! Snapshots are persistent maps ([`imbl::OrdMap`]): cloning one is O(1) and an update shares
+//! every unchanged node with the snapshot before it, so readers may hold snapshots as long as
+//! they like without making the cache copy anything. There is one copy of each value: the one in
+//! the maps, shared by every snapshot that contains it.
+//!
+//! The task ends when the handle is dropped.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
-use tokio::sync::watch;
+use imbl::OrdMap;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
@@ -36,6 +50,9 @@ const PAGE: i64 = 1000;
 /// Largest gRPC message accepted from etcd (a watch response can carry many events).
 const MAX_MESSAGE: usize = 256 * 1024 * 1024;
 
+/// A raw etcd value, shared between snapshots.
+pub type Bytes = Arc<[u8]>;
+
 /// One consistent view of the watched prefix at one etcd revision.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -43,14 +60,15 @@ pub struct Snapshot {
     pub revision: i64,
     /// False until the first complete list has been swapped in.
     pub complete: bool,
-    /// Every key under the watched prefix with its raw value.
-    pub kvs: Arc<BTreeMap<String, Vec<u8>>>,
+    /// Every key under the watched prefix with its raw value, except records that failed
+    /// validation (their values are not kept: see `rejected`).
+    pub kvs: OrdMap<String, Bytes>,
     /// Valid endpoint records, by etcd key.
-    pub endpoints: Arc<BTreeMap<String, Endpoint>>,
+    pub endpoints: OrdMap<String, Arc<Endpoint>>,
     /// Valid node records, by node name.
-    pub nodes: Arc<BTreeMap<String, Node>>,
+    pub nodes: OrdMap<String, Arc<Node>>,
     /// Keys whose value failed validation, with the reason.
-    pub rejected: Arc<BTreeMap<String, String>>,
+    pub rejected: OrdMap<String, String>,
 }
 
 impl Snapshot {
@@ -59,13 +77,28 @@ impl Snapshot {
     pub fn services(&self) -> BTreeMap<String, Vec<Endpoint>> {
         let mut out: BTreeMap<String, Vec<Endpoint>> = BTreeMap::new();
         for ep in self.endpoints.values() {
-            out.entry(ep.service.clone()).or_default().push(ep.clone());
+            out.entry(ep.service.clone())
+                .or_default()
+                .push(Endpoint::clone(ep));
         }
         for eps in out.values_mut() {
             eps.sort_by(|a, b| (&a.node, &a.instance).cmp(&(&b.node, &b.instance)));
         }
         out
     }
+}
+
+/// What one listing or watch response changed, with the snapshot right after it.
+#[derive(Debug, Clone)]
+pub struct Update {
+    /// The snapshot after this update.
+    pub snapshot: Snapshot,
+    /// Keys put (created or changed) or deleted by this update, in key order, each once. A key
+    /// whose value became invalid or valid again is listed too.
+    pub changed: Arc<Vec<String>>,
+    /// True for a full listing (the first one, or a relist after a fault or compaction): the
+    /// keys are what differs from the snapshot before it.
+    pub relisted: bool,
 }
 
 /// Where the cache is, for `/healthz` and metrics.
@@ -95,11 +128,15 @@ pub struct CacheStatus {
     pub faults: u64,
 }
 
+/// Subscribers of [`WatchCache::updates`].
+type Subscribers = Arc<Mutex<Vec<mpsc::UnboundedSender<Update>>>>;
+
 /// Handle to a running watch cache task. Dropping it stops the task.
 #[derive(Debug)]
 pub struct WatchCache {
     snapshot: watch::Receiver<Snapshot>,
     status: watch::Receiver<CacheStatus>,
+    subscribers: Subscribers,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -137,20 +174,52 @@ impl WatchCache {
             compactions: 0,
             faults: 0,
         });
+        let subscribers: Subscribers = Arc::default();
         let worker = Worker {
             args,
             keys,
             prefix: watch_prefix,
             snap: snap_tx,
             status: status_tx,
+            subscribers: subscribers.clone(),
             tuning,
         };
         let task = tokio::spawn(worker.run());
         WatchCache {
             snapshot: snap_rx,
             status: status_rx,
+            subscribers,
             task,
         }
+    }
+
+    /// Every change from now on, in order. If a complete snapshot exists already, the first
+    /// update is that snapshot with every key in it listed as changed (`relisted`), so a new
+    /// subscriber builds its state from it. Updates are never dropped or merged; a subscriber
+    /// that stops reading should drop the receiver.
+    pub fn updates(&self) -> mpsc::UnboundedReceiver<Update> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut subs = self.subscribers.lock().expect("subscribers lock");
+        // Under the lock the worker cannot publish: the snapshot read here is the one the next
+        // update will follow.
+        let current = self.snapshot.borrow().clone();
+        if current.complete {
+            let changed: Vec<String> = current
+                .kvs
+                .keys()
+                .chain(current.rejected.keys())
+                .cloned()
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let _ = tx.send(Update {
+                snapshot: current,
+                changed: Arc::new(changed),
+                relisted: true,
+            });
+        }
+        subs.push(tx);
+        rx
     }
 
     /// A receiver of snapshots. `changed()` fires on every applied change.
@@ -195,6 +264,7 @@ struct Worker {
     prefix: String,
     snap: watch::Sender<Snapshot>,
     status: watch::Sender<CacheStatus>,
+    subscribers: Subscribers,
     tuning: Tuning,
 }
 
@@ -247,6 +317,24 @@ impl Worker {
         }
     }
 
+    /// Publishes `next` to snapshot readers and, with the keys that changed, to every update
+    /// subscriber (both under the subscribers' lock, see [`WatchCache::updates`]).
+    fn publish(&self, next: Snapshot, changed: Vec<String>, relisted: bool) {
+        let mut subs = self.subscribers.lock().expect("subscribers lock");
+        if !changed.is_empty() || relisted {
+            let changed = Arc::new(changed);
+            subs.retain(|tx| {
+                tx.send(Update {
+                    snapshot: next.clone(),
+                    changed: changed.clone(),
+                    relisted,
+                })
+                .is_ok()
+            });
+        }
+        self.snap.send_replace(next);
+    }
+
     fn set_state(&self, state: CacheState) {
         self.status.send_if_modified(|s| {
             if s.state == state {
@@ -282,7 +370,11 @@ impl Worker {
         .await?;
         let revision = fresh.revision;
         let count = fresh.kvs.len();
-        self.snap.send_replace(fresh);
+        let changed = {
+            let old = self.snap.borrow();
+            changed_between(&old, &fresh)
+        };
+        self.publish(fresh, changed, true);
         self.status.send_modify(|s| s.lists += 1);
         debug!(prefix = %self.prefix, revision, keys = count, "listed");
         Ok(revision)
@@ -328,12 +420,10 @@ impl Worker {
                 // A progress notification means every event up to its header revision has been
                 // delivered. The `created` response does not: its header is the store's revision
                 // at creation, while the events since `revision + 1` are still to come.
-                if !resp.created() {
-                    self.snap.send_if_modified(|s| {
-                        let moved = header_rev > s.revision;
-                        s.revision = s.revision.max(header_rev);
-                        moved
-                    });
+                if !resp.created() && header_rev > self.snap.borrow().revision {
+                    let mut next = self.snap.borrow().clone();
+                    next.revision = header_rev;
+                    self.publish(next, Vec::new(), false);
                 }
                 continue;
             }
@@ -344,19 +434,21 @@ impl Worker {
                 .map(|kv| kv.mod_revision())
                 .max()
                 .unwrap_or(0);
-            let keys = &self.keys;
-            self.snap.send_modify(|s| {
-                let mut m = Mirror::borrow(s);
-                for ev in resp.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    match ev.event_type() {
-                        EventType::Put => m.put(keys, kv.key(), kv.value(), true),
-                        EventType::Delete => m.delete(keys, kv.key()),
-                    }
-                }
-                m.finish(s);
-                s.revision = s.revision.max(last_rev);
-            });
+            let mut m = Mirror::of(&self.snap.borrow());
+            let mut changed = Vec::with_capacity(resp.events().len());
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                let key = match ev.event_type() {
+                    EventType::Put => m.put(&self.keys, kv.key(), kv.value(), true),
+                    EventType::Delete => m.delete(&self.keys, kv.key()),
+                };
+                changed.extend(key);
+            }
+            changed.sort_unstable();
+            changed.dedup();
+            let mut next = m.into_snapshot(0, true);
+            next.revision = self.snap.borrow().revision.max(last_rev);
+            self.publish(next, changed, false);
         }
     }
 }
@@ -404,85 +496,173 @@ async fn list_prefix(
             _ => break,
         }
     }
-    Ok(Snapshot {
-        revision,
-        complete: true,
-        kvs: Arc::new(fresh.kvs),
-        endpoints: Arc::new(fresh.endpoints),
-        nodes: Arc::new(fresh.nodes),
-        rejected: Arc::new(fresh.rejected),
-    })
+    Ok(fresh.into_snapshot(revision, true))
 }
 
-/// The mutable maps of a snapshot, with decode-on-put.
+/// Keys whose value or validity differs between two snapshots (one ordered merge of each pair
+/// of maps; only run for a full listing).
+fn changed_between(old: &Snapshot, new: &Snapshot) -> Vec<String> {
+    use imbl::ordmap::DiffItem;
+    let mut out = std::collections::BTreeSet::new();
+    for d in old.kvs.diff(&new.kvs) {
+        match d {
+            DiffItem::Add(k, _) | DiffItem::Remove(k, _) => out.insert(k.clone()),
+            DiffItem::Update { new: (k, _), .. } => out.insert(k.clone()),
+        };
+    }
+    for d in old.rejected.diff(&new.rejected) {
+        match d {
+            DiffItem::Add(k, _) | DiffItem::Remove(k, _) => out.insert(k.clone()),
+            DiffItem::Update { new: (k, _), .. } => out.insert(k.clone()),
+        };
+    }
+    out.into_iter().collect()
+}
+
+/// The maps of a snapshot being edited, with decode-on-put.
 #[derive(Default)]
 struct Mirror {
-    kvs: BTreeMap<String, Vec<u8>>,
-    endpoints: BTreeMap<String, Endpoint>,
-    nodes: BTreeMap<String, Node>,
-    rejected: BTreeMap<String, String>,
+    kvs: OrdMap<String, Bytes>,
+    endpoints: OrdMap<String, Arc<Endpoint>>,
+    nodes: OrdMap<String, Arc<Node>>,
+    rejected: OrdMap<String, String>,
 }
 
 impl Mirror {
-    /// Takes the snapshot's maps out for in-place edits (cloned only if a reader still holds
-    /// them); [`Mirror::finish`] puts them back.
-    fn borrow(s: &mut Snapshot) -> Mirror {
+    /// The maps of `s` (O(1): persistent maps share their nodes until edited).
+    fn of(s: &Snapshot) -> Mirror {
         Mirror {
-            kvs: std::mem::take(Arc::make_mut(&mut s.kvs)),
-            endpoints: std::mem::take(Arc::make_mut(&mut s.endpoints)),
-            nodes: std::mem::take(Arc::make_mut(&mut s.nodes)),
-            rejected: std::mem::take(Arc::make_mut(&mut s.rejected)),
+            kvs: s.kvs.clone(),
+            endpoints: s.endpoints.clone(),
+            nodes: s.nodes.clone(),
+            rejected: s.rejected.clone(),
         }
     }
 
-    fn finish(self, s: &mut Snapshot) {
-        *Arc::make_mut(&mut s.kvs) = self.kvs;
-        *Arc::make_mut(&mut s.endpoints) = self.endpoints;
-        *Arc::make_mut(&mut s.nodes) = self.nodes;
-        *Arc::make_mut(&mut s.rejected) = self.rejected;
+    fn into_snapshot(self, revision: i64, complete: bool) -> Snapshot {
+        Snapshot {
+            revision,
+            complete,
+            kvs: self.kvs,
+            endpoints: self.endpoints,
+            nodes: self.nodes,
+            rejected: self.rejected,
+        }
     }
 
-    /// Stores `value` at `key`, decoding records; a bad record is warned about if `warn_bad`.
-    fn put(&mut self, keys: &Keys, key: &[u8], value: &[u8], warn_bad: bool) {
+    /// Stores `value` at `key`, decoding records; a bad record is warned about if `warn_bad`
+    /// and its value is not kept. Returns the key if it is UTF-8.
+    fn put(&mut self, keys: &Keys, key: &[u8], value: &[u8], warn_bad: bool) -> Option<String> {
         let Ok(key) = std::str::from_utf8(key) else {
             warn!(key = %String::from_utf8_lossy(key), "skipping a key that is not UTF-8");
-            return;
+            return None;
         };
-        self.kvs.insert(key.to_owned(), value.to_vec());
         self.endpoints.remove(key);
         self.rejected.remove(key);
         let result = match keys.parse(key) {
             Some(KeyKind::Endpoint { .. }) => Endpoint::decode(keys, key, value).map(|ep| {
-                self.endpoints.insert(key.to_owned(), ep);
+                self.endpoints.insert(key.to_owned(), Arc::new(ep));
             }),
             Some(KeyKind::Node { node }) => {
                 self.nodes.remove(node);
                 Node::decode(keys, key, value).map(|n| {
-                    self.nodes.insert(n.node.clone(), n);
+                    self.nodes.insert(n.node.clone(), Arc::new(n));
                 })
             }
             _ => Ok(()),
         };
-        if let Err(e) = result {
-            // One warning per write of a bad value (a relist does not repeat it).
-            if warn_bad {
-                warn!(key, field = %e.field, reason = %e.reason, "skipping an invalid record");
-            } else {
-                debug!(key, field = %e.field, reason = %e.reason, "skipping an invalid record");
+        match result {
+            Ok(()) => {
+                self.kvs.insert(key.to_owned(), Bytes::from(value));
             }
-            self.rejected.insert(key.to_owned(), e.to_string());
+            Err(e) => {
+                // One warning per write of a bad value (a relist does not repeat it). The value
+                // itself is not kept: a flood of invalid values costs a key and a reason each.
+                if warn_bad {
+                    warn!(key, field = %e.field, reason = %e.reason, "skipping an invalid record");
+                } else {
+                    debug!(key, field = %e.field, reason = %e.reason, "skipping an invalid record");
+                }
+                self.kvs.remove(key);
+                self.rejected.insert(key.to_owned(), e.to_string());
+            }
         }
+        Some(key.to_owned())
     }
 
-    fn delete(&mut self, keys: &Keys, key: &[u8]) {
-        let Ok(key) = std::str::from_utf8(key) else {
-            return;
-        };
+    fn delete(&mut self, keys: &Keys, key: &[u8]) -> Option<String> {
+        let key = std::str::from_utf8(key).ok()?;
         self.kvs.remove(key);
         self.endpoints.remove(key);
         self.rejected.remove(key);
         if let Some(KeyKind::Node { node }) = keys.parse(key) {
             self.nodes.remove(node);
         }
+        Some(key.to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> Keys {
+        Keys::new("/flotilla").unwrap()
+    }
+
+    fn ep(node: &str, service: &str, n: u16) -> (String, Vec<u8>) {
+        let ep = Endpoint {
+            service: service.into(),
+            instance: format!("{node}-0123456789ab-{n}"),
+            node: node.into(),
+            host: "10.0.0.1".into(),
+            port: n,
+            proto: crate::Proto::Tcp,
+            container: "0123456789ab".into(),
+            image: String::new(),
+            tags: vec![],
+            meta: BTreeMap::new(),
+            health: crate::Health::None,
+            registered_at: "2026-01-01T00:00:00Z".into(),
+        };
+        (ep.key(&keys()), ep.encode(&keys()).unwrap())
+    }
+
+    #[test]
+    fn an_invalid_value_is_rejected_without_its_value_and_a_fix_restores_it() {
+        let keys = keys();
+        let mut m = Mirror::default();
+        let (k, v) = ep("a", "web", 80);
+        m.put(&keys, k.as_bytes(), &v, false);
+        assert!(m.endpoints.contains_key(&k) && m.kvs.contains_key(&k));
+        m.put(&keys, k.as_bytes(), b"{bad", false);
+        assert!(!m.endpoints.contains_key(&k));
+        assert!(!m.kvs.contains_key(&k), "the invalid value is not kept");
+        assert!(m.rejected.contains_key(&k));
+        m.put(&keys, k.as_bytes(), &v, false);
+        assert!(m.endpoints.contains_key(&k) && !m.rejected.contains_key(&k));
+    }
+
+    #[test]
+    fn a_relist_reports_exactly_the_keys_that_differ() {
+        let keys = keys();
+        let mut a = Mirror::default();
+        let (k1, v1) = ep("a", "web", 80);
+        let (k2, v2) = ep("a", "web", 81);
+        let (k3, v3) = ep("b", "web", 82);
+        a.put(&keys, k1.as_bytes(), &v1, false);
+        a.put(&keys, k2.as_bytes(), &v2, false);
+        a.put(&keys, b"/flotilla/config/x", b"1", false);
+        let before = a.into_snapshot(5, true);
+        let mut b = Mirror::of(&before);
+        b.delete(&keys, k1.as_bytes());
+        b.put(&keys, k2.as_bytes(), b"{bad", false);
+        b.put(&keys, k3.as_bytes(), &v3, false);
+        b.put(&keys, b"/flotilla/config/x", b"1", false);
+        let after = b.into_snapshot(9, true);
+        assert_eq!(changed_between(&before, &after), vec![k1, k2, k3]);
+        // The earlier snapshot is untouched by the edits (persistent maps).
+        assert_eq!(before.endpoints.len(), 2);
+        assert_eq!(changed_between(&after, &after), Vec::<String>::new());
     }
 }

@@ -4,6 +4,8 @@
 //! <prefix>/nodes/<node>                               -> Node
 //! <prefix>/endpoints/<node>/<service>/<instance>      -> Endpoint
 //! <prefix>/config/...                                 -> free-form keys templates may read
+//! <prefix>/config/services/<service>/<setting>        -> service-wide settings (operator)
+//! <prefix>/policy/services/<service>                  -> which nodes may announce it (operator)
 //! ```
 //!
 //! Node first, so etcd RBAC can confine each host's credentials to
@@ -36,6 +38,12 @@ pub enum KeyKind<'a> {
         service: &'a str,
         /// instance id
         instance: &'a str,
+    },
+    /// `<prefix>/policy/services/<service>`: which nodes may announce `service`
+    /// (operator-written, see [`crate::policy`]).
+    Policy {
+        /// service name
+        service: &'a str,
     },
     /// `<prefix>/config/<rest>`
     Config {
@@ -98,6 +106,17 @@ impl Keys {
         format!("{}/endpoints/{node}/{service}/{instance}", self.prefix)
     }
 
+    /// `<prefix>/policy/services/<service>`
+    pub fn policy(&self, service: &str) -> String {
+        format!("{}/policy/services/{service}", self.prefix)
+    }
+
+    /// `<prefix>/config/services/<service>/<setting>`: an operator-written service-wide
+    /// setting (`mode`, `service_port`, `path`, `check_path`).
+    pub fn service_setting(&self, service: &str, setting: &str) -> String {
+        format!("{}/config/services/{service}/{setting}", self.prefix)
+    }
+
     /// `<prefix>/config/`
     pub fn config(&self) -> String {
         format!("{}/config/", self.prefix)
@@ -126,6 +145,10 @@ impl Keys {
                 })
             }
             "config" if !rest.is_empty() => Some(KeyKind::Config { rest }),
+            "policy" => {
+                let service = rest.strip_prefix("services/")?;
+                is_dns_label(service).then_some(KeyKind::Policy { service })
+            }
             _ => None,
         }
     }

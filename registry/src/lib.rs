@@ -3,6 +3,7 @@
 //! - [`keys`]: the etcd key schema (`<prefix>/nodes/<node>`,
 //!   `<prefix>/endpoints/<node>/<service>/<instance>`, `<prefix>/config/...`).
 //! - [`record`]: the `Endpoint` and `Node` records, validated on encode **and** decode.
+//! - [`policy`]: service claim policies (which nodes may announce a service).
 //! - [`etcd`]: the etcd options every binary flattens into its CLI, and connecting with them.
 //! - [`cache`]: the watch cache (list at R, watch from R+1, relist on compaction or fault).
 //! - [`backoff`]: jittered capped backoff.
@@ -14,9 +15,12 @@ pub mod cache;
 pub mod daemon;
 pub mod etcd;
 pub mod keys;
+pub mod policy;
 pub mod record;
 
-pub use cache::{fetch_snapshot, CacheState, CacheStatus, Snapshot, Tuning, WatchCache};
+pub use cache::{
+    fetch_snapshot, Bytes, CacheState, CacheStatus, Snapshot, Tuning, Update, WatchCache,
+};
 pub use etcd::{EtcdArgs, EtcdError};
 pub use keys::{KeyKind, Keys};
 pub use record::{Endpoint, Health, Node, Proto, RecordError};

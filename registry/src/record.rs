@@ -127,6 +127,10 @@ pub struct Node {
     pub started_at: String,
     /// The IP it advertises for published ports.
     pub advertise_ip: IpAddr,
+    /// Operator-given labels of the host (`presence --node-label role=web`), which service
+    /// claim policies may name. Absent in records of older versions.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 // Wire form used on read: ports are decoded wide so that an out-of-range value is reported as a
@@ -171,6 +175,23 @@ impl Endpoint {
             MAX_INSTANCE,
             is_instance_char,
         )?;
+        // The instance names its node, so one host cannot reuse (and so replace, or collide
+        // with as an HAProxy server name) an instance id of another.
+        if !self
+            .instance
+            .strip_prefix(self.node.as_str())
+            .is_some_and(|rest| rest.len() > 1 && rest.starts_with('-'))
+        {
+            return Err(RecordError::new(
+                key,
+                "instance",
+                format!(
+                    "must start with the node name and a dash ({}-…), got {}",
+                    self.node,
+                    escaped(&self.instance)
+                ),
+            ));
+        }
         check_host(key, "host", &self.host)?;
         if self.port == 0 {
             return Err(RecordError::new(key, "port", "must be 1-65535, got 0"));
@@ -271,7 +292,6 @@ impl Endpoint {
             health,
             registered_at: wire.registered_at,
         };
-        ep.validate(key)?;
         for (field, in_key, in_body) in [
             ("node", node, &ep.node),
             ("service", service, &ep.service),
@@ -289,6 +309,7 @@ impl Endpoint {
                 ));
             }
         }
+        ep.validate(key)?;
         Ok(ep)
     }
 }
@@ -299,6 +320,17 @@ impl Node {
         check_label(key, "node", &self.node)?;
         check_charset(key, "version", &self.version, MAX_TAG, is_tag_char)?;
         check_time(key, "started_at", &self.started_at)?;
+        if self.labels.len() > MAX_ITEMS {
+            return Err(RecordError::new(
+                key,
+                "labels",
+                format!("at most {MAX_ITEMS} entries"),
+            ));
+        }
+        for (k, v) in &self.labels {
+            check_charset(key, "labels (key)", k, MAX_TAG, is_instance_char)?;
+            check_charset(key, &format!("labels.{k}"), v, MAX_TAG, is_instance_char)?;
+        }
         Ok(())
     }
 

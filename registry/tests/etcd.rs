@@ -101,22 +101,134 @@ async fn assert_exact(cache: &WatchCache, client: &mut Client, what: &str) {
                 cache.status().borrow()
             )
         });
-    if *snap.kvs != want {
-        let missing: Vec<_> = want.keys().filter(|k| !snap.kvs.contains_key(*k)).collect();
-        let extra: Vec<_> = snap.kvs.keys().filter(|k| !want.contains_key(*k)).collect();
-        let stale: Vec<_> = want
+    // Every key is either kept with its value or (an invalid record) listed as rejected.
+    let have: BTreeMap<String, Vec<u8>> = snap
+        .kvs
+        .iter()
+        .map(|(k, v)| (k.clone(), v.to_vec()))
+        .collect();
+    let want_valid: BTreeMap<String, Vec<u8>> = want
+        .iter()
+        .filter(|(k, _)| !snap.rejected.contains_key(*k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let stray_rejected: Vec<_> = snap
+        .rejected
+        .keys()
+        .filter(|k| !want.contains_key(*k))
+        .collect();
+    if have != want_valid || !stray_rejected.is_empty() {
+        let missing: Vec<_> = want_valid
+            .keys()
+            .filter(|k| !have.contains_key(*k))
+            .collect();
+        let extra: Vec<_> = have.keys().filter(|k| !want.contains_key(*k)).collect();
+        let stale: Vec<_> = want_valid
             .iter()
-            .filter(|(k, v)| snap.kvs.get(*k).is_some_and(|c| c != *v))
+            .filter(|(k, v)| have.get(*k).is_some_and(|c| c != *v))
             .map(|(k, _)| k)
             .collect();
-        panic!("{what}: cache (revision {}) differs from etcd at revision {rev}: missing {missing:?}, extra {extra:?}, stale {stale:?}", snap.revision);
+        panic!("{what}: cache (revision {}) differs from etcd at revision {rev}: missing {missing:?}, extra {extra:?}, stale {stale:?}, stray rejected {stray_rejected:?}", snap.revision);
     }
     let decoded: BTreeMap<String, Endpoint> = want
         .iter()
         .filter(|(k, _)| k.starts_with("/flotilla/endpoints/"))
         .filter_map(|(k, v)| Endpoint::decode(&keys(), k, v).ok().map(|e| (k.clone(), e)))
         .collect();
-    assert_eq!(*snap.endpoints, decoded, "{what}: decoded endpoints differ");
+    let have_decoded: BTreeMap<String, Endpoint> = snap
+        .endpoints
+        .iter()
+        .map(|(k, e)| (k.clone(), Endpoint::clone(e)))
+        .collect();
+    assert_eq!(have_decoded, decoded, "{what}: decoded endpoints differ");
+}
+
+/// A consumer of the cache's change stream that keeps its own copy of the registry from the
+/// changed keys alone: it must end up equal to etcd, with every update in order.
+struct Follower {
+    rx: tokio::sync::mpsc::UnboundedReceiver<flotilla_registry::Update>,
+    map: BTreeMap<String, Vec<u8>>,
+    revision: i64,
+    updates: usize,
+}
+
+impl Follower {
+    fn new(cache: &WatchCache) -> Follower {
+        Follower {
+            rx: cache.updates(),
+            map: BTreeMap::new(),
+            revision: 0,
+            updates: 0,
+        }
+    }
+
+    /// Applies updates until it has one at or after etcd's current revision, then compares.
+    async fn assert_exact(&mut self, client: &mut Client, what: &str) {
+        let (rev, want) = tokio::time::timeout(DEADLINE, async {
+            loop {
+                if let Ok(resp) = client
+                    .get("/flotilla/", Some(GetOptions::new().with_prefix()))
+                    .await
+                {
+                    let rev = resp.header().unwrap().revision();
+                    let map: BTreeMap<String, Vec<u8>> = resp
+                        .kvs()
+                        .iter()
+                        .map(|kv| (kv.key_str().unwrap().to_owned(), kv.value().to_vec()))
+                        .collect();
+                    return (rev, map);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{what}: etcd did not answer"));
+        let mut rejected = BTreeMap::new();
+        while self.revision < rev {
+            let u = tokio::time::timeout(DEADLINE, self.rx.recv())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "{what}: no update up to revision {rev} (at {})",
+                        self.revision
+                    )
+                })
+                .expect("the cache is alive");
+            assert!(
+                u.snapshot.revision >= self.revision,
+                "{what}: updates out of order"
+            );
+            let mut sorted = u.changed.as_ref().clone();
+            sorted.sort();
+            sorted.dedup();
+            assert_eq!(
+                &sorted,
+                u.changed.as_ref(),
+                "{what}: changed keys sorted, each once"
+            );
+            for k in u.changed.iter() {
+                match u.snapshot.kvs.get(k) {
+                    Some(v) => {
+                        self.map.insert(k.clone(), v.to_vec());
+                    }
+                    None => {
+                        self.map.remove(k);
+                    }
+                }
+            }
+            self.revision = u.snapshot.revision;
+            rejected = u.snapshot.rejected.clone().into_iter().collect();
+            self.updates += 1;
+        }
+        let want_valid: BTreeMap<String, Vec<u8>> = want
+            .into_iter()
+            .filter(|(k, _)| !rejected.contains_key(k))
+            .collect();
+        assert_eq!(
+            self.map, want_valid,
+            "{what}: the follower of the change stream differs from etcd"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -144,7 +256,7 @@ async fn endpoints_round_trip_through_real_etcd() {
         .unwrap();
     assert_exact(&cache, &mut client, "with a bad record").await;
     let snap = cache.current();
-    assert!(snap.kvs.contains_key(bad_key) && !snap.endpoints.contains_key(bad_key));
+    assert!(!snap.kvs.contains_key(bad_key) && !snap.endpoints.contains_key(bad_key));
     assert!(
         snap.rejected[bad_key].contains("service"),
         "{:?}",
@@ -175,6 +287,7 @@ async fn watch_cache_stays_exact_across_compaction() {
         pause_before_watch: Duration::from_secs(2),
     };
     let cache = WatchCache::spawn_tuned(a.clone(), keys(), keys().root(), tuning);
+    let mut follower = Follower::new(&cache);
     let mut status = cache.status();
     tokio::time::timeout(DEADLINE, status.wait_for(|s| s.lists >= 1))
         .await
@@ -196,6 +309,9 @@ async fn watch_cache_stays_exact_across_compaction() {
         .expect("the watch saw the compaction")
         .unwrap();
     assert_exact(&cache, &mut client, "after a compacted watch").await;
+    follower
+        .assert_exact(&mut client, "after a compacted watch")
+        .await;
     assert_eq!(cache.current().endpoints.len(), 50);
 
     // A compaction while the watch is current does not disturb it.
@@ -212,6 +328,9 @@ async fn watch_cache_stays_exact_across_compaction() {
         .await
         .unwrap();
     assert_exact(&cache, &mut client, "after a live compaction").await;
+    follower
+        .assert_exact(&mut client, "after a live compaction")
+        .await;
     assert_eq!(cache.current().endpoints.len(), 40);
 }
 
@@ -225,6 +344,12 @@ async fn watch_cache_stays_exact_across_etcd_restart() {
     }
     let cache = WatchCache::spawn(a.clone(), keys(), keys().root());
     assert_exact(&cache, &mut client, "before the restart").await;
+    // Subscribed after the first list: its first update is the whole registry.
+    let mut follower = Follower::new(&cache);
+    follower
+        .assert_exact(&mut client, "before the restart")
+        .await;
+    assert_eq!(follower.updates, 1);
 
     let mut status = cache.status();
     etcd.kill();
@@ -254,6 +379,9 @@ async fn watch_cache_stays_exact_across_etcd_restart() {
     changed.tags = vec!["rewritten".into()];
     put(&mut client, &changed).await;
     assert_exact(&cache, &mut client, "after etcd came back").await;
+    follower
+        .assert_exact(&mut client, "after etcd came back")
+        .await;
     assert_eq!(cache.current().endpoints.len(), 30);
     tokio::time::timeout(
         DEADLINE,
@@ -273,6 +401,9 @@ async fn watch_cache_stays_exact_across_etcd_restart() {
         .unwrap();
     put(&mut client, &endpoint("node-c", "db", 99)).await;
     assert_exact(&cache, &mut client, "after a clean stop and start").await;
+    follower
+        .assert_exact(&mut client, "after a clean stop and start")
+        .await;
     assert_eq!(cache.current().endpoints.len(), 1);
 }
 

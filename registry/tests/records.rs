@@ -245,6 +245,26 @@ fn non_utf8_and_oversize_and_garbage_records_are_rejected() {
 }
 
 #[test]
+fn an_instance_id_must_start_with_its_node_name() {
+    // node-b cannot reuse node-a's instance id (nor collide with it as a server name).
+    let key = "/flotilla/endpoints/node-b/web/node-a-0123456789ab-80";
+    let mut v = good_json();
+    v["node"] = json!("node-b");
+    let err = Endpoint::decode(&keys(), key, &serde_json::to_vec(&v).unwrap()).unwrap_err();
+    assert_eq!(err.field, "instance", "{err}");
+    assert!(
+        err.reason.contains("must start with the node name"),
+        "{err}"
+    );
+    // Nor may it be the node name alone.
+    let mut ep = good();
+    ep.instance = "node-a-".into();
+    assert_eq!(ep.encode(&keys()).unwrap_err().field, "instance");
+    ep.instance = "node-ab-0123456789ab-80".into();
+    assert_eq!(ep.encode(&keys()).unwrap_err().field, "instance");
+}
+
+#[test]
 fn key_path_must_agree_with_body() {
     for (field, value) in [
         ("node", "node-b"),
@@ -290,6 +310,7 @@ fn node_records_validate() {
         version: "0.1.0".into(),
         started_at: "2026-11-22T07:33:12Z".into(),
         advertise_ip: "10.0.0.7".parse().unwrap(),
+        labels: Default::default(),
     };
     let bytes = node.encode(&keys).unwrap();
     assert_eq!(

@@ -108,6 +108,9 @@ max_drop = "100%"
         });
 
         let endpoints = etcd.endpoint();
+        let node = format!("e2e-{tag}-{}", std::process::id());
+        // confgen runs on the same host as presence: `--node` lets it route the loopback
+        // addresses this host's presence announces (from any other node they are refused).
         let confgen = Daemon::start(
             "confgen",
             &bin("confgen"),
@@ -117,10 +120,11 @@ max_drop = "100%"
                 confdir.display().to_string(),
                 "--etcd-endpoints".into(),
                 endpoints,
+                "--node".into(),
+                node.clone(),
             ],
             d,
         );
-        let node = format!("e2e-{tag}-{}", std::process::id());
         let test_label = unique_name(tag);
         let mut chain = Chain {
             presence: None,

@@ -3,6 +3,8 @@
 //! through `flotilla_registry`'s encoding, and small HTTP helpers.
 #![allow(dead_code)]
 
+pub mod setup;
+
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -187,6 +189,9 @@ impl Confgen {
             clean_env(Command::new(confgen_bin()))
         };
         let env = env.iter().filter(|(k, _)| *k != "WATCHDOG_PID");
+        // Every test endpoint is on 127.0.0.1 (one machine plays every node): loopback
+        // addresses are allowed unless a test says otherwise (FLOTILLA_ALLOW_LOOPBACK=false).
+        cmd.env("FLOTILLA_ALLOW_LOOPBACK", "true");
         let child = cmd
             .arg("run")
             .arg("--confdir")
@@ -328,6 +333,8 @@ pub fn confgen(args: &[&str]) -> Output {
     let child = clean_env(Command::new(confgen_bin()))
         .args(args)
         .env("RUST_LOG", "info")
+        // As for the daemon: test endpoints are all on 127.0.0.1.
+        .env("FLOTILLA_ALLOW_LOOPBACK", "true")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -352,11 +359,14 @@ pub fn confgen(args: &[&str]) -> Output {
     }
 }
 
-/// Writes records to a real etcd through `flotilla_registry`'s encoding.
+/// Writes records to a real etcd through `flotilla_registry`'s encoding. As presence does, a
+/// node record is written before the first endpoint of each node (confgen routes only
+/// endpoints whose node has a live record).
 pub struct Registry {
     rt: tokio::runtime::Runtime,
     client: etcd_client::Client,
     pub keys: Keys,
+    nodes: std::cell::RefCell<std::collections::BTreeSet<String>>,
 }
 
 impl Registry {
@@ -372,6 +382,40 @@ impl Registry {
             rt,
             client,
             keys: Keys::new("/flotilla").unwrap(),
+            nodes: Default::default(),
+        }
+    }
+
+    /// The node record of `node` (as presence writes it).
+    pub fn node_record(&self, node: &str) -> (String, Vec<u8>) {
+        let n = flotilla_registry::Node {
+            node: node.into(),
+            version: "0.1.0".into(),
+            started_at: "2026-01-01T00:00:00Z".into(),
+            advertise_ip: "127.0.0.1".parse().unwrap(),
+            labels: Default::default(),
+        };
+        (
+            self.keys.node(node),
+            n.encode(&self.keys).expect("valid node"),
+        )
+    }
+
+    /// Writes the node record of every node of `keys` not written yet by this helper.
+    fn ensure_nodes<'a>(&self, keys: impl IntoIterator<Item = &'a str>) {
+        let mut todo = Vec::new();
+        for k in keys {
+            if let Some(flotilla_registry::KeyKind::Endpoint { node, .. }) = self.keys.parse(k) {
+                if self.nodes.borrow_mut().insert(node.to_owned()) {
+                    todo.push(self.node_record(node));
+                }
+            }
+        }
+        for (k, v) in todo {
+            let mut c = self.client.clone();
+            self.rt
+                .block_on(c.put(k.clone(), v, None))
+                .unwrap_or_else(|e| panic!("put {k}: {e}"));
         }
     }
 
@@ -414,7 +458,16 @@ impl Registry {
         )
     }
 
+    /// Puts `key` as given, without writing a node record first.
+    pub fn put_raw(&self, key: &str, value: impl Into<Vec<u8>>) {
+        let mut c = self.client.clone();
+        self.rt
+            .block_on(c.put(key, value.into(), None))
+            .unwrap_or_else(|e| panic!("put {key}: {e}"));
+    }
+
     pub fn put(&self, key: &str, value: impl Into<Vec<u8>>) {
+        self.ensure_nodes([key]);
         let mut c = self.client.clone();
         self.rt
             .block_on(c.put(key, value.into(), None))
@@ -449,6 +502,7 @@ impl Registry {
 
     /// Puts every pair in one transaction (one revision: "at once").
     pub fn put_at_once(&self, kvs: &[(&str, &str)]) {
+        self.ensure_nodes(kvs.iter().map(|(k, _)| *k));
         let ops: Vec<etcd_client::TxnOp> = kvs
             .iter()
             .map(|(k, v)| etcd_client::TxnOp::put(*k, *v, None))
@@ -461,6 +515,7 @@ impl Registry {
 
     /// Puts every pair as its own request (its own revision), `parallel` in flight at a time.
     pub fn put_each(&self, kvs: Vec<(String, Vec<u8>)>, parallel: usize) {
+        self.ensure_nodes(kvs.iter().map(|(k, _)| k.as_str()));
         let client = self.client.clone();
         self.rt.block_on(async move {
             use futures::StreamExt;
