@@ -56,17 +56,7 @@ fn endpoint(i: usize, services: usize, port: u16) -> Endpoint {
     let node = format!("node-{:02}", i % NODES);
     let container = format!("{:012x}", 0xbe00_0000_0000u64 + i as u64);
     let service = format!("svc-{s:04}");
-    let mut meta = BTreeMap::new();
-    if s % 10 == 1 {
-        meta.insert("path".to_string(), format!("/{service}"));
-    }
-    if s % 25 == 3 {
-        meta.insert("check_path".to_string(), "/health".to_string());
-    }
-    if s % 100 == 7 {
-        meta.insert("mode".to_string(), "tcp".to_string());
-        meta.insert("service_port".to_string(), (20000 + s).to_string());
-    }
+    let meta = BTreeMap::new();
     let n = i + 1;
     Endpoint {
         instance: format!("{node}-{container}-8080"),
@@ -89,15 +79,61 @@ fn marker(ep: &Endpoint) -> String {
     format!(" {}:{} check", ep.host, ep.port)
 }
 
-async fn load(client: &Client, keys: &Keys, eps: &[Endpoint]) {
-    let batches: Vec<Vec<TxnOp>> = eps
-        .chunks(TXN_OPS)
-        .map(|c| {
-            c.iter()
-                .map(|ep| TxnOp::put(ep.key(keys), ep.encode(keys).unwrap(), None))
-                .collect()
+/// The operator's service settings (`<prefix>/config/services/<svc>/`): every 10th service has a
+/// path route, every 25th an HTTP check, every 100th is a TCP service on its own port.
+fn settings(keys: &Keys, services: usize) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for s in 0..services {
+        let service = format!("svc-{s:04}");
+        if s % 10 == 1 {
+            out.push((keys.service_setting(&service, "path"), format!("/{service}")));
+        }
+        if s % 25 == 3 {
+            out.push((keys.service_setting(&service, "check_path"), "/health".into()));
+        }
+        if s % 100 == 7 {
+            out.push((keys.service_setting(&service, "mode"), "tcp".into()));
+            out.push((
+                keys.service_setting(&service, "service_port"),
+                (20000 + s).to_string(),
+            ));
+        }
+    }
+    out
+}
+
+/// The node records of the synthetic nodes (confgen routes only endpoints of live nodes).
+fn nodes(keys: &Keys) -> Vec<(String, Vec<u8>)> {
+    (0..NODES)
+        .map(|i| {
+            let n = flotilla_registry::Node {
+                node: format!("node-{i:02}"),
+                version: "bench".into(),
+                started_at: "2026-12-01T00:00:00Z".into(),
+                advertise_ip: "127.0.0.1".parse().unwrap(),
+                labels: Default::default(),
+            };
+            (keys.node(&n.node), n.encode(keys).unwrap())
         })
+        .collect()
+}
+
+async fn load(client: &Client, keys: &Keys, eps: &[Endpoint], services: usize) {
+    let mut first: Vec<TxnOp> = nodes(keys)
+        .into_iter()
+        .map(|(k, v)| TxnOp::put(k, v, None))
         .collect();
+    first.extend(
+        settings(keys, services)
+            .into_iter()
+            .map(|(k, v)| TxnOp::put(k, v, None)),
+    );
+    let mut batches: Vec<Vec<TxnOp>> = first.chunks(TXN_OPS).map(<[TxnOp]>::to_vec).collect();
+    batches.extend(eps.chunks(TXN_OPS).map(|c| {
+        c.iter()
+            .map(|ep| TxnOp::put(ep.key(keys), ep.encode(keys).unwrap(), None))
+            .collect()
+    }));
     futures::stream::iter(batches)
         .map(|ops| {
             let mut c = client.clone();
@@ -288,7 +324,8 @@ impl Daemon {
         let child = cmd
             .args(["run", "--confdir"])
             .arg(s.confdir())
-            .args(["--etcd-endpoints", &s.etcd_url, "--metrics-addr", &metrics])
+            // Synthetic endpoints are 127.x.y.z addresses on 50 simulated nodes.
+            .args(["--allow-loopback", "--etcd-endpoints", &s.etcd_url, "--metrics-addr", &metrics])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -519,7 +556,7 @@ fn round(
         let out = cmd
             .args(["run", "--onetime", "--confdir"])
             .arg(s.confdir())
-            .args(["--etcd-endpoints", &s.etcd_url])
+            .args(["--allow-loopback", "--etcd-endpoints", &s.etcd_url])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .output()
@@ -587,7 +624,7 @@ fn main() {
             .unwrap();
         let mut eps: Vec<Endpoint> = (0..n).map(|i| endpoint(i, services, 8080)).collect();
         let t = Instant::now();
-        rt.block_on(load(&client, &keys, &eps));
+        rt.block_on(load(&client, &keys, &eps, services));
         println!(
             "\n## {n} endpoints in {services} services (loaded in {:.1} s)",
             t.elapsed().as_secs_f64()

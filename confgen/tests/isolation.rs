@@ -440,3 +440,79 @@ fn one_node_flooding_the_registry_is_capped_and_the_others_keep_updating() {
     assert_eq!(failed, 0);
     s.confgen().assert_running();
 }
+
+/// With real credentials (etcd TLS + RBAC, as docs/OPERATIONS.md lays them out): a host whose
+/// credentials are valid announces another team's service; the claim policy, which only the
+/// policy role may write, keeps it out of every config, and the host cannot change the policy.
+#[test]
+fn a_host_with_valid_credentials_cannot_join_another_teams_service() {
+    use flotilla_harness::etcd::TlsEtcd;
+    let t = TlsEtcd::start();
+    let login = |user: &str, password: &str| flotilla_registry::EtcdArgs {
+        endpoints: vec![t.etcd.endpoint()],
+        cacert: Some(t.tls.ca.clone()),
+        cert: Some(t.tls.client_cert.clone()),
+        key: Some(t.tls.client_key.clone()),
+        user: Some(user.into()),
+        password: Some(password.into()),
+        ..flotilla_registry::EtcdArgs::default()
+    };
+    let node_a = common::Registry::connect_with(&login("node-a", "node-a-secret"));
+    let node_b = common::Registry::connect_with(&login("node-b", "node-b-secret"));
+    let policy = common::Registry::connect_with(&login("policy-admin", "policy-admin-secret"));
+    policy.put("/flotilla/policy/services/web", r#"{"nodes": ["node-a"]}"#);
+    node_a.put_endpoint("node-a", "web", 1, 8001);
+    // node-b: its own prefix, a valid record, another team's service.
+    let rogue = node_b.put_endpoint("node-b", "web", 2, 8002);
+    node_b.put_endpoint("node-b", "api", 3, 8003);
+    // Nor can it open the service for itself.
+    let err = node_b
+        .try_put("/flotilla/policy/services/web", r#"{"nodes": ["node-b"]}"#)
+        .unwrap_err();
+    assert!(err.contains("permission denied"), "{err}");
+
+    let confdir = common::Confdir::new();
+    confdir.template(
+        "list.tmpl",
+        "{% for name, eps in services %}{% for ep in eps %}{{ name }} {{ ep.instance }}\n{% endfor %}{% endfor %}",
+    );
+    confdir.resource(
+        "list",
+        &format!(
+            "[template]\nsrc = \"list.tmpl\"\ndest = \"{}\"\nprefix = \"/flotilla\"\nkeys = [\"/endpoints/\"]\n",
+            confdir.out("list").display()
+        ),
+    );
+    let (ca, cert, key) = (
+        t.tls.ca.display().to_string(),
+        t.tls.client_cert.display().to_string(),
+        t.tls.client_key.display().to_string(),
+    );
+    let mut c = common::Confgen::start_with_env(
+        &confdir,
+        &t.etcd.endpoint(),
+        &[],
+        &[
+            ("FLOTILLA_ETCD_CACERT", &ca),
+            ("FLOTILLA_ETCD_CERT", &cert),
+            ("FLOTILLA_ETCD_KEY", &key),
+            ("FLOTILLA_ETCD_USER", "reader"),
+            ("FLOTILLA_ETCD_PASSWORD", "reader-secret"),
+        ],
+    );
+    let want = "api node-b-c0ffee000003-8080\nweb node-a-c0ffee000001-8080\n";
+    wait_for("the file without node-b's web", Duration::from_secs(30), || {
+        c.assert_running();
+        (read(&confdir.out("list")) == want).then_some(())
+    });
+    let log = c.wait_log("endpoint left out", Duration::from_secs(10));
+    assert!(
+        log.lines().any(|l| l.contains(&rogue) && l.contains("claim policy")),
+        "{}",
+        tail(&log, 20)
+    );
+    assert_eq!(
+        c.metric("confgen_endpoints_excluded", &[("reason", "claim")]),
+        1.0
+    );
+}

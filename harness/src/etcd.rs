@@ -284,10 +284,19 @@ pub struct TlsEtcd {
 
 impl TlsEtcd {
     /// `(user, password)` pairs created by [`TlsEtcd::start`].
-    pub const USERS: [(&'static str, &'static str); 3] = [
+    ///
+    /// - `reader`: read `/flotilla/` (confgen, `proxyctl ls`);
+    /// - `node-a`, `node-b`: readwrite their own endpoints and node key (presence);
+    /// - `config-admin`: readwrite `/flotilla/config/` (template settings and service settings:
+    ///   root-equivalent on proxy hosts, see docs/OPERATIONS.md);
+    /// - `policy-admin`: readwrite `/flotilla/policy/` (service claim policies).
+    pub const USERS: [(&'static str, &'static str); 6] = [
         ("root", "rootpw"),
         ("reader", "reader-secret"),
         ("node-a", "node-a-secret"),
+        ("node-b", "node-b-secret"),
+        ("config-admin", "config-admin-secret"),
+        ("policy-admin", "policy-admin-secret"),
     ];
 
     /// Generates certificates, starts etcd with TLS, creates users and roles and enables auth.
@@ -322,23 +331,40 @@ impl TlsEtcd {
             "--prefix=true",
         ]);
         ctl(&["user", "grant-role", "reader", "flotilla-read"]);
-        ctl(&["role", "add", "node-a"]);
-        ctl(&[
-            "role",
-            "grant-permission",
-            "node-a",
-            "readwrite",
-            "/flotilla/endpoints/node-a/",
-            "--prefix=true",
-        ]);
-        ctl(&[
-            "role",
-            "grant-permission",
-            "node-a",
-            "readwrite",
-            "/flotilla/nodes/node-a",
-        ]);
-        ctl(&["user", "grant-role", "node-a", "node-a"]);
+        for node in ["node-a", "node-b"] {
+            ctl(&["role", "add", node]);
+            ctl(&[
+                "role",
+                "grant-permission",
+                node,
+                "readwrite",
+                &format!("/flotilla/endpoints/{node}/"),
+                "--prefix=true",
+            ]);
+            ctl(&[
+                "role",
+                "grant-permission",
+                node,
+                "readwrite",
+                &format!("/flotilla/nodes/{node}"),
+            ]);
+            ctl(&["user", "grant-role", node, node]);
+        }
+        for (user, prefix) in [
+            ("config-admin", "/flotilla/config/"),
+            ("policy-admin", "/flotilla/policy/"),
+        ] {
+            ctl(&["role", "add", user]);
+            ctl(&[
+                "role",
+                "grant-permission",
+                user,
+                "readwrite",
+                prefix,
+                "--prefix=true",
+            ]);
+            ctl(&["user", "grant-role", user, user]);
+        }
         ctl(&["user", "grant-role", "root", "root"]);
         ctl(&["auth", "enable"]);
         TlsEtcd { etcd: e, tls }

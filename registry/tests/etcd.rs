@@ -552,3 +552,49 @@ async fn tls_and_password_auth() {
         "{msg}"
     );
 }
+
+/// The roles of docs/OPERATIONS.md "etcd access": a host's credentials reach only its own
+/// endpoints and node key; template and service settings (`/config/`, root-equivalent on proxy
+/// hosts) and claim policies (`/policy/`) each have their own role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_writes_only_its_own_prefix() {
+    let t = TlsEtcd::start();
+    let login = |user: &str, password: &str| EtcdArgs {
+        endpoints: vec![t.etcd.endpoint()],
+        cacert: Some(t.tls.ca.clone()),
+        cert: Some(t.tls.client_cert.clone()),
+        key: Some(t.tls.client_key.clone()),
+        user: Some(user.into()),
+        password: Some(password.into()),
+        ..EtcdArgs::default()
+    };
+    let keys_under_test = [
+        "/flotilla/endpoints/node-a/web/node-a-0123456789ab-80",
+        "/flotilla/nodes/node-a",
+        "/flotilla/endpoints/node-b/web/node-b-0123456789ab-80",
+        "/flotilla/config/haproxy/stats_socket",
+        "/flotilla/config/services/web/path",
+        "/flotilla/policy/services/web",
+    ];
+    for (user, password, allowed) in [
+        ("node-a", "node-a-secret", &[0usize, 1][..]),
+        ("node-b", "node-b-secret", &[2][..]),
+        ("config-admin", "config-admin-secret", &[3, 4][..]),
+        ("policy-admin", "policy-admin-secret", &[5][..]),
+        ("reader", "reader-secret", &[][..]),
+    ] {
+        let mut c = login(user, password)
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("{user} connects: {e}"));
+        for (i, key) in keys_under_test.iter().enumerate() {
+            let r = c.put(*key, "x", None).await;
+            if allowed.contains(&i) {
+                r.unwrap_or_else(|e| panic!("{user} may write {key}: {e}"));
+            } else {
+                let e = r.expect_err(&format!("{user} must not write {key}"));
+                assert!(e.to_string().contains("permission denied"), "{user} {key}: {e}");
+            }
+        }
+    }
+}

@@ -386,6 +386,32 @@ impl Registry {
         }
     }
 
+    /// Connects with `args` (TLS, user and password: the RBAC tests).
+    pub fn connect_with(args: &flotilla_registry::EtcdArgs) -> Registry {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let client = rt
+            .block_on(args.connect())
+            .unwrap_or_else(|e| panic!("connect to etcd as {:?}: {e}", args.user));
+        Registry {
+            rt,
+            client,
+            keys: Keys::new("/flotilla").unwrap(),
+            nodes: Default::default(),
+        }
+    }
+
+    /// Puts `key`, returning etcd's error instead of failing.
+    pub fn try_put(&self, key: &str, value: impl Into<Vec<u8>>) -> Result<(), String> {
+        let mut c = self.client.clone();
+        self.rt
+            .block_on(c.put(key, value.into(), None))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
     /// The node record of `node` (as presence writes it).
     pub fn node_record(&self, node: &str) -> (String, Vec<u8>) {
         let n = flotilla_registry::Node {
