@@ -694,16 +694,21 @@ fn a_kill_between_write_and_reload_is_followed_by_a_reload_after_restart() {
     let confdir = Confdir::new();
     confdir.template("a.tmpl", LIST);
     confdir.template("b.tmpl", "b {{ services | length }}\n");
-    // a is written first; b's check then takes 3 s, and the batch's reloads run after it.
+    // a is written first; b's check then takes 25 s while the file `slow` exists (the kill
+    // must land while it runs: with a 3 s check a loaded machine once let the check end and
+    // the batch's reload of a start before the kill, and that orphaned reload was counted as
+    // the restarted run's), and the batch's reloads run after it.
     let (a_dest, a_reloads) = resource(&confdir, "a", "a.tmpl", "");
     let b_check = confdir.path().join("b-check-started");
+    let slow = confdir.path().join("slow");
     resource(
         &confdir,
         "b",
         "b.tmpl",
         &format!(
-            "check_cmd = \"touch {} && sleep 3 && test -s {{{{src}}}}\"\n",
-            b_check.display()
+            "check_cmd = \"touch {} && if [ -e {} ]; then sleep 25; fi && test -s {{{{src}}}}\"\n",
+            b_check.display(),
+            slow.display()
         ),
     );
     let mut c = Confgen::start(&confdir, &etcd.endpoint(), &[]);
@@ -712,6 +717,7 @@ fn a_kill_between_write_and_reload_is_followed_by_a_reload_after_restart() {
         (count_lines(&a_reloads) == 1).then_some(())
     });
     std::fs::remove_file(&b_check).unwrap();
+    std::fs::write(&slow, "").unwrap();
 
     reg.put_endpoint("node-a", "web", 1, 8001);
     wait_for(
@@ -723,6 +729,7 @@ fn a_kill_between_write_and_reload_is_followed_by_a_reload_after_restart() {
     assert_eq!(count_lines(&a_reloads), 1, "a was reloaded before the kill");
     // The check command runs in its own process group and outlives a SIGKILLed confgen: end it.
     kill_processes_mentioning(&b_check.display().to_string());
+    std::fs::remove_file(&slow).unwrap();
 
     // The file is new and the proxy has not loaded it: the next run reloads it.
     let mut c = Confgen::start(&confdir, &etcd.endpoint(), &[]);
@@ -752,7 +759,8 @@ fn a_kill_between_write_and_reload_is_followed_by_a_reload_after_restart() {
     assert_eq!(
         count_lines(&a_reloads),
         2,
-        "a restart without changes reloaded"
+        "a restart without changes reloaded:\n{}",
+        tail(&c.log(), 40)
     );
 }
 
@@ -851,10 +859,11 @@ fn kill_processes_mentioning(needle: &str) {
         };
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
         if String::from_utf8_lossy(&cmdline).contains(needle) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            // The shell leads its own process group (as confgen starts commands): end the
+            // whole group, its `sleep` too.
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
         }
     }
 }
