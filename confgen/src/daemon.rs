@@ -170,7 +170,13 @@ fn load_engine(res: &Resource, view: &View, scope: &Scope) -> Result<Engine, Tem
     let dir = res.src.parent().map(Path::to_path_buf).unwrap_or_default();
     // src_name may contain subdirectories; the templates dir is confdir/templates.
     let templates_dir = templates_dir_of(res).unwrap_or(dir);
-    Engine::load(&templates_dir, &res.src_name, view.store(), scope.clone())
+    let engine = Engine::load(&templates_dir, &res.src_name, view.store(), scope.clone());
+    if let Ok(e) = &engine {
+        if e.memoised() {
+            debug!(resource = %res.name, "the template's `for … in services` loops are rendered once per service and kept until it changes");
+        }
+    }
+    engine
 }
 
 fn templates_dir_of(res: &Resource) -> Option<PathBuf> {

@@ -6,6 +6,7 @@ mod admit;
 mod apply;
 mod daemon;
 mod funcs;
+mod memo;
 mod metrics;
 mod resource;
 mod template;

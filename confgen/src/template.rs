@@ -20,6 +20,7 @@ use tera::ast::{Block, Node};
 use tera::{Context, Tera};
 
 use crate::funcs::{self, SharedRouteCache};
+use crate::memo::{self, Memo};
 use crate::view::{Scope, Store, TemplateData};
 
 /// The function that instrumented templates call before each tag.
@@ -82,6 +83,9 @@ pub struct Engine {
     cache: Arc<Mutex<FragCache>>,
     routes: SharedRouteCache,
     fragment_renders: std::sync::atomic::AtomicU64,
+    /// The template with its `for name, eps in services` loops memoised, if it has any that
+    /// can be (see [`crate::memo`]); `tera` is then used for errors only.
+    fast: Option<(Tera, Arc<Memo>)>,
     /// Every file this template was loaded from (to watch them).
     pub files: Vec<PathBuf>,
 }
@@ -150,8 +154,10 @@ impl Engine {
         let cache = Arc::new(Mutex::new(FragCache::default()));
         let routes = SharedRouteCache::default();
         let tera = build(&sources, &store, &scope, &cache, &routes, None)?;
+        let fast = build_fast(name, &sources, &store, &scope, &cache, &routes);
         Ok(Engine {
             name: name.to_string(),
+            fast,
             tera,
             files: sources.keys().map(|n| dir.join(n)).collect(),
             sources,
@@ -178,6 +184,66 @@ impl Engine {
     /// Renders into `out` (cleared first) from `data`. Per-service fragments whose service
     /// changed are rendered first; the others come from the cache.
     pub fn render(&self, data: &mut TemplateData, out: &mut Vec<u8>) -> Result<(), TemplateError> {
+        if let Some((fast, memo)) = &self.fast {
+            if self.render_fast(fast, memo, data, out).is_ok() {
+                return Ok(());
+            }
+            // An error: render the template as written, which locates it (template, line,
+            // column) exactly as without memoisation.
+        }
+        self.render_plain(data, out)
+    }
+
+    /// True if this template's `for … in services` loops are memoised.
+    pub fn memoised(&self) -> bool {
+        self.fast.is_some()
+    }
+
+    fn render_fast(
+        &self,
+        fast: &Tera,
+        memo: &Memo,
+        data: &mut TemplateData,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ()> {
+        out.clear();
+        let mut root = data.take_root();
+        if self.render_fragments(data, &mut root).is_err() {
+            data.restore(root);
+            return Err(());
+        }
+        let services = match root.remove("services") {
+            Some(Value::Object(m)) => m,
+            _ => Map::new(),
+        };
+        *memo.input.lock().expect("memo input lock") = memo::RenderInput {
+            services: Some(services),
+            versions: data.versions().clone(),
+            epoch: data.epoch(),
+        };
+        let ctx = Context::from_value(Value::Object(root)).expect("an object is a context");
+        let result = fast.render_to(&self.name, &ctx, &mut *out);
+        let mut root = match ctx.into_json() {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        };
+        let services = memo
+            .input
+            .lock()
+            .expect("memo input lock")
+            .services
+            .take()
+            .unwrap_or_default();
+        root.insert("services".into(), Value::Object(services));
+        data.restore(root);
+        result.map_err(|_| ())
+    }
+
+    fn render_plain(
+        &self,
+        data: &mut TemplateData,
+        out: &mut Vec<u8>,
+    ) -> Result<(), TemplateError> {
         out.clear();
         let mut root = data.take_root();
         if let Err(e) = self.render_fragments(data, &mut root) {
@@ -210,10 +276,14 @@ impl Engine {
         }
     }
 
-    /// How many per-service fragments were rendered so far (cache misses).
+    /// How many per-service fragments (and memoised loop bodies) were rendered so far (cache
+    /// misses).
     pub fn fragment_renders(&self) -> u64 {
         self.fragment_renders
             .load(std::sync::atomic::Ordering::Relaxed)
+            + self.fast.as_ref().map_or(0, |(_, m)| {
+                m.renders.load(std::sync::atomic::Ordering::Relaxed)
+            })
     }
 
     /// Renders every `per_service` fragment for every service whose endpoints changed since its
@@ -346,6 +416,40 @@ impl Engine {
         }
         (root, err)
     }
+}
+
+/// The memoised variant of template `name`, if it has loops that can be memoised: a Tera with
+/// the transformed main template and the memo function, and the memo with the fragments.
+fn build_fast(
+    name: &str,
+    sources: &BTreeMap<String, String>,
+    store: &Store,
+    scope: &Arc<Scope>,
+    cache: &Arc<Mutex<FragCache>>,
+    routes: &SharedRouteCache,
+) -> Option<(Tera, Arc<Memo>)> {
+    let t = memo::transform(sources.get(name)?)?;
+    if memo::others_use_services(sources, name) {
+        return None;
+    }
+    let mut with_fragments = sources.clone();
+    for l in &t.loops {
+        with_fragments.insert(
+            memo::fragment_name(l.id),
+            format!("{}{}", t.imports, l.body),
+        );
+    }
+    let frag_tera = build(&with_fragments, store, scope, cache, routes, None).ok()?;
+    let memo = Arc::new(Memo::new(frag_tera, t.loops.clone()));
+    let mut main_sources = sources.clone();
+    main_sources.insert(name.to_string(), t.main);
+    let mut fast = build(&main_sources, store, scope, cache, routes, None).ok()?;
+    let m = memo.clone();
+    fast.register_function(
+        memo::MEMO_FN,
+        move |args: &std::collections::HashMap<String, Value>| m.call(args),
+    );
+    Some((fast, memo))
 }
 
 /// Where an instrumented render last was: (template, line, column).
@@ -902,5 +1006,108 @@ mod tests {
             render(&e.unwrap(), serde_json::json!({})).unwrap(),
             "<}}{{ x }}>"
         );
+    }
+
+    /// Templates of the obvious kind (one loop over `services`), memoised: the bytes equal a plain
+    /// Tera render of the same template, over random registries and random change sequences.
+    mod memo_equivalence {
+        use super::*;
+        use crate::view::tests::{ep_meta, node_json, Sync};
+        use proptest::prelude::*;
+
+        const TEMPLATES: [&str; 3] = [
+            // confd style: one block per service, a nested loop, filters, an outer variable.
+            "{% set domain = getv(key=\"/flotilla/config/d\", default=\"local\") %}# head\n\
+             {% for name, eps in services %}backend {{ name }}.{{ domain }}\n\
+             {% for ep in eps | healthy %}  server {{ ep.instance }} {{ ep.addr }}{% if ep.meta.weight %} weight {{ ep.meta.weight }}{% endif %}{% if loop.last %} # last{% endif %}\n{% endfor %}\
+             {% endfor %}# tail {{ domain }}\n",
+            // whitespace control on both loop tags, and a set inside the body.
+            "x\n{%- for name, eps in services -%}\n  {% set n = eps | length %}{{ name }}={{ n }}\n{%- endfor %}\ny",
+            // two memoised loops and text between.
+            "{% for s, e in services %}[{{ s }}]{% endfor %} | {% for s, e in services %}{{ e | length }},{% endfor %}",
+        ];
+
+        fn registry(eps: &[(u8, u8, u8, bool)], domain: Option<u8>) -> BTreeMap<String, Vec<u8>> {
+            let mut kvs: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+            for node in ["a", "b", "c"] {
+                let (k, v) = node_json(node);
+                kvs.insert(k, v);
+            }
+            for (i, (svc, node, host, weighted)) in eps.iter().enumerate() {
+                let node = ["a", "b", "c"][*node as usize % 3];
+                let service = format!("s{}", svc % 6);
+                let weight = weighted.then(|| (host % 10).to_string());
+                let meta: Vec<(&str, &str)> =
+                    weight.iter().map(|w| ("weight", w.as_str())).collect();
+                let (k, v) = ep_meta(
+                    node,
+                    &service,
+                    i as u32,
+                    &format!("10.0.{}.{host}", svc % 6),
+                    &meta,
+                );
+                kvs.insert(k, v);
+            }
+            if let Some(d) = domain {
+                kvs.insert("/flotilla/config/d".into(), format!("d{d}").into_bytes());
+            }
+            kvs
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(48))]
+            #[test]
+            fn memoised_renders_equal_plain_renders(
+                steps in proptest::collection::vec(
+                    (proptest::collection::vec((0u8..8, 0u8..3, 1u8..250, any::<bool>()), 0..14), proptest::option::of(0u8..3)),
+                    1..7,
+                ),
+                which in 0usize..3,
+            ) {
+                let dir = tempfile::tempdir().unwrap();
+                std::fs::write(dir.path().join("main.tmpl"), TEMPLATES[which]).unwrap();
+                let mut sync = Sync::new();
+                let engine = Engine::load(dir.path(), "main.tmpl", sync.view.store(), Scope::everything()).unwrap();
+                prop_assert!(engine.memoised(), "template {} is not memoised", which);
+                let mut data = TemplateData::new(Scope::everything());
+                let (mut fast, mut plain) = (Vec::new(), Vec::new());
+                for (eps, domain) in &steps {
+                    sync.to(&registry(eps, *domain), &mut data);
+                    engine.render(&mut data, &mut fast).unwrap();
+                    engine.render_plain(&mut data, &mut plain).unwrap();
+                    prop_assert_eq!(String::from_utf8_lossy(&fast), String::from_utf8_lossy(&plain));
+                }
+            }
+        }
+
+        #[test]
+        fn an_unchanged_service_is_not_rendered_again() {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("main.tmpl"), TEMPLATES[0]).unwrap();
+            let mut sync = Sync::new();
+            let engine = Engine::load(
+                dir.path(),
+                "main.tmpl",
+                sync.view.store(),
+                Scope::everything(),
+            )
+            .unwrap();
+            let mut data = TemplateData::new(Scope::everything());
+            let mut out = Vec::new();
+            let mut eps: Vec<(u8, u8, u8, bool)> =
+                (0..12).map(|i| (i % 6, i % 3, 10 + i, false)).collect();
+            sync.to(&registry(&eps, None), &mut data);
+            engine.render(&mut data, &mut out).unwrap();
+            assert_eq!(engine.fragment_renders(), 6);
+            // One endpoint of one service changes: one body rendered.
+            eps[0].2 = 99;
+            sync.to(&registry(&eps, None), &mut data);
+            engine.render(&mut data, &mut out).unwrap();
+            assert_eq!(engine.fragment_renders(), 7);
+            // The outer variable changes (a config key): all of them.
+            sync.to(&registry(&eps, Some(1)), &mut data);
+            engine.render(&mut data, &mut out).unwrap();
+            assert_eq!(engine.fragment_renders(), 13);
+        }
     }
 }

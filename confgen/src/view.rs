@@ -159,6 +159,11 @@ impl TemplateData {
         self.versions.get(service).copied().unwrap_or(0)
     }
 
+    /// The version of every service's list.
+    pub fn versions(&self) -> &std::collections::HashMap<String, u64> {
+        &self.versions
+    }
+
     /// Changes whenever something in scope other than an endpoint changed (config keys, nodes).
     pub fn epoch(&self) -> u64 {
         self.epoch
