@@ -4,6 +4,7 @@
 //! <prefix>/nodes/<node>                               -> Node
 //! <prefix>/endpoints/<node>/<service>/<instance>      -> Endpoint
 //! <prefix>/config/...                                 -> free-form keys templates may read
+//! <prefix>/rollouts/<service>                         -> the rollout in progress (unitgen)
 //! ```
 //!
 //! Node first, so etcd RBAC can confine each host's credentials to
@@ -36,6 +37,12 @@ pub enum KeyKind<'a> {
         service: &'a str,
         /// instance id
         instance: &'a str,
+    },
+    /// `<prefix>/rollouts/<service>`: the rollout of `service` in progress, held by
+    /// `unitgen rollout` under a lease (the key is the lock).
+    Rollout {
+        /// service name
+        service: &'a str,
     },
     /// `<prefix>/config/<rest>`
     Config {
@@ -103,6 +110,16 @@ impl Keys {
         format!("{}/config/", self.prefix)
     }
 
+    /// `<prefix>/rollouts/` — every rollout in progress.
+    pub fn rollouts(&self) -> String {
+        format!("{}/rollouts/", self.prefix)
+    }
+
+    /// `<prefix>/rollouts/<service>`
+    pub fn rollout(&self, service: &str) -> String {
+        format!("{}/rollouts/{service}", self.prefix)
+    }
+
     /// Classifies `key`. Returns `None` for keys outside the schema (wrong prefix, wrong depth,
     /// names that are not DNS labels / instance ids).
     pub fn parse<'a>(&self, key: &'a str) -> Option<KeyKind<'a>> {
@@ -126,6 +143,7 @@ impl Keys {
                 })
             }
             "config" if !rest.is_empty() => Some(KeyKind::Config { rest }),
+            "rollouts" => is_dns_label(rest).then_some(KeyKind::Rollout { service: rest }),
             _ => None,
         }
     }
@@ -141,4 +159,36 @@ pub fn prefix_end(prefix: &str) -> Vec<u8> {
         }
     }
     vec![0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rollout_keys_round_trip() {
+        let k = Keys::new("/flotilla").unwrap();
+        assert_eq!(k.rollouts(), "/flotilla/rollouts/");
+        assert_eq!(k.rollout("web"), "/flotilla/rollouts/web");
+        assert_eq!(
+            k.parse(&k.rollout("web")),
+            Some(KeyKind::Rollout { service: "web" })
+        );
+        assert!(k.rollout("web").starts_with(&k.rollouts()));
+        assert!(!k.rollout("web").starts_with(&k.endpoints()));
+    }
+
+    #[test]
+    fn rollout_keys_outside_the_schema_are_refused() {
+        let k = Keys::new("/flotilla").unwrap();
+        for bad in [
+            "/flotilla/rollouts/",
+            "/flotilla/rollouts/Web",
+            "/flotilla/rollouts/web/lock",
+            "/flotilla/rollouts/-web",
+            "/other/rollouts/web",
+        ] {
+            assert_eq!(k.parse(bad), None, "{bad}");
+        }
+    }
 }
