@@ -64,7 +64,7 @@ struct Rig {
     dir: PathBuf,
 }
 
-fn services_yaml(service: &str, label: &str, instances: u32, deadline: &str) -> String {
+fn services_yaml(service: &str, label: &str, instances: u32, rollout: &str) -> String {
     format!(
         r#"services:
   {service}:
@@ -87,16 +87,14 @@ fn services_yaml(service: &str, label: &str, instances: u32, deadline: &str) -> 
       interval: 1s
       timeout: 1s
       retries: 1
-    rollout:
-      max_unavailable: 1
-      max_surge: 0
-      progress_deadline: {deadline}
+    rollout: {rollout}
 "#
     )
 }
 
 impl Rig {
-    fn start(tag: &str, instances: u32, deadline: &str) -> Rig {
+    /// A rig whose service has `instances` and the `rollout:` settings `rollout` (YAML flow).
+    fn start(tag: &str, instances: u32, rollout: &str) -> Rig {
         images();
         let mut chain = Chain::start(tag);
         let service = format!("ro{}{tag}", std::process::id());
@@ -127,7 +125,7 @@ impl Rig {
 
         std::fs::write(
             dir.join("services.yaml"),
-            services_yaml(&service, &label, instances, deadline),
+            services_yaml(&service, &label, instances, rollout),
         )
         .unwrap();
         std::fs::write(
@@ -484,7 +482,11 @@ fn lock_text(dir: &Path) -> String {
 #[test]
 fn a_rollout_under_load_replaces_every_instance_one_at_a_time_without_failed_requests() {
     let t0 = Instant::now();
-    let rig = Rig::start("roll", 4, "60s");
+    let rig = Rig::start(
+        "roll",
+        4,
+        "{max_unavailable: 1, max_surge: 0, progress_deadline: 60s}",
+    );
     eprintln!("rig up in {:.1} s", t0.elapsed().as_secs_f64());
     let t1 = Instant::now();
     let (out, load) = rig.under_load(|| {
@@ -579,7 +581,11 @@ fn a_rollout_under_load_replaces_every_instance_one_at_a_time_without_failed_req
 
 #[test]
 fn a_tag_that_never_becomes_healthy_stops_after_the_first_batch_and_rolls_it_back() {
-    let rig = Rig::start("bad", 4, "12s");
+    let rig = Rig::start(
+        "bad",
+        4,
+        "{max_unavailable: 1, max_surge: 0, progress_deadline: 12s}",
+    );
     let (out, load) = rig.under_load(|| {
         let child = rig
             .rollout(BAD, "driver-bad")
@@ -621,7 +627,7 @@ fn a_tag_that_never_becomes_healthy_stops_after_the_first_batch_and_rolls_it_bac
 
 #[test]
 fn a_second_concurrent_rollout_is_refused_naming_the_holder() {
-    let rig = Rig::start("twice", 2, "60s");
+    let rig = Rig::start("twice", 2, "{max_unavailable: 1, progress_deadline: 60s}");
     let first = rig
         .rollout(NEW, "driver-first")
         .stdout(Stdio::piped())
@@ -663,4 +669,47 @@ fn a_second_concurrent_rollout_is_refused_naming_the_holder() {
             .trim(),
         ""
     );
+}
+
+#[test]
+fn a_surge_rollout_never_drops_below_full_strength() {
+    let rig = Rig::start(
+        "surge",
+        3,
+        "{max_unavailable: 0, max_surge: 1, progress_deadline: 60s}",
+    );
+    let (out, load) = rig.under_load(|| {
+        let child = rig
+            .rollout(NEW, "driver-surge")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_output(child, Duration::from_secs(240))
+    });
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("rollout output:\n{stderr}");
+    assert!(out.status.success(), "{stderr}\n{}", rig.diagnostics());
+    assert!(stderr.contains("surge: [1]"), "{stderr}");
+    assert!(
+        load.failed.is_empty(),
+        "{} requests failed: {:?}",
+        load.failed.len(),
+        &load.failed[..load.failed.len().min(5)]
+    );
+    let min = load.samples.iter().copied().min().unwrap_or(0);
+    assert!(
+        load.samples.len() > 20 && min >= 3,
+        "healthy instances in etcd fell to {min} with max_unavailable 0: {:?}",
+        load.samples
+    );
+    rig.wait_healthy(3, NEW, Duration::from_secs(10));
+    // The surge units are gone.
+    let units = rig
+        .machine
+        .as_ref()
+        .unwrap()
+        .exec(&["ls", "/etc/systemd/system"])
+        .unwrap();
+    assert!(!units.contains("-surge.service"), "{units}");
 }
