@@ -283,6 +283,18 @@ pub fn plan(
     Ok(c)
 }
 
+/// Everything `apply` checks before it changes anything (and before it connects to systemd):
+/// what it would do.
+pub fn preflight(
+    host: &str,
+    files: &[OutFile],
+    opts: &ApplyOptions,
+) -> Result<Changes, ApplyError> {
+    let desired = desired_units(host, files, opts.allow_empty)?;
+    let installed = installed_units(&opts.unit_dir)?;
+    plan(&opts.unit_dir, &desired, &installed)
+}
+
 /// Applies `files` (for every host) to this host, `host`.
 pub async fn apply(
     host: &str,

@@ -378,6 +378,7 @@ fn run_apply(a: &ApplyArgs) -> anyhow::Result<()> {
         job_timeout: a.job_timeout,
         allow_empty: a.allow_empty,
     };
+    apply::preflight(&a.host, &files, &opts)?;
     let report = runtime().block_on(async {
         let systemd = match &a.systemctl {
             Some(p) => Systemd::systemctl(p),
@@ -485,6 +486,8 @@ fn run_rollout(a: &RolloutArgs) -> anyhow::Result<String> {
         out_dir: a.plan.output.clone(),
         progress_deadline: a.progress_deadline,
     };
+    // Everything that can be checked without etcd or the hosts, first.
+    rollout::preflight(&loaded.job, &plan, &opts)?;
     let etcd = a.plan.etcd.clone();
     let summary = runtime().block_on(async move {
         let client = etcd

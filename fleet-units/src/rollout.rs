@@ -343,6 +343,93 @@ pub fn unit_name(svc: &str, instance: Instance) -> String {
     }
 }
 
+/// Checks, before anything changes or connects, that `opts.service` can be rolled out to
+/// `opts.tag`; returns its placement.
+pub fn preflight(
+    job: &Job,
+    plan: &SystemdPlan,
+    opts: &RolloutOptions,
+) -> Result<BTreeMap<u32, String>, RolloutError> {
+    let input_err = |paths: &[FieldPath], msg: String| {
+        RolloutError::Input(Error::Invalid(vec![job
+            .services
+            .error_at_first(paths, msg)]))
+    };
+    let name = &opts.service;
+    let Some(svc) = plan.spec.services.get(name) else {
+        let known: Vec<&String> = plan.spec.services.keys().collect();
+        return Err(RolloutError::Input(Error::Usage(format!(
+            "--service {name}: {} has no such service (services: {})",
+            job.services.name,
+            known
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))));
+    };
+    let o = &svc.origins;
+    if svc.health.is_none() {
+        return Err(input_err(&o.health, format!("{name} has no health check: a rollout moves on only when presence registers new instances as healthy, which needs one (`health: {{cmd: ...}}`)")));
+    }
+    if svc.registration.ignore {
+        return Err(input_err(std::slice::from_ref(&o.service), format!("{name} has flotilla.ignore: presence never registers it, so a rollout could never see it healthy")));
+    }
+    if svc.ports.is_empty() {
+        return Err(input_err(std::slice::from_ref(&o.service), format!("{name} publishes no port: presence registers only containers with a published port, so a rollout could never see it healthy")));
+    }
+    if svc.image.tag.is_none() {
+        return Err(input_err(&o.image, format!("{name} is pinned by digest only ({}); a rollout replaces the tag: give the new image in services.yaml instead", svc.image)));
+    }
+    let mut new = svc.image.clone();
+    new.tag = Some(opts.tag.clone());
+    new.digest = None;
+    match crate::image::parse(&new.to_string()) {
+        Ok(r) if r.tag.as_deref() == Some(opts.tag.as_str()) => {}
+        _ => {
+            return Err(RolloutError::Input(Error::Usage(format!(
+                "--tag {}: not a tag (1 to 128 of [A-Za-z0-9_.-], not starting with `.` or `-`)",
+                opts.tag
+            ))))
+        }
+    }
+    if let Err(e) = plan.spec.policy.check(&new) {
+        return Err(RolloutError::Input(Error::Usage(format!("--tag: {e}"))));
+    }
+    if svc.image.digest.is_some() {
+        return Err(input_err(&o.image, format!("{name}'s image {} carries a digest, which pins the old content whatever the tag; drop the digest to roll out by tag", svc.image)));
+    }
+    let placed = plan
+        .output
+        .placement
+        .as_ref()
+        .and_then(|p| p.get(name))
+        .cloned()
+        .unwrap_or_default();
+    let locked = plan.lock.placement.get(name).cloned().unwrap_or_default();
+    if placed.is_empty() {
+        return Err(RolloutError::Input(Error::Usage(format!(
+            "{name} has no instances to roll out"
+        ))));
+    }
+    if placed != locked {
+        return Err(RolloutError::Input(Error::Usage(format!(
+            "the placement of {name} in {} is not what services.yaml and hosts.yaml give now (a host or a rule changed, or the lock is new): run `unitgen {} --format systemd ... -o DIR` and `unitgen apply` on the hosts first, then roll out",
+            opts.lock_path.display(),
+            job.services.name
+        ))));
+    }
+    let has_sidekick_or_deps = !svc.depends_on.is_empty() || svc.sidekick_of.is_some();
+    let surge = svc.rollout.max_surge.resolve(svc.instances, true);
+    if surge > 0 && svc.ports.iter().any(|p| p.host.is_some()) {
+        return Err(input_err(&o.rollout, format!("{name} publishes a fixed host port, so a surge instance cannot run beside the old one on its host; set rollout.max_surge: 0")));
+    }
+    if surge > 0 && has_sidekick_or_deps {
+        return Err(input_err(&o.rollout, format!("{name} depends on other units (depends_on / sidekick_of), which a surge unit would not have; set rollout.max_surge: 0")));
+    }
+    Ok(placed)
+}
+
 /// `healthy`, `unhealthy` or `none`, as in the record.
 pub fn health_str(h: Health) -> &'static str {
     match h {
@@ -389,95 +476,8 @@ impl<'a> Driver<'a> {
         &self.plan.spec.services[&self.opts.service]
     }
 
-    fn input_err(&self, paths: &[FieldPath], msg: String) -> RolloutError {
-        RolloutError::Input(Error::Invalid(vec![self
-            .job
-            .services
-            .error_at_first(paths, msg)]))
-    }
-
-    /// Checks that the service can be rolled out and returns its placement.
     fn check(&self) -> Result<BTreeMap<u32, String>, RolloutError> {
-        let name = &self.opts.service;
-        let Some(svc) = self.plan.spec.services.get(name) else {
-            let known: Vec<&String> = self.plan.spec.services.keys().collect();
-            return Err(RolloutError::Input(Error::Usage(format!(
-                "--service {name}: {} has no such service (services: {})",
-                self.job.services.name,
-                known
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))));
-        };
-        let o = &svc.origins;
-        if svc.health.is_none() {
-            return Err(self.input_err(&o.health, format!("{name} has no health check: a rollout moves on only when presence registers new instances as healthy, which needs one (`health: {{cmd: ...}}`)")));
-        }
-        if svc.registration.ignore {
-            return Err(self.input_err(std::slice::from_ref(&o.service), format!("{name} has flotilla.ignore: presence never registers it, so a rollout could never see it healthy")));
-        }
-        if svc.ports.is_empty() {
-            return Err(self.input_err(std::slice::from_ref(&o.service), format!("{name} publishes no port: presence registers only containers with a published port, so a rollout could never see it healthy")));
-        }
-        if svc.image.tag.is_none() {
-            return Err(self.input_err(&o.image, format!("{name} is pinned by digest only ({}); a rollout replaces the tag: give the new image in services.yaml instead", svc.image)));
-        }
-        let mut new = svc.image.clone();
-        new.tag = Some(self.opts.tag.clone());
-        new.digest = None;
-        match crate::image::parse(&new.to_string()) {
-            Ok(r) if r.tag.as_deref() == Some(self.opts.tag.as_str()) => {}
-            _ => {
-                return Err(RolloutError::Input(Error::Usage(format!(
-                "--tag {}: not a tag (1 to 128 of [A-Za-z0-9_.-], not starting with `.` or `-`)",
-                self.opts.tag
-            ))))
-            }
-        }
-        if let Err(e) = self.plan.spec.policy.check(&new) {
-            return Err(RolloutError::Input(Error::Usage(format!("--tag: {e}"))));
-        }
-        if svc.image.digest.is_some() {
-            return Err(self.input_err(&o.image, format!("{name}'s image {} carries a digest, which pins the old content whatever the tag; drop the digest to roll out by tag", svc.image)));
-        }
-        let placed = self
-            .plan
-            .output
-            .placement
-            .as_ref()
-            .and_then(|p| p.get(name))
-            .cloned()
-            .unwrap_or_default();
-        let locked = self
-            .plan
-            .lock
-            .placement
-            .get(name)
-            .cloned()
-            .unwrap_or_default();
-        if placed.is_empty() {
-            return Err(RolloutError::Input(Error::Usage(format!(
-                "{name} has no instances to roll out"
-            ))));
-        }
-        if placed != locked {
-            return Err(RolloutError::Input(Error::Usage(format!(
-                "the placement of {name} in {} is not what services.yaml and hosts.yaml give now (a host or a rule changed, or the lock is new): run `unitgen {} --format systemd ... -o DIR` and `unitgen apply` on the hosts first, then roll out",
-                self.opts.lock_path.display(),
-                self.job.services.name
-            ))));
-        }
-        let has_sidekick_or_deps = !svc.depends_on.is_empty() || svc.sidekick_of.is_some();
-        let surge = svc.rollout.max_surge.resolve(svc.instances, true);
-        if surge > 0 && svc.ports.iter().any(|p| p.host.is_some()) {
-            return Err(self.input_err(&o.rollout, format!("{name} publishes a fixed host port, so a surge instance cannot run beside the old one on its host; set rollout.max_surge: 0")));
-        }
-        if surge > 0 && has_sidekick_or_deps {
-            return Err(self.input_err(&o.rollout, format!("{name} depends on other units (depends_on / sidekick_of), which a surge unit would not have; set rollout.max_surge: 0")));
-        }
-        Ok(placed)
+        preflight(self.job, &self.plan, &self.opts)
     }
 
     fn address(&self, host: &str) -> String {

@@ -1717,4 +1717,18 @@ mod tests {
         assert!(!is_dns_label("a_b"));
         assert!(!is_dns_label(&"a".repeat(64)));
     }
+
+    #[test]
+    fn rollout_amounts_round_like_kubernetes() {
+        assert_eq!(parse_amount("25%"), Ok(Amount::Percent(25)));
+        assert_eq!(parse_amount("3"), Ok(Amount::Count(3)));
+        assert!(parse_amount("101%").is_err());
+        assert!(parse_amount("-1").is_err());
+        assert!(parse_amount("1.5").is_err());
+        // max_unavailable rounds down, max_surge up.
+        assert_eq!(Amount::Percent(25).resolve(6, false), 1);
+        assert_eq!(Amount::Percent(25).resolve(6, true), 2);
+        assert_eq!(Amount::Percent(25).resolve(2, false), 0);
+        assert_eq!(Amount::Count(2).resolve(6, true), 2);
+    }
 }
