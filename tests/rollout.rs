@@ -3,8 +3,9 @@
 //! containers on the real Docker engine, presence registers them in a real etcd, confgen renders
 //! HAProxy's config from etcd and reloads it, and HTTP load goes through HAProxy the whole time.
 //!
-//! Each test gets its own machine, etcd, HAProxy, confgen and presence (tests/common/chain.rs),
-//! its own service name and container label, and removes everything on drop, also on failure.
+//! Each test gets its own machines (two hosts for the main rollout, one for the others), etcd,
+//! HAProxy, confgen (tests/common/chain.rs), one presence per host, its own service name and
+//! container label, and removes everything on drop, also on failure.
 //! Every wait has a deadline.
 
 mod common;
@@ -55,14 +56,21 @@ fn images() {
     }
 }
 
-/// One systemd host with the whole chain around it.
+/// One or more systemd hosts with the whole chain around them.
 struct Rig {
-    machine: Option<Machine>,
+    machines: Vec<Machine>,
+    hosts: Vec<String>,
+    presences: Vec<Daemon>,
     chain: Chain,
     service: String,
     instances: u32,
     dir: PathBuf,
 }
+
+/// The docker CLI the units use inside each machine. All machines share the test host's
+/// engine; this wrapper labels the containers a machine starts with its name, so that each
+/// host's presence registers only its own containers, as it would with an engine per host.
+const DOCKER_IN_MACHINE: &str = "/usr/local/bin/docker";
 
 fn services_yaml(service: &str, label: &str, instances: u32, rollout: &str) -> String {
     format!(
@@ -87,67 +95,42 @@ fn services_yaml(service: &str, label: &str, instances: u32, rollout: &str) -> S
       interval: 1s
       timeout: 1s
       retries: 1
+    constraints:
+      max_per_host: {per_host}
     rollout: {rollout}
-"#
+"#,
+        per_host = instances
     )
 }
 
 impl Rig {
-    /// A rig whose service has `instances` and the `rollout:` settings `rollout` (YAML flow).
-    fn start(tag: &str, instances: u32, rollout: &str) -> Rig {
+    /// A rig with `hosts` systemd machines whose service has `instances` (spread evenly with
+    /// max_per_host) and the `rollout:` settings `rollout` (YAML flow).
+    fn start(tag: &str, hosts: usize, instances: u32, rollout: &str) -> Rig {
         images();
         let mut chain = Chain::start(tag);
+        chain.presence = None; // one presence per machine instead, below
         let service = format!("ro{}{tag}", std::process::id());
         let dir = chain.dir.path().to_path_buf();
-        // presence for this rig's containers only (label com.example.e2e), as node chain.node.
-        chain.presence = None;
         let label = chain.test_label.clone();
-        let args: Vec<String> = [
-            "--node",
-            &chain.node,
-            "--advertise-ip",
-            "127.0.0.1",
-            "--ttl",
-            TTL,
-            "--resync",
-            "5s",
-            "--label-filter",
-            &format!("com.example.e2e={label}"),
-            "--state-file",
-            &dir.join("presence.state").display().to_string(),
-            "--etcd-endpoints",
-            &chain.etcd.endpoint(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        chain.presence = Some(Daemon::start("presence", &bin("presence"), &args, &dir));
-
+        let names: Vec<String> = (0..hosts)
+            .map(|h| format!("{}-{}", chain.node, (b'a' + h as u8) as char))
+            .collect();
+        let per_host = instances.div_ceil(hosts as u32);
         std::fs::write(
             dir.join("services.yaml"),
-            services_yaml(&service, &label, instances, rollout),
+            services_yaml(&service, &label, instances, rollout).replace(
+                &format!("max_per_host: {instances}"),
+                &format!("max_per_host: {per_host}"),
+            ),
         )
         .unwrap();
-        std::fs::write(
-            dir.join("hosts.yaml"),
-            format!("hosts:\n  {}: {{address: 127.0.0.1}}\n", chain.node),
-        )
-        .unwrap();
-        let machine = Machine::boot(
-            &chain.node,
-            &[Bind {
-                host: bin("unitgen"),
-                inside: "/usr/local/bin/unitgen".into(),
-                read_only: true,
-            }],
-            &dir,
-        );
+        let mut hosts_yaml = String::from("hosts:\n");
+        for n in &names {
+            hosts_yaml.push_str(&format!("  {n}: {{address: 127.0.0.1}}\n"));
+        }
+        std::fs::write(dir.join("hosts.yaml"), hosts_yaml).unwrap();
         // `--via DIR/via {host}`: runs the rest of the command inside that host's machine.
-        std::fs::write(
-            dir.join(format!("{}.leader", chain.node)),
-            machine.leader().to_string(),
-        )
-        .unwrap();
         let via = dir.join("via");
         std::fs::write(
             &via,
@@ -158,32 +141,81 @@ impl Rig {
         )
         .unwrap();
         run(Command::new("chmod").arg("755").arg(&via)).unwrap();
-        let rig = Rig {
-            machine: Some(machine),
+
+        let mut rig = Rig {
+            machines: Vec::new(),
+            hosts: names.clone(),
+            presences: Vec::new(),
             chain,
             service,
             instances,
-            dir,
+            dir: dir.clone(),
         };
-        // Deploy the old tag: generate, then apply on the host, as an operator would.
-        let listing = rig.unitgen_ok(&[
+        for n in &names {
+            let machine = Machine::boot(
+                n,
+                &[Bind {
+                    host: bin("unitgen"),
+                    inside: "/usr/local/bin/unitgen".into(),
+                    read_only: true,
+                }],
+                &dir,
+            );
+            machine.write_file(
+                DOCKER_IN_MACHINE,
+                &format!(
+                    "#!/bin/sh\nif [ \"$1\" = run ]; then shift; exec /usr/bin/docker run --label com.example.e2e.host={n} \"$@\"; fi\nexec /usr/bin/docker \"$@\"\n"
+                ),
+            );
+            machine.exec(&["chmod", "755", DOCKER_IN_MACHINE]).unwrap();
+            std::fs::write(
+                dir.join(format!("{n}.leader")),
+                machine.leader().to_string(),
+            )
+            .unwrap();
+            rig.machines.push(machine);
+            let args: Vec<String> = [
+                "--node",
+                n,
+                "--advertise-ip",
+                "127.0.0.1",
+                "--ttl",
+                TTL,
+                "--resync",
+                "5s",
+                "--label-filter",
+                &format!("com.example.e2e={label}"),
+                "--label-filter",
+                &format!("com.example.e2e.host={n}"),
+                "--state-file",
+                &dir.join(format!("presence-{n}.state"))
+                    .display()
+                    .to_string(),
+                "--etcd-endpoints",
+                &rig.chain.etcd.endpoint(),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            rig.presences.push(Daemon::start(
+                &format!("presence-{n}"),
+                &bin("presence"),
+                &args,
+                &dir,
+            ));
+        }
+        // Deploy the old tag: generate, then apply on each host, as an operator would.
+        rig.unitgen_ok(&[
             "services.yaml",
             "--format",
             "systemd",
             "--hosts",
             "hosts.yaml",
             "--no-pull",
+            "--docker",
+            DOCKER_IN_MACHINE,
             "-o",
             "units",
-        ]);
-        assert!(listing.is_empty());
-        let mut apply = rig.via(&[
-            "/usr/local/bin/unitgen",
-            "apply",
-            "--host",
-            &rig.chain.node,
-            "--units",
-            "-",
         ]);
         let units = rig.unitgen_ok(&[
             "services.yaml",
@@ -192,10 +224,25 @@ impl Rig {
             "--hosts",
             "hosts.yaml",
             "--no-pull",
+            "--docker",
+            DOCKER_IN_MACHINE,
             "--lock",
             "units/placement.lock",
         ]);
-        pipe(&mut apply, &units);
+        for h in &names {
+            let mut apply = rig.via(
+                h,
+                &[
+                    "/usr/local/bin/unitgen",
+                    "apply",
+                    "--host",
+                    h,
+                    "--units",
+                    "-",
+                ],
+            );
+            pipe(&mut apply, &units);
+        }
         rig.wait_healthy(instances, OLD, Duration::from_secs(60));
         wait_for(
             "HAProxy to serve the service",
@@ -205,9 +252,9 @@ impl Rig {
         rig
     }
 
-    fn via(&self, args: &[&str]) -> Command {
+    fn via(&self, host: &str, args: &[&str]) -> Command {
         let mut c = Command::new(self.dir.join("via"));
-        c.arg(&self.chain.node).args(args);
+        c.arg(host).args(args);
         c
     }
 
@@ -236,6 +283,8 @@ impl Rig {
             "-o",
             "units",
             "--no-pull",
+            "--docker",
+            DOCKER_IN_MACHINE,
             "--service",
             &self.service,
             "--tag",
@@ -282,30 +331,36 @@ impl Rig {
         }
     }
 
-    /// The unit file installed in the machine.
+    /// The unit file of instance `i`, from whichever machine has it installed.
     fn installed_unit(&self, i: u32) -> String {
-        self.machine
-            .as_ref()
-            .unwrap()
-            .exec(&[
-                "cat",
-                &format!("/etc/systemd/system/{}@{i}.service", self.service),
-            ])
-            .unwrap()
+        let path = format!("/etc/systemd/system/{}@{i}.service", self.service);
+        self.machines
+            .iter()
+            .find_map(|m| m.exec(&["cat", &path]).ok())
+            .unwrap_or_else(|| panic!("no machine has {path}"))
     }
 
     fn diagnostics(&self) -> String {
-        let console = self
-            .machine
-            .as_ref()
-            .map(|m| m.console())
-            .unwrap_or_default();
-        let tail: Vec<&str> = console.lines().rev().take(30).collect();
-        format!(
-            "{}\n--- machine console (last lines)\n{}",
-            self.chain.diagnostics(),
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        )
+        let mut out = self.chain.diagnostics();
+        for p in &self.presences {
+            let log = p.log();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            out.push_str(&format!(
+                "\n--- {} (last lines)\n{}",
+                p.name,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            ));
+        }
+        for m in &self.machines {
+            let console = m.console();
+            let tail: Vec<&str> = console.lines().rev().take(20).collect();
+            out.push_str(&format!(
+                "\n--- machine {} console (last lines)\n{}",
+                m.name,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            ));
+        }
+        out
     }
 
     /// Runs HTTP load through HAProxy and samples the registry every 50 ms while `f` runs.
@@ -377,7 +432,7 @@ impl Drop for Rig {
     fn drop(&mut self) {
         // Power the machine off (systemd stops every unit: docker stop, and --rm removes the
         // containers), then remove whatever a failure left behind.
-        if let Some(mut m) = self.machine.take() {
+        for m in &mut self.machines {
             m.shutdown(Duration::from_secs(30));
         }
         let docker = flotilla_harness::require("docker", "docker.io");
@@ -484,6 +539,7 @@ fn a_rollout_under_load_replaces_every_instance_one_at_a_time_without_failed_req
     let t0 = Instant::now();
     let rig = Rig::start(
         "roll",
+        2,
         4,
         "{max_unavailable: 1, max_surge: 0, progress_deadline: 60s}",
     );
@@ -509,6 +565,16 @@ fn a_rollout_under_load_replaces_every_instance_one_at_a_time_without_failed_req
         out.status,
         rig.diagnostics()
     );
+    // Two instances on each host, and each host's systemd replaced its own.
+    for h in &rig.hosts {
+        assert_eq!(
+            stderr
+                .matches(&format!("host {h}: 0 installed, 1 changed"))
+                .count(),
+            2,
+            "{stderr}"
+        );
+    }
     assert!(
         load.failed.is_empty(),
         "{} of {} requests failed: {:?}\n{}",
@@ -547,6 +613,8 @@ fn a_rollout_under_load_replaces_every_instance_one_at_a_time_without_failed_req
         "--hosts",
         "hosts.yaml",
         "--no-pull",
+        "--docker",
+        DOCKER_IN_MACHINE,
         "--lock",
         "units/placement.lock",
     ]);
@@ -583,6 +651,7 @@ fn a_rollout_under_load_replaces_every_instance_one_at_a_time_without_failed_req
 fn a_tag_that_never_becomes_healthy_stops_after_the_first_batch_and_rolls_it_back() {
     let rig = Rig::start(
         "bad",
+        1,
         4,
         "{max_unavailable: 1, max_surge: 0, progress_deadline: 12s}",
     );
@@ -603,7 +672,7 @@ fn a_tag_that_never_becomes_healthy_stops_after_the_first_batch_and_rolls_it_bac
         "{stderr}\n{}",
         rig.diagnostics()
     );
-    let first = format!("{}@1 on {}", rig.service, rig.chain.node);
+    let first = format!("{}@1 on {}", rig.service, rig.hosts[0]);
     assert!(stderr.contains(&first), "names the instance: {stderr}");
     assert!(
         stderr.contains("health unhealthy"),
@@ -627,7 +696,12 @@ fn a_tag_that_never_becomes_healthy_stops_after_the_first_batch_and_rolls_it_bac
 
 #[test]
 fn a_second_concurrent_rollout_is_refused_naming_the_holder() {
-    let rig = Rig::start("twice", 2, "{max_unavailable: 1, progress_deadline: 60s}");
+    let rig = Rig::start(
+        "twice",
+        1,
+        2,
+        "{max_unavailable: 1, progress_deadline: 60s}",
+    );
     let first = rig
         .rollout(NEW, "driver-first")
         .stdout(Stdio::piped())
@@ -675,6 +749,7 @@ fn a_second_concurrent_rollout_is_refused_naming_the_holder() {
 fn a_surge_rollout_never_drops_below_full_strength() {
     let rig = Rig::start(
         "surge",
+        1,
         3,
         "{max_unavailable: 0, max_surge: 1, progress_deadline: 60s}",
     );
@@ -705,10 +780,7 @@ fn a_surge_rollout_never_drops_below_full_strength() {
     );
     rig.wait_healthy(3, NEW, Duration::from_secs(10));
     // The surge units are gone.
-    let units = rig
-        .machine
-        .as_ref()
-        .unwrap()
+    let units = rig.machines[0]
         .exec(&["ls", "/etc/systemd/system"])
         .unwrap();
     assert!(!units.contains("-surge.service"), "{units}");
