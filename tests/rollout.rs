@@ -720,6 +720,23 @@ fn a_second_concurrent_rollout_is_refused_naming_the_holder() {
                 .filter(|v| v.contains("driver-first"))
         },
     );
+    let status = rig.unitgen_ok(&[
+        "status",
+        "services.yaml",
+        "--hosts",
+        "hosts.yaml",
+        "-o",
+        "units",
+        "--etcd-endpoints",
+        &rig.chain.etcd.endpoint(),
+    ]);
+    assert!(
+        status.contains(&format!(
+            "rollouts in progress:\n  {} to {NEW} by driver-first",
+            rig.service
+        )),
+        "{status}"
+    );
     let second = rig.rollout(NEW, "driver-second").output().unwrap();
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert_eq!(second.status.code(), Some(4), "{stderr}");

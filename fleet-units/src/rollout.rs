@@ -648,16 +648,13 @@ impl<'a> Driver<'a> {
             );
             let docker = tokio::task::spawn_blocking(move || via.container_health(&h, &a, &d, &c))
                 .await
-                .map(|c| c.to_string())
                 .unwrap_or_default();
-            let health = if docker.contains("health unhealthy") {
-                "unhealthy"
-            } else if docker.contains("health starting") {
-                "starting"
+            let health = if !docker.health.is_empty() {
+                docker.health.clone()
             } else if mine.iter().any(|e| e.health == Health::Healthy) {
-                "healthy (old image)"
+                "healthy (old image)".into()
             } else {
-                "not healthy"
+                format!("unknown (container {})", docker.status)
             };
             out.push(format!(
                 "{} on {} (container {}, image {}): health {health}: {registry}; docker: {docker}",
