@@ -702,8 +702,10 @@ fn a_second_concurrent_rollout_is_refused_naming_the_holder() {
         2,
         "{max_unavailable: 1, progress_deadline: 60s}",
     );
+    // This rollout's hosts apply through systemctl instead of D-Bus (apply's fallback).
     let first = rig
         .rollout(NEW, "driver-first")
+        .arg("--apply-arg=--systemctl")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
