@@ -3,7 +3,7 @@
 //! report. Without `--via`, the commands run on this machine (one-host setups, or a driver that
 //! is the host).
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -78,10 +78,22 @@ impl Via {
         let writer = std::thread::spawn(move || {
             let _ = input.write_all(data.as_bytes());
         });
+        // Read both pipes while waiting, so a chatty command never blocks on a full pipe.
+        let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut r) = r {
+                    let _ = r.read_to_end(&mut buf);
+                }
+                buf
+            })
+        };
+        let stdout = drain(child.stdout.take().map(|s| Box::new(s) as _));
+        let stderr = drain(child.stderr.take().map(|s| Box::new(s) as _));
         let deadline = Instant::now() + self.timeout;
-        loop {
+        let status = loop {
             match child.try_wait() {
-                Ok(Some(_)) => break,
+                Ok(Some(status)) => break status,
                 Ok(None) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(20))
                 }
@@ -95,9 +107,13 @@ impl Via {
                 }
                 Err(e) => return Err(err(e.to_string())),
             }
-        }
+        };
         let _ = writer.join();
-        let out = child.wait_with_output().map_err(|e| err(e.to_string()))?;
+        let out = std::process::Output {
+            status,
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
+        };
         if !out.status.success() {
             return Err(err(format!(
                 "{}: {}",
