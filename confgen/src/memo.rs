@@ -15,7 +15,7 @@
 //! only: the loop's two variables, variables it sets itself, variables set at the top level
 //! before the loop, `nodes`, functions and filters, and macros of files the template imports.
 //! Not memoised (rendered as before): bodies that use `loop.*`, `services` itself, `break` /
-//! `continue`, `self::` macros, blocks or `super()`; templates that extend another, or that use
+//! `continue`, `self::` macros, blocks or `super()`, or call `per_service` (cached already); templates that extend another, or that use
 //! `services` anywhere outside memoised loops (including templates they include) — the context
 //! would then have to hold the whole map besides the memo. Those render exactly as they always
 //! did.
@@ -332,6 +332,10 @@ fn body_args(
                 ok = false;
             }
         });
+        // A body of `per_service` fragments is cached by them already.
+        if matches!(&e.val, ExprVal::FunctionCall(c) if c.name == "per_service") {
+            ok = false;
+        }
     });
     if !ok || uses_our_loop || used.contains("services") || used.contains("__tera_context") {
         return None;
@@ -652,6 +656,8 @@ mod tests {
             "{% extends \"b\" %}{% block x %}{% for n, e in services %}{{ n }}{% endfor %}{% endblock %}",
             // single variable
             "{% for n in services %}{{ n }}{% endfor %}",
+            // per_service fragments: cached already
+            "{% for n, e in services %}{{ per_service(template=\"x\", name=n) }}{% endfor %}",
         ] {
             assert_eq!(transform(src), None, "{src}");
         }

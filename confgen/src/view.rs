@@ -570,7 +570,7 @@ impl View {
                         touched.insert(service.to_owned());
                     }
                 }
-                None => {}
+                Some(KeyKind::Rollout { .. }) | None => {}
             }
         }
         for node in cap_nodes {

@@ -3,7 +3,7 @@
 
 use crate::error::{sort_diagnostics, Diagnostic, Error, SourceFile};
 use crate::hosts::{self, Inventory};
-use crate::lock;
+use crate::lock::{self, Deployed, DeployedTags, Lock};
 use crate::path::FieldPath;
 use crate::placement::{self, Assignment, Request, Rule};
 use crate::render::{self, Instance, PlatformTarget, RenderError, RenderOptions};
@@ -49,8 +49,23 @@ pub struct Output {
     pub files: Vec<OutFile>,
     /// The new placement (systemd format only).
     pub placement: Option<Assignment>,
+    /// The tags rollouts deployed that still apply (systemd format only; written to the lock
+    /// next to the placement).
+    pub deployed: Deployed,
     /// One line for the operator: what was generated.
     pub summary: String,
+    /// Things the operator should know (printed as `note:` lines).
+    pub notes: Vec<String>,
+}
+
+impl Output {
+    /// The lock to write after this run (systemd format only).
+    pub fn lock(&self) -> Option<Lock> {
+        self.placement.as_ref().map(|p| Lock {
+            placement: p.clone(),
+            deployed: self.deployed.clone(),
+        })
+    }
 }
 
 /// Runs unitgen on in-memory inputs.
@@ -74,7 +89,7 @@ pub fn generate(job: &Job) -> Result<Output, Error> {
             let inventory = hosts::load(hosts_src)?;
             let previous = match &job.lock {
                 Some(l) => lock::parse(l)?,
-                None => Assignment::new(),
+                None => Lock::default(),
             };
             systemd(job, &spec, hosts_src, &inventory, &previous)
         }
@@ -120,6 +135,8 @@ fn fleet(job: &Job, spec: &Spec) -> Result<Output, Error> {
         summary: format!("{} services, {units} units (fleet)", spec.services.len()),
         files,
         placement: None,
+        deployed: Deployed::new(),
+        notes: Vec::new(),
     })
 }
 
@@ -168,24 +185,73 @@ fn placement_diagnostics(
     out
 }
 
-fn systemd(
+/// The deployed tags of `lock` that still apply to `spec` and `placed`: a service's entry only
+/// while services.yaml still names the image it was rolled out over, and only for instances
+/// that still exist. Entries dropped because services.yaml changed are reported in `notes`.
+pub fn effective_deployed(
+    spec: &Spec,
+    placed: &Assignment,
+    lock: &Lock,
+    notes: &mut Vec<String>,
+) -> Deployed {
+    let mut out = Deployed::new();
+    for (name, d) in &lock.deployed {
+        let Some(svc) = spec.services.get(name) else {
+            continue;
+        };
+        let current = svc.image.to_string();
+        if d.spec != current {
+            notes.push(format!(
+                "{name}: services.yaml now names image {current}; the tags deployed over {} (by unitgen rollout) no longer apply, every instance gets {current}",
+                d.spec
+            ));
+            continue;
+        }
+        let instances = placed.get(name);
+        let tags: std::collections::BTreeMap<u32, String> = d
+            .tags
+            .iter()
+            .filter(|(i, _)| instances.is_some_and(|m| m.contains_key(i)))
+            .map(|(i, t)| (*i, t.clone()))
+            .collect();
+        if !tags.is_empty() {
+            out.insert(
+                name.clone(),
+                DeployedTags {
+                    spec: d.spec.clone(),
+                    tags,
+                },
+            );
+        }
+    }
+    out
+}
+
+/// `svc` with instance `i`'s deployed tag, when a rollout deployed one.
+pub fn with_deployed_tag(svc: &Service, i: u32, deployed: &Deployed) -> Service {
+    let mut s = svc.clone();
+    if let Some(t) = deployed.get(&svc.name).and_then(|d| d.tags.get(&i)) {
+        s.image.tag = Some(t.clone());
+    }
+    s
+}
+
+/// The systemd-format output for a placement and deployed tags decided by the caller
+/// (`unitgen rollout` renders each step of a rollout with this).
+pub fn systemd_files(
     job: &Job,
     spec: &Spec,
-    hosts_src: &SourceFile,
-    inv: &Inventory,
-    previous: &Assignment,
-) -> Result<Output, Error> {
+    placed: &Assignment,
+    deployed: &Deployed,
+) -> Result<Vec<OutFile>, Error> {
     let src = &job.services;
-    let requests: Vec<Request> = spec.services.values().map(request).collect();
-    let placed = placement::place(&requests, &inv.hosts, previous)
-        .map_err(|errs| Error::Invalid(placement_diagnostics(src, spec, errs)))?;
-
     let mut files = Vec::new();
-    for (name, instances) in &placed {
+    for (name, instances) in placed {
         let svc = &spec.services[name];
         for (i, host) in instances {
+            let svc = with_deployed_tag(svc, *i, deployed);
             let text =
-                render::service_unit(svc, Instance::Number(*i), false, Some(host), &job.render)
+                render::service_unit(&svc, Instance::Number(*i), false, Some(host), &job.render)
                     .map_err(|e| render_err(src, e))?;
             files.push(OutFile {
                 path: format!("{host}/{name}@{i}.service"),
@@ -193,6 +259,62 @@ fn systemd(
             });
         }
     }
+    Ok(files)
+}
+
+/// Loads and places everything for `--format systemd`; what `unitgen rollout` and
+/// `unitgen status` start from.
+pub struct SystemdPlan {
+    /// services.yaml, checked.
+    pub spec: Spec,
+    /// hosts.yaml, checked.
+    pub inventory: Inventory,
+    /// The lock as read (empty without one).
+    pub lock: Lock,
+    /// The generated output for that lock.
+    pub output: Output,
+}
+
+/// Runs the systemd format and keeps its inputs for the caller.
+pub fn plan_systemd(job: &Job) -> Result<SystemdPlan, Error> {
+    if job.format != Format::Systemd {
+        return Err(Error::Usage("this command needs --format systemd".into()));
+    }
+    let spec = spec::load(&job.services)?;
+    let Some(hosts_src) = &job.hosts else {
+        return Err(Error::Usage(
+            "--hosts hosts.yaml is needed to know where units run".into(),
+        ));
+    };
+    let inventory = hosts::load(hosts_src)?;
+    let lock = match &job.lock {
+        Some(l) => lock::parse(l)?,
+        None => Lock::default(),
+    };
+    let output = systemd(job, &spec, hosts_src, &inventory, &lock)?;
+    Ok(SystemdPlan {
+        spec,
+        inventory,
+        lock,
+        output,
+    })
+}
+
+fn systemd(
+    job: &Job,
+    spec: &Spec,
+    hosts_src: &SourceFile,
+    inv: &Inventory,
+    lock: &Lock,
+) -> Result<Output, Error> {
+    let src = &job.services;
+    let previous = &lock.placement;
+    let requests: Vec<Request> = spec.services.values().map(request).collect();
+    let placed = placement::place(&requests, &inv.hosts, previous)
+        .map_err(|errs| Error::Invalid(placement_diagnostics(src, spec, errs)))?;
+    let mut notes = Vec::new();
+    let deployed = effective_deployed(spec, &placed, lock, &mut notes);
+    let mut files = systemd_files(job, spec, &placed, &deployed)?;
     let mut platform_units = 0;
     if let Some(p) = &spec.platform {
         let mut diags = Vec::new();
@@ -260,5 +382,7 @@ fn systemd(
         ),
         files,
         placement: Some(placed),
+        deployed,
+        notes,
     })
 }

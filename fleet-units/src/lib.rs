@@ -6,6 +6,7 @@
 //! with [`quote`]'s systemd quoting, and [`app::generate`] ties them together.
 
 pub mod app;
+pub mod apply;
 pub mod error;
 pub mod hosts;
 pub mod image;
@@ -15,8 +16,12 @@ pub mod output;
 pub mod path;
 pub mod placement;
 pub mod quote;
+pub mod remote;
 pub mod render;
+pub mod rollout;
 pub mod spec;
+pub mod status;
+pub mod systemd;
 
 pub use app::{generate, Format, Job, OutFile, Output};
 pub use error::{Diagnostic, Error, SourceFile};

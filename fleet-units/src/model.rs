@@ -47,6 +47,16 @@ pub struct RawDefaults {
     pub start_timeout: Option<Scalar>,
     pub stop_timeout: Option<Scalar>,
     pub pull: Option<bool>,
+    pub rollout: Option<RawRollout>,
+}
+
+/// `rollout:`: how `unitgen rollout` replaces instances.
+#[derive(Debug, Default, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawRollout {
+    pub max_unavailable: Option<Scalar>,
+    pub max_surge: Option<Scalar>,
+    pub progress_deadline: Option<Scalar>,
 }
 
 /// One entry of `services:`.
@@ -74,6 +84,7 @@ pub struct RawService {
     pub start_timeout: Option<Scalar>,
     pub stop_timeout: Option<Scalar>,
     pub pull: Option<bool>,
+    pub rollout: Option<RawRollout>,
 }
 
 impl RawService {
@@ -194,6 +205,17 @@ pub struct RawHost {
 #[serde(deny_unknown_fields)]
 pub struct RawLock {
     pub services: Option<BTreeMap<String, BTreeMap<u32, String>>>,
+    pub deployed: Option<BTreeMap<String, RawDeployed>>,
+}
+
+/// `deployed.<service>` in the lock: the tags `unitgen rollout` deployed.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDeployed {
+    /// The image as services.yaml gave it when the rollout ran.
+    pub spec: Option<String>,
+    /// Instance number → deployed tag.
+    pub tags: Option<BTreeMap<u32, String>>,
 }
 
 /// A mapping with string keys that refuses duplicate keys (serde's maps keep the last one

@@ -41,6 +41,9 @@ pub enum Instance {
     Template,
     /// A concrete instance, for `--format systemd`.
     Number(u32),
+    /// The surge unit `unitgen rollout` runs beside instance N while it replaces it
+    /// (`svc@N-surge.service`, container `svc-N-surge`); it needs what instance N needs.
+    Surge(u32),
 }
 
 impl Instance {
@@ -49,6 +52,15 @@ impl Instance {
         match self {
             Instance::Template => "%i".into(),
             Instance::Number(n) => n.to_string(),
+            Instance::Surge(n) => format!("{n}-surge"),
+        }
+    }
+
+    /// The instance of the units this one depends on (`depends_on`, `sidekick_of`).
+    fn dependency_token(self) -> String {
+        match self {
+            Instance::Surge(n) => n.to_string(),
+            other => other.token(),
         }
     }
 }
@@ -101,6 +113,7 @@ pub fn service_unit(
         field: base.clone(),
     };
     let tok = instance.token();
+    let dep = instance.dependency_token();
     let name = container_name(&svc.name, instance);
     let image = svc.image.to_string();
     let image_word = words.w(&base.key("image"), &image)?;
@@ -125,13 +138,13 @@ pub fn service_unit(
     };
     out.push_str(&format!("Description={description}\n"));
     let mut after = vec!["docker.service".to_string()];
-    after.extend(svc.depends_on.iter().map(|d| format!("{d}@{tok}.service")));
+    after.extend(svc.depends_on.iter().map(|d| format!("{d}@{dep}.service")));
     let requires: Vec<&String> = after
         .iter()
         .filter(|u| {
             svc.sidekick_of
                 .as_ref()
-                .is_none_or(|m| **u != format!("{m}@{tok}.service"))
+                .is_none_or(|m| **u != format!("{m}@{dep}.service"))
         })
         .collect();
     out.push_str(&format!("After={}\n", after.join(" ")));
@@ -145,7 +158,7 @@ pub fn service_unit(
     ));
     if let Some(main) = &svc.sidekick_of {
         // A sidekick stops with its main unit, whatever stops it.
-        out.push_str(&format!("BindsTo={main}@{tok}.service\n"));
+        out.push_str(&format!("BindsTo={main}@{dep}.service\n"));
     }
 
     out.push_str("\n[Service]\n");

@@ -17,6 +17,66 @@ pub struct Spec {
     pub services: BTreeMap<String, Service>,
     /// The Flotilla daemons' own units, when asked for.
     pub platform: Option<Platform>,
+    /// Which image tags count as pinned (a rollout's `--tag` is checked against it too).
+    pub policy: ImagePolicy,
+}
+
+/// A number of instances, absolute or a percentage of `instances` (Kubernetes-style).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Amount {
+    /// That many instances.
+    Count(u32),
+    /// That percentage of the service's instances.
+    Percent(u32),
+}
+
+impl Amount {
+    /// The count for `instances`: percentages round down (`max_unavailable`) or up
+    /// (`max_surge`), as Kubernetes does.
+    pub fn resolve(self, instances: u32, round_up: bool) -> u32 {
+        match self {
+            Amount::Count(n) => n,
+            Amount::Percent(p) => {
+                let scaled = u64::from(instances) * u64::from(p);
+                let n = if round_up {
+                    scaled.div_ceil(100)
+                } else {
+                    scaled / 100
+                };
+                n as u32
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Amount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Amount::Count(n) => write!(f, "{n}"),
+            Amount::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// How `unitgen rollout` replaces the instances of a service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RolloutSettings {
+    /// How many instances may be down (stopped and not yet replaced) at once. Default 1.
+    pub max_unavailable: Amount,
+    /// How many extra instances may run beside the old ones at once. Default 0.
+    pub max_surge: Amount,
+    /// How long one batch may take to become healthy in the registry. Default 5m.
+    pub progress_deadline: Millis,
+}
+
+impl Default for RolloutSettings {
+    fn default() -> Self {
+        RolloutSettings {
+            max_unavailable: Amount::Count(1),
+            max_surge: Amount::Count(0),
+            progress_deadline: Millis(300_000),
+        }
+    }
 }
 
 /// Host metadata a unit may run on: AND across keys, OR within a key.
@@ -83,6 +143,8 @@ pub struct Service {
     pub stop_timeout_secs: u64,
     /// Whether to `docker pull` before starting.
     pub pull: bool,
+    /// How `unitgen rollout` replaces instances.
+    pub rollout: RolloutSettings,
     /// Where each placement rule was written, for errors.
     pub origins: Origins,
 }
@@ -104,6 +166,12 @@ pub struct Origins {
     pub depends_on: Vec<FieldPath>,
     /// `ports`.
     pub ports: Vec<FieldPath>,
+    /// `health` (the service's, then the default's).
+    pub health: Vec<FieldPath>,
+    /// `image` / `tag` / `digest`.
+    pub image: Vec<FieldPath>,
+    /// `rollout` (the service's, then the default's).
+    pub rollout: Vec<FieldPath>,
 }
 
 /// Placement rules of one service.
@@ -408,6 +476,9 @@ fn build(ctx: &mut Ctx<'_>, raw: RawServicesFile) -> Spec {
     let policy = build_policy(ctx, raw.image_policy.unwrap_or_default());
     let defaults = raw.defaults.unwrap_or_default();
     check_defaults(ctx, &defaults);
+    if let Some(r) = &defaults.rollout {
+        build_rollout(ctx, &FieldPath::keys(&["defaults", "rollout"]), r, None);
+    }
     let raw_services = raw.services.unwrap_or_default().0;
     let mut services = BTreeMap::new();
     for (name, rs) in &raw_services {
@@ -417,7 +488,11 @@ fn build(ctx: &mut Ctx<'_>, raw: RawServicesFile) -> Spec {
     }
     check_dependencies(ctx, &raw_services, &services);
     let platform = raw.platform.map(|p| build_platform(ctx, p));
-    Spec { services, platform }
+    Spec {
+        services,
+        platform,
+        policy,
+    }
 }
 
 fn build_policy(ctx: &mut Ctx<'_>, raw: RawImagePolicy) -> ImagePolicy {
@@ -878,6 +953,21 @@ fn build_service(
         spread: cons_path("spread"),
         depends_on: vec![base.key("depends_on"), base.key("sidekick_of")],
         ports: vec![base.key("ports")],
+        health: vec![base.key("health"), def.key("health")],
+        image: vec![base.key("tag"), base.key("image")],
+        rollout: vec![base.key("rollout"), def.key("rollout"), base.clone()],
+    };
+    let rollout = match (&s.rollout, &d.rollout) {
+        (Some(r), dr) => build_rollout(ctx, &base.key("rollout"), r, dr.as_ref()),
+        (None, Some(r)) => {
+            // Checked (and reported) once in `build`; rebuild quietly.
+            let mut scratch = Ctx {
+                src: ctx.src,
+                diags: Vec::new(),
+            };
+            build_rollout(&mut scratch, &def.key("rollout"), r, None)
+        }
+        (None, None) => RolloutSettings::default(),
     };
 
     if ctx.diags.len() != errors_before {
@@ -905,8 +995,79 @@ fn build_service(
         start_timeout: start_timeout?,
         stop_timeout_secs: stop_timeout?.0 / 1000,
         pull: s.pull.or(d.pull).unwrap_or(true),
+        rollout,
         origins,
     })
+}
+
+/// Parses `max_unavailable` / `max_surge`: a whole number or a percentage `0%`..`100%`.
+pub fn parse_amount(text: &str) -> Result<Amount, String> {
+    let t = text.trim();
+    if let Some(p) = t.strip_suffix('%') {
+        return match p.parse::<u32>() {
+            Ok(n) if n <= 100 => Ok(Amount::Percent(n)),
+            _ => Err(format!(
+                "`{text}` is not a percentage from 0% to 100% (or a whole number of instances)"
+            )),
+        };
+    }
+    match t.parse::<u32>() {
+        Ok(n) if n <= MAX_INSTANCES => Ok(Amount::Count(n)),
+        _ => Err(format!(
+            "`{text}` is not a whole number of instances (0 to {MAX_INSTANCES}) or a percentage like `25%`"
+        )),
+    }
+}
+
+/// Builds `rollout:`; a field the service leaves out comes from `defaults.rollout`.
+fn build_rollout(
+    ctx: &mut Ctx<'_>,
+    path: &FieldPath,
+    r: &RawRollout,
+    inherited: Option<&RawRollout>,
+) -> RolloutSettings {
+    let mut out = RolloutSettings::default();
+    let inherited = inherited.cloned().unwrap_or_default();
+    let pick = |own: &Option<Scalar>, def: &Option<Scalar>| -> Option<(bool, String)> {
+        match (own, def) {
+            (Some(v), _) => Some((true, v.0.clone())),
+            (None, Some(v)) => Some((false, v.0.clone())),
+            (None, None) => None,
+        }
+    };
+    if let Some((own, v)) = pick(&r.max_unavailable, &inherited.max_unavailable) {
+        match parse_amount(&v) {
+            Ok(a) => out.max_unavailable = a,
+            Err(e) if own => ctx.err(&path.key("max_unavailable"), e),
+            Err(_) => {}
+        }
+    }
+    if let Some((own, v)) = pick(&r.max_surge, &inherited.max_surge) {
+        match parse_amount(&v) {
+            Ok(a) => out.max_surge = a,
+            Err(e) if own => ctx.err(&path.key("max_surge"), e),
+            Err(_) => {}
+        }
+    }
+    if let Some((own, v)) = pick(&r.progress_deadline, &inherited.progress_deadline) {
+        match parse_duration(&v) {
+            Ok(Millis(0)) if own => ctx.err(
+                &path.key("progress_deadline"),
+                "progress_deadline must be longer than 0",
+            ),
+            Ok(d) => out.progress_deadline = d,
+            Err(e) if own => ctx.err(&path.key("progress_deadline"), e),
+            Err(_) => {}
+        }
+    }
+    let zero = |a: Amount| matches!(a, Amount::Count(0) | Amount::Percent(0));
+    if zero(out.max_unavailable) && zero(out.max_surge) {
+        ctx.err(
+            path,
+            "max_unavailable and max_surge are both 0, so a rollout could never replace an instance; allow at least one",
+        );
+    }
+    out
 }
 
 fn build_image(
@@ -1555,5 +1716,19 @@ mod tests {
         assert!(!is_dns_label("-a"));
         assert!(!is_dns_label("a_b"));
         assert!(!is_dns_label(&"a".repeat(64)));
+    }
+
+    #[test]
+    fn rollout_amounts_round_like_kubernetes() {
+        assert_eq!(parse_amount("25%"), Ok(Amount::Percent(25)));
+        assert_eq!(parse_amount("3"), Ok(Amount::Count(3)));
+        assert!(parse_amount("101%").is_err());
+        assert!(parse_amount("-1").is_err());
+        assert!(parse_amount("1.5").is_err());
+        // max_unavailable rounds down, max_surge up.
+        assert_eq!(Amount::Percent(25).resolve(6, false), 1);
+        assert_eq!(Amount::Percent(25).resolve(6, true), 2);
+        assert_eq!(Amount::Percent(25).resolve(2, false), 0);
+        assert_eq!(Amount::Count(2).resolve(6, true), 2);
     }
 }

@@ -6,6 +6,7 @@
 //!   3-member cluster whose members can be killed and restarted one by one.
 //! - [`haproxy`]: HAProxy in master-worker mode with a master socket and a runtime (stats) socket.
 //! - [`docker`]: the local `FROM scratch` busybox test image, and containers removed on drop.
+//! - [`machine`]: a real systemd host (a cached Debian rootfs booted with systemd-nspawn).
 //!
 //! A missing component fails the test with a message saying to run `scripts/setup`; nothing is
 //! ever silently skipped.
@@ -13,6 +14,7 @@
 pub mod docker;
 pub mod etcd;
 pub mod haproxy;
+pub mod machine;
 
 use std::net::TcpListener;
 use std::path::PathBuf;

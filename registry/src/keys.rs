@@ -6,6 +6,7 @@
 //! <prefix>/config/...                                 -> free-form keys templates may read
 //! <prefix>/config/services/<service>/<setting>        -> service-wide settings (operator)
 //! <prefix>/policy/services/<service>                  -> which nodes may announce it (operator)
+//! <prefix>/rollouts/<service>                         -> the rollout in progress (unitgen)
 //! ```
 //!
 //! Node first, so etcd RBAC can confine each host's credentials to
@@ -42,6 +43,12 @@ pub enum KeyKind<'a> {
     /// `<prefix>/policy/services/<service>`: which nodes may announce `service`
     /// (operator-written, see [`crate::policy`]).
     Policy {
+        /// service name
+        service: &'a str,
+    },
+    /// `<prefix>/rollouts/<service>`: the rollout of `service` in progress, held by
+    /// `unitgen rollout` under a lease (the key is the lock).
+    Rollout {
         /// service name
         service: &'a str,
     },
@@ -122,6 +129,16 @@ impl Keys {
         format!("{}/config/", self.prefix)
     }
 
+    /// `<prefix>/rollouts/` — every rollout in progress.
+    pub fn rollouts(&self) -> String {
+        format!("{}/rollouts/", self.prefix)
+    }
+
+    /// `<prefix>/rollouts/<service>`
+    pub fn rollout(&self, service: &str) -> String {
+        format!("{}/rollouts/{service}", self.prefix)
+    }
+
     /// Classifies `key`. Returns `None` for keys outside the schema (wrong prefix, wrong depth,
     /// names that are not DNS labels / instance ids).
     pub fn parse<'a>(&self, key: &'a str) -> Option<KeyKind<'a>> {
@@ -149,6 +166,7 @@ impl Keys {
                 let service = rest.strip_prefix("services/")?;
                 is_dns_label(service).then_some(KeyKind::Policy { service })
             }
+            "rollouts" => is_dns_label(rest).then_some(KeyKind::Rollout { service: rest }),
             _ => None,
         }
     }
@@ -164,4 +182,36 @@ pub fn prefix_end(prefix: &str) -> Vec<u8> {
         }
     }
     vec![0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rollout_keys_round_trip() {
+        let k = Keys::new("/flotilla").unwrap();
+        assert_eq!(k.rollouts(), "/flotilla/rollouts/");
+        assert_eq!(k.rollout("web"), "/flotilla/rollouts/web");
+        assert_eq!(
+            k.parse(&k.rollout("web")),
+            Some(KeyKind::Rollout { service: "web" })
+        );
+        assert!(k.rollout("web").starts_with(&k.rollouts()));
+        assert!(!k.rollout("web").starts_with(&k.endpoints()));
+    }
+
+    #[test]
+    fn rollout_keys_outside_the_schema_are_refused() {
+        let k = Keys::new("/flotilla").unwrap();
+        for bad in [
+            "/flotilla/rollouts/",
+            "/flotilla/rollouts/Web",
+            "/flotilla/rollouts/web/lock",
+            "/flotilla/rollouts/-web",
+            "/other/rollouts/web",
+        ] {
+            assert_eq!(k.parse(bad), None, "{bad}");
+        }
+    }
 }
