@@ -108,7 +108,8 @@ impl Rig {
     /// max_per_host) and the `rollout:` settings `rollout` (YAML flow).
     fn start(tag: &str, hosts: usize, instances: u32, rollout: &str) -> Rig {
         images();
-        let mut chain = Chain::start(tag);
+        // Every simulated host announces 127.0.0.1 (they all run on this machine).
+        let mut chain = Chain::start_with(tag, &["--allow-loopback"]);
         chain.presence = None; // one presence per machine instead, below
         let service = format!("ro{}{tag}", std::process::id());
         let dir = chain.dir.path().to_path_buf();

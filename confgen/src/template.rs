@@ -1080,6 +1080,65 @@ mod tests {
             }
         }
 
+        /// The shipped templates (per_service fragments, route filters): a render kept up to
+        /// date across changes equals a render from scratch of the same registry.
+        #[test]
+        fn shipped_templates_incremental_renders_equal_fresh_renders() {
+            let shipped =
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../templates/templates");
+            let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(24));
+            let strategy = (
+                proptest::collection::vec(
+                    (
+                        proptest::collection::vec((0u8..8, 0u8..3, 1u8..250, any::<bool>()), 0..14),
+                        proptest::option::of(0u8..3),
+                    ),
+                    1..6,
+                ),
+                0usize..2,
+            );
+            runner
+                .run(&strategy, |(steps, which)| {
+                    let main = ["haproxy.cfg.tmpl", "nginx.conf.tmpl"][which];
+                    let mut sync = Sync::new();
+                    let scope = Scope {
+                        keys: vec!["/flotilla/".into()],
+                        prefix: "/flotilla".into(),
+                    };
+                    let engine =
+                        Engine::load(&shipped, main, sync.view.store(), scope.clone()).unwrap();
+                    let mut data = TemplateData::new(scope.clone());
+                    let mut out = Vec::new();
+                    for (eps, domain) in &steps {
+                        let mut kvs = registry(eps, *domain);
+                        // Some services with a route, one TCP service.
+                        kvs.insert("/flotilla/config/services/s1/path".into(), b"/one".to_vec());
+                        kvs.insert("/flotilla/config/services/s2/mode".into(), b"tcp".to_vec());
+                        kvs.insert(
+                            "/flotilla/config/services/s2/service_port".into(),
+                            b"9000".to_vec(),
+                        );
+                        sync.to(&kvs, &mut data);
+                        engine.render(&mut data, &mut out).unwrap();
+                        // From scratch: a new view, data and engine.
+                        let mut fresh_sync = Sync::new();
+                        let fresh =
+                            Engine::load(&shipped, main, fresh_sync.view.store(), scope.clone())
+                                .unwrap();
+                        let mut fresh_data = TemplateData::new(scope.clone());
+                        fresh_sync.to(&kvs, &mut fresh_data);
+                        let mut want = Vec::new();
+                        fresh.render(&mut fresh_data, &mut want).unwrap();
+                        prop_assert_eq!(
+                            String::from_utf8_lossy(&out),
+                            String::from_utf8_lossy(&want)
+                        );
+                    }
+                    Ok(())
+                })
+                .unwrap();
+        }
+
         #[test]
         fn an_unchanged_service_is_not_rendered_again() {
             let dir = tempfile::tempdir().unwrap();

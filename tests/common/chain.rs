@@ -30,6 +30,12 @@ pub fn repo() -> PathBuf {
 
 impl Chain {
     pub fn start(tag: &str) -> Chain {
+        Chain::start_with(tag, &[])
+    }
+
+    /// Like [`Chain::start`], with extra `confgen run` flags (e.g. `--allow-loopback` when
+    /// several simulated hosts on this machine all announce 127.0.0.1).
+    pub fn start_with(tag: &str, confgen_extra: &[&str]) -> Chain {
         let dir = tempfile::Builder::new()
             .prefix("flotilla-e2e-")
             .tempdir()
@@ -115,14 +121,17 @@ max_drop = "100%"
             "confgen",
             &bin("confgen"),
             &[
-                "run".into(),
+                "run".to_string(),
                 "--confdir".into(),
                 confdir.display().to_string(),
                 "--etcd-endpoints".into(),
                 endpoints,
                 "--node".into(),
                 node.clone(),
-            ],
+            ]
+            .into_iter()
+            .chain(confgen_extra.iter().map(|s| s.to_string()))
+            .collect::<Vec<String>>(),
             d,
         );
         let test_label = unique_name(tag);
