@@ -454,6 +454,8 @@ pub struct View {
     excluded: BTreeMap<String, Excluded>,
     /// Exclusions by (service, node, reason), for logging per incident.
     groups: Groups,
+    /// The keys of `excluded`, as the store's persistent set (shared with template functions).
+    hidden: OrdSet<String>,
     revision: i64,
     complete: bool,
 }
@@ -473,6 +475,7 @@ impl View {
             routed: BTreeMap::new(),
             excluded: BTreeMap::new(),
             groups: Groups::new(),
+            hidden: OrdSet::new(),
             revision: 0,
             complete: false,
         }
@@ -547,6 +550,7 @@ impl View {
                         remove_from(&mut self.by_node, node, k);
                         // Deleted (or no longer a valid record): not excluded, just gone.
                         if let Some(was) = self.excluded.remove(k.as_str()) {
+                            self.hidden.remove(k.as_str());
                             log.gone(service, k, &was);
                         }
                     }
@@ -582,10 +586,9 @@ impl View {
             }
         }
         self.emit(log);
-        let hidden: OrdSet<String> = self.excluded.keys().cloned().collect();
         *self.store.write().expect("store lock") = KvStore {
             kvs: self.snap.kvs.clone(),
-            hidden,
+            hidden: self.hidden.clone(),
         };
         changes
     }
@@ -677,6 +680,12 @@ impl View {
             .collect()
     }
 
+    /// Marks `key` excluded for `why`; returns its previous exclusion.
+    fn exclude(&mut self, key: &str, why: &Excluded) -> Option<Excluded> {
+        self.hidden.insert(key.to_owned());
+        self.excluded.insert(key.to_owned(), why.clone())
+    }
+
     /// Recomputes the routed list of `service`; returns true if it changed.
     fn route_service(&mut self, service: &str, log: &mut ExclusionLog) -> bool {
         let mut admitted: Vec<(String, Arc<Endpoint>)> = Vec::new();
@@ -723,7 +732,7 @@ impl View {
             let node = self.snap.endpoints.get(k.as_str()).map(|e| e.node.clone());
             let _ = node;
             match verdict {
-                Some(e) => match self.excluded.insert(k.clone(), e.clone()) {
+                Some(e) => match self.exclude(&k, &e) {
                     Some(old) if old == e => {}
                     Some(old) => {
                         log.gone(service, &k, &old);
@@ -733,6 +742,7 @@ impl View {
                 },
                 None => {
                     if let Some(was) = self.excluded.remove(&k) {
+                        self.hidden.remove(&k);
                         log.routed_again(service, &k, &was);
                     }
                 }
