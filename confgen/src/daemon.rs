@@ -107,8 +107,10 @@ impl Slot {
             prefix: res.prefix.clone(),
         };
         let engine = load_engine(&res, view, &scope);
+        let mut data = TemplateData::new(scope);
+        data.want_json(engine.as_ref().map_or(true, Engine::needs_json));
         Slot {
-            data: TemplateData::new(scope),
+            data,
             res,
             engine,
             pending: None,
@@ -492,6 +494,8 @@ impl Daemon {
             let mut slot = match old.remove(&r.name) {
                 Some(mut prev) if prev.res.keys == r.keys && prev.res.prefix == r.prefix => {
                     prev.engine = load_engine(&r, &self.view, prev.data.scope());
+                    prev.data
+                        .want_json(prev.engine.as_ref().map_or(true, Engine::needs_json));
                     prev.res = r;
                     prev
                 }

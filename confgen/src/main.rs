@@ -319,6 +319,7 @@ fn render(a: RenderArgs) -> anyhow::Result<u8> {
             return Ok(EXIT_FAILED);
         }
     };
+    data.want_json(engine.needs_json());
     let mut out = Vec::new();
     let started = std::time::Instant::now();
     let result = engine.render(&mut data, &mut out);

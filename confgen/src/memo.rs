@@ -503,8 +503,8 @@ pub fn fragment_name(id: usize) -> String {
 /// with their versions, and the data's epoch.
 #[derive(Debug, Default)]
 pub struct RenderInput {
-    /// `services` of the template data, for the duration of the render.
-    pub services: Option<Map<String, Value>>,
+    /// The services of the template data, for the duration of the render.
+    pub services: Option<imbl::OrdMap<String, Arc<crate::view::ServiceList>>>,
     /// Version of each service's list.
     pub versions: HashMap<String, u64>,
     /// The data's epoch (changes with any non-endpoint key the template sees).
@@ -574,7 +574,7 @@ impl Memo {
         let mut cache = self.cache.lock().expect("memo cache lock");
         let mut out = String::new();
         let frag = fragment_name(id);
-        for (name, eps) in services {
+        for (name, list) in services {
             let version = input.versions.get(name).copied().unwrap_or(0);
             let key = (id, name.clone());
             let hit = cache
@@ -585,7 +585,8 @@ impl Memo {
                 None => {
                     let mut ctx = outer.clone();
                     ctx.insert(l.key.clone(), Value::String(name.clone()));
-                    ctx.insert(l.value.clone(), eps.clone());
+                    // Only a service rendered again has its JSON built.
+                    ctx.insert(l.value.clone(), list.to_json());
                     let ctx = Context::from_value(Value::Object(ctx)).expect("an object");
                     let text: Arc<str> = self.tera.render(&frag, &ctx)?.into();
                     self.renders.fetch_add(1, Ordering::Relaxed);

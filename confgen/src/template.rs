@@ -199,6 +199,13 @@ impl Engine {
         self.fast.is_some()
     }
 
+    /// True if rendering needs the JSON of every service in the data (see
+    /// [`TemplateData::want_json`]): not for a memoised template without `per_service`
+    /// fragments.
+    pub fn needs_json(&self) -> bool {
+        self.fast.is_none() || !self.fragments.is_empty()
+    }
+
     fn render_fast(
         &self,
         fast: &Tera,
@@ -212,29 +219,18 @@ impl Engine {
             data.restore(root);
             return Err(());
         }
-        let services = match root.remove("services") {
-            Some(Value::Object(m)) => m,
-            _ => Map::new(),
-        };
         *memo.input.lock().expect("memo input lock") = memo::RenderInput {
-            services: Some(services),
+            services: Some(data.lists().clone()),
             versions: data.versions().clone(),
             epoch: data.epoch(),
         };
         let ctx = Context::from_value(Value::Object(root)).expect("an object is a context");
         let result = fast.render_to(&self.name, &ctx, &mut *out);
-        let mut root = match ctx.into_json() {
+        let root = match ctx.into_json() {
             Value::Object(m) => m,
             _ => Map::new(),
         };
-        let services = memo
-            .input
-            .lock()
-            .expect("memo input lock")
-            .services
-            .take()
-            .unwrap_or_default();
-        root.insert("services".into(), Value::Object(services));
+        memo.input.lock().expect("memo input lock").services = None;
         data.restore(root);
         result.map_err(|_| ())
     }
@@ -1069,11 +1065,18 @@ mod tests {
                 let mut sync = Sync::new();
                 let engine = Engine::load(dir.path(), "main.tmpl", sync.view.store(), Scope::everything()).unwrap();
                 prop_assert!(engine.memoised(), "template {} is not memoised", which);
+                prop_assert!(!engine.needs_json());
+                // The memoised render from data without the JSON tree (as the daemon keeps it),
+                // the plain one from data with it.
+                let mut lean = TemplateData::new(Scope::everything());
+                lean.want_json(false);
                 let mut data = TemplateData::new(Scope::everything());
                 let (mut fast, mut plain) = (Vec::new(), Vec::new());
+                let mut sync2 = Sync::new();
                 for (eps, domain) in &steps {
-                    sync.to(&registry(eps, *domain), &mut data);
-                    engine.render(&mut data, &mut fast).unwrap();
+                    sync.to(&registry(eps, *domain), &mut lean);
+                    sync2.to(&registry(eps, *domain), &mut data);
+                    engine.render(&mut lean, &mut fast).unwrap();
                     engine.render_plain(&mut data, &mut plain).unwrap();
                     prop_assert_eq!(String::from_utf8_lossy(&fast), String::from_utf8_lossy(&plain));
                 }

@@ -123,6 +123,38 @@ pub struct TemplateData {
     /// Routed endpoint keys put since the last successful apply: the suspects when a check
     /// fails.
     suspects: BTreeSet<String>,
+    /// Each service's list (shared, cheap to clone: a memoised template reads it and builds the
+    /// JSON of the services it renders only).
+    lists: OrdMap<String, Arc<ServiceList>>,
+    /// Whether `root.services` holds the JSON of every service (a template that is not
+    /// memoised renders from it; a memoised one does not need it, see [`crate::memo`]).
+    json: bool,
+}
+
+/// One service's endpoints as one template sees them (scope and quarantine applied), with the
+/// service's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceList {
+    /// Sorted by (node, instance).
+    pub eps: Vec<Arc<Endpoint>>,
+    /// The service's effective settings.
+    pub settings: Settings,
+}
+
+impl ServiceList {
+    /// The list as templates see it: one [`endpoint_value`] per endpoint.
+    pub fn to_json(&self) -> Value {
+        Value::Array(
+            self.eps
+                .iter()
+                .map(|e| endpoint_value(e, &self.settings))
+                .collect(),
+        )
+    }
+}
+
+fn same_endpoints(a: &[Arc<Endpoint>], b: &[Arc<Endpoint>]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| Arc::ptr_eq(x, y) || x == y)
 }
 
 /// What a [`TemplateData::apply`] found.
@@ -151,7 +183,31 @@ impl TemplateData {
             epoch: 1,
             quarantine: BTreeSet::new(),
             suspects: BTreeSet::new(),
+            lists: OrdMap::new(),
+            json: true,
         }
+    }
+
+    /// Each service's list (O(1) to clone).
+    pub fn lists(&self) -> &OrdMap<String, Arc<ServiceList>> {
+        &self.lists
+    }
+
+    /// Keep `root.services` as JSON (`true`, the default) or not. Turning it on builds it.
+    pub fn want_json(&mut self, json: bool) {
+        if json == self.json {
+            return;
+        }
+        self.json = json;
+        let services: Map<String, Value> = if json {
+            self.lists
+                .iter()
+                .map(|(name, l)| (name.clone(), l.to_json()))
+                .collect()
+        } else {
+            Map::new()
+        };
+        *self.services_mut() = services;
     }
 
     /// Version of `service`'s endpoint list: changes whenever the list is rebuilt.
@@ -245,29 +301,38 @@ impl TemplateData {
     /// Rebuilds `service` from the view's routed list; returns true if what the template sees
     /// changed.
     fn rebuild_service(&mut self, service: &str, view: &View) -> bool {
-        let list: Vec<Value> = view
-            .routed
-            .get(service)
+        let routed = view.routed.get(service);
+        let eps: Vec<Arc<Endpoint>> = routed
             .map(|r| {
                 r.eps
                     .iter()
                     .filter(|(k, _)| self.scope.contains(k) && !self.quarantine.contains(k))
-                    .map(|(_, ep)| endpoint_value(ep, &r.settings))
+                    .map(|(_, ep)| ep.clone())
                     .collect()
             })
             .unwrap_or_default();
-        let services = self.services_mut();
-        let old_len = match services.get(service) {
-            Some(Value::Array(old)) if *old == list => return false,
-            Some(Value::Array(old)) => old.len(),
-            _ if list.is_empty() => return false,
-            _ => 0,
+        let settings = routed.map(|r| r.settings.clone()).unwrap_or_default();
+        let old_len = match self.lists.get(service) {
+            Some(old) if old.settings == settings && same_endpoints(&old.eps, &eps) => {
+                return false
+            }
+            Some(old) => old.eps.len(),
+            None if eps.is_empty() => return false,
+            None => 0,
         };
-        let new_len = list.len();
-        if list.is_empty() {
-            services.remove(service);
+        let new_len = eps.len();
+        if eps.is_empty() {
+            self.lists.remove(service);
+            if self.json {
+                self.services_mut().remove(service);
+            }
         } else {
-            services.insert(service.to_owned(), Value::Array(list));
+            let list = Arc::new(ServiceList { eps, settings });
+            if self.json {
+                let value = list.to_json();
+                self.services_mut().insert(service.to_owned(), value);
+            }
+            self.lists.insert(service.to_owned(), list);
         }
         self.endpoints = self.endpoints + new_len - old_len;
         let version = self.next_version;
@@ -294,7 +359,7 @@ impl TemplateData {
     }
 
     fn rebuild_all(&mut self, view: &View) {
-        let (next_version, epoch) = (self.next_version, self.epoch + 1);
+        let (next_version, epoch, json) = (self.next_version, self.epoch + 1, self.json);
         let quarantine = std::mem::take(&mut self.quarantine);
         let suspects = std::mem::take(&mut self.suspects);
         *self = TemplateData::new(self.scope.clone());
@@ -303,6 +368,7 @@ impl TemplateData {
         self.epoch = epoch;
         self.quarantine = quarantine;
         self.suspects = suspects;
+        self.json = json;
         for service in view.routed.keys() {
             self.rebuild_service(service, view);
         }
