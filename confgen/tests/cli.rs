@@ -483,3 +483,66 @@ impl Drop for MasterWorker {
         self.0.kill();
     }
 }
+
+/// Logs in a pipe or file carry no colour codes; on the journal stream (systemd's
+/// `JOURNAL_STREAM` names stderr) lines start with the syslog priority and carry no timestamp.
+#[test]
+fn logs_are_plain_in_a_pipe_and_carry_priorities_on_the_journal() {
+    use std::os::unix::fs::MetadataExt;
+    let d = tempfile::tempdir().unwrap();
+    let confdir = Confdir::new();
+    confdir.template("t.tmpl", "x\n");
+    confdir.resource(
+        "t",
+        &format!(
+            "[template]\nsrc = \"t.tmpl\"\ndest = \"{}\"\nprefix = \"/flotilla\"\nkeys = [\"/config/\"]\n",
+            confdir.out("t").display()
+        ),
+    );
+    // Nothing listens there: confgen logs a warning about etcd and gives up after 1 s.
+    let port = flotilla_harness::free_port().to_string();
+    let args = |c: &mut std::process::Command| {
+        c.args(["run", "--onetime", "--sync-timeout", "1s", "--confdir"])
+            .arg(confdir.path())
+            .args(["--etcd-endpoints", &format!("http://127.0.0.1:{port}")])
+            .env("RUST_LOG", "info");
+    };
+    let piped = {
+        let mut c = common::clean_env(std::process::Command::new(common::confgen_bin()));
+        args(&mut c);
+        c.output().unwrap()
+    };
+    let err = text(&piped.stderr);
+    assert!(err.contains("WARN"), "{err}");
+    assert!(!err.contains('\u{1b}'), "colour codes in a pipe:\n{err:?}");
+    // The journal: stderr is a file whose device and inode JOURNAL_STREAM names.
+    let path = d.path().join("journal");
+    let file = std::fs::File::create(&path).unwrap();
+    let meta = file.metadata().unwrap();
+    let mut c = common::clean_env(std::process::Command::new(common::confgen_bin()));
+    args(&mut c);
+    c.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .stderr(file)
+        .stdout(std::process::Stdio::null());
+    c.status().unwrap();
+    let journal = read(&path);
+    let lines: Vec<&str> = journal
+        .lines()
+        .filter(|l| !l.starts_with("confgen:"))
+        .collect();
+    assert!(!lines.is_empty(), "{journal}");
+    for l in &lines {
+        assert!(
+            l.starts_with("<4>") || l.starts_with("<6>") || l.starts_with("<3>"),
+            "no priority prefix: {l:?}"
+        );
+        let stamped = regex::Regex::new(r"\d{4}-\d\d-\d\dT\d\d:\d\d").unwrap();
+        assert!(!stamped.is_match(l) && !l.contains('\u{1b}'), "{l:?}");
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("<4>") && l.contains("WARN")),
+        "{journal}"
+    );
+}

@@ -33,16 +33,72 @@ pub struct ObsArgs {
 }
 
 /// Installs the tracing subscriber: stderr, `RUST_LOG` filter (default `info`).
+///
+/// Text logs have colour only when stderr is a terminal (never in a pipe, a file or the
+/// journal). Under systemd with stderr connected to the journal (`JOURNAL_STREAM` names stderr's
+/// device and inode), lines carry no timestamp (the journal has its own) and start with the
+/// syslog priority (`<3>` error, `<4>` warning, `<6>` info, `<7>` debug), so `journalctl -p
+/// warning` works.
 pub fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
+        LogFormat::Text if stderr_is_journal() => builder
+            .with_ansi(false)
+            .event_format(Journald(
+                tracing_subscriber::fmt::format::Format::default().without_time(),
+            ))
+            .try_init(),
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// True if stderr is the journal stream systemd gave this process (`JOURNAL_STREAM` is
+/// `<device>:<inode>` of it; a child whose stderr was redirected elsewhere inherits the variable
+/// but not the stream).
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(v) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = v.to_str().and_then(|s| s.split_once(':')) else {
+        return false;
+    };
+    let Ok(meta) = std::fs::metadata("/proc/self/fd/2") else {
+        return false;
+    };
+    dev.parse() == Ok(meta.dev()) && ino.parse() == Ok(meta.ino())
+}
+
+/// The default text format (without time) behind a syslog priority prefix, for the journal.
+struct Journald(tracing_subscriber::fmt::format::Format<tracing_subscriber::fmt::format::Full, ()>);
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for Journald
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let priority = match *event.metadata().level() {
+            tracing::Level::ERROR => 3,
+            tracing::Level::WARN => 4,
+            tracing::Level::INFO => 6,
+            _ => 7,
+        };
+        write!(writer, "<{priority}>")?;
+        self.0.format_event(ctx, writer, event)
+    }
 }
 
 /// What `/healthz` reports: healthy (200) or not (503), with a one-line-per-check body.
