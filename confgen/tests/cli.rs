@@ -531,12 +531,12 @@ fn logs_are_plain_in_a_pipe_and_carry_priorities_on_the_journal() {
         .filter(|l| !l.starts_with("confgen:"))
         .collect();
     assert!(!lines.is_empty(), "{journal}");
+    let stamped = regex::Regex::new(r"\d{4}-\d\d-\d\dT\d\d:\d\d").unwrap();
     for l in &lines {
         assert!(
             l.starts_with("<4>") || l.starts_with("<6>") || l.starts_with("<3>"),
             "no priority prefix: {l:?}"
         );
-        let stamped = regex::Regex::new(r"\d{4}-\d\d-\d\dT\d\d:\d\d").unwrap();
         assert!(!stamped.is_match(l) && !l.contains('\u{1b}'), "{l:?}");
     }
     assert!(
