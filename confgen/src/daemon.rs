@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use flotilla_registry::backoff::Backoff;
-use flotilla_registry::{CacheState, CacheStatus, KeyKind, Keys, Update};
+use flotilla_registry::{CacheState, CacheStatus, KeyKind, Keys, Update, Updates};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
@@ -309,7 +309,7 @@ impl Daemon {
     /// Runs until `shutdown` resolves (or, with `--onetime`, until one apply is done).
     pub async fn run(
         mut self,
-        mut updates: mpsc::UnboundedReceiver<Update>,
+        mut updates: Updates,
         mut status: watch::Receiver<CacheStatus>,
         mut files: mpsc::Receiver<()>,
         shutdown: impl std::future::Future<Output = ()>,
@@ -408,8 +408,8 @@ impl Daemon {
     }
 
     /// Applies every update already queued (each in order: they are incremental).
-    fn drain_updates(&mut self, updates: &mut mpsc::UnboundedReceiver<Update>) {
-        while let Ok(u) = updates.try_recv() {
+    fn drain_updates(&mut self, updates: &mut Updates) {
+        while let Some(u) = updates.try_recv() {
             self.on_update(&u);
         }
     }

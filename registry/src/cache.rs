@@ -20,10 +20,13 @@
 //!
 //! - [`WatchCache::subscribe`]: the current [`Snapshot`] through `tokio::sync::watch` (a reader
 //!   that wakes up late sees only the newest one);
-//! - [`WatchCache::updates`]: every change, in order, never coalesced: an [`Update`] per listing
-//!   or watch response, carrying the keys it changed **and** the snapshot right after it (in the
+//! - [`WatchCache::updates`]: every change, in order, never lost: an [`Update`] per listing or
+//!   watch response, carrying the keys it changed **and** the snapshot right after it (in the
 //!   style of kube-rs' watcher: a consumer that keeps derived state applies the changed keys and
-//!   never has to diff two snapshots itself).
+//!   never has to diff two snapshots itself). A consumer that falls behind (busy running a check
+//!   or a reload during a burst) gets the updates it missed merged into one: the union of their
+//!   keys with the newest snapshot, so memory stays bounded by one snapshot however far behind
+//!   it is.
 //!
 //! Snapshots are persistent maps ([`imbl::OrdMap`]): cloning one is O(1) and an update shares
 //! every unchanged node with the snapshot before it, so readers may hold snapshots as long as
@@ -37,7 +40,7 @@ use std::sync::{Arc, Mutex};
 
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use imbl::OrdMap;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
@@ -129,7 +132,83 @@ pub struct CacheStatus {
 }
 
 /// Subscribers of [`WatchCache::updates`].
-type Subscribers = Arc<Mutex<Vec<mpsc::UnboundedSender<Update>>>>;
+type Subscribers = Arc<Mutex<Vec<Arc<Mailbox>>>>;
+
+/// One subscriber's pending update: at most one, later ones merged into it.
+#[derive(Debug, Default)]
+struct Mailbox {
+    pending: Mutex<Option<(Snapshot, std::collections::BTreeSet<String>, bool)>>,
+    notify: tokio::sync::Notify,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl Mailbox {
+    fn put(&self, snapshot: Snapshot, changed: &[String], relisted: bool) {
+        let mut p = self.pending.lock().expect("mailbox lock");
+        match p.as_mut() {
+            Some((snap, keys, re)) => {
+                *snap = snapshot;
+                keys.extend(changed.iter().cloned());
+                *re |= relisted;
+            }
+            None => *p = Some((snapshot, changed.iter().cloned().collect(), relisted)),
+        }
+        drop(p);
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> Option<Update> {
+        let (snapshot, keys, relisted) = self.pending.lock().expect("mailbox lock").take()?;
+        Some(Update {
+            snapshot,
+            changed: Arc::new(keys.into_iter().collect()),
+            relisted,
+        })
+    }
+
+    fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.notify.notify_one();
+    }
+}
+
+/// The receiving end of [`WatchCache::updates`].
+#[derive(Debug)]
+pub struct Updates {
+    mailbox: Arc<Mailbox>,
+}
+
+impl Updates {
+    /// The next update (the ones since the last call merged), or `None` once the cache is gone.
+    pub async fn recv(&mut self) -> Option<Update> {
+        loop {
+            if let Some(u) = self.mailbox.take() {
+                return Some(u);
+            }
+            if self
+                .mailbox
+                .closed
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                return None;
+            }
+            self.mailbox.notify.notified().await;
+        }
+    }
+
+    /// The pending update, if any, without waiting.
+    pub fn try_recv(&mut self) -> Option<Update> {
+        self.mailbox.take()
+    }
+}
+
+impl Drop for Updates {
+    fn drop(&mut self) {
+        self.mailbox
+            .closed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
 
 /// Handle to a running watch cache task. Dropping it stops the task.
 #[derive(Debug)]
@@ -143,6 +222,9 @@ pub struct WatchCache {
 impl Drop for WatchCache {
     fn drop(&mut self) {
         self.task.abort();
+        for m in self.subscribers.lock().expect("subscribers lock").iter() {
+            m.close();
+        }
     }
 }
 
@@ -195,10 +277,10 @@ impl WatchCache {
 
     /// Every change from now on, in order. If a complete snapshot exists already, the first
     /// update is that snapshot with every key in it listed as changed (`relisted`), so a new
-    /// subscriber builds its state from it. Updates are never dropped or merged; a subscriber
-    /// that stops reading should drop the receiver.
-    pub fn updates(&self) -> mpsc::UnboundedReceiver<Update> {
-        let (tx, rx) = mpsc::unbounded_channel();
+    /// subscriber builds its state from it. Updates are never dropped; those a subscriber has not
+    /// taken yet are merged (see the module docs).
+    pub fn updates(&self) -> Updates {
+        let mailbox = Arc::new(Mailbox::default());
         let mut subs = self.subscribers.lock().expect("subscribers lock");
         // Under the lock the worker cannot publish: the snapshot read here is the one the next
         // update will follow.
@@ -212,14 +294,10 @@ impl WatchCache {
                 .collect::<std::collections::BTreeSet<_>>()
                 .into_iter()
                 .collect();
-            let _ = tx.send(Update {
-                snapshot: current,
-                changed: Arc::new(changed),
-                relisted: true,
-            });
+            mailbox.put(current, &changed, true);
         }
-        subs.push(tx);
-        rx
+        subs.push(mailbox.clone());
+        Updates { mailbox }
     }
 
     /// A receiver of snapshots. `changed()` fires on every applied change.
@@ -321,16 +399,11 @@ impl Worker {
     /// subscriber (both under the subscribers' lock, see [`WatchCache::updates`]).
     fn publish(&self, next: Snapshot, changed: Vec<String>, relisted: bool) {
         let mut subs = self.subscribers.lock().expect("subscribers lock");
+        subs.retain(|m| !m.closed.load(std::sync::atomic::Ordering::SeqCst));
         if !changed.is_empty() || relisted {
-            let changed = Arc::new(changed);
-            subs.retain(|tx| {
-                tx.send(Update {
-                    snapshot: next.clone(),
-                    changed: changed.clone(),
-                    relisted,
-                })
-                .is_ok()
-            });
+            for m in subs.iter() {
+                m.put(next.clone(), &changed, relisted);
+            }
         }
         self.snap.send_replace(next);
     }

@@ -19,7 +19,7 @@ pub mod policy;
 pub mod record;
 
 pub use cache::{
-    fetch_snapshot, Bytes, CacheState, CacheStatus, Snapshot, Tuning, Update, WatchCache,
+    fetch_snapshot, Bytes, CacheState, CacheStatus, Snapshot, Tuning, Update, Updates, WatchCache,
 };
 pub use etcd::{EtcdArgs, EtcdError};
 pub use keys::{KeyKind, Keys};

@@ -146,7 +146,7 @@ async fn assert_exact(cache: &WatchCache, client: &mut Client, what: &str) {
 /// A consumer of the cache's change stream that keeps its own copy of the registry from the
 /// changed keys alone: it must end up equal to etcd, with every update in order.
 struct Follower {
-    rx: tokio::sync::mpsc::UnboundedReceiver<flotilla_registry::Update>,
+    rx: flotilla_registry::Updates,
     map: BTreeMap<String, Vec<u8>>,
     revision: i64,
     updates: usize,
