@@ -711,10 +711,9 @@ impl Daemon {
         let base = slot.data.quarantined().clone();
         let suspects: Vec<String> = slot
             .data
-            .suspects()
-            .iter()
-            .filter(|k| !base.contains(*k) && view.is_routed(k))
-            .cloned()
+            .suspects(view.keys())
+            .into_iter()
+            .filter(|k| !base.contains(k) && view.is_routed(k))
             .collect();
         if suspects.is_empty() || slot.engine.is_err() {
             return false;

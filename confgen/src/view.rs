@@ -123,6 +123,9 @@ pub struct TemplateData {
     /// Routed endpoint keys put since the last successful apply: the suspects when a check
     /// fails.
     suspects: BTreeSet<String>,
+    /// Every routed endpoint is a suspect (nothing was applied since the data was built): set
+    /// instead of listing 10,000 keys in `suspects`.
+    all_suspect: bool,
     /// Each service's list (shared, cheap to clone: a memoised template reads it and builds the
     /// JSON of the services it renders only).
     lists: OrdMap<String, Arc<ServiceList>>,
@@ -183,6 +186,7 @@ impl TemplateData {
             epoch: 1,
             quarantine: BTreeSet::new(),
             suspects: BTreeSet::new(),
+            all_suspect: false,
             lists: OrdMap::new(),
             json: true,
         }
@@ -252,8 +256,17 @@ impl TemplateData {
     }
 
     /// Routed endpoint keys put since the last successful apply.
-    pub fn suspects(&self) -> &BTreeSet<String> {
-        &self.suspects
+    pub fn suspects(&self, keys: &Keys) -> Vec<String> {
+        if !self.all_suspect {
+            return self.suspects.iter().cloned().collect();
+        }
+        let mut all: BTreeSet<String> = self
+            .lists
+            .values()
+            .flat_map(|l| l.eps.iter().map(|e| e.key(keys)))
+            .collect();
+        all.extend(self.suspects.iter().cloned());
+        all.into_iter().collect()
     }
 
     /// Keys currently left out by quarantine.
@@ -264,6 +277,7 @@ impl TemplateData {
     /// The last apply succeeded: nothing is suspect any more.
     pub fn applied(&mut self) {
         self.suspects.clear();
+        self.all_suspect = false;
     }
 
     /// Replaces the quarantine set and rebuilds the services it adds or releases.
@@ -393,7 +407,9 @@ impl TemplateData {
                     if self.quarantine.remove(k.as_str()) {
                         services.insert(service.to_owned());
                     }
-                    if in_scope && view.is_routed(k) {
+                    if !self.built || self.all_suspect {
+                        // All of them are suspects already (see `all_suspect`).
+                    } else if in_scope && view.is_routed(k) {
                         self.suspects.insert(k.clone());
                     } else {
                         self.suspects.remove(k.as_str());
@@ -406,6 +422,7 @@ impl TemplateData {
         }
         if !self.built {
             self.rebuild_all(view);
+            self.all_suspect = true;
             return Dirty {
                 any: true,
                 config: true,
@@ -1329,12 +1346,12 @@ pub(crate) mod tests {
             ep_json("a", "web", 2, "10.0.0.2"),
         ];
         run.step(&kvs);
-        assert_eq!(run.data.suspects().len(), 2);
+        assert_eq!(run.data.suspects(&keys()).len(), 2);
         run.data.applied();
         let bad = ep_json("a", "web", 2, "10.0.0.3");
         kvs[2] = bad.clone();
         run.step(&kvs);
-        assert_eq!(run.data.suspects().iter().collect::<Vec<_>>(), vec![&bad.0]);
+        assert_eq!(run.data.suspects(&keys()), vec![bad.0.clone()]);
         run.data.set_quarantine([bad.0.clone()].into(), &run.view);
         assert_eq!(run.data.endpoint_count(), 1);
         // Its record changes: released (and suspect again).

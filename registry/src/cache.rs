@@ -48,8 +48,9 @@ use crate::etcd::{error_chain, EtcdArgs};
 use crate::keys::{prefix_end, KeyKind, Keys};
 use crate::record::{Endpoint, Node};
 
-/// Keys per page when listing.
-const PAGE: i64 = 1000;
+/// Keys per page when listing. Each page is a round trip, so pages are large (10,000 endpoint
+/// records are about 4 MB): a 10k registry lists in one request instead of eleven.
+const PAGE: i64 = 10_000;
 /// Largest gRPC message accepted from etcd (a watch response can carry many events).
 const MAX_MESSAGE: usize = 256 * 1024 * 1024;
 
@@ -526,7 +527,7 @@ impl Worker {
     }
 }
 
-/// Reads `prefix` once into a complete [`Snapshot`]: pages of 1000 keys, all pinned to the
+/// Reads `prefix` once into a complete [`Snapshot`]: pages of 10,000 keys, all pinned to the
 /// revision of the first page, decoded and validated like the watch cache does (bad records are
 /// in `rejected`, with one warning each). For one-shot readers (`proxyctl ls`, `confgen dump`).
 pub async fn fetch_snapshot(
