@@ -594,7 +594,10 @@ fn instrument(name: &str, src: &str) -> String {
             }
             b'{' | b'%' => {
                 let end = tag_end(src, i);
-                let inner = src[i + 2..end.saturating_sub(2).max(i + 2)]
+                // An unterminated tag runs to the end of the text, which may end in any
+                // character: only a closing `}}` / `%}` (ASCII) is cut off.
+                let closed = end >= i + 4 && matches!(&bytes[end - 2..end], b"}}" | b"%}");
+                let inner = src[i + 2..if closed { end - 2 } else { end }]
                     .trim_matches(|c: char| c == '-' || c.is_whitespace());
                 let word = inner.split_whitespace().next().unwrap_or("");
                 let is_stmt = bytes[i + 1] == b'%';
@@ -894,5 +897,21 @@ mod tests {
             render(&e.unwrap(), serde_json::json!({})).unwrap(),
             "<}}{{ x }}>"
         );
+    }
+
+    #[test]
+    fn regression_an_unterminated_tag_before_non_ascii_text_does_not_panic() {
+        // The tag scanner sliced at `end - 2` bytes, inside a multi-byte character.
+        for src in [
+            "{{a\u{e9}",
+            "{{ \"\u{e9}",
+            "{%a\u{1f600}",
+            "x{{\u{e9}\u{e9}",
+            "{{\u{e9}",
+        ] {
+            let out = instrument("t.tmpl", src);
+            let at = regex::Regex::new(r"\{\{ __confgen_at\([^)]*\) \}\}").unwrap();
+            assert_eq!(at.replace_all(&out, ""), src, "{out}");
+        }
     }
 }

@@ -67,7 +67,11 @@ pub enum HealthState {
 impl ContainerInfo {
     /// The 12-hex short id.
     pub fn short_id(&self) -> &str {
-        &self.id[..self.id.len().min(12)]
+        // By characters: the id comes from the Docker API and is not trusted to be hex.
+        match self.id.char_indices().nth(12) {
+            Some((end, _)) => &self.id[..end],
+            None => &self.id,
+        }
     }
 }
 
@@ -897,5 +901,17 @@ mod tests {
         assert_eq!(error(&c).field, "image");
         c.labels.insert("flotilla.service".into(), "web".into());
         assert_eq!(register(&c, &cfg())[0].service, "web");
+    }
+
+    #[test]
+    fn regression_short_id_of_a_non_ascii_id_does_not_panic() {
+        // `&id[..12]` sliced inside a multi-byte character.
+        let mut c = web();
+        c.id = "01234567890\u{e9}ab".into();
+        assert_eq!(c.short_id(), "01234567890\u{e9}");
+        // Such an id never makes a record: it is refused naming the container.
+        let e = error(&c);
+        assert_eq!(e.container, "web-1");
+        assert!(e.field.starts_with("endpoint"), "{e}");
     }
 }
