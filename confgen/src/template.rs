@@ -902,6 +902,7 @@ mod tests {
     #[test]
     fn regression_an_unterminated_tag_before_non_ascii_text_does_not_panic() {
         // The tag scanner sliced at `end - 2` bytes, inside a multi-byte character.
+        let at = regex::Regex::new(r"\{\{ __confgen_at\([^)]*\) \}\}").unwrap();
         for src in [
             "{{a\u{e9}",
             "{{ \"\u{e9}",
@@ -910,7 +911,6 @@ mod tests {
             "{{\u{e9}",
         ] {
             let out = instrument("t.tmpl", src);
-            let at = regex::Regex::new(r"\{\{ __confgen_at\([^)]*\) \}\}").unwrap();
             assert_eq!(at.replace_all(&out, ""), src, "{out}");
         }
     }
