@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use flotilla_registry::daemon::ObsArgs;
-use flotilla_registry::record::is_dns_label;
+use flotilla_registry::record::{is_dns_label, is_host_local};
 use flotilla_registry::{EtcdArgs, Keys};
 
 /// presence: announces this host's Docker containers in etcd, under one lease.
@@ -39,6 +39,12 @@ pub struct Cli {
     /// Reconcile from a full container list (and compare with etcd) this often.
     #[arg(long, env = "FLOTILLA_RESYNC", default_value = "30s", value_parser = humantime::parse_duration)]
     pub resync: Duration,
+
+    /// Announce ports bound to loopback (127.0.0.0/8, ::1) or link-local (169.254.0.0/16,
+    /// fe80::/10) addresses, and accept such an --advertise-ip. Only for a single host where the
+    /// proxy runs beside the containers: any other proxy host would route to its own loopback.
+    #[arg(long, env = "FLOTILLA_ALLOW_LOOPBACK")]
+    pub allow_loopback: bool,
 
     /// Register only containers that name a service (label or env); no image-name default.
     #[arg(long, env = "FLOTILLA_EXPLICIT")]
@@ -90,6 +96,7 @@ pub struct Config {
     pub resync: Duration,
     pub explicit: bool,
     pub internal: bool,
+    pub allow_loopback: bool,
     pub docker_host: String,
     pub label_filter: Vec<String>,
     pub state_file: Option<PathBuf>,
@@ -109,6 +116,14 @@ impl Cli {
         if self.advertise_ip.is_unspecified() {
             errors.push(format!(
                 "--advertise-ip {}: must be an address other hosts can reach, not the unspecified address",
+                self.advertise_ip
+            ));
+        }
+        if is_host_local(self.advertise_ip) && !self.allow_loopback {
+            errors.push(format!(
+                "--advertise-ip {}: a loopback or link-local address reaches only this host, so \
+                 every other proxy host would route to itself; give an address other hosts can \
+                 reach, or --allow-loopback when the proxy runs on this host only",
                 self.advertise_ip
             ));
         }
@@ -160,6 +175,7 @@ impl Cli {
                 resync: self.resync,
                 explicit: self.explicit,
                 internal: self.internal,
+                allow_loopback: self.allow_loopback,
                 docker_host: self.docker_host.clone(),
                 label_filter: self.label_filter.clone(),
                 state_file: self.state_file.clone(),
@@ -217,5 +233,31 @@ mod tests {
             assert!(text.contains(flag), "{flag} not reported in:\n{text}");
         }
         assert_eq!(errors.len(), 5, "{text}");
+    }
+
+    #[test]
+    fn a_loopback_or_link_local_advertise_ip_needs_allow_loopback() {
+        for ip in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "::1",
+            "169.254.1.1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+        ] {
+            let errors = parse(&["--node", "n", "--advertise-ip", ip])
+                .validate()
+                .expect_err(ip);
+            assert!(errors[0].contains("--allow-loopback"), "{ip}: {errors:?}");
+            let cfg = parse(&["--node", "n", "--advertise-ip", ip, "--allow-loopback"])
+                .validate()
+                .expect(ip);
+            assert!(cfg.allow_loopback);
+        }
+        for ip in ["10.0.0.5", "192.0.2.1", "fd00::1", "2001:db8::1"] {
+            parse(&["--node", "n", "--advertise-ip", ip])
+                .validate()
+                .expect(ip);
+        }
     }
 }

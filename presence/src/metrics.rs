@@ -22,6 +22,8 @@ pub struct Metrics {
     pub endpoints: Gauge,
     /// Containers skipped because their labels or env are invalid.
     pub invalid_containers: Gauge,
+    /// Published ports left out because they are bound to loopback / link-local only.
+    pub local_bindings: Gauge,
     /// Docker container events read, by action.
     pub events: Family<ActionLabel, Counter>,
     /// Re-subscriptions to the Docker event stream.
@@ -44,6 +46,7 @@ impl Metrics {
         let m = Metrics {
             endpoints: Gauge::default(),
             invalid_containers: Gauge::default(),
+            local_bindings: Gauge::default(),
             events: Family::default(),
             docker_reconnects: Counter::default(),
             lease_renew_failures: Counter::default(),
@@ -61,6 +64,11 @@ impl Metrics {
             "presence_invalid_containers",
             "Running containers skipped because a label or env value is invalid",
             m.invalid_containers.clone(),
+        );
+        registry.register(
+            "presence_loopback_bindings_skipped",
+            "Published ports not announced because Docker bound them to a loopback or link-local address only (see --allow-loopback)",
+            m.local_bindings.clone(),
         );
         registry.register(
             "presence_docker_events",

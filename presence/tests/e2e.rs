@@ -696,6 +696,98 @@ fn internal_mode_and_host_network() {
 }
 
 #[test]
+fn a_loopback_binding_is_not_announced_without_allow_loopback() {
+    // Issue 16 item 3: `-p 127.0.0.1:PORT:80` registered 127.0.0.1:PORT, which every proxy host
+    // then routes to its own loopback.
+    let etcd = Etcd::start();
+    let view = EtcdView::plain(vec![etcd.endpoint()]);
+    let dir = tmp();
+    let ip = host_ip();
+    let (node, label) = (uniq("lo"), uniq("lo"));
+    let p = Presence::start(
+        &Args::new(&node, &label, vec![etcd.endpoint()])
+            .multi_host(&ip)
+            .arg("--resync=1s"),
+        dir.path(),
+    );
+    p.wait_ready(LONG);
+    // 8080 on 127.0.0.1 only (web's default), 8081 on every address.
+    let c = web(
+        "lo",
+        &label,
+        &["flotilla.service=lo", "flotilla.service.8081=open"],
+        &["-p", "8081"],
+    );
+    let open = instance(&node, &c, 8081);
+    wait_instances(&view, &node, std::slice::from_ref(&open), LONG);
+    let eps = view.endpoints(&node).unwrap();
+    assert_eq!(eps[&open].endpoint.host, ip);
+    assert_eq!(eps[&open].endpoint.port, c.host_port("8081/tcp"));
+    let binding = format!("127.0.0.1:{}", c.host_port("8080/tcp"));
+    wait_for("the skipped binding to be counted", LONG, || {
+        (p.metric("presence_loopback_bindings_skipped") == 1.0).then_some(())
+    });
+    // Several resyncs later: still not announced, and one log line naming container and binding.
+    let syncs = p.metric("presence_full_syncs_total");
+    wait_for("three more resyncs", LONG, || {
+        (p.metric("presence_full_syncs_total") >= syncs + 3.0).then_some(())
+    });
+    assert_eq!(
+        view.instances(&node).unwrap(),
+        BTreeSet::from([open.clone()])
+    );
+    let log = p.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("loopback") && l.contains(&c.name))
+        .collect();
+    assert_eq!(lines.len(), 1, "one line for the skipped port:\n{log}");
+    assert!(
+        lines[0].contains(&binding),
+        "names the binding {binding}: {}",
+        lines[0]
+    );
+    // Gone with the container.
+    drop(c);
+    wait_instances(&view, &node, &[], LONG);
+    wait_for("the gauge to drop to 0", LONG, || {
+        (p.metric("presence_loopback_bindings_skipped") == 0.0).then_some(())
+    });
+}
+
+#[test]
+fn a_loopback_advertise_ip_needs_allow_loopback() {
+    for ip in ["127.0.0.1", "::1", "169.254.10.1", "fe80::1"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_presence"))
+            .args(["--node", "n1", "--advertise-ip", ip, "--dry-run"])
+            .args(["--label-filter", "flotilla.test=none-at-all"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{ip}: {err}");
+        assert!(
+            err.contains("--advertise-ip") && err.contains("--allow-loopback"),
+            "{ip}: {err}"
+        );
+    }
+    // Allowed for a single-host setup.
+    let out = Command::new(env!("CARGO_BIN_EXE_presence"))
+        .args(["--node", "n1", "--advertise-ip", "127.0.0.1", "--dry-run"])
+        .args([
+            "--label-filter",
+            "flotilla.test=none-at-all",
+            "--allow-loopback",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn dry_run_prints_what_would_be_registered_and_exits() {
     let label = uniq("dry");
     let c = web(
@@ -707,6 +799,7 @@ fn dry_run_prints_what_would_be_registered_and_exits() {
     let node = uniq("dry");
     let out = Command::new(env!("CARGO_BIN_EXE_presence"))
         .args(["--node", &node, "--advertise-ip", "127.0.0.1", "--dry-run"])
+        .arg("--allow-loopback")
         .arg("--label-filter")
         .arg(format!("flotilla.test={label}"))
         // etcd is not contacted: nothing listens here.
