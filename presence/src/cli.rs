@@ -76,6 +76,12 @@ pub struct Cli {
     #[arg(long, env = "FLOTILLA_STATE_FILE")]
     pub state_file: Option<PathBuf>,
 
+    /// Largest etcd transaction presence sends, in bytes (`524288`, `512KiB`, `1MiB`). Keep it
+    /// below etcd's --max-request-bytes (default 1.5 MiB). Larger batches are split; a single
+    /// record larger than this is refused (logged and counted), never retried.
+    #[arg(long, env = "FLOTILLA_MAX_TXN_BYTES", default_value = "512KiB", value_parser = parse_size)]
+    pub max_txn_bytes: usize,
+
     /// Print the endpoints that would be registered (JSON lines) and exit; etcd is not contacted.
     #[arg(long)]
     pub dry_run: bool,
@@ -100,7 +106,30 @@ pub struct Config {
     pub docker_host: String,
     pub label_filter: Vec<String>,
     pub state_file: Option<PathBuf>,
+    pub max_txn_bytes: usize,
     pub keys: Keys,
+}
+
+/// Smallest `--max-txn-bytes`: one ordinary record must fit.
+pub const MIN_TXN_BYTES: usize = 4096;
+
+/// Parses a byte size: `N`, `NKiB` or `NMiB` (also `K`/`KB`/`M`/`MB`, counted in 1024s).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        _ => return Err(format!("{s:?} is not a size like 524288, 512KiB or 1MiB")),
+    };
+    let n: usize = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 524288, 512KiB or 1MiB"))?;
+    n.checked_mul(mult)
+        .filter(|b| *b <= 1 << 31)
+        .ok_or_else(|| format!("{s:?} is too large (at most 2GiB)"))
 }
 
 impl Cli {
@@ -137,6 +166,12 @@ impl Cli {
             errors.push(format!(
                 "--resync {}: must be at least 1s",
                 humantime::format_duration(self.resync)
+            ));
+        }
+        if self.max_txn_bytes < MIN_TXN_BYTES {
+            errors.push(format!(
+                "--max-txn-bytes {}: must be at least {MIN_TXN_BYTES} bytes (one record must fit)",
+                self.max_txn_bytes
             ));
         }
         if !(self.docker_host.starts_with("unix://") || self.docker_host.starts_with("tcp://")) {
@@ -179,6 +214,7 @@ impl Cli {
                 docker_host: self.docker_host.clone(),
                 label_filter: self.label_filter.clone(),
                 state_file: self.state_file.clone(),
+                max_txn_bytes: self.max_txn_bytes,
                 keys,
             }),
             _ => Err(errors),
@@ -205,6 +241,36 @@ mod tests {
         assert_eq!(cfg.docker_host, "unix:///var/run/docker.sock");
         assert_eq!(cfg.keys.prefix(), "/flotilla");
         assert!(!cfg.explicit && !cfg.internal);
+        assert_eq!(cfg.max_txn_bytes, 512 * 1024);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512KiB"), Ok(512 * 1024));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("64k"), Ok(64 * 1024));
+        for bad in [
+            "",
+            "KiB",
+            "1.5MiB",
+            "-1",
+            "12 parsecs",
+            "99999999999999999999MiB",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        let errors = parse(&[
+            "--node",
+            "n",
+            "--advertise-ip",
+            "10.0.0.5",
+            "--max-txn-bytes",
+            "100",
+        ])
+        .validate()
+        .expect_err("too small");
+        assert!(errors[0].contains("--max-txn-bytes"), "{errors:?}");
     }
 
     #[test]

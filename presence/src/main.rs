@@ -258,6 +258,7 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
             ttl: cfg.ttl,
             state_file: cfg.state_file.clone(),
             predecessor,
+            max_txn_bytes: cfg.max_txn_bytes,
         },
         metrics,
         status,

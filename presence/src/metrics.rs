@@ -36,6 +36,10 @@ pub struct Metrics {
     pub etcd_errors: Counter,
     /// Full reconciliations against etcd.
     pub full_syncs: Counter,
+    /// Records not written because they are too large for one etcd request.
+    pub records_refused: Gauge,
+    /// Transactions etcd refused as too large and that were split and sent again.
+    pub txn_splits: Counter,
     /// Seconds from reading a Docker event to etcd acknowledging the resulting write.
     pub event_to_etcd: Histogram,
 }
@@ -53,6 +57,8 @@ impl Metrics {
             lease_grants: Counter::default(),
             etcd_errors: Counter::default(),
             full_syncs: Counter::default(),
+            records_refused: Gauge::default(),
+            txn_splits: Counter::default(),
             event_to_etcd: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
         };
         registry.register(
@@ -99,6 +105,16 @@ impl Metrics {
             "presence_full_syncs",
             "Full reconciliations of this node's keys against etcd",
             m.full_syncs.clone(),
+        );
+        registry.register(
+            "presence_records_refused",
+            "Endpoint records not written because they are too large for one etcd request (--max-txn-bytes or etcd's --max-request-bytes)",
+            m.records_refused.clone(),
+        );
+        registry.register(
+            "presence_txn_splits",
+            "etcd transactions refused as too large and sent again in two halves",
+            m.txn_splits.clone(),
         );
         registry.register(
             "presence_event_to_etcd_seconds",
