@@ -577,6 +577,53 @@ fn least_privilege_user_confined_to_its_own_prefixes_works() {
 }
 
 #[test]
+fn the_etcd_password_from_a_file_is_in_neither_ps_nor_the_environment() {
+    // Issue 16 item 6: --etcd-password is visible to every local user in `ps`.
+    use std::os::unix::fs::PermissionsExt;
+    let t = TlsEtcd::start();
+    let root = EtcdView::connect(EtcdArgs {
+        endpoints: vec![t.etcd.endpoint()],
+        cacert: Some(t.tls.ca.clone()),
+        cert: Some(t.tls.root_cert.clone()),
+        key: Some(t.tls.root_key.clone()),
+        user: Some("root".into()),
+        password: Some("rootpw".into()),
+        ..EtcdArgs::default()
+    });
+    let dir = tmp();
+    let pw = dir.path().join("etcd-password");
+    std::fs::write(&pw, "node-a-secret\n").unwrap();
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let node = "node-a";
+    let label = uniq("pwfile");
+    let args = Args::new(node, &label, vec![t.etcd.endpoint()])
+        .arg("--etcd-cacert")
+        .arg(t.tls.ca.display().to_string())
+        .arg("--etcd-cert")
+        .arg(t.tls.client_cert.display().to_string())
+        .arg("--etcd-key")
+        .arg(t.tls.client_key.display().to_string())
+        .arg("--etcd-user")
+        .arg("node-a")
+        .arg("--etcd-password-file")
+        .arg(pw.display().to_string());
+    let mut p = Presence::start(&args, dir.path());
+    p.wait_ready(LONG);
+    let c = web("pwfile", &label, &["flotilla.service=secure"], &[]);
+    wait_instances(&root, node, &[instance(node, &c, 8080)], LONG);
+    let pid = p.child.pid().expect("running");
+    for what in ["cmdline", "environ"] {
+        let bytes = std::fs::read(format!("/proc/{pid}/{what}")).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(
+            !text.contains("node-a-secret"),
+            "the password is in /proc/{pid}/{what}"
+        );
+    }
+    assert_eq!(p.terminate(LONG).code(), Some(0), "{}", p.log());
+}
+
+#[test]
 fn killing_the_etcd_leader_loses_nothing_and_leaves_nothing_stale() {
     let mut cluster = EtcdCluster::start(3);
     let dir = tmp();
