@@ -617,8 +617,18 @@ fn decide_inner(
             ports.extend(c.ports.iter().map(|p| (p.port, p.proto)));
             ports.sort();
             ports.dedup();
+            let local_ip = is_local_host(&ip) && !cfg.allow_loopback;
             for (port, proto) in ports {
-                targets.push((port, proto, ip.clone(), port));
+                if local_ip {
+                    local.push(LocalBinding {
+                        port,
+                        proto,
+                        host_ip: ip.clone(),
+                        host_port: port,
+                    });
+                } else {
+                    targets.push((port, proto, ip.clone(), port));
+                }
             }
         }
     } else {
@@ -985,6 +995,13 @@ mod tests {
         c.labels.insert("flotilla.network".into(), "nope".into());
         let e = decide(&c, &internal).unwrap_err();
         assert_eq!(e.field, "label flotilla.network");
+        // A container IP that is loopback / link-local (a macvlan or a misreporting engine) is
+        // held to the same rule as a binding.
+        let mut c = web();
+        c.networks = [("odd".to_owned(), "169.254.0.9".to_owned())].into();
+        let (d, left_out) = decide_noting(&c, &internal).unwrap();
+        assert_eq!(d, Decision::Skip(SkipReason::LocalOnly));
+        assert_eq!(left_out[0].to_string(), "169.254.0.9:8080");
     }
 
     #[test]
