@@ -7,6 +7,7 @@ mod daemon;
 mod funcs;
 mod metrics;
 mod resource;
+mod tagscan;
 mod template;
 mod view;
 
