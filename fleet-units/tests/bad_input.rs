@@ -345,3 +345,47 @@ fn platform_etcd_password_file_goes_into_the_units_as_a_path() {
         );
     }
 }
+
+#[test]
+fn a_loopback_host_address_for_presence_needs_allow_loopback() {
+    // presence refuses a loopback / link-local --advertise-ip without --allow-loopback (issue 16
+    // item 3): the generated unit would never start.
+    let hosts = "hosts:\n  h1: {address: 127.0.0.1}\n  h2: {address: 'fe80::1'}\n";
+    let e = fail_with_hosts(
+        "services: {}\nplatform:\n  presence: {}\n",
+        hosts,
+        &["--format", "systemd", "--hosts", "hosts.yaml"],
+    );
+    assert_errors(
+        &e,
+        &[
+            "hosts.yaml:2:17: hosts.h1.address: host h1's address 127.0.0.1 is loopback or link-local, which presence refuses as --advertise-ip (other proxy hosts would route to themselves); give an address other hosts reach, or add --allow-loopback to platform.presence.args for a single-host setup",
+            "hosts.yaml:3:17: hosts.h2.address: host h2's address fe80::1 is loopback or link-local, which presence refuses as --advertise-ip (other proxy hosts would route to themselves); give an address other hosts reach, or add --allow-loopback to platform.presence.args for a single-host setup",
+        ],
+    );
+    // With --allow-loopback it is a single-host setup: the unit is written.
+    let tmp = tempfile::tempdir().unwrap();
+    fs::write(
+        tmp.path().join("services.yaml"),
+        "services: {}\nplatform:\n  presence: {args: [--allow-loopback]}\n",
+    )
+    .unwrap();
+    fs::write(tmp.path().join("hosts.yaml"), hosts).unwrap();
+    unitgen_ok(
+        &[
+            "services.yaml",
+            "--format",
+            "systemd",
+            "--hosts",
+            "hosts.yaml",
+            "-o",
+            "out",
+        ],
+        tmp.path(),
+    );
+    let unit = fs::read_to_string(tmp.path().join("out/h1/presence.service")).unwrap();
+    assert!(
+        unit.contains("--advertise-ip 127.0.0.1") && unit.contains("--allow-loopback"),
+        "{unit}"
+    );
+}
