@@ -674,11 +674,11 @@ impl Writer {
             return Ok(());
         }
         let refusals = self.execute(&plan, lease).await?;
-        let mut result = plan.result.clone();
+        let mut result = plan.result;
         for key in self.refuse(refusals, lease).await? {
             result.remove(&key);
         }
-        for (key, ep) in &plan.puts {
+        for (key, ep) in plan.puts.iter().filter(|(k, _)| result.contains_key(k)) {
             debug!(key = %key, service = %ep.service, instance = %ep.instance, host = %ep.host, port = ep.port, "registered");
         }
         for key in &plan.deletes {
