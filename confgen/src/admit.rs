@@ -200,19 +200,10 @@ pub fn check(
     Ok(())
 }
 
-/// Loopback, link-local or unspecified: an address that means "this host" to whoever uses it.
+/// Loopback, link-local (the registry's rule, as presence applies it) or unspecified: an
+/// address that means "this host" to whoever uses it.
 pub fn is_local(ip: &IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local() || v4.is_unspecified(),
-        IpAddr::V6(v6) => {
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || (v6.segments()[0] & 0xffc0) == 0xfe80
-                || v6
-                    .to_ipv4_mapped()
-                    .is_some_and(|v4| v4.is_loopback() || v4.is_link_local() || v4.is_unspecified())
-        }
-    }
+    flotilla_registry::record::is_host_local(*ip) || ip.to_canonical().is_unspecified()
 }
 
 /// A service's effective settings.

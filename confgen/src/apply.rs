@@ -119,10 +119,22 @@ impl fmt::Display for Outcome {
 #[derive(Debug, Clone)]
 pub struct CommandFailure(pub String);
 
+/// True for the variables a command must not inherit: `FLOTILLA_ETCD_*` (the etcd password,
+/// user, password file, client key and certificate, endpoints). A command that needs etcd is
+/// given its own credentials.
+pub fn is_etcd_variable(name: &std::ffi::OsStr) -> bool {
+    name.as_encoded_bytes().starts_with(b"FLOTILLA_ETCD_")
+}
+
 /// Runs `cmd` through `/bin/sh -c`, killing its process group after `timeout`. Returns the
-/// combined output (last 4 KiB) or why it failed.
+/// combined output (last 4 KiB) or why it failed. The command gets confgen's environment
+/// without the `FLOTILLA_ETCD_*` variables.
 pub async fn run_command(cmd: &str, timeout: Duration) -> Result<String, CommandFailure> {
-    let mut child = tokio::process::Command::new("/bin/sh")
+    let mut command = tokio::process::Command::new("/bin/sh");
+    for (name, _) in std::env::vars_os().filter(|(k, _)| is_etcd_variable(k)) {
+        command.env_remove(name);
+    }
+    let mut child = command
         .arg("-c")
         .arg(cmd)
         .stdin(Stdio::null())
@@ -582,6 +594,22 @@ mod tests {
         assert_eq!(o, Outcome::Written);
         roll_back(&c.unwrap()).unwrap();
         assert!(!r.dest.exists());
+    }
+
+    #[test]
+    fn etcd_variables_are_recognised() {
+        use std::ffi::OsStr;
+        for v in [
+            "FLOTILLA_ETCD_PASSWORD",
+            "FLOTILLA_ETCD_PASSWORD_FILE",
+            "FLOTILLA_ETCD_USER",
+            "FLOTILLA_ETCD_KEY",
+        ] {
+            assert!(is_etcd_variable(OsStr::new(v)), "{v}");
+        }
+        for v in ["FLOTILLA_PREFIX", "PATH", "ETCD_PASSWORD", "FLOTILLA_ETCD"] {
+            assert!(!is_etcd_variable(OsStr::new(v)), "{v}");
+        }
     }
 
     #[tokio::test]

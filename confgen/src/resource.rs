@@ -180,12 +180,26 @@ impl<'de> Deserialize<'de> for Wait {
 }
 
 impl Wait {
+    /// Longest `min` or `max` accepted.
+    pub const LONGEST: Duration = Duration::from_secs(3600);
+
     /// Parses `"min:max"` (or `"min"`, meaning max = 4 × min, as consul-template does).
+    /// Each value is at most [`Wait::LONGEST`], so `4 × min` and `now + max` cannot overflow.
     pub fn parse(s: &str) -> Result<Wait, String> {
+        let bounded = |v: &str| {
+            let d = parse_duration(v)?;
+            if d > Wait::LONGEST {
+                return Err(format!(
+                    "{v:?} is too long: a wait is at most {}",
+                    humantime::format_duration(Wait::LONGEST)
+                ));
+            }
+            Ok(d)
+        };
         let (min, max) = match s.split_once(':') {
-            Some((a, b)) => (parse_duration(a)?, parse_duration(b)?),
+            Some((a, b)) => (bounded(a)?, bounded(b)?),
             None => {
-                let min = parse_duration(s)?;
+                let min = bounded(s)?;
                 (min, min * 4)
             }
         };
@@ -593,5 +607,19 @@ drop_grace = "1m"
                 max: Duration::from_millis(400)
             }
         );
+    }
+
+    #[test]
+    fn regression_a_huge_wait_is_an_error_not_an_overflow_panic() {
+        // `min * 4` overflowed Duration (a panic) for a wait this long.
+        for w in [
+            "150000000000y",
+            "1s:150000000000y",
+            "150000000000y:150000000000y",
+        ] {
+            let e = Wait::parse(w).expect_err(w);
+            assert!(e.contains("at most"), "{w}: {e}");
+        }
+        assert!(Wait::parse("1h").is_ok());
     }
 }

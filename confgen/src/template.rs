@@ -21,10 +21,9 @@ use tera::{Context, Tera};
 
 use crate::funcs::{self, SharedRouteCache};
 use crate::memo::{self, Memo};
+use crate::tagscan::{instrument, line_col, AT_FN};
 use crate::view::{Scope, Store, TemplateData};
 
-/// The function that instrumented templates call before each tag.
-const AT_FN: &str = "__confgen_at";
 /// The function that inserts a per-service fragment.
 const PER_SERVICE_FN: &str = "per_service";
 
@@ -654,101 +653,6 @@ fn find_literal(src: &str, lit: &str) -> (Option<usize>, Option<usize>) {
     (None, None)
 }
 
-fn line_col(src: &str, offset: usize) -> (usize, usize) {
-    let before = &src[..offset];
-    let line = before.matches('\n').count() + 1;
-    let col = before
-        .rsplit('\n')
-        .next()
-        .map(|l| l.chars().count())
-        .unwrap_or(0)
-        + 1;
-    (line, col)
-}
-
-/// Matches an `endraw` tag.
-fn endraw_regex() -> &'static regex::Regex {
-    static RE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
-    RE.get_or_init(|| regex::Regex::new(r"\{%-?\s*endraw\s*-?%\}").expect("regex"))
-}
-
-/// Inserts `{{ __confgen_at(f=…, l=…, c=…) }}` before every `{{ }}` and `{% %}` tag (except
-/// `extends` and `import`, which must stay first), skipping comments and raw blocks.
-fn instrument(name: &str, src: &str) -> String {
-    let bytes = src.as_bytes();
-    let mut out = String::with_capacity(src.len() * 2);
-    let mut i = 0;
-    let mut copied = 0;
-    let fname = name.replace('\\', "\\\\").replace('"', "\\\"");
-    while i + 1 < bytes.len() {
-        if bytes[i] != b'{' {
-            i += 1;
-            continue;
-        }
-        match bytes[i + 1] {
-            b'#' => {
-                i = src[i..]
-                    .find("#}")
-                    .map(|o| i + o + 2)
-                    .unwrap_or(bytes.len());
-            }
-            b'{' | b'%' => {
-                let end = tag_end(src, i);
-                let inner = src[i + 2..end.saturating_sub(2).max(i + 2)]
-                    .trim_matches(|c: char| c == '-' || c.is_whitespace());
-                let word = inner.split_whitespace().next().unwrap_or("");
-                let is_stmt = bytes[i + 1] == b'%';
-                if !(is_stmt && matches!(word, "extends" | "import")) {
-                    let (l, c) = line_col(src, i);
-                    out.push_str(&src[copied..i]);
-                    out.push_str(&format!("{{{{ {AT_FN}(f=\"{fname}\", l={l}, c={c}) }}}}"));
-                    copied = i;
-                }
-                if is_stmt && word == "raw" {
-                    // Skip to after the matching endraw tag.
-                    let rest = &src[end..];
-                    i = endraw_regex()
-                        .find(rest)
-                        .map(|m| end + m.end())
-                        .unwrap_or(bytes.len());
-                } else {
-                    i = end;
-                }
-            }
-            _ => i += 1,
-        }
-    }
-    out.push_str(&src[copied..]);
-    out
-}
-
-/// Offset just past the tag starting at `start` (`{{` or `{%`), honouring string literals.
-fn tag_end(src: &str, start: usize) -> usize {
-    let bytes = src.as_bytes();
-    let close = if bytes[start + 1] == b'{' { b'}' } else { b'%' };
-    let mut i = start + 2;
-    let mut quote: Option<u8> = None;
-    while i < bytes.len() {
-        let b = bytes[i];
-        match quote {
-            Some(q) => {
-                if b == q {
-                    quote = None;
-                }
-            }
-            None => {
-                if b == b'"' || b == b'\'' || b == b'`' {
-                    quote = Some(b);
-                } else if b == close && i + 1 < bytes.len() && bytes[i + 1] == b'}' {
-                    return i + 2;
-                }
-            }
-        }
-        i += 1;
-    }
-    bytes.len()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1170,6 +1074,22 @@ mod tests {
             sync.to(&registry(&eps, Some(1)), &mut data);
             engine.render(&mut data, &mut out).unwrap();
             assert_eq!(engine.fragment_renders(), 13);
+        }
+    }
+
+    #[test]
+    fn regression_an_unterminated_tag_before_non_ascii_text_does_not_panic() {
+        // The tag scanner sliced at `end - 2` bytes, inside a multi-byte character.
+        let at = regex::Regex::new(r"\{\{ __confgen_at\([^)]*\) \}\}").unwrap();
+        for src in [
+            "{{a\u{e9}",
+            "{{ \"\u{e9}",
+            "{%a\u{1f600}",
+            "x{{\u{e9}\u{e9}",
+            "{{\u{e9}",
+        ] {
+            let out = instrument("t.tmpl", src);
+            assert_eq!(at.replace_all(&out, ""), src, "{out}");
         }
     }
 }

@@ -333,6 +333,19 @@ fn systemd(
                     ));
                     continue;
                 }
+                if d.name == "presence"
+                    && address.is_some_and(is_host_local)
+                    && !d.args.iter().any(|a| a == "--allow-loopback")
+                {
+                    diags.push(hosts_src.error(
+                        &FieldPath::keys(&["hosts", host, "address"]),
+                        format!(
+                            "host {host}'s address {} is loopback or link-local, which presence refuses as --advertise-ip (other proxy hosts would route to themselves); give an address other hosts reach, or add --allow-loopback to platform.presence.args for a single-host setup",
+                            address.expect("checked")
+                        ),
+                    ));
+                    continue;
+                }
                 let target = PlatformTarget::Host {
                     name: host,
                     address,
@@ -385,4 +398,15 @@ fn systemd(
         deployed,
         notes,
     })
+}
+
+/// Loopback (`127.0.0.0/8`, `::1`) or link-local (`169.254.0.0/16`, `fe80::/10`), also
+/// IPv4-mapped: the addresses presence refuses as `--advertise-ip` without `--allow-loopback`
+/// (the same test as `flotilla_registry::record::is_host_local`; unitgen does not depend on the
+/// registry crate).
+fn is_host_local(ip: std::net::IpAddr) -> bool {
+    match ip.to_canonical() {
+        std::net::IpAddr::V4(a) => a.is_loopback() || a.is_link_local(),
+        std::net::IpAddr::V6(a) => a.is_loopback() || (a.segments()[0] & 0xffc0) == 0xfe80,
+    }
 }

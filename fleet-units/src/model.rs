@@ -155,6 +155,7 @@ pub struct RawEtcd {
     pub cert: Option<String>,
     pub key: Option<String>,
     pub user: Option<String>,
+    pub password_file: Option<String>,
 }
 
 /// `platform.presence:`.

@@ -1475,6 +1475,60 @@ fn platform_metadata(
     md
 }
 
+/// What to do instead of a secret on a unit's command line.
+const SECRET_HINT: &str = "the units are world-readable; put the password in a file (platform.etcd.password_file: --etcd-password-file, mode 0600) or FLOTILLA_ETCD_PASSWORD=… in platform.environment_file (EnvironmentFile=)";
+
+/// If `arg` would put a secret on a unit's command line, how to show it without its value:
+/// a flag (`--etcd-password`, `--api-token=…`) or an assignment (`FLOTILLA_ETCD_PASSWORD=…`)
+/// whose name says password, secret, token, API key or credential. Names ending in
+/// `-file`/`_file`/`-path` carry a path, not the secret. A bare word is a value: the flag before
+/// it is what is refused.
+fn secret_arg(arg: &str) -> Option<String> {
+    let (name, assigned) = match arg.split_once('=') {
+        Some((n, _)) => (n, true),
+        None => (arg, false),
+    };
+    if !name.starts_with('-') && !assigned {
+        return None;
+    }
+    let lower = name.trim_start_matches('-').to_ascii_lowercase();
+    if ["-file", "_file", "-path", "_path"]
+        .iter()
+        .any(|s| lower.ends_with(s))
+    {
+        return None;
+    }
+    const WORDS: [&str; 8] = [
+        "password",
+        "passwd",
+        "secret",
+        "token",
+        "apikey",
+        "api-key",
+        "api_key",
+        "credential",
+    ];
+    WORDS.iter().any(|w| lower.contains(w)).then(|| {
+        if assigned {
+            format!("{name}=…")
+        } else {
+            name.to_owned()
+        }
+    })
+}
+
+/// Refuses `args` entries that would write a secret into a unit (naming each, never its value).
+fn check_args(ctx: &mut Ctx<'_>, dp: &FieldPath, args: &Option<Vec<Scalar>>) {
+    for (i, a) in args.iter().flatten().enumerate() {
+        if let Some(shown) = secret_arg(&a.0) {
+            ctx.err(
+                &dp.key("args").index(i),
+                format!("`{shown}` would write a secret into the unit: {SECRET_HINT}"),
+            );
+        }
+    }
+}
+
 fn build_platform(ctx: &mut Ctx<'_>, p: RawPlatform) -> Platform {
     let base = FieldPath::keys(&["platform"]);
     let mut etcd_args = Vec::new();
@@ -1509,10 +1563,12 @@ fn build_platform(ctx: &mut Ctx<'_>, p: RawPlatform) -> Platform {
             ("cacert", "--etcd-cacert"),
             ("cert", "--etcd-cert"),
             ("key", "--etcd-key"),
+            ("password_file", "--etcd-password-file"),
         ] {
             let v = match key {
                 "cacert" => &e.cacert,
                 "cert" => &e.cert,
+                "password_file" => &e.password_file,
                 _ => &e.key,
             };
             if let Some(path) = abs_path(ctx, &ep.key(key), v, None) {
@@ -1619,6 +1675,7 @@ fn build_platform(ctx: &mut Ctx<'_>, p: RawPlatform) -> Platform {
         }
         common(ctx, &dp, &r.metrics_addr, &r.log_format, &mut args);
         args.extend(etcd_args.iter().cloned());
+        check_args(ctx, &dp, &r.args);
         args.extend(r.args.iter().flatten().map(|a| a.0.clone()));
         Daemon {
             name: "presence",
@@ -1648,6 +1705,7 @@ fn build_platform(ctx: &mut Ctx<'_>, p: RawPlatform) -> Platform {
         );
         common(ctx, &dp, &r.metrics_addr, &r.log_format, &mut args);
         args.extend(etcd_args.iter().cloned());
+        check_args(ctx, &dp, &r.args);
         args.extend(r.args.iter().flatten().map(|a| a.0.clone()));
         Daemon {
             name: "confgen",
@@ -1674,6 +1732,32 @@ fn build_platform(ctx: &mut Ctx<'_>, p: RawPlatform) -> Platform {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secret_looking_args() {
+        for (arg, shown) in [
+            ("--etcd-password", "--etcd-password"),
+            ("--etcd-password=x", "--etcd-password=…"),
+            ("-password", "-password"),
+            ("--api-token=x", "--api-token=…"),
+            ("--client-secret", "--client-secret"),
+            ("FLOTILLA_ETCD_PASSWORD=x", "FLOTILLA_ETCD_PASSWORD=…"),
+            ("AWS_SECRET_ACCESS_KEY=x", "AWS_SECRET_ACCESS_KEY=…"),
+        ] {
+            assert_eq!(secret_arg(arg).as_deref(), Some(shown), "{arg}");
+        }
+        for arg in [
+            "--etcd-password-file",
+            "--etcd-password-file=/etc/pw",
+            "TOKEN_PATH=/x",
+            "hunter2",
+            "tokenish-value",
+            "--ttl",
+            "--label-filter=a=b",
+        ] {
+            assert_eq!(secret_arg(arg), None, "{arg}");
+        }
+    }
 
     #[test]
     fn durations() {

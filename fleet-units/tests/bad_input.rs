@@ -299,3 +299,93 @@ fn dependents_that_cannot_follow_are_errors() {
     );
     assert_errors(&e, &["services.yaml:3:60: services.b.constraints.metadata: b@1 runs beside a@1 (depends_on) on h4, which does not match role=web"]);
 }
+
+#[test]
+fn platform_args_that_carry_a_secret_are_refused_without_echoing_it() {
+    // Issue 16 item 6: the units are world-readable (0644, `systemctl cat`), so a password in
+    // `platform.*.args` is readable by every local user.
+    let e = fail(
+        "services: {}\nplatform:\n  presence:\n    args: [--etcd-password, hunter2]\n  confgen:\n    args: [\"--etcd-password=hunter2\", --api-token=abc, FLOTILLA_ETCD_PASSWORD=hunter2]\n",
+    );
+    assert!(
+        !e.contains("hunter2") && !e.contains("abc"),
+        "the secret is echoed:\n{e}"
+    );
+    let hint = "the units are world-readable; put the password in a file (platform.etcd.password_file: --etcd-password-file, mode 0600) or FLOTILLA_ETCD_PASSWORD=… in platform.environment_file (EnvironmentFile=)";
+    assert_errors(
+        &e,
+        &[
+            &format!("services.yaml:4:12: platform.presence.args[0]: `--etcd-password` would write a secret into the unit: {hint}"),
+            &format!("services.yaml:6:12: platform.confgen.args[0]: `--etcd-password=…` would write a secret into the unit: {hint}"),
+            &format!("services.yaml:6:39: platform.confgen.args[1]: `--api-token=…` would write a secret into the unit: {hint}"),
+            &format!("services.yaml:6:56: platform.confgen.args[2]: `FLOTILLA_ETCD_PASSWORD=…` would write a secret into the unit: {hint}"),
+        ],
+    );
+}
+
+#[test]
+fn platform_etcd_password_file_goes_into_the_units_as_a_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    fs::write(
+        tmp.path().join("services.yaml"),
+        "services: {}\nplatform:\n  etcd: {user: flotilla, password_file: /etc/flotilla/etcd-password}\n  presence: {}\n  confgen: {}\n",
+    )
+    .unwrap();
+    unitgen_ok(&["services.yaml", "-o", "out"], tmp.path());
+    let tree = read_tree(&tmp.path().join("out"));
+    for daemon in ["presence", "confgen"] {
+        let (_, unit) = tree
+            .iter()
+            .find(|(k, _)| k.ends_with(&format!("{daemon}.service")))
+            .unwrap_or_else(|| panic!("no {daemon} unit in {:?}", tree.keys()));
+        assert!(
+            unit.contains("--etcd-password-file /etc/flotilla/etcd-password \\\n")
+                && unit.contains("--etcd-user flotilla"),
+            "{unit}"
+        );
+    }
+}
+
+#[test]
+fn a_loopback_host_address_for_presence_needs_allow_loopback() {
+    // presence refuses a loopback / link-local --advertise-ip without --allow-loopback (issue 16
+    // item 3): the generated unit would never start.
+    let hosts = "hosts:\n  h1: {address: 127.0.0.1}\n  h2: {address: 'fe80::1'}\n";
+    let e = fail_with_hosts(
+        "services: {}\nplatform:\n  presence: {}\n",
+        hosts,
+        &["--format", "systemd", "--hosts", "hosts.yaml"],
+    );
+    assert_errors(
+        &e,
+        &[
+            "hosts.yaml:2:17: hosts.h1.address: host h1's address 127.0.0.1 is loopback or link-local, which presence refuses as --advertise-ip (other proxy hosts would route to themselves); give an address other hosts reach, or add --allow-loopback to platform.presence.args for a single-host setup",
+            "hosts.yaml:3:17: hosts.h2.address: host h2's address fe80::1 is loopback or link-local, which presence refuses as --advertise-ip (other proxy hosts would route to themselves); give an address other hosts reach, or add --allow-loopback to platform.presence.args for a single-host setup",
+        ],
+    );
+    // With --allow-loopback it is a single-host setup: the unit is written.
+    let tmp = tempfile::tempdir().unwrap();
+    fs::write(
+        tmp.path().join("services.yaml"),
+        "services: {}\nplatform:\n  presence: {args: [--allow-loopback]}\n",
+    )
+    .unwrap();
+    fs::write(tmp.path().join("hosts.yaml"), hosts).unwrap();
+    unitgen_ok(
+        &[
+            "services.yaml",
+            "--format",
+            "systemd",
+            "--hosts",
+            "hosts.yaml",
+            "-o",
+            "out",
+        ],
+        tmp.path(),
+    );
+    let unit = fs::read_to_string(tmp.path().join("out/h1/presence.service")).unwrap();
+    assert!(
+        unit.contains("--advertise-ip 127.0.0.1") && unit.contains("--allow-loopback"),
+        "{unit}"
+    );
+}

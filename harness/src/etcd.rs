@@ -51,12 +51,19 @@ pub struct Etcd {
     tls: Option<TlsFiles>,
     proc: KillOnDrop,
     started_once: bool,
+    extra_args: Vec<String>,
     _tmp: Option<tempfile::TempDir>,
 }
 
 impl Etcd {
     /// Starts a single-member etcd and waits until it answers.
     pub fn start() -> Etcd {
+        Etcd::start_with(&[])
+    }
+
+    /// Like [`Etcd::start`], with extra etcd flags, e.g. `["--max-request-bytes", "32768"]`
+    /// (etcd refuses a larger request with "etcdserver: request is too large").
+    pub fn start_with(extra_args: &[&str]) -> Etcd {
         let tmp = tempdir("flotilla-etcd-");
         let mut e = Etcd::member(
             "solo",
@@ -66,6 +73,7 @@ impl Etcd {
             None,
         );
         e.initial_cluster = format!("solo=http://127.0.0.1:{}", e.peer_port);
+        e.extra_args = extra_args.iter().map(|a| a.to_string()).collect();
         e._tmp = Some(tmp);
         e.launch();
         e.wait_healthy();
@@ -91,6 +99,7 @@ impl Etcd {
             tls,
             proc: KillOnDrop(None),
             started_once: false,
+            extra_args: Vec::new(),
             _tmp: None,
         }
     }
@@ -159,7 +168,8 @@ impl Etcd {
             .arg("--initial-cluster-state")
             .arg(if self.started_once { "existing" } else { "new" })
             .arg("--logger=zap")
-            .arg("--log-outputs=stderr");
+            .arg("--log-outputs=stderr")
+            .args(&self.extra_args);
         if let Some(tls) = &self.tls {
             cmd.arg("--cert-file")
                 .arg(&tls.server_cert)

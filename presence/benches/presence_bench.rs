@@ -79,6 +79,8 @@ impl Presence {
         let metrics = format!("127.0.0.1:{}", free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_presence"))
             .args(["--node", NODE, "--advertise-ip", "127.0.0.1", "--ttl", ttl])
+            // One host: the bench publishes on 127.0.0.1.
+            .arg("--allow-loopback")
             .args(["--etcd-endpoints", etcd, "--metrics-addr", &metrics])
             .arg("--label-filter")
             .arg(format!("flotilla.test={label}"))

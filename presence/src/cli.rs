@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use flotilla_registry::daemon::ObsArgs;
-use flotilla_registry::record::is_dns_label;
+use flotilla_registry::record::{is_dns_label, is_host_local};
 use flotilla_registry::{EtcdArgs, Keys};
 
 /// presence: announces this host's Docker containers in etcd, under one lease.
@@ -40,6 +40,12 @@ pub struct Cli {
     /// Reconcile from a full container list (and compare with etcd) this often.
     #[arg(long, env = "FLOTILLA_RESYNC", default_value = "30s", value_parser = humantime::parse_duration)]
     pub resync: Duration,
+
+    /// Announce ports bound to loopback (127.0.0.0/8, ::1) or link-local (169.254.0.0/16,
+    /// fe80::/10) addresses, and accept such an --advertise-ip. Only for a single host where the
+    /// proxy runs beside the containers: any other proxy host would route to its own loopback.
+    #[arg(long, env = "FLOTILLA_ALLOW_LOOPBACK")]
+    pub allow_loopback: bool,
 
     /// Register only containers that name a service (label or env); no image-name default.
     #[arg(long, env = "FLOTILLA_EXPLICIT")]
@@ -80,6 +86,11 @@ pub struct Cli {
         value_delimiter = ','
     )]
     pub node_label: Vec<String>,
+    /// Largest etcd transaction presence sends, in bytes (`524288`, `512KiB`, `1MiB`). Keep it
+    /// below etcd's --max-request-bytes (default 1.5 MiB). Larger batches are split; a single
+    /// record larger than this is refused (logged and counted), never retried.
+    #[arg(long, env = "FLOTILLA_MAX_TXN_BYTES", default_value = "512KiB", value_parser = parse_size)]
+    pub max_txn_bytes: usize,
 
     /// Print the endpoints that would be registered (JSON lines) and exit; etcd is not contacted.
     #[arg(long)]
@@ -101,11 +112,35 @@ pub struct Config {
     pub resync: Duration,
     pub explicit: bool,
     pub internal: bool,
+    pub allow_loopback: bool,
     pub docker_host: String,
     pub label_filter: Vec<String>,
     pub state_file: Option<PathBuf>,
     pub node_labels: BTreeMap<String, String>,
+    pub max_txn_bytes: usize,
     pub keys: Keys,
+}
+
+/// Smallest `--max-txn-bytes`: one ordinary record must fit.
+pub const MIN_TXN_BYTES: usize = 4096;
+
+/// Parses a byte size: `N`, `NKiB` or `NMiB` (also `K`/`KB`/`M`/`MB`, counted in 1024s).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        _ => return Err(format!("{s:?} is not a size like 524288, 512KiB or 1MiB")),
+    };
+    let n: usize = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 524288, 512KiB or 1MiB"))?;
+    n.checked_mul(mult)
+        .filter(|b| *b <= 1 << 31)
+        .ok_or_else(|| format!("{s:?} is too large (at most 2GiB)"))
 }
 
 impl Cli {
@@ -124,6 +159,14 @@ impl Cli {
                 self.advertise_ip
             ));
         }
+        if is_host_local(self.advertise_ip) && !self.allow_loopback {
+            errors.push(format!(
+                "--advertise-ip {}: a loopback or link-local address reaches only this host, so \
+                 every other proxy host would route to itself; give an address other hosts can \
+                 reach, or --allow-loopback when the proxy runs on this host only",
+                self.advertise_ip
+            ));
+        }
         if self.ttl < Duration::from_secs(2) || self.ttl.subsec_nanos() != 0 {
             errors.push(format!(
                 "--ttl {}: must be whole seconds, at least 2s (etcd leases count in seconds)",
@@ -134,6 +177,12 @@ impl Cli {
             errors.push(format!(
                 "--resync {}: must be at least 1s",
                 humantime::format_duration(self.resync)
+            ));
+        }
+        if self.max_txn_bytes < MIN_TXN_BYTES {
+            errors.push(format!(
+                "--max-txn-bytes {}: must be at least {MIN_TXN_BYTES} bytes (one record must fit)",
+                self.max_txn_bytes
             ));
         }
         if !(self.docker_host.starts_with("unix://") || self.docker_host.starts_with("tcp://")) {
@@ -191,10 +240,12 @@ impl Cli {
                 resync: self.resync,
                 explicit: self.explicit,
                 internal: self.internal,
+                allow_loopback: self.allow_loopback,
                 docker_host: self.docker_host.clone(),
                 label_filter: self.label_filter.clone(),
                 state_file: self.state_file.clone(),
                 node_labels,
+                max_txn_bytes: self.max_txn_bytes,
                 keys,
             }),
             _ => Err(errors),
@@ -221,6 +272,36 @@ mod tests {
         assert_eq!(cfg.docker_host, "unix:///var/run/docker.sock");
         assert_eq!(cfg.keys.prefix(), "/flotilla");
         assert!(!cfg.explicit && !cfg.internal);
+        assert_eq!(cfg.max_txn_bytes, 512 * 1024);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512KiB"), Ok(512 * 1024));
+        assert_eq!(parse_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_size("64k"), Ok(64 * 1024));
+        for bad in [
+            "",
+            "KiB",
+            "1.5MiB",
+            "-1",
+            "12 parsecs",
+            "99999999999999999999MiB",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        let errors = parse(&[
+            "--node",
+            "n",
+            "--advertise-ip",
+            "10.0.0.5",
+            "--max-txn-bytes",
+            "100",
+        ])
+        .validate()
+        .expect_err("too small");
+        assert!(errors[0].contains("--max-txn-bytes"), "{errors:?}");
     }
 
     #[test]
@@ -249,5 +330,31 @@ mod tests {
             assert!(text.contains(flag), "{flag} not reported in:\n{text}");
         }
         assert_eq!(errors.len(), 5, "{text}");
+    }
+
+    #[test]
+    fn a_loopback_or_link_local_advertise_ip_needs_allow_loopback() {
+        for ip in [
+            "127.0.0.1",
+            "127.1.2.3",
+            "::1",
+            "169.254.1.1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+        ] {
+            let errors = parse(&["--node", "n", "--advertise-ip", ip])
+                .validate()
+                .expect_err(ip);
+            assert!(errors[0].contains("--allow-loopback"), "{ip}: {errors:?}");
+            let cfg = parse(&["--node", "n", "--advertise-ip", ip, "--allow-loopback"])
+                .validate()
+                .expect(ip);
+            assert!(cfg.allow_loopback);
+        }
+        for ip in ["10.0.0.5", "192.0.2.1", "fd00::1", "2001:db8::1"] {
+            parse(&["--node", "n", "--advertise-ip", ip])
+                .validate()
+                .expect(ip);
+        }
     }
 }

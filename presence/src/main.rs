@@ -30,7 +30,7 @@ use crate::cli::{Cli, Config};
 use crate::docker::{DockerApi, Engine};
 use crate::metrics::{render_health, Metrics, SharedStatus, Status};
 use crate::reconcile::{Reconciler, Trigger};
-use crate::spec::{decide, Decision, SpecConfig};
+use crate::spec::{decide_noting, Decision, SpecConfig};
 use crate::writer::{Writer, WriterConfig};
 
 /// How long a clean shutdown may take before presence gives up on revoking.
@@ -79,6 +79,7 @@ fn spec_config(cfg: &Config) -> SpecConfig {
         advertise_ip: cfg.advertise_ip,
         internal: cfg.internal,
         explicit: cfg.explicit,
+        allow_loopback: cfg.allow_loopback,
         keys: cfg.keys.clone(),
     }
 }
@@ -101,7 +102,14 @@ async fn dry_run(cfg: &Config) -> anyhow::Result<()> {
     }
     infos.sort_by(|a, b| a.name.cmp(&b.name));
     for info in infos {
-        match decide(&info, &spec) {
+        let decided = decide_noting(&info, &spec).map(|(d, local)| {
+            for b in local {
+                warn!(container = %info.name, port = %format!("{}/{}", b.port, b.proto), binding = %b,
+                    "would not announce a port bound to a loopback or link-local address only (--allow-loopback)");
+            }
+            d
+        });
+        match decided {
             Ok(Decision::Register(eps)) => {
                 for ep in eps {
                     let line = serde_json::json!({ "key": ep.key(&cfg.keys), "endpoint": ep });
@@ -251,6 +259,7 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
             ttl: cfg.ttl,
             state_file: cfg.state_file.clone(),
             predecessor,
+            max_txn_bytes: cfg.max_txn_bytes,
         },
         metrics,
         status,

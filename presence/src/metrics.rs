@@ -22,6 +22,8 @@ pub struct Metrics {
     pub endpoints: Gauge,
     /// Containers skipped because their labels or env are invalid.
     pub invalid_containers: Gauge,
+    /// Published ports left out because they are bound to loopback / link-local only.
+    pub local_bindings: Gauge,
     /// Docker container events read, by action.
     pub events: Family<ActionLabel, Counter>,
     /// Re-subscriptions to the Docker event stream.
@@ -34,6 +36,10 @@ pub struct Metrics {
     pub etcd_errors: Counter,
     /// Full reconciliations against etcd.
     pub full_syncs: Counter,
+    /// Records not written because they are too large for one etcd request.
+    pub records_refused: Gauge,
+    /// Transactions etcd refused as too large and that were split and sent again.
+    pub txn_splits: Counter,
     /// Seconds from reading a Docker event to etcd acknowledging the resulting write.
     pub event_to_etcd: Histogram,
 }
@@ -44,12 +50,15 @@ impl Metrics {
         let m = Metrics {
             endpoints: Gauge::default(),
             invalid_containers: Gauge::default(),
+            local_bindings: Gauge::default(),
             events: Family::default(),
             docker_reconnects: Counter::default(),
             lease_renew_failures: Counter::default(),
             lease_grants: Counter::default(),
             etcd_errors: Counter::default(),
             full_syncs: Counter::default(),
+            records_refused: Gauge::default(),
+            txn_splits: Counter::default(),
             event_to_etcd: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
         };
         registry.register(
@@ -61,6 +70,11 @@ impl Metrics {
             "presence_invalid_containers",
             "Running containers skipped because a label or env value is invalid",
             m.invalid_containers.clone(),
+        );
+        registry.register(
+            "presence_loopback_bindings_skipped",
+            "Published ports not announced because Docker bound them to a loopback or link-local address only (see --allow-loopback)",
+            m.local_bindings.clone(),
         );
         registry.register(
             "presence_docker_events",
@@ -91,6 +105,16 @@ impl Metrics {
             "presence_full_syncs",
             "Full reconciliations of this node's keys against etcd",
             m.full_syncs.clone(),
+        );
+        registry.register(
+            "presence_records_refused",
+            "Endpoint records not written because they are too large for one etcd request (--max-txn-bytes or etcd's --max-request-bytes)",
+            m.records_refused.clone(),
+        );
+        registry.register(
+            "presence_txn_splits",
+            "etcd transactions refused as too large and sent again in two halves",
+            m.txn_splits.clone(),
         );
         registry.register(
             "presence_event_to_etcd_seconds",

@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 use crate::docker::DockerApi;
 use crate::events::{kill_stops, ContainerEvent, Effect, ReaderMsg};
 use crate::metrics::{ActionLabel, Metrics, SharedStatus};
-use crate::spec::{decide, ContainerInfo, Decision, SpecConfig};
+use crate::spec::{decide_noting, ContainerInfo, Decision, LocalBinding, SpecConfig};
 
 /// What the writer is told.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,6 +67,9 @@ pub struct Reconciler<D: DockerApi> {
     backlog: VecDeque<ReaderMsg>,
     /// Containers that currently have endpoints (to skip no-op messages).
     registered: HashSet<String>,
+    /// Ports left out because they are bound to loopback / link-local only, per container
+    /// (logged once each; their count is a gauge).
+    local_only: HashMap<String, Vec<LocalBinding>>,
 }
 
 impl<D: DockerApi> Reconciler<D> {
@@ -88,6 +91,7 @@ impl<D: DockerApi> Reconciler<D> {
             warned: HashMap::new(),
             backlog: VecDeque::new(),
             registered: HashSet::new(),
+            local_only: HashMap::new(),
         }
     }
 
@@ -242,6 +246,9 @@ impl<D: DockerApi> Reconciler<D> {
                 } else if ev.action != "pause" && !ev.action.starts_with("health_status") {
                     // die / destroy / oom: the container is down; a later start registers it.
                     self.draining.remove(&ev.id);
+                    if self.local_only.remove(&ev.id).is_some() {
+                        self.count_local_only();
+                    }
                 }
                 if ev.action == "destroy" {
                     self.forget(&ev.id);
@@ -252,9 +259,36 @@ impl<D: DockerApi> Reconciler<D> {
         }
     }
 
+    /// Records the ports of `info` left out as host-local; logs each new one once.
+    fn note_local_only(&mut self, info: &ContainerInfo, bindings: Vec<LocalBinding>) {
+        let known = self
+            .local_only
+            .get(&info.id)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        for b in bindings.iter().filter(|b| !known.contains(b)) {
+            warn!(container = %info.name, id = %info.short_id(), port = %format!("{}/{}", b.port, b.proto), binding = %b,
+                "published port bound to a loopback or link-local address only: not announced (other proxy hosts would route to themselves; --allow-loopback on a single host)");
+        }
+        if bindings.is_empty() {
+            self.local_only.remove(&info.id);
+        } else {
+            self.local_only.insert(info.id.clone(), bindings);
+        }
+        self.count_local_only();
+    }
+
+    fn count_local_only(&self) {
+        let n: usize = self.local_only.values().map(Vec::len).sum();
+        self.metrics.local_bindings.set(n as i64);
+    }
+
     fn forget(&mut self, id: &str) {
         self.stop_signals.remove(id);
         self.draining.remove(id);
+        if self.local_only.remove(id).is_some() {
+            self.count_local_only();
+        }
         if self.warned.remove(id).is_some() {
             self.metrics
                 .invalid_containers
@@ -269,7 +303,11 @@ impl<D: DockerApi> Reconciler<D> {
         if self.draining.contains(&info.id) {
             return Vec::new();
         }
-        match decide(info, &self.spec) {
+        let decided = decide_noting(info, &self.spec).map(|(d, local)| {
+            self.note_local_only(info, local);
+            d
+        });
+        match decided {
             Ok(Decision::Register(eps)) => {
                 if self.warned.remove(&info.id).is_some() {
                     self.metrics
@@ -361,6 +399,8 @@ impl<D: DockerApi> Reconciler<D> {
         self.draining
             .retain(|id| infos.iter().any(|i| &i.id == id && i.running && !i.paused));
         self.stop_signals.retain(|id, _| listed.contains(id));
+        self.local_only.retain(|id, _| listed.contains(id));
+        self.count_local_only();
         let before = self.warned.len();
         self.warned.retain(|id, _| listed.contains(id));
         if before != self.warned.len() {
@@ -475,6 +515,7 @@ mod tests {
             advertise_ip: "10.0.0.1".parse().unwrap(),
             internal: false,
             explicit: false,
+            allow_loopback: false,
             keys: Keys::new("/flotilla").unwrap(),
         };
         let metrics = Metrics::new(&mut Registry::default());

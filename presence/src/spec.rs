@@ -11,8 +11,8 @@ use std::fmt;
 use std::net::IpAddr;
 
 use flotilla_registry::record::{
-    escaped, is_dns_label, is_instance_char, is_meta_char, is_tag_char, MAX_ITEMS, MAX_LABEL,
-    MAX_META_VALUE, MAX_TAG,
+    escaped, is_dns_label, is_host_local, is_instance_char, is_meta_char, is_tag_char, MAX_ITEMS,
+    MAX_LABEL, MAX_META_VALUE, MAX_TAG,
 };
 use flotilla_registry::{Endpoint, Health, Keys, Proto};
 
@@ -67,7 +67,11 @@ pub enum HealthState {
 impl ContainerInfo {
     /// The 12-hex short id.
     pub fn short_id(&self) -> &str {
-        &self.id[..self.id.len().min(12)]
+        // By characters: the id comes from the Docker API and is not trusted to be hex.
+        match self.id.char_indices().nth(12) {
+            Some((end, _)) => &self.id[..end],
+            None => &self.id,
+        }
     }
 }
 
@@ -81,7 +85,31 @@ pub struct SpecConfig {
     pub advertise_ip: IpAddr,
     pub internal: bool,
     pub explicit: bool,
+    /// Announce bindings to loopback / link-local addresses (`--allow-loopback`).
+    pub allow_loopback: bool,
     pub keys: Keys,
+}
+
+/// A published port that is not announced because Docker bound it to a loopback or link-local
+/// address only (reachable from this host alone), and `--allow-loopback` is not given.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LocalBinding {
+    /// Private port and protocol.
+    pub port: u16,
+    pub proto: Proto,
+    /// The host address Docker bound (`127.0.0.1`, `::1`, `169.254.…`, `fe80::…`).
+    pub host_ip: String,
+    pub host_port: u16,
+}
+
+impl fmt::Display for LocalBinding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host_ip.contains(':') {
+            write!(f, "[{}]:{}", self.host_ip, self.host_port)
+        } else {
+            write!(f, "{}:{}", self.host_ip, self.host_port)
+        }
+    }
 }
 
 /// A container whose labels or environment cannot make a valid record. Names the container and
@@ -105,6 +133,8 @@ pub enum SkipReason {
     HealthNotHealthy,
     NoPorts,
     Unnamed,
+    /// Every published port is bound to a loopback or link-local address only.
+    LocalOnly,
 }
 
 impl fmt::Display for SkipReason {
@@ -116,6 +146,9 @@ impl fmt::Display for SkipReason {
             SkipReason::HealthNotHealthy => "has a HEALTHCHECK and is not healthy",
             SkipReason::NoPorts => "publishes no port",
             SkipReason::Unnamed => "names no service (--explicit)",
+            SkipReason::LocalOnly => {
+                "publishes ports on loopback or link-local addresses only (--allow-loopback)"
+            }
         })
     }
 }
@@ -402,23 +435,66 @@ fn is_unspecified_host(ip: &str) -> bool {
     ip.is_empty() || ip.parse::<IpAddr>().is_ok_and(|a| a.is_unspecified())
 }
 
+/// Where a published private port is reached.
+#[derive(Debug, PartialEq, Eq)]
+enum Pick {
+    /// At this (host, port).
+    At(String, u16),
+    /// Only at this loopback or link-local (host, port): not announced.
+    LocalOnly(String, u16),
+    /// Not published.
+    Nowhere,
+}
+
+fn is_local_host(ip: &str) -> bool {
+    ip.parse::<IpAddr>().is_ok_and(is_host_local)
+}
+
 /// Picks one (host, port) for a published private port. Docker 20.10+ lists each binding twice
 /// (`0.0.0.0` and `::`): one endpoint per port. A binding to the unspecified address is reached
 /// at `--advertise-ip`; a binding to one specific address is reached only there, so that
-/// address is registered.
-fn pick_binding(bindings: &[(String, u16)], advertise: IpAddr) -> Option<(String, u16)> {
+/// address is registered. A loopback or link-local address reaches this host only: such a
+/// binding is used only with `allow_local` (and another binding of the port is preferred).
+fn pick_binding(bindings: &[(String, u16)], advertise: IpAddr, allow_local: bool) -> Pick {
     let usable: Vec<&(String, u16)> = bindings.iter().filter(|(_, p)| *p != 0).collect();
     let advertised = usable
         .iter()
         .find(|(ip, _)| is_unspecified_host(ip) || ip.parse::<IpAddr>().ok() == Some(advertise));
     if let Some((_, port)) = advertised {
-        return Some((advertise.to_string(), *port));
+        return Pick::At(advertise.to_string(), *port);
     }
-    usable.first().map(|(ip, port)| (ip.clone(), *port))
+    if let Some((ip, port)) = usable.iter().find(|(ip, _)| !is_local_host(ip)) {
+        return Pick::At(ip.clone(), *port);
+    }
+    match usable.first() {
+        Some((ip, port)) if allow_local => Pick::At(ip.clone(), *port),
+        Some((ip, port)) => Pick::LocalOnly(ip.clone(), *port),
+        None => Pick::Nowhere,
+    }
 }
 
-/// Decides what `c` announces.
+/// Decides what `c` announces (the tests' shorthand for [`decide_noting`]).
+#[cfg(test)]
 pub fn decide(c: &ContainerInfo, cfg: &SpecConfig) -> Result<Decision, SpecError> {
+    decide_noting(c, cfg).map(|(d, _)| d)
+}
+
+/// Like [`decide`], and also returns the ports of a container that would announce something
+/// that are left out because they are bound to loopback or link-local addresses only.
+pub fn decide_noting(
+    c: &ContainerInfo,
+    cfg: &SpecConfig,
+) -> Result<(Decision, Vec<LocalBinding>), SpecError> {
+    let mut local = Vec::new();
+    let d = decide_inner(c, cfg, &mut local)?;
+    Ok((d, local))
+}
+
+fn decide_inner(
+    c: &ContainerInfo,
+    cfg: &SpecConfig,
+    local: &mut Vec<LocalBinding>,
+) -> Result<Decision, SpecError> {
     if !c.running {
         return Ok(Decision::Skip(SkipReason::NotRunning));
     }
@@ -541,21 +617,52 @@ pub fn decide(c: &ContainerInfo, cfg: &SpecConfig) -> Result<Decision, SpecError
             ports.extend(c.ports.iter().map(|p| (p.port, p.proto)));
             ports.sort();
             ports.dedup();
+            let local_ip = is_local_host(&ip) && !cfg.allow_loopback;
             for (port, proto) in ports {
-                targets.push((port, proto, ip.clone(), port));
+                if local_ip {
+                    local.push(LocalBinding {
+                        port,
+                        proto,
+                        host_ip: ip.clone(),
+                        host_port: port,
+                    });
+                } else {
+                    targets.push((port, proto, ip.clone(), port));
+                }
             }
         }
     } else {
         for p in &c.ports {
-            if let Some((host, host_port)) = pick_binding(&p.bindings, cfg.advertise_ip) {
-                targets.push((p.port, p.proto, host, host_port));
+            match pick_binding(&p.bindings, cfg.advertise_ip, cfg.allow_loopback) {
+                Pick::At(host, host_port) => targets.push((p.port, p.proto, host, host_port)),
+                Pick::LocalOnly(host_ip, host_port) => local.push(LocalBinding {
+                    port: p.port,
+                    proto: p.proto,
+                    host_ip,
+                    host_port,
+                }),
+                Pick::Nowhere => {}
             }
         }
     }
     targets.sort();
     targets.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
+    // Only ports that would be announced are reported as left out.
+    local.retain(|b| {
+        let (name, _, ignore) = per_port
+            .get(&b.port)
+            .cloned()
+            .unwrap_or((None, None, false));
+        !ignore && (name.is_some() || general_name.is_some() || default_name.is_some())
+    });
+    local.sort();
+    local.dedup_by(|a, b| a.port == b.port && a.proto == b.proto);
     if targets.is_empty() {
-        return Ok(Decision::Skip(SkipReason::NoPorts));
+        return Ok(Decision::Skip(if local.is_empty() {
+            SkipReason::NoPorts
+        } else {
+            SkipReason::LocalOnly
+        }));
     }
 
     let health = if c.health.is_some() {
@@ -623,6 +730,7 @@ mod tests {
             advertise_ip: "10.0.0.5".parse().unwrap(),
             internal: false,
             explicit: false,
+            allow_loopback: false,
             keys: Keys::new("/flotilla").unwrap(),
         }
     }
@@ -774,6 +882,67 @@ mod tests {
     }
 
     #[test]
+    fn loopback_and_link_local_bindings_are_left_out_unless_allowed() {
+        let local = [
+            "127.0.0.1",
+            "127.9.9.9",
+            "::1",
+            "169.254.3.4",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+        ];
+        for ip in local {
+            let mut c = web();
+            c.ports.push(PortBindings {
+                port: 9000,
+                proto: Proto::Tcp,
+                bindings: vec![(ip.into(), 40000)],
+            });
+            let (d, left_out) = decide_noting(&c, &cfg()).unwrap();
+            let Decision::Register(eps) = d else {
+                panic!("{ip}: {d:?}")
+            };
+            assert_eq!(eps.len(), 1, "{ip}: only 8080 (on 0.0.0.0) is announced");
+            assert_eq!(eps[0].host, "10.0.0.5");
+            assert_eq!(left_out.len(), 1, "{ip}");
+            assert_eq!((left_out[0].port, left_out[0].host_port), (9000, 40000));
+            assert!(left_out[0].to_string().contains(ip), "{}", left_out[0]);
+            // Allowed: announced at that address.
+            let allow = SpecConfig {
+                allow_loopback: true,
+                ..cfg()
+            };
+            let (d, left_out) = decide_noting(&c, &allow).unwrap();
+            let Decision::Register(eps) = d else {
+                panic!("{ip}: {d:?}")
+            };
+            assert!(left_out.is_empty());
+            assert!(
+                eps.iter().any(|e| e.port == 40000 && e.host == ip),
+                "{eps:?}"
+            );
+        }
+        // Only local bindings: nothing at all, and the reason says why.
+        let mut c = web();
+        c.ports[0].bindings = vec![("127.0.0.1".into(), 40000), ("::1".into(), 40000)];
+        let (d, left_out) = decide_noting(&c, &cfg()).unwrap();
+        assert_eq!(d, Decision::Skip(SkipReason::LocalOnly));
+        assert_eq!(left_out.len(), 1, "one per port: {left_out:?}");
+        // A port also bound to a reachable address is announced there.
+        c.ports[0].bindings = vec![("127.0.0.1".into(), 40000), ("192.0.2.7".into(), 40001)];
+        let eps = register(&c, &cfg());
+        assert_eq!((eps[0].host.as_str(), eps[0].port), ("192.0.2.7", 40001));
+        // An ignored port is not reported as left out.
+        let mut c = web();
+        c.ports[0].bindings = vec![("127.0.0.1".into(), 40000)];
+        c.labels
+            .insert("flotilla.ignore.8080".into(), "true".into());
+        let (d, left_out) = decide_noting(&c, &cfg()).unwrap();
+        assert!(matches!(d, Decision::Skip(_)), "{d:?}");
+        assert!(left_out.is_empty());
+    }
+
+    #[test]
     fn udp_gets_its_own_instance_and_specific_host_ips_are_kept() {
         let mut c = web();
         c.ports.push(PortBindings {
@@ -781,7 +950,11 @@ mod tests {
             proto: Proto::Udp,
             bindings: vec![("127.0.0.1".into(), 40000)],
         });
-        let eps = register(&c, &cfg());
+        let allow = SpecConfig {
+            allow_loopback: true,
+            ..cfg()
+        };
+        let eps = register(&c, &allow);
         assert_eq!(eps.len(), 2);
         let udp = eps.iter().find(|e| e.proto == Proto::Udp).unwrap();
         assert_eq!(udp.instance, "node-a-0123456789ab-53-udp");
@@ -790,7 +963,7 @@ mod tests {
         assert_eq!(udp.port, 40000);
         // A binding to the advertised address itself is the advertised address.
         c.ports[1].bindings = vec![("10.0.0.5".into(), 40001)];
-        let eps = register(&c, &cfg());
+        let eps = register(&c, &allow);
         let udp = eps.iter().find(|e| e.proto == Proto::Udp).unwrap();
         assert_eq!((udp.host.as_str(), udp.port), ("10.0.0.5", 40001));
     }
@@ -822,6 +995,13 @@ mod tests {
         c.labels.insert("flotilla.network".into(), "nope".into());
         let e = decide(&c, &internal).unwrap_err();
         assert_eq!(e.field, "label flotilla.network");
+        // A container IP that is loopback / link-local (a macvlan or a misreporting engine) is
+        // held to the same rule as a binding.
+        let mut c = web();
+        c.networks = [("odd".to_owned(), "169.254.0.9".to_owned())].into();
+        let (d, left_out) = decide_noting(&c, &internal).unwrap();
+        assert_eq!(d, Decision::Skip(SkipReason::LocalOnly));
+        assert_eq!(left_out[0].to_string(), "169.254.0.9:8080");
     }
 
     #[test]
@@ -897,5 +1077,17 @@ mod tests {
         assert_eq!(error(&c).field, "image");
         c.labels.insert("flotilla.service".into(), "web".into());
         assert_eq!(register(&c, &cfg())[0].service, "web");
+    }
+
+    #[test]
+    fn regression_short_id_of_a_non_ascii_id_does_not_panic() {
+        // `&id[..12]` sliced inside a multi-byte character.
+        let mut c = web();
+        c.id = "01234567890\u{e9}ab".into();
+        assert_eq!(c.short_id(), "01234567890\u{e9}");
+        // Such an id never makes a record: it is refused naming the container.
+        let e = error(&c);
+        assert_eq!(e.container, "web-1");
+        assert!(e.field.starts_with("endpoint"), "{e}");
     }
 }

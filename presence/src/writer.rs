@@ -12,9 +12,15 @@
 //!   grants a new lease if needed and re-puts everything.
 //! - Any failed request also leads to a recovery, retried with jittered backoff (100 ms to 1 s)
 //!   until etcd answers. Faults are logged once per state change.
+//! - Transactions are bounded in operations (100) and bytes (`--max-txn-bytes`). A transaction
+//!   etcd still refuses as too large (its `--max-request-bytes` may be smaller) is split in
+//!   halves and sent again. A record that does not fit alone is *refused*: logged once, counted,
+//!   removed from etcd if an older version was there, and not tried again until the container's
+//!   record changes — every other record is written.
 //! - On shutdown, revokes the lease: every entry vanishes at once.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -36,6 +42,64 @@ use crate::state_file;
 /// Largest number of operations in one transaction (etcd's default limit is 128).
 const MAX_TXN_OPS: usize = 100;
 
+/// Bytes one operation adds to a request beyond its key and value (protobuf framing, the lease
+/// id, the request header's share): an estimate on the safe side.
+const OP_OVERHEAD: usize = 64;
+
+/// Splits operations of the given sizes, in order, into consecutive transactions of at most
+/// `max_ops` operations and at most `max_bytes` bytes. An operation larger than `max_bytes`
+/// gets a transaction of its own (callers refuse such operations before).
+pub fn batches(sizes: &[usize], max_ops: usize, max_bytes: usize) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    for (i, size) in sizes.iter().enumerate() {
+        if i > start && (i - start >= max_ops || bytes + size > max_bytes) {
+            out.push(start..i);
+            start = i;
+            bytes = 0;
+        }
+        bytes += size;
+    }
+    if start < sizes.len() {
+        out.push(start..sizes.len());
+    }
+    out
+}
+
+/// One operation of a plan, with its estimated size.
+#[derive(Debug, Clone)]
+struct Op {
+    key: String,
+    /// Encoded record for a put, `None` for a delete.
+    value: Option<Vec<u8>>,
+    bytes: usize,
+}
+
+/// A record that is not written: it is too large for one etcd request.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub key: String,
+    pub endpoint: Endpoint,
+    /// Estimated bytes of its put.
+    pub bytes: usize,
+    pub reason: String,
+}
+
+/// Why a transaction failed.
+enum TxnFailure {
+    /// etcd refused it as too large (or as too many operations): smaller ones may pass.
+    TooLarge(String),
+    /// Anything else (etcd away, timeout, permission): retried with backoff as a whole.
+    Other(String),
+}
+
+fn too_large(e: &str) -> bool {
+    e.contains("request is too large")
+        || e.contains("larger than max")
+        || e.contains("too many operations in txn request")
+}
+
 /// Fixed settings of the writer.
 #[derive(Debug, Clone)]
 pub struct WriterConfig {
@@ -45,6 +109,8 @@ pub struct WriterConfig {
     pub state_file: Option<PathBuf>,
     /// The lease a predecessor left in the state file, revoked after the first sync.
     pub predecessor: Option<i64>,
+    /// Largest transaction in (estimated) bytes (`--max-txn-bytes`).
+    pub max_txn_bytes: usize,
 }
 
 /// The writes that bring etcd to the desired state.
@@ -158,6 +224,8 @@ pub struct Writer {
     op_timeout: Duration,
     desired: HashMap<String, Vec<Endpoint>>,
     written: BTreeMap<String, Endpoint>,
+    /// Records refused as too large, by key; left out of every plan until their content changes.
+    refused: BTreeMap<String, Refusal>,
     lease: Option<i64>,
     keepalive: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
     /// Send times of keepalive requests not yet answered.
@@ -184,6 +252,7 @@ impl Writer {
             op_timeout,
             desired: HashMap::new(),
             written: BTreeMap::new(),
+            refused: BTreeMap::new(),
             lease: None,
             keepalive: None,
             sent: VecDeque::new(),
@@ -219,12 +288,23 @@ impl Writer {
         }
     }
 
-    fn desired_map(&self) -> BTreeMap<String, Endpoint> {
-        self.desired
+    /// The desired records, without those refused as too large (a refused record whose content
+    /// changed, or that is no longer desired, is forgotten: the new content is tried).
+    fn desired_map(&mut self) -> BTreeMap<String, Endpoint> {
+        let mut all: BTreeMap<String, Endpoint> = self
+            .desired
             .values()
             .flatten()
             .map(|ep| (ep.key(&self.cfg.keys), ep.clone()))
-            .collect()
+            .collect();
+        let before = self.refused.len();
+        self.refused
+            .retain(|key, r| all.get(key).is_some_and(|ep| same(ep, &r.endpoint)));
+        if self.refused.len() != before {
+            self.metrics.records_refused.set(self.refused.len() as i64);
+        }
+        all.retain(|key, _| !self.refused.contains_key(key));
+        all
     }
 
     async fn call<T, F>(&self, what: &str, fut: F) -> EtcdResult<T>
@@ -446,32 +526,128 @@ impl Writer {
         }
     }
 
-    async fn execute(&self, plan: &Plan, lease: i64) -> EtcdResult<()> {
-        let mut ops: Vec<TxnOp> = Vec::with_capacity(plan.deletes.len() + plan.puts.len());
+    /// Sends one transaction.
+    async fn txn(&self, ops: &[Op], lease: i64) -> Result<(), TxnFailure> {
+        let txn_ops: Vec<TxnOp> = ops
+            .iter()
+            .map(|op| match &op.value {
+                Some(v) => TxnOp::put(
+                    op.key.as_str(),
+                    v.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                ),
+                None => TxnOp::delete(op.key.as_str(), None),
+            })
+            .collect();
+        let client = self.client.clone();
+        self.call("write", async move {
+            let mut c = client;
+            c.txn(Txn::new().and_then(txn_ops)).await
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            if too_large(&e) {
+                TxnFailure::TooLarge(e)
+            } else {
+                TxnFailure::Other(e)
+            }
+        })
+    }
+
+    /// Applies `plan` in bounded transactions (deletes first). Returns the puts that were
+    /// refused as too large; every other operation was applied. `Err` for any other failure.
+    async fn execute(&self, plan: &Plan, lease: i64) -> EtcdResult<Vec<Refusal>> {
+        let max = self.cfg.max_txn_bytes;
+        let mut refused = Vec::new();
+        let mut ops: Vec<Op> = Vec::with_capacity(plan.deletes.len() + plan.puts.len());
         for key in &plan.deletes {
-            ops.push(TxnOp::delete(key.as_str(), None));
+            ops.push(Op {
+                key: key.clone(),
+                value: None,
+                bytes: key.len() + OP_OVERHEAD,
+            });
         }
+        let mut endpoints: HashMap<&str, &Endpoint> = HashMap::new();
         for (key, ep) in &plan.puts {
             let value = ep
                 .encode(&self.cfg.keys)
                 .map_err(|e| format!("refusing to write an invalid record: {e}"))?;
-            ops.push(TxnOp::put(
-                key.as_str(),
-                value,
-                Some(PutOptions::new().with_lease(lease)),
-            ));
+            let bytes = key.len() + value.len() + OP_OVERHEAD;
+            if bytes > max {
+                refused.push(Refusal {
+                    key: key.clone(),
+                    endpoint: ep.clone(),
+                    bytes,
+                    reason: format!("larger than --max-txn-bytes ({max} bytes)"),
+                });
+                continue;
+            }
+            endpoints.insert(key.as_str(), ep);
+            ops.push(Op {
+                key: key.clone(),
+                value: Some(value),
+                bytes,
+            });
         }
-        while !ops.is_empty() {
-            let rest = ops.split_off(ops.len().min(MAX_TXN_OPS));
-            let chunk = std::mem::replace(&mut ops, rest);
-            let client = self.client.clone();
-            self.call("write", async move {
-                let mut c = client;
-                c.txn(Txn::new().and_then(chunk)).await
-            })
-            .await?;
+        let sizes: Vec<usize> = ops.iter().map(|o| o.bytes).collect();
+        let mut queue: VecDeque<Range<usize>> = batches(&sizes, MAX_TXN_OPS, max).into();
+        while let Some(range) = queue.pop_front() {
+            match self.txn(&ops[range.clone()], lease).await {
+                Ok(()) => {}
+                Err(TxnFailure::TooLarge(e)) if range.len() > 1 => {
+                    self.metrics.txn_splits.inc();
+                    let mid = range.start + range.len() / 2;
+                    debug!(error = %e, ops = range.len(), "etcd refused a transaction as too large; splitting it");
+                    queue.push_front(mid..range.end);
+                    queue.push_front(range.start..mid);
+                }
+                Err(TxnFailure::TooLarge(e)) => {
+                    let op = &ops[range.start];
+                    match endpoints.get(op.key.as_str()) {
+                        Some(ep) => refused.push(Refusal {
+                            key: op.key.clone(),
+                            endpoint: (*ep).clone(),
+                            bytes: op.bytes,
+                            reason: format!("etcd refused it alone: {e}"),
+                        }),
+                        None => return Err(e),
+                    }
+                }
+                Err(TxnFailure::Other(e)) => return Err(e),
+            }
         }
-        Ok(())
+        Ok(refused)
+    }
+
+    /// Records refusals (one warning each), and deletes their keys: an older version of a
+    /// refused record must not stay announced. Returns the keys, now absent from etcd.
+    async fn refuse(&mut self, refusals: Vec<Refusal>, lease: i64) -> EtcdResult<Vec<String>> {
+        if refusals.is_empty() {
+            return Ok(Vec::new());
+        }
+        let max = self.cfg.max_txn_bytes;
+        let mut keys = Vec::new();
+        for r in refusals {
+            let name = r
+                .endpoint
+                .meta
+                .get("container_name")
+                .map(String::as_str)
+                .unwrap_or("?");
+            warn!(key = %r.key, container = %name, id = %r.endpoint.container, service = %r.endpoint.service,
+                bytes = r.bytes, max_txn_bytes = max, reason = %r.reason,
+                "record refused: too large for one etcd request; not announced until the container's record changes (every other record is written)");
+            keys.push(r.key.clone());
+            self.refused.insert(r.key.clone(), r);
+        }
+        self.metrics.records_refused.set(self.refused.len() as i64);
+        let plan = Plan {
+            deletes: keys.clone(),
+            ..Plan::default()
+        };
+        self.execute(&plan, lease).await?;
+        Ok(keys)
     }
 
     fn observe_pending(&mut self, wrote: bool) {
@@ -491,19 +667,24 @@ impl Writer {
         let Some(lease) = self.lease else {
             return Err("no lease".into());
         };
-        let plan = plan_incremental(&self.desired_map(), &self.written, &now_rfc3339());
+        let desired = self.desired_map();
+        let plan = plan_incremental(&desired, &self.written, &now_rfc3339());
         if plan.is_empty() {
             self.observe_pending(false);
             return Ok(());
         }
-        self.execute(&plan, lease).await?;
-        for (key, ep) in &plan.puts {
+        let refusals = self.execute(&plan, lease).await?;
+        let mut result = plan.result;
+        for key in self.refuse(refusals, lease).await? {
+            result.remove(&key);
+        }
+        for (key, ep) in plan.puts.iter().filter(|(k, _)| result.contains_key(k)) {
             debug!(key = %key, service = %ep.service, instance = %ep.instance, host = %ep.host, port = ep.port, "registered");
         }
         for key in &plan.deletes {
             debug!(key = %key, "deregistered");
         }
-        self.written = plan.result;
+        self.written = result;
         self.etcd_ok();
         self.observe_pending(true);
         Ok(())
@@ -600,13 +781,8 @@ impl Writer {
                     .as_ref()
                     == Some(&self.cfg.node)
         });
-        let plan = plan_full(
-            &self.cfg.keys,
-            &self.desired_map(),
-            &actual,
-            lease,
-            &now_rfc3339(),
-        );
+        let desired = self.desired_map();
+        let plan = plan_full(&self.cfg.keys, &desired, &actual, lease, &now_rfc3339());
         if !node_ok {
             let value = self
                 .cfg
@@ -632,9 +808,13 @@ impl Writer {
         } else {
             debug!(endpoints = plan.result.len(), "etcd already up to date");
         }
-        self.execute(&plan, lease).await?;
+        let refusals = self.execute(&plan, lease).await?;
         let wrote = !plan.is_empty();
-        self.written = plan.result;
+        let mut result = plan.result;
+        for key in self.refuse(refusals, lease).await? {
+            result.remove(&key);
+        }
+        self.written = result;
 
         // Revoke leftover leases (the predecessor's, or a lease of ours that was given up).
         let mut keep = Vec::new();
@@ -787,6 +967,46 @@ mod tests {
         );
         assert_eq!(plan.result.len(), 3);
         assert_eq!(plan.result[&ep(1, T0).key(&keys())].registered_at, T0);
+    }
+
+    #[test]
+    fn batches_are_bounded_in_operations_and_bytes_and_keep_the_order() {
+        assert_eq!(batches(&[], 100, 1000), Vec::<Range<usize>>::new());
+        assert_eq!(batches(&[10; 5], 2, 1000), vec![0..2, 2..4, 4..5]);
+        assert_eq!(batches(&[400, 400, 400, 100], 100, 1000), vec![0..2, 2..4]);
+        // Exactly the bound fits; one more byte starts a new transaction.
+        assert_eq!(batches(&[500, 500, 1], 100, 1000), vec![0..2, 2..3]);
+        // An operation over the bound stands alone (callers refuse it before).
+        assert_eq!(batches(&[10, 5000, 10], 100, 1000), vec![0..1, 1..2, 2..3]);
+        // Every range is within both bounds and together they cover everything in order.
+        let sizes: Vec<usize> = (0..500).map(|i| 1 + (i * 37) % 300).collect();
+        let got = batches(&sizes, 100, 2048);
+        assert_eq!(got.first().unwrap().start, 0);
+        assert_eq!(got.last().unwrap().end, sizes.len());
+        for w in got.windows(2) {
+            assert_eq!(w[0].end, w[1].start);
+        }
+        for r in &got {
+            assert!(
+                r.len() <= 100 && sizes[r.clone()].iter().sum::<usize>() <= 2048,
+                "{r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn etcd_size_refusals_are_recognised() {
+        assert!(too_large(
+            "write: status: InvalidArgument, message: \"etcdserver: request is too large\""
+        ));
+        assert!(too_large(
+            "write: grpc: received message larger than max (600000 vs. 557056)"
+        ));
+        assert!(too_large(
+            "write: etcdserver: too many operations in txn request"
+        ));
+        assert!(!too_large("write: no answer within 1s"));
+        assert!(!too_large("write: etcdserver: permission denied"));
     }
 
     #[test]

@@ -577,6 +577,53 @@ fn least_privilege_user_confined_to_its_own_prefixes_works() {
 }
 
 #[test]
+fn the_etcd_password_from_a_file_is_in_neither_ps_nor_the_environment() {
+    // Issue 16 item 6: --etcd-password is visible to every local user in `ps`.
+    use std::os::unix::fs::PermissionsExt;
+    let t = TlsEtcd::start();
+    let root = EtcdView::connect(EtcdArgs {
+        endpoints: vec![t.etcd.endpoint()],
+        cacert: Some(t.tls.ca.clone()),
+        cert: Some(t.tls.root_cert.clone()),
+        key: Some(t.tls.root_key.clone()),
+        user: Some("root".into()),
+        password: Some("rootpw".into()),
+        ..EtcdArgs::default()
+    });
+    let dir = tmp();
+    let pw = dir.path().join("etcd-password");
+    std::fs::write(&pw, "node-a-secret\n").unwrap();
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let node = "node-a";
+    let label = uniq("pwfile");
+    let args = Args::new(node, &label, vec![t.etcd.endpoint()])
+        .arg("--etcd-cacert")
+        .arg(t.tls.ca.display().to_string())
+        .arg("--etcd-cert")
+        .arg(t.tls.client_cert.display().to_string())
+        .arg("--etcd-key")
+        .arg(t.tls.client_key.display().to_string())
+        .arg("--etcd-user")
+        .arg("node-a")
+        .arg("--etcd-password-file")
+        .arg(pw.display().to_string());
+    let mut p = Presence::start(&args, dir.path());
+    p.wait_ready(LONG);
+    let c = web("pwfile", &label, &["flotilla.service=secure"], &[]);
+    wait_instances(&root, node, &[instance(node, &c, 8080)], LONG);
+    let pid = p.child.pid().expect("running");
+    for what in ["cmdline", "environ"] {
+        let bytes = std::fs::read(format!("/proc/{pid}/{what}")).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(
+            !text.contains("node-a-secret"),
+            "the password is in /proc/{pid}/{what}"
+        );
+    }
+    assert_eq!(p.terminate(LONG).code(), Some(0), "{}", p.log());
+}
+
+#[test]
 fn killing_the_etcd_leader_loses_nothing_and_leaves_nothing_stale() {
     let mut cluster = EtcdCluster::start(3);
     let dir = tmp();
@@ -695,6 +742,240 @@ fn internal_mode_and_host_network() {
     assert_eq!((ep.host.as_str(), ep.port), ("127.0.0.1", 39999));
 }
 
+/// Containers for the request-size tests: `huge` has one record over 32 KiB (63 meta values of
+/// 512 bytes, + container_name), `many` eight records of ~8.5 KiB (68 KiB together), `small` one
+/// ordinary record.
+fn big_containers(tag: &str, label: &str) -> (Container, Container, Container) {
+    let value = "v".repeat(512);
+    let meta = |n: usize, service: &str| -> Vec<String> {
+        let mut labels = vec![format!("flotilla.service={service}")];
+        labels.extend((0..n).map(|i| format!("flotilla.meta.k{i:02}={value}")));
+        labels
+    };
+    let huge_labels = meta(63, "huge");
+    let huge_refs: Vec<&str> = huge_labels.iter().map(String::as_str).collect();
+    let huge = web(&format!("{tag}-huge"), label, &huge_refs, &[]);
+    let many_labels = meta(16, "many");
+    let many_refs: Vec<&str> = many_labels.iter().map(String::as_str).collect();
+    let ports: Vec<String> = (8081..8088).map(|p| format!("127.0.0.1::{p}")).collect();
+    let mut opts: Vec<&str> = Vec::new();
+    for p in &ports {
+        opts.extend(["-p", p.as_str()]);
+    }
+    let many = web(&format!("{tag}-many"), label, &many_refs, &opts);
+    let small = web(
+        &format!("{tag}-small"),
+        label,
+        &["flotilla.service=small"],
+        &[],
+    );
+    (huge, many, small)
+}
+
+/// The size tests' common part: everything but `huge` is written, `huge` is refused once with
+/// one log line naming the container and the key (also after several resyncs), and the rest of
+/// the host keeps flowing. Returns the refusal's log line.
+fn only_the_huge_record_is_refused(
+    p: &Presence,
+    view: &EtcdView,
+    tag: &str,
+    label: &str,
+) -> String {
+    let node = &p.node;
+    let (huge, many, small) = big_containers(tag, label);
+    let mut want: Vec<String> = (8080..8088)
+        .map(|port| instance(node, &many, port))
+        .collect();
+    want.push(instance(node, &small, 8080));
+    wait_instances(view, node, &want, LONG);
+    let huge_key = format!(
+        "/flotilla/endpoints/{node}/huge/{}",
+        instance(node, &huge, 8080)
+    );
+    assert_eq!(view.get(&huge_key).unwrap(), None);
+    let deadline = std::time::Instant::now() + LONG;
+    while p.metric("presence_records_refused") != 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refused record is not counted; log:\n{}",
+            p.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let syncs = p.metric("presence_full_syncs_total");
+    wait_for("three more resyncs", LONG, || {
+        (p.metric("presence_full_syncs_total") >= syncs + 3.0).then_some(())
+    });
+    let log = p.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("refused") && l.contains(&huge_key))
+        .collect();
+    assert_eq!(lines.len(), 1, "one line for the refused record:\n{log}");
+    assert!(
+        lines[0].contains(&huge.name),
+        "names the container: {}",
+        lines[0]
+    );
+    assert_eq!(p.metric("presence_etcd_errors_total"), 0.0, "{log}");
+    let (status, body) = p.healthz().expect("healthz");
+    assert!(status.contains("200"), "{status}\n{body}");
+    // Still flowing: a new container is written; removing the refused one clears the gauge.
+    let late = web(
+        &format!("{tag}-late"),
+        label,
+        &["flotilla.service=late"],
+        &[],
+    );
+    want.push(instance(node, &late, 8080));
+    wait_instances(view, node, &want, LONG);
+    drop(huge);
+    wait_for("the gauge to drop to 0", LONG, || {
+        (p.metric("presence_records_refused") == 0.0).then_some(())
+    });
+    lines[0].to_owned()
+}
+
+#[test]
+fn a_record_too_large_for_etcd_is_refused_alone_and_everything_else_is_written() {
+    // Issue 16 item 4: one transaction larger than etcd's request limit was retried forever, so
+    // nothing else from the host was ever written. This etcd refuses requests over 32 KiB, far
+    // below presence's own bound (512 KiB): etcd's refusals drive the splitting.
+    let etcd = Etcd::start_with(&["--max-request-bytes", "32768"]);
+    let view = EtcdView::plain(vec![etcd.endpoint()]);
+    let dir = tmp();
+    let (node, label) = (uniq("big"), uniq("big"));
+    let p = Presence::start(
+        &Args::new(&node, &label, vec![etcd.endpoint()]).arg("--resync=1s"),
+        dir.path(),
+    );
+    p.wait_ready(LONG);
+    let line = only_the_huge_record_is_refused(&p, &view, "big", &label);
+    eprintln!("{line}");
+    assert!(line.contains("request is too large"), "{line}");
+    assert!(
+        p.metric("presence_txn_splits_total") >= 1.0,
+        "the 68 KiB batch was split"
+    );
+}
+
+#[test]
+fn a_record_larger_than_max_txn_bytes_is_refused_before_it_is_sent() {
+    // The same with etcd's default limit and --max-txn-bytes 16KiB: presence's own bound
+    // batches the rest and refuses the huge record without sending it.
+    let etcd = Etcd::start();
+    let view = EtcdView::plain(vec![etcd.endpoint()]);
+    let dir = tmp();
+    let (node, label) = (uniq("cap"), uniq("cap"));
+    let p = Presence::start(
+        &Args::new(&node, &label, vec![etcd.endpoint()])
+            .arg("--resync=1s")
+            .arg("--max-txn-bytes=16KiB"),
+        dir.path(),
+    );
+    p.wait_ready(LONG);
+    let line = only_the_huge_record_is_refused(&p, &view, "cap", &label);
+    eprintln!("{line}");
+    assert!(line.contains("--max-txn-bytes"), "{line}");
+    assert_eq!(
+        p.metric("presence_txn_splits_total"),
+        0.0,
+        "nothing was refused by etcd"
+    );
+}
+
+#[test]
+fn a_loopback_binding_is_not_announced_without_allow_loopback() {
+    // Issue 16 item 3: `-p 127.0.0.1:PORT:80` registered 127.0.0.1:PORT, which every proxy host
+    // then routes to its own loopback.
+    let etcd = Etcd::start();
+    let view = EtcdView::plain(vec![etcd.endpoint()]);
+    let dir = tmp();
+    let ip = host_ip();
+    let (node, label) = (uniq("lo"), uniq("lo"));
+    let p = Presence::start(
+        &Args::new(&node, &label, vec![etcd.endpoint()])
+            .multi_host(&ip)
+            .arg("--resync=1s"),
+        dir.path(),
+    );
+    p.wait_ready(LONG);
+    // 8080 on 127.0.0.1 only (web's default), 8081 on every address.
+    let c = web(
+        "lo",
+        &label,
+        &["flotilla.service=lo", "flotilla.service.8081=open"],
+        &["-p", "8081"],
+    );
+    let open = instance(&node, &c, 8081);
+    wait_instances(&view, &node, std::slice::from_ref(&open), LONG);
+    let eps = view.endpoints(&node).unwrap();
+    assert_eq!(eps[&open].endpoint.host, ip);
+    assert_eq!(eps[&open].endpoint.port, c.host_port("8081/tcp"));
+    let binding = format!("127.0.0.1:{}", c.host_port("8080/tcp"));
+    wait_for("the skipped binding to be counted", LONG, || {
+        (p.metric("presence_loopback_bindings_skipped") == 1.0).then_some(())
+    });
+    // Several resyncs later: still not announced, and one log line naming container and binding.
+    let syncs = p.metric("presence_full_syncs_total");
+    wait_for("three more resyncs", LONG, || {
+        (p.metric("presence_full_syncs_total") >= syncs + 3.0).then_some(())
+    });
+    assert_eq!(
+        view.instances(&node).unwrap(),
+        BTreeSet::from([open.clone()])
+    );
+    let log = p.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("loopback") && l.contains(&c.name))
+        .collect();
+    assert_eq!(lines.len(), 1, "one line for the skipped port:\n{log}");
+    assert!(
+        lines[0].contains(&binding),
+        "names the binding {binding}: {}",
+        lines[0]
+    );
+    // Gone with the container.
+    drop(c);
+    wait_instances(&view, &node, &[], LONG);
+    wait_for("the gauge to drop to 0", LONG, || {
+        (p.metric("presence_loopback_bindings_skipped") == 0.0).then_some(())
+    });
+}
+
+#[test]
+fn a_loopback_advertise_ip_needs_allow_loopback() {
+    for ip in ["127.0.0.1", "::1", "169.254.10.1", "fe80::1"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_presence"))
+            .args(["--node", "n1", "--advertise-ip", ip, "--dry-run"])
+            .args(["--label-filter", "flotilla.test=none-at-all"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{ip}: {err}");
+        assert!(
+            err.contains("--advertise-ip") && err.contains("--allow-loopback"),
+            "{ip}: {err}"
+        );
+    }
+    // Allowed for a single-host setup.
+    let out = Command::new(env!("CARGO_BIN_EXE_presence"))
+        .args(["--node", "n1", "--advertise-ip", "127.0.0.1", "--dry-run"])
+        .args([
+            "--label-filter",
+            "flotilla.test=none-at-all",
+            "--allow-loopback",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn dry_run_prints_what_would_be_registered_and_exits() {
     let label = uniq("dry");
@@ -707,6 +988,7 @@ fn dry_run_prints_what_would_be_registered_and_exits() {
     let node = uniq("dry");
     let out = Command::new(env!("CARGO_BIN_EXE_presence"))
         .args(["--node", &node, "--advertise-ip", "127.0.0.1", "--dry-run"])
+        .arg("--allow-loopback")
         .arg("--label-filter")
         .arg(format!("flotilla.test={label}"))
         // etcd is not contacted: nothing listens here.

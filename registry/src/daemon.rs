@@ -1,10 +1,12 @@
 //! Plumbing every Flotilla daemon shares: logging, the `/metrics` + `/healthz` endpoint and
 //! systemd notification. Kept small; a daemon's own logic lives in its crate.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -104,15 +106,105 @@ where
 /// What `/healthz` reports: healthy (200) or not (503), with a one-line-per-check body.
 pub type HealthFn = Arc<dyn Fn() -> (bool, String) + Send + Sync>;
 
+/// Bounds of the `/metrics` + `/healthz` listener, so a client (or many) cannot exhaust the
+/// daemon's tasks, memory or file descriptors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerLimits {
+    /// Connections served at once; more are closed at once (with a 503 when possible).
+    pub max_connections: usize,
+    /// Connections served at once for one peer address, so one client cannot starve a scraper
+    /// elsewhere.
+    pub max_per_peer: usize,
+    /// Largest request head (request line and headers); larger gets 431.
+    pub max_head_bytes: usize,
+    /// Time for the whole request head to arrive (idle and slow clients are dropped).
+    pub head_timeout: Duration,
+    /// Time to write the answer to a client that does not read.
+    pub write_timeout: Duration,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        ListenerLimits {
+            max_connections: 64,
+            max_per_peer: 8,
+            max_head_bytes: 2048,
+            head_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Connections being served, in total and per peer address.
+#[derive(Default)]
+struct Open {
+    total: usize,
+    per_peer: HashMap<IpAddr, usize>,
+}
+
+/// One admitted connection; releases its slot when dropped.
+struct Slot {
+    open: Arc<Mutex<Open>>,
+    peer: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut o = self.open.lock().expect("listener slots");
+        o.total -= 1;
+        if let Some(n) = o.per_peer.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                o.per_peer.remove(&self.peer);
+            }
+        }
+    }
+}
+
+fn admit(open: &Arc<Mutex<Open>>, peer: IpAddr, limits: &ListenerLimits) -> Option<Slot> {
+    let mut o = open.lock().expect("listener slots");
+    let mine = o.per_peer.get(&peer).copied().unwrap_or(0);
+    if o.total >= limits.max_connections || mine >= limits.max_per_peer {
+        return None;
+    }
+    o.total += 1;
+    *o.per_peer.entry(peer).or_insert(0) += 1;
+    Some(Slot {
+        open: open.clone(),
+        peer,
+    })
+}
+
 /// Serves `/metrics` (Prometheus text from `registry`) and `/healthz` (from `health`) on
-/// `listener` until the task is dropped. Minimal HTTP/1.0: one request per connection.
+/// `listener` until the task is dropped, within [`ListenerLimits::default`]. Minimal HTTP/1.0:
+/// one request per connection.
 pub async fn serve_observability(
     listener: TcpListener,
     registry: Arc<Mutex<Registry>>,
     health: HealthFn,
 ) {
+    serve_observability_with(listener, registry, health, ListenerLimits::default()).await
+}
+
+/// [`serve_observability`] within `limits`. Connections over a limit are closed at once and
+/// counted in `metrics_listener_refused_connections_total` (registered in `registry`), with
+/// one warning per burst.
+pub async fn serve_observability_with(
+    listener: TcpListener,
+    registry: Arc<Mutex<Registry>>,
+    health: HealthFn,
+    limits: ListenerLimits,
+) {
+    let refused = Counter::<u64>::default();
+    registry.lock().expect("metrics registry lock").register(
+        "metrics_listener_refused_connections",
+        "Connections to the /metrics + /healthz listener closed because too many were open (in total or from one address)",
+        refused.clone(),
+    );
+    let open: Arc<Mutex<Open>> = Arc::default();
+    let mut warned_at: Option<tokio::time::Instant> = None;
     loop {
-        let (mut sock, peer) = match listener.accept().await {
+        let (sock, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
                 warn!(error = %e, "metrics listener accept failed");
@@ -120,69 +212,109 @@ pub async fn serve_observability(
                 continue;
             }
         };
+        let Some(slot) = admit(&open, peer.ip(), &limits) else {
+            refused.inc();
+            if warned_at.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                warn!(%peer, max_connections = limits.max_connections, max_per_peer = limits.max_per_peer,
+                    "metrics listener: too many connections; closing new ones (warned at most once a minute)");
+                warned_at = Some(tokio::time::Instant::now());
+            }
+            // Best effort, never waiting: the socket buffer of a new connection has room.
+            let _ = sock.try_write(
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+            continue;
+        };
         let registry = registry.clone();
         let health = health.clone();
         tokio::spawn(async move {
-            // Read until the end of the request head (a client may send it in several
-            // segments), at most 2 KiB, within 5 s.
-            let mut buf = vec![0u8; 2048];
-            let mut n = 0;
-            let head = async {
-                while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                    match sock.read(&mut buf[n..]).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(k) => n += k,
-                    }
-                }
-            };
-            if tokio::time::timeout(Duration::from_secs(5), head)
-                .await
-                .is_err()
-                || n == 0
-            {
-                return;
-            }
-            let req = String::from_utf8_lossy(&buf[..n]);
-            let path = req.split_whitespace().nth(1).unwrap_or("/");
-            let (status, ctype, body) = match path {
-                "/metrics" => {
-                    let mut text = String::new();
-                    let reg = registry.lock().expect("metrics registry lock");
-                    let _ = prometheus_client::encoding::text::encode(&mut text, &reg);
-                    (
-                        "200 OK",
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        text,
-                    )
-                }
-                "/healthz" => {
-                    let (ok, text) = health();
-                    (
-                        if ok {
-                            "200 OK"
-                        } else {
-                            "503 Service Unavailable"
-                        },
-                        "text/plain; charset=utf-8",
-                        text,
-                    )
-                }
-                _ => (
-                    "404 Not Found",
-                    "text/plain",
-                    "try /metrics or /healthz\n".to_string(),
-                ),
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = sock.write_all(head.as_bytes()).await;
-            let _ = sock.write_all(body.as_bytes()).await;
-            let _ = sock.shutdown().await;
-            debug!(%peer, path, "served");
+            let _slot = slot;
+            serve_one(sock, peer, &registry, &health, &limits).await;
         });
     }
+}
+
+async fn serve_one(
+    mut sock: tokio::net::TcpStream,
+    peer: SocketAddr,
+    registry: &Mutex<Registry>,
+    health: &HealthFn,
+    limits: &ListenerLimits,
+) {
+    // Read until the end of the request head (a client may send it in several segments), at
+    // most max_head_bytes, within head_timeout.
+    let mut buf = vec![0u8; limits.max_head_bytes];
+    let mut n = 0;
+    let mut complete = false;
+    let head = async {
+        while n < buf.len() {
+            match sock.read(&mut buf[n..]).await {
+                Ok(0) | Err(_) => break,
+                Ok(k) => n += k,
+            }
+            if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                complete = true;
+                break;
+            }
+        }
+    };
+    if tokio::time::timeout(limits.head_timeout, head)
+        .await
+        .is_err()
+        || n == 0
+    {
+        return;
+    }
+    let (status, ctype, body) = if !complete && n == buf.len() {
+        (
+            "431 Request Header Fields Too Large",
+            "text/plain",
+            format!("request head larger than {} bytes\n", limits.max_head_bytes),
+        )
+    } else {
+        let req = String::from_utf8_lossy(&buf[..n]);
+        let path = req.split_whitespace().nth(1).unwrap_or("/");
+        match path {
+            "/metrics" => {
+                let mut text = String::new();
+                let reg = registry.lock().expect("metrics registry lock");
+                let _ = prometheus_client::encoding::text::encode(&mut text, &reg);
+                (
+                    "200 OK",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    text,
+                )
+            }
+            "/healthz" => {
+                let (ok, text) = health();
+                (
+                    if ok {
+                        "200 OK"
+                    } else {
+                        "503 Service Unavailable"
+                    },
+                    "text/plain; charset=utf-8",
+                    text,
+                )
+            }
+            _ => (
+                "404 Not Found",
+                "text/plain",
+                "try /metrics or /healthz\n".to_string(),
+            ),
+        }
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let write = async {
+        sock.write_all(head.as_bytes()).await?;
+        sock.write_all(body.as_bytes()).await?;
+        sock.shutdown().await
+    };
+    let _ = tokio::time::timeout(limits.write_timeout, write).await;
+    debug!(%peer, status, "served");
 }
 
 /// Binds `addr` and serves observability in a background task; errors name the flag.

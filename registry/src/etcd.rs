@@ -4,6 +4,10 @@
 //! `FLOTILLA_*` environment variables are the same everywhere. Connections always set
 //! `require_leader`: a member cut off from the quorum answers with an error instead of stale
 //! data, and watches on it are cancelled so they can be re-opened on a healthy member.
+//!
+//! The password: `--etcd-password-file` (or `FLOTILLA_ETCD_PASSWORD_FILE`) is preferred; the
+//! environment variable `FLOTILLA_ETCD_PASSWORD` next; the `--etcd-password` flag is visible to
+//! every local user in `ps` and `/proc/<pid>/cmdline`. `Debug` never prints the password.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,7 +17,7 @@ use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use crate::keys::{Keys, PrefixError, DEFAULT_PREFIX};
 
 /// etcd options, flattened into each binary's CLI.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Clone, clap::Args)]
 pub struct EtcdArgs {
     /// etcd client URLs, comma separated (all members of the cluster).
     #[arg(
@@ -36,17 +40,24 @@ pub struct EtcdArgs {
     #[arg(long = "etcd-key", env = "FLOTILLA_ETCD_KEY", requires = "cert")]
     pub key: Option<PathBuf>,
 
-    /// etcd user name (etcd auth).
-    #[arg(long = "etcd-user", env = "FLOTILLA_ETCD_USER", requires = "password")]
+    /// etcd user name (etcd auth); needs --etcd-password-file or FLOTILLA_ETCD_PASSWORD.
+    #[arg(long = "etcd-user", env = "FLOTILLA_ETCD_USER")]
     pub user: Option<String>,
 
-    /// etcd password of --etcd-user. Prefer the environment variable over the flag.
+    /// etcd password of --etcd-user. Avoid the flag: every local user sees it in `ps`. Prefer
+    /// --etcd-password-file, or the environment variable.
     #[arg(
         long = "etcd-password",
         env = "FLOTILLA_ETCD_PASSWORD",
-        hide_env_values = true
+        hide_env_values = true,
+        conflicts_with = "password_file"
     )]
     pub password: Option<String>,
+
+    /// File holding the etcd password of --etcd-user (its first line; mode 0600, owned by the
+    /// daemon's user). Read at each connect, so a rotated password is picked up on reconnect.
+    #[arg(long = "etcd-password-file", env = "FLOTILLA_ETCD_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
 
     /// Key prefix under which Flotilla stores everything.
     #[arg(long, env = "FLOTILLA_PREFIX", default_value = DEFAULT_PREFIX)]
@@ -66,9 +77,26 @@ impl Default for EtcdArgs {
             key: None,
             user: None,
             password: None,
+            password_file: None,
             prefix: DEFAULT_PREFIX.into(),
             dial_timeout: Duration::from_secs(3),
         }
+    }
+}
+
+impl std::fmt::Debug for EtcdArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdArgs")
+            .field("endpoints", &self.endpoints)
+            .field("cacert", &self.cacert)
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("password_file", &self.password_file)
+            .field("prefix", &self.prefix)
+            .field("dial_timeout", &self.dial_timeout)
+            .finish()
     }
 }
 
@@ -94,7 +122,7 @@ pub enum EtcdError {
         source: std::io::Error,
     },
     /// etcd refused the user name or password.
-    #[error("etcd at {endpoints} rejected user {user:?}: {detail} (check --etcd-user / --etcd-password)")]
+    #[error("etcd at {endpoints} rejected user {user:?}: {detail} (check --etcd-user / --etcd-password-file / FLOTILLA_ETCD_PASSWORD)")]
     Auth {
         /// The endpoints tried.
         endpoints: String,
@@ -153,10 +181,17 @@ impl EtcdArgs {
                 });
             }
         }
-        if self.user.is_some() != self.password.is_some() {
+        if self.password.is_some() && self.password_file.is_some() {
             return Err(EtcdError::Option {
-                flag: "--etcd-user/--etcd-password",
-                reason: "give both or neither".into(),
+                flag: "--etcd-password/--etcd-password-file",
+                reason: "give one of them, not both".into(),
+            });
+        }
+        let has_password = self.password.is_some() || self.password_file.is_some();
+        if self.user.is_some() != has_password {
+            return Err(EtcdError::Option {
+                flag: "--etcd-user/--etcd-password-file",
+                reason: "give a user and its password (--etcd-password-file or FLOTILLA_ETCD_PASSWORD), or neither".into(),
             });
         }
         self.keys().map_err(|e| EtcdError::Option {
@@ -200,10 +235,46 @@ impl EtcdArgs {
             }
             opts = opts.with_tls(tls);
         }
-        if let (Some(user), Some(password)) = (&self.user, &self.password) {
-            opts = opts.with_user(user.clone(), password.clone());
+        if let (Some(user), Some(password)) = (&self.user, self.password()?) {
+            opts = opts.with_user(user.clone(), password);
         }
         Ok(opts)
+    }
+
+    /// The password: from `--etcd-password-file` (first line, without the line end) or
+    /// `--etcd-password` / `FLOTILLA_ETCD_PASSWORD`.
+    pub fn password(&self) -> Result<Option<String>, EtcdError> {
+        const FLAG: &str = "--etcd-password-file";
+        let Some(path) = &self.password_file else {
+            return Ok(self.password.clone());
+        };
+        let bytes = Self::read(FLAG, path)?;
+        let text = String::from_utf8(bytes).map_err(|_| EtcdError::Option {
+            flag: FLAG,
+            reason: format!("{}: is not UTF-8 text", path.display()),
+        })?;
+        let first = text.lines().next().unwrap_or_default();
+        if first.is_empty() {
+            return Err(EtcdError::Option {
+                flag: FLAG,
+                reason: format!("{}: the first line is empty", path.display()),
+            });
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            static WARNED: std::sync::atomic::AtomicBool =
+                std::sync::atomic::AtomicBool::new(false);
+            if let Ok(meta) = std::fs::metadata(path) {
+                if meta.permissions().mode() & 0o077 != 0
+                    && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::warn!(path = %path.display(), mode = %format!("{:o}", meta.permissions().mode() & 0o777),
+                        "--etcd-password-file is readable by other users; make it mode 0600");
+                }
+            }
+        }
+        Ok(Some(first.to_owned()))
     }
 
     /// Connects and proves the connection with one request (a `status` call on the cluster,
@@ -291,4 +362,87 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = s.source();
     }
     parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn with_user() -> EtcdArgs {
+        EtcdArgs {
+            user: Some("node-a".into()),
+            ..EtcdArgs::default()
+        }
+    }
+
+    #[test]
+    fn password_file_is_read_first_line_without_line_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pw");
+        std::fs::write(&path, "s3cret\r\nignored\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let a = EtcdArgs {
+            password_file: Some(path.clone()),
+            ..with_user()
+        };
+        a.validate().expect("user + password file");
+        assert_eq!(a.password().unwrap().as_deref(), Some("s3cret"));
+        a.connect_options().expect("options");
+        std::fs::write(&path, "\nx\n").unwrap();
+        let e = a.password().unwrap_err().to_string();
+        assert!(
+            e.contains("--etcd-password-file") && e.contains("empty"),
+            "{e}"
+        );
+        let missing = EtcdArgs {
+            password_file: Some(dir.path().join("nope")),
+            ..with_user()
+        };
+        let e = missing.connect_options().unwrap_err().to_string();
+        assert!(
+            e.contains("--etcd-password-file") && e.contains("nope"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_user_needs_exactly_one_password_source() {
+        let e = with_user().validate().unwrap_err().to_string();
+        assert!(e.contains("--etcd-password-file"), "{e}");
+        let both = EtcdArgs {
+            password: Some("a".into()),
+            password_file: Some("/p".into()),
+            ..with_user()
+        };
+        assert!(both
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("not both"));
+        let no_user = EtcdArgs {
+            password_file: Some("/p".into()),
+            ..EtcdArgs::default()
+        };
+        assert!(no_user.validate().is_err());
+        let env = EtcdArgs {
+            password: Some("from-env".into()),
+            ..with_user()
+        };
+        env.validate().expect("user + password");
+        assert_eq!(env.password().unwrap().as_deref(), Some("from-env"));
+    }
+
+    #[test]
+    fn debug_never_prints_the_password() {
+        let a = EtcdArgs {
+            password: Some("hunter2".into()),
+            ..with_user()
+        };
+        let text = format!("{a:?}");
+        assert!(
+            !text.contains("hunter2") && text.contains("<redacted>"),
+            "{text}"
+        );
+    }
 }

@@ -405,6 +405,16 @@ pub fn is_dns_label(s: &str) -> bool {
         && b[b.len() - 1] != b'-'
 }
 
+/// True if `ip` reaches only the host it is used on: loopback (`127.0.0.0/8`, `::1`) or
+/// link-local (`169.254.0.0/16`, `fe80::/10`), also as an IPv4-mapped IPv6 address. Such an
+/// address announced by one host would make every proxy host route to itself.
+pub fn is_host_local(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(a) => a.is_loopback() || a.is_link_local(),
+        IpAddr::V6(a) => a.is_loopback() || (a.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
 /// True if `s` is an IP literal or a DNS host name (letters, digits, `-`, dot-separated labels).
 pub fn is_host(s: &str) -> bool {
     if s.parse::<IpAddr>().is_ok() {

@@ -167,6 +167,8 @@ max_drop = "100%"
             &self.node,
             "--advertise-ip",
             "127.0.0.1",
+            // One host: the containers publish on 127.0.0.1 and HAProxy runs beside them.
+            "--allow-loopback",
             "--ttl",
             TTL,
             "--resync",

@@ -44,6 +44,10 @@ pub struct Args {
     pub ttl: &'static str,
     pub extra: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// `--advertise-ip` (default 127.0.0.1: tests publish on loopback).
+    pub advertise_ip: String,
+    /// Pass `--allow-loopback` (default: yes, the single-host setup these tests are).
+    pub allow_loopback: bool,
 }
 
 impl Args {
@@ -55,7 +59,15 @@ impl Args {
             ttl: "3s",
             extra: Vec::new(),
             env: Vec::new(),
+            advertise_ip: "127.0.0.1".into(),
+            allow_loopback: true,
         }
+    }
+    /// A multi-host setup: advertises `ip` and does not pass `--allow-loopback`.
+    pub fn multi_host(mut self, ip: &str) -> Args {
+        self.advertise_ip = ip.into();
+        self.allow_loopback = false;
+        self
     }
     pub fn arg(mut self, a: impl Into<String>) -> Args {
         self.extra.push(a.into());
@@ -85,7 +97,8 @@ impl Presence {
         cmd.arg("--node")
             .arg(&args.node)
             .arg("--advertise-ip")
-            .arg("127.0.0.1")
+            .arg(&args.advertise_ip)
+            .args(args.allow_loopback.then_some("--allow-loopback"))
             .arg("--ttl")
             .arg(args.ttl)
             .arg("--etcd-endpoints")
@@ -384,6 +397,24 @@ pub fn wait_instances(view: &EtcdView, node: &str, want: &[String], timeout: Dur
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// An IPv4 address of this host that is neither loopback nor link-local (what a real host
+/// advertises), from `ip -4 -o addr show scope global`.
+pub fn host_ip() -> String {
+    let out = flotilla_harness::run(
+        Command::new("ip").args(["-4", "-o", "addr", "show", "scope", "global"]),
+    )
+    .expect("ip addr");
+    out.lines()
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .filter_map(|cidr| cidr.split('/').next())
+        .find(|ip| {
+            ip.parse::<std::net::Ipv4Addr>()
+                .is_ok_and(|a| !a.is_loopback() && !a.is_link_local())
+        })
+        .unwrap_or_else(|| panic!("this host has no global IPv4 address:\n{out}"))
+        .to_owned()
 }
 
 /// The instance id presence gives a container's private port.
