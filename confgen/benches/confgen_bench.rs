@@ -86,10 +86,16 @@ fn settings(keys: &Keys, services: usize) -> Vec<(String, String)> {
     for s in 0..services {
         let service = format!("svc-{s:04}");
         if s % 10 == 1 {
-            out.push((keys.service_setting(&service, "path"), format!("/{service}")));
+            out.push((
+                keys.service_setting(&service, "path"),
+                format!("/{service}"),
+            ));
         }
         if s % 25 == 3 {
-            out.push((keys.service_setting(&service, "check_path"), "/health".into()));
+            out.push((
+                keys.service_setting(&service, "check_path"),
+                "/health".into(),
+            ));
         }
         if s % 100 == 7 {
             out.push((keys.service_setting(&service, "mode"), "tcp".into()));
@@ -325,7 +331,13 @@ impl Daemon {
             .args(["run", "--confdir"])
             .arg(s.confdir())
             // Synthetic endpoints are 127.x.y.z addresses on 50 simulated nodes.
-            .args(["--allow-loopback", "--etcd-endpoints", &s.etcd_url, "--metrics-addr", &metrics])
+            .args([
+                "--allow-loopback",
+                "--etcd-endpoints",
+                &s.etcd_url,
+                "--metrics-addr",
+                &metrics,
+            ])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -501,13 +501,18 @@ fn a_host_with_valid_credentials_cannot_join_another_teams_service() {
         ],
     );
     let want = "api node-b-c0ffee000003-8080\nweb node-a-c0ffee000001-8080\n";
-    wait_for("the file without node-b's web", Duration::from_secs(30), || {
-        c.assert_running();
-        (read(&confdir.out("list")) == want).then_some(())
-    });
+    wait_for(
+        "the file without node-b's web",
+        Duration::from_secs(30),
+        || {
+            c.assert_running();
+            (read(&confdir.out("list")) == want).then_some(())
+        },
+    );
     let log = c.wait_log("endpoint left out", Duration::from_secs(10));
     assert!(
-        log.lines().any(|l| l.contains(&rogue) && l.contains("claim policy")),
+        log.lines()
+            .any(|l| l.contains(&rogue) && l.contains("claim policy")),
         "{}",
         tail(&log, 20)
     );

@@ -593,7 +593,10 @@ async fn each_role_writes_only_its_own_prefix() {
                 r.unwrap_or_else(|e| panic!("{user} may write {key}: {e}"));
             } else {
                 let e = r.expect_err(&format!("{user} must not write {key}"));
-                assert!(e.to_string().contains("permission denied"), "{user} {key}: {e}");
+                assert!(
+                    e.to_string().contains("permission denied"),
+                    "{user} {key}: {e}"
+                );
             }
         }
     }
