@@ -43,6 +43,7 @@ use crate::admit::AdmitArgs;
 use crate::apply::{self, Committed, Outcome};
 use crate::metrics::{self, Metrics};
 use crate::resource::{self, Resource};
+use crate::runtime::{Attempt, Runtime};
 use crate::template::{Engine, TemplateError};
 use crate::view::{Changes, Scope, TemplateData, View};
 
@@ -97,6 +98,8 @@ struct Slot {
     /// The destination was renamed into place but its reload has not succeeded yet (also
     /// across restarts, through [`reload_marker`]).
     reload_pending: bool,
+    /// The resource's runtime API (`runtime_api`), if it has one.
+    runtime: Option<Runtime>,
     buf: Vec<u8>,
 }
 
@@ -107,6 +110,7 @@ impl Slot {
             prefix: res.prefix.clone(),
         };
         let engine = load_engine(&res, view, &scope);
+        let runtime = Runtime::for_resource(&res);
         Slot {
             data: TemplateData::new(scope),
             res,
@@ -119,6 +123,7 @@ impl Slot {
             failure: None,
             succeeded_once: false,
             reload_pending: false,
+            runtime,
             buf: Vec::new(),
         }
     }
@@ -486,6 +491,8 @@ impl Daemon {
             let mut slot = match old.remove(&r.name) {
                 Some(mut prev) if prev.res.keys == r.keys && prev.res.prefix == r.prefix => {
                     prev.engine = load_engine(&r, &self.view, prev.data.scope());
+                    // A new socket or timeout, and a fresh comparison with the running state.
+                    prev.runtime = Runtime::for_resource(&r);
                     prev.res = r;
                     prev
                 }
@@ -588,6 +595,13 @@ impl Daemon {
                 }
             }
             let slot = &mut self.slots[i];
+            if matches!(outcome, Outcome::Applied { .. }) {
+                if let Some(start) = batch_start {
+                    self.metrics
+                        .change_to_write
+                        .observe(start.elapsed().as_secs_f64());
+                }
+            }
             if let (Outcome::Written, Some(c)) = (&outcome, commit) {
                 if let (Some(cmd), false) = (&slot.res.reload_cmd, self.modes.no_reload) {
                     slot.reload_pending = true;
@@ -795,7 +809,7 @@ impl Daemon {
             Outcome::Unchanged => {
                 debug!(resource = %name, revision, "render unchanged; nothing written")
             }
-            Outcome::Written | Outcome::Reloaded => {
+            Outcome::Written | Outcome::Reloaded | Outcome::Applied { .. } => {
                 metrics.writes.get_or_create(&labels).inc();
                 info!(
                     resource = %name,
@@ -1001,6 +1015,9 @@ async fn render_and_write(
             );
         }
     }
+    if let Some(done) = runtime_apply(slot, metrics, modes).await {
+        return done;
+    }
     if slot.res.reload_cmd.is_some() && !modes.noop && !modes.no_reload && !slot.reload_pending {
         create_reload_marker(&slot.res.dest);
     }
@@ -1010,6 +1027,93 @@ async fn render_and_write(
         remove_reload_marker(&slot.res.dest);
     }
     (outcome, commit)
+}
+
+/// The runtime path of a resource with `runtime_api` (see [`crate::runtime`]). `None`: take
+/// the reload path (not applicable, or the resource has no runtime API).
+async fn runtime_apply(
+    slot: &mut Slot,
+    metrics: &Metrics,
+    modes: Modes,
+) -> Option<(Outcome, Option<Committed>)> {
+    if modes.noop || modes.no_reload || slot.res.reload_cmd.is_none() {
+        return None;
+    }
+    let rt = slot.runtime.as_mut()?;
+    let name = slot.res.name.clone();
+    if slot.reload_pending {
+        // The running HAProxy may not have loaded the file yet: only a reload makes it current.
+        metrics.runtime_fallback(&name, "reload_pending");
+        debug!(resource = %name, "a reload is pending; not using the runtime API");
+        return None;
+    }
+    match rt.attempt(&slot.res, &slot.buf, metrics).await {
+        Attempt::Skip { reason, detail } => {
+            metrics.runtime_fallback(&name, reason);
+            if reason == "unreachable" {
+                debug!(resource = %name, detail, "runtime API backing off; reloading");
+            } else {
+                info!(resource = %name, reason, detail, "this change needs a reload");
+            }
+            None
+        }
+        Attempt::Unchanged => Some((Outcome::Unchanged, None)),
+        Attempt::ReloadCurrent { reason, detail } => {
+            metrics.runtime_fallback(&name, reason);
+            warn!(resource = %name, reason, error = %detail, "the running HAProxy differs from the destination and the runtime API cannot fix it; reloading the destination");
+            slot.reload_pending = true;
+            create_reload_marker(&slot.res.dest);
+            Some((Outcome::Unchanged, None))
+        }
+        Attempt::Staged {
+            staged,
+            current,
+            result: Ok(report),
+        } => Some(match apply::commit(&slot.res, staged, current) {
+            Ok(_) => {
+                metrics
+                    .runtime_applies
+                    .get_or_create(&metrics::resource(&name))
+                    .inc();
+                (
+                    Outcome::Applied {
+                        summary: report.to_string(),
+                    },
+                    None,
+                )
+            }
+            // The running servers are ahead of the file; the retry writes it (and finds
+            // nothing left to apply).
+            Err(error) => (Outcome::WriteFailed { error }, None),
+        }),
+        Attempt::Staged {
+            staged,
+            current,
+            result: Err(e),
+        } => {
+            metrics.runtime_fallback(&name, e.reason());
+            if !matches!(e, proxyctl::SyncError::Unreachable(_)) {
+                // (An unreachable socket was logged once, naming it, by the runtime module.)
+                warn!(resource = %name, reason = e.reason(), error = %e, "the runtime API could not apply this change; reloading");
+            }
+            create_reload_marker(&slot.res.dest);
+            Some(match apply::commit(&slot.res, staged, current) {
+                Ok(c) => (Outcome::Written, Some(c)),
+                Err(error) => {
+                    remove_reload_marker(&slot.res.dest);
+                    (Outcome::WriteFailed { error }, None)
+                }
+            })
+        }
+        Attempt::CheckFailed { output, reverted } => {
+            if !reverted {
+                slot.reload_pending = true;
+                create_reload_marker(&slot.res.dest);
+            }
+            Some((Outcome::CheckFailed { output }, None))
+        }
+        Attempt::WriteFailed { error } => Some((Outcome::WriteFailed { error }, None)),
+    }
 }
 
 /// `.<dest name>.reload-pending` beside the destination: exists from before a new file is

@@ -8,6 +8,7 @@ mod daemon;
 mod funcs;
 mod metrics;
 mod resource;
+mod runtime;
 mod template;
 mod view;
 

@@ -172,10 +172,11 @@ pub async fn apply_servers(
     report.backends = backends.len();
     let mut removals = Vec::new();
     let mut touched: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    let states = read_state(api, &backends, scope, &mut report).await?;
     for b in &backends {
-        let running = running_state(api, &b.backend).await?;
-        report.commands += 1;
-        let plan = plan(b, &running);
+        let empty = BTreeMap::new();
+        let running = states.get(&b.backend).unwrap_or(&empty);
+        let plan = plan(b, running);
         let r = |s: &str| server_ref(&b.backend, s);
         for name in &plan.remove {
             api.set_server_state(&r(name)?, crate::AdminState::Maint)
@@ -252,11 +253,12 @@ pub async fn apply_servers(
     }
     // Read back and compare, server by server.
     let mut differences = Vec::new();
+    let states = read_state(api, &backends, scope, &mut report).await?;
     for b in &backends {
-        let running = running_state(api, &b.backend).await?;
-        report.commands += 1;
+        let empty = BTreeMap::new();
+        let running = states.get(&b.backend).unwrap_or(&empty);
         let touched = touched.get(b.backend.as_str());
-        differences.extend(compare(b, &running, |name| {
+        differences.extend(compare(b, running, |name| {
             touched.is_some_and(|t| t.contains(name))
         }));
     }
@@ -278,17 +280,46 @@ pub async fn apply_servers(
     }
 }
 
-async fn running_state(
+type Running = BTreeMap<String, BTreeMap<String, ServerState>>;
+
+/// The running servers of `backends`, by backend and name: one `show servers state` per
+/// backend for a few changed ones, one for everything otherwise. A backend of the file that the
+/// running HAProxy does not have is a mismatch (per-backend reads only; with one read it shows
+/// as a failing `add server`).
+async fn read_state(
     api: &RuntimeApi,
-    backend: &str,
-) -> Result<BTreeMap<String, ServerState>, SyncError> {
-    match api.show_servers_state(Some(backend)).await {
-        Ok(rows) => Ok(rows.into_iter().map(|s| (s.name.clone(), s)).collect()),
-        Err(Error::CommandRejected { message, .. }) => Err(SyncError::Mismatch(format!(
-            "backend {backend} is not in the running HAProxy ({message})"
-        ))),
-        Err(e) => Err(e.into()),
+    backends: &[&BackendServers],
+    scope: Scope,
+    report: &mut SyncReport,
+) -> Result<Running, SyncError> {
+    let mut out: Running = BTreeMap::new();
+    if scope == Scope::All || backends.len() > 8 {
+        report.commands += 1;
+        for s in api.show_servers_state(None).await? {
+            out.entry(s.backend.clone())
+                .or_default()
+                .insert(s.name.clone(), s);
+        }
+        return Ok(out);
     }
+    for b in backends {
+        report.commands += 1;
+        let rows = match api.show_servers_state(Some(&b.backend)).await {
+            Ok(rows) => rows,
+            Err(Error::CommandRejected { message, .. }) => {
+                return Err(SyncError::Mismatch(format!(
+                    "backend {} is not in the running HAProxy ({message})",
+                    b.backend
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        out.insert(
+            b.backend.clone(),
+            rows.into_iter().map(|s| (s.name.clone(), s)).collect(),
+        );
+    }
+    Ok(out)
 }
 
 fn server_ref(backend: &str, server: &str) -> Result<ServerRef, SyncError> {

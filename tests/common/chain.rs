@@ -45,6 +45,11 @@ impl Chain {
             ("stats_socket", admin.display().to_string()),
             ("hard_stop_after", "5s".to_string()),
             ("maxconn", "1000".to_string()),
+            // Each chain its own (the default is one file for the whole host).
+            (
+                "server_state_file",
+                d.join("server-state").display().to_string(),
+            ),
         ] {
             etcd.etcdctl(&["put", &format!("/flotilla/config/haproxy/{k}"), &v])
                 .unwrap();
