@@ -559,9 +559,10 @@ fn a_drain_set_with_proxyctl_survives_a_runtime_apply_and_a_reload() {
         s.diagnostics()
     );
     s.wait_served_by("web", &["beta", "gamma"], Duration::from_secs(10));
-    assert!(
-        !s.haproxy.dir().join("server-state").exists(),
-        "the state file is removed after the reload"
+    assert_eq!(
+        read(&s.haproxy.dir().join("server-state")),
+        "1\n",
+        "the state file is emptied after the reload"
     );
     let file = file_servers(&s.dest());
     assert_eq!(running_servers(&s.haproxy, &file), file);
@@ -761,4 +762,70 @@ fn a_hanging_runtime_socket_falls_back_to_a_reload_within_the_timeout() {
 #[test]
 fn a_refusing_runtime_socket_falls_back_to_a_reload() {
     unreachable_socket_falls_back(false);
+}
+
+#[test]
+fn servers_applied_with_a_render_whose_check_fails_are_reverted() {
+    let mut s = Setup::start_with(|hx, _| runtime_resource(hx.stats_socket(), "2s"));
+    // The check fails while a marker file exists (the check and the runtime apply run at the
+    // same time, so the servers are applied before the verdict).
+    let marker = s.confdir.path().join("fail-check");
+    let toml = s.confdir.path().join("conf.d/haproxy.toml");
+    let text = read(&toml);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("check_cmd"))
+        .unwrap()
+        .to_string();
+    let check = line
+        .trim_start_matches("check_cmd = \"")
+        .trim_end_matches('"');
+    s.confdir.resource(
+        "haproxy",
+        &text.replace(
+            &line,
+            &format!("check_cmd = \"test ! -e {} && {check}\"", marker.display()),
+        ),
+    );
+    let alpha = StaticBackend::start("alpha");
+    s.reg.put_endpoint("node-a", "web", 1, alpha.port());
+    s.start_confgen();
+    s.wait_served_by("web", &["alpha"], Duration::from_secs(30));
+    let reloads = s.reloads();
+
+    std::fs::write(&marker, "").unwrap();
+    let beta = StaticBackend::start("beta");
+    s.reg.put_endpoint("node-a", "web", 2, beta.port());
+    // The check fails with beta, and without it (the current file) it needs none: beta is
+    // quarantined, and it was taken out of the running HAProxy again.
+    s.confgen().wait_log(
+        "endpoint left out of this resource",
+        Duration::from_secs(20),
+    );
+    let file = file_servers(&s.dest());
+    assert!(!read(&s.dest()).contains(&instance("node-a", 2)));
+    wait_for(
+        "the running servers back at the file",
+        Duration::from_secs(10),
+        || (running_servers(&s.haproxy, &file) == file).then_some(()),
+    );
+    s.wait_served_by("web", &["alpha"], Duration::from_secs(10));
+    assert_eq!(s.reloads(), reloads, "{}", s.diagnostics());
+
+    // The check passes again and beta's record changes (a quarantined endpoint is tried again
+    // then): it goes through, still without a reload.
+    std::fs::remove_file(&marker).unwrap();
+    let (k, v) = s
+        .reg
+        .endpoint_meta("node-a", "web", 2, beta.port(), &[("weight", "2")]);
+    s.reg.put(&k, v);
+    let want: BTreeMap<String, u16> = [
+        (instance("node-a", 1), alpha.port()),
+        (instance("node-a", 2), beta.port()),
+    ]
+    .into();
+    wait_converged(&s, "svc_web", &want, Duration::from_secs(20));
+    s.wait_served_by("web", &["alpha", "beta"], Duration::from_secs(10));
+    assert_eq!(s.reloads(), reloads, "{}", s.diagnostics());
+    s.confgen().assert_running();
 }

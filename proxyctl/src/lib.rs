@@ -73,7 +73,7 @@ impl Haproxy {
     /// The whole reload procedure: `haproxy -c` on `config`; make sure the master runs `config`
     /// (when `/proc` shows its command line); if `config` names a global `server-state-file`,
     /// save the running servers' state to it (see [`state`]); reload through the master CLI;
-    /// verify a new worker generation answers within `timeout`; remove the state file again.
+    /// verify a new worker generation answers within `timeout`; empty the state file again.
     /// On any failure the running workers keep serving.
     pub async fn check_and_reload(
         &self,
@@ -109,7 +109,7 @@ impl Haproxy {
         }
         let reload = master.reload_and_verify(timeout).await;
         if let Some(saved) = &state {
-            state::remove_after_reload(saved);
+            state::clear_after_reload(saved);
         }
         Ok(CheckedReload {
             check,

@@ -13,8 +13,9 @@
 //!   address and port are therefore rewritten to the ones the new configuration gives the
 //!   server (`-` for a host name, which HAProxy then resolves), and lines of servers the new
 //!   configuration does not have are dropped.
-//! - The file is removed once the reload is over, so a later restart of HAProxy (not a reload)
-//!   never loads a stale state.
+//! - Once the reload is over the file is emptied (to `1\n`, a valid state of no servers, which
+//!   `haproxy -c` reads without a warning, unlike a missing file), so a later restart of HAProxy
+//!   (not a reload) never loads a stale state.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -55,7 +56,7 @@ pub async fn save_for_reload(
         Ok(t) => t,
         Err(e) => {
             // Better no state than a stale one.
-            let _ = std::fs::remove_file(&path);
+            let _ = write_atomic(&path, EMPTY_STATE.as_bytes());
             return Err(Error::StateFile {
                 path,
                 reason: format!("`show servers state` failed: {e}"),
@@ -73,14 +74,14 @@ pub async fn save_for_reload(
     Ok(Some(SavedState { path, servers }))
 }
 
-/// Removes the state file after a reload (see the module docs).
-pub fn remove_after_reload(saved: &SavedState) {
-    match std::fs::remove_file(&saved.path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            tracing::warn!(path = %saved.path.display(), error = %e, "cannot remove the server state file after the reload")
-        }
+/// The state of no servers (version line only).
+pub const EMPTY_STATE: &str = "1\n";
+
+/// Empties the state file after a reload (see the module docs).
+pub fn clear_after_reload(saved: &SavedState) {
+    if let Err(e) = write_atomic(&saved.path, EMPTY_STATE.as_bytes()) {
+        tracing::warn!(path = %saved.path.display(), error = %e, "cannot empty the server state file after the reload");
+        let _ = std::fs::remove_file(&saved.path);
     }
 }
 
