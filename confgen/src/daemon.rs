@@ -1112,7 +1112,13 @@ async fn runtime_apply(
             }
             Some((Outcome::CheckFailed { output }, None))
         }
-        Attempt::WriteFailed { error } => Some((Outcome::WriteFailed { error }, None)),
+        Attempt::WriteFailed { error, reverted } => {
+            if !reverted {
+                slot.reload_pending = true;
+                create_reload_marker(&slot.res.dest);
+            }
+            Some((Outcome::WriteFailed { error }, None))
+        }
     }
 }
 

@@ -98,6 +98,8 @@ pub enum Attempt {
     WriteFailed {
         /// The error with the path.
         error: String,
+        /// Whether the running servers equal the destination (false: reload it).
+        reverted: bool,
     },
 }
 
@@ -120,7 +122,12 @@ impl Runtime {
     pub async fn attempt(&mut self, res: &Resource, rendered: &[u8], metrics: &Metrics) -> Attempt {
         let current = match apply::read_dest(res) {
             Ok(c) => c,
-            Err(error) => return Attempt::WriteFailed { error },
+            Err(error) => {
+                return Attempt::WriteFailed {
+                    error,
+                    reverted: true,
+                }
+            }
         };
         let skip = |reason, detail: String| Attempt::Skip { reason, detail };
         if current.as_deref() == Some(rendered) {
@@ -179,44 +186,71 @@ impl Runtime {
                 format!("{} failed recently", self.socket.display()),
             );
         }
-        let staged = match apply::stage(res, rendered) {
-            Ok(s) => s,
-            Err(error) => return Attempt::WriteFailed { error },
-        };
         let scope = if self.compared {
             Scope::Changed
         } else {
             Scope::All
         };
-        let started = Instant::now();
-        let (check, result) = tokio::join!(apply::check_staged(res, staged.path()), async {
-            let r = apply_servers(&self.api, &changes, scope, &self.options).await;
-            metrics
-                .runtime_apply_seconds
-                .observe(started.elapsed().as_secs_f64());
-            r
+        // The runtime commands go first: staging (a write and an fsync of the whole file) and
+        // the check run beside them, on other threads.
+        let staging = tokio::task::spawn_blocking({
+            let (res, rendered) = (res.clone(), rendered.to_vec());
+            move || apply::stage(&res, &rendered)
         });
+        let started = Instant::now();
+        let (staged, result) = tokio::join!(
+            async {
+                let staged = staging
+                    .await
+                    .map_err(|e| Err(format!("staging task failed: {e}")))?
+                    .map_err(Err)?;
+                match apply::check_staged(res, staged.path()).await {
+                    Ok(()) => Ok(staged),
+                    Err(output) => Err(Ok(output)),
+                }
+            },
+            async {
+                let r = apply_servers(&self.api, &changes, scope, &self.options).await;
+                metrics
+                    .runtime_apply_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                r
+            }
+        );
         let result = self.note(res, result);
         if result.is_ok() {
             self.compared = true;
         }
-        if let Err(output) = check {
-            // The running servers may be ahead of the file that stays: bring them back.
-            let reverted = match new.server_changes(&old) {
-                Ok(back) => {
-                    let r = apply_servers(&self.api, &back, Scope::Changed, &self.options).await;
-                    match self.note(res, r) {
-                        Ok(_) => true,
-                        Err(e) => {
-                            warn!(resource = %res.name, error = %e, "cannot revert the servers applied with a render whose check failed; reloading the current file");
-                            false
+        // Err(Ok(output)): the check failed; Err(Err(error)): staging failed.
+        let staged = match staged {
+            Ok(staged) => staged,
+            Err(failure) => {
+                // The running servers may be ahead of the file that stays: bring them back
+                // (through the socket if it answers; else the caller reloads the file).
+                let back = match &result {
+                    Err(SyncError::Unreachable(_)) => None,
+                    _ => new.server_changes(&old).ok(),
+                };
+                let reverted = match back {
+                    Some(back) => {
+                        let r =
+                            apply_servers(&self.api, &back, Scope::Changed, &self.options).await;
+                        match self.note(res, r) {
+                            Ok(_) => true,
+                            Err(e) => {
+                                warn!(resource = %res.name, error = %e, "cannot revert the servers applied with a render that was not written; reloading the current file");
+                                false
+                            }
                         }
                     }
-                }
-                Err(_) => false,
-            };
-            return Attempt::CheckFailed { output, reverted };
-        }
+                    None => false,
+                };
+                return match failure {
+                    Ok(output) => Attempt::CheckFailed { output, reverted },
+                    Err(error) => Attempt::WriteFailed { error, reverted },
+                };
+            }
+        };
         Attempt::Staged {
             staged,
             current,

@@ -30,6 +30,12 @@ pub fn repo() -> PathBuf {
 
 impl Chain {
     pub fn start(tag: &str) -> Chain {
+        Chain::start_with(tag, false)
+    }
+
+    /// Like [`Chain::start`]; with `runtime_api`, confgen's resource applies server-line
+    /// changes through HAProxy's runtime socket (`runtime_api`) instead of reloading.
+    pub fn start_with(tag: &str, runtime_api: bool) -> Chain {
         let dir = tempfile::Builder::new()
             .prefix("flotilla-e2e-")
             .tempdir()
@@ -85,11 +91,16 @@ check_cmd = "{haproxy} -c -f {{{{src}}}}"
 reload_cmd = "{proxyctl} reload --config {cfg} --master-socket {master} --haproxy-bin {haproxy} --timeout 10s"
 wait = "20ms:1s"
 max_drop = "100%"
-"#,
+{runtime}"#,
                 cfg = cfg.display(),
                 haproxy = haproxy.display(),
                 proxyctl = bin("proxyctl").display(),
                 master = master.display(),
+                runtime = if runtime_api {
+                    format!("runtime_api = \"{}\"\n", admin.display())
+                } else {
+                    String::new()
+                },
             ),
         )
         .unwrap();
@@ -218,6 +229,22 @@ max_drop = "100%"
             "/",
             Duration::from_secs(3),
         )
+    }
+
+    /// The master's reload counter (`show proc`), retried while the master re-executes.
+    pub fn reloads(&self) -> u32 {
+        use std::io::{Read, Write};
+        wait_for("the master CLI", Duration::from_secs(10), || {
+            let mut c = std::os::unix::net::UnixStream::connect(&self.proxy.master_socket).ok()?;
+            c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            c.write_all(b"show proc\n").ok()?;
+            c.shutdown(std::net::Shutdown::Write).ok()?;
+            let mut answer = String::new();
+            c.read_to_string(&mut answer).ok()?;
+            proxyctl::ProcList::parse(&answer)
+                .ok()
+                .map(|p| p.master.reloads)
+        })
     }
 
     pub fn config(&self) -> String {
