@@ -48,6 +48,54 @@ fn row(label: &str, mut v: Vec<Duration>) -> String {
     )
 }
 
+/// Seconds since midnight UTC (log lines carry a UTC time of day).
+fn day_secs(t: std::time::SystemTime) -> f64 {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap();
+    (d.as_secs() % 86_400) as f64 + f64::from(d.subsec_nanos()) / 1e9
+}
+
+/// A log line without its ANSI colours.
+fn plain(line: &str) -> String {
+    let mut out = String::new();
+    let mut esc = false;
+    for c in line.chars() {
+        match (esc, c) {
+            (false, '\x1b') => esc = true,
+            (true, 'm') => esc = false,
+            (true, _) => {}
+            (false, c) => out.push(c),
+        }
+    }
+    out
+}
+
+/// A tracing line's time of day (`2026-12-02T14:35:12.285701Z …`).
+fn line_secs(line: &str) -> Option<f64> {
+    let line = plain(line);
+    let t = line.split_whitespace().next()?;
+    let time = t.split('T').nth(1)?.trim_end_matches('Z');
+    let mut parts = time.split(':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let sec: f64 = parts.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + sec)
+}
+
+/// The value of `name=` in a log line.
+fn field(line: &str, name: &str) -> Option<String> {
+    let line = plain(line);
+    let pat = format!(" {name}=");
+    let at = line.find(&pat)? + pat.len();
+    line[at..].split_whitespace().next().map(str::to_string)
+}
+
+/// One stop: wall time of `docker stop`, the container.
+struct Stop {
+    issued: f64,
+    id: String,
+    short: String,
+}
+
 /// One chain and what was measured on it.
 struct Side {
     name: &'static str,
@@ -57,6 +105,7 @@ struct Side {
     _base: flotilla_harness::docker::Container,
     up: Vec<Duration>,
     down: Vec<Duration>,
+    stops: Vec<Stop>,
     reloads_before: u32,
 }
 
@@ -76,6 +125,7 @@ impl Side {
             _base: base,
             up: Vec::new(),
             down: Vec::new(),
+            stops: Vec::new(),
             reloads_before,
         }
     }
@@ -114,6 +164,11 @@ impl Side {
 
         // `docker stop` blocks until the container exits (~2 s after SIGTERM); measure the last
         // answer from it while it still serves.
+        self.stops.push(Stop {
+            issued: day_secs(std::time::SystemTime::now()),
+            id: c.id.clone(),
+            short: c.short_id().to_string(),
+        });
         let t1 = Instant::now();
         let stopper = std::thread::spawn({
             let c = c.name.clone();
@@ -143,6 +198,80 @@ impl Side {
             up.as_millis(),
             down.as_millis()
         );
+    }
+}
+
+impl Side {
+    /// Where a stop's time goes, from presence's and confgen's debug logs: `docker stop` →
+    /// Docker's `kill` event (CLI and dockerd), → presence read it, → key deleted in etcd; and
+    /// confgen's own "change seen → servers verified" (`servers_ms`) or "→ reloaded"
+    /// (`latency_ms`) of every apply.
+    fn breakdown(&self) -> Vec<(String, Vec<Duration>)> {
+        let presence = self
+            .chain
+            .presence
+            .as_ref()
+            .map(|p| p.log())
+            .unwrap_or_default();
+        let secs = |v: f64| Duration::from_secs_f64(v.max(0.0));
+        let (mut event, mut read, mut deleted) = (Vec::new(), Vec::new(), Vec::new());
+        for st in &self.stops {
+            let kill = presence
+                .lines()
+                .find(|l| l.contains("event read") && l.contains(&st.id) && l.contains("kill"));
+            let Some(kill) = kill else { continue };
+            let ev = field(kill, "time_nano")
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(|n| (n / 1_000_000_000 % 86_400) as f64 + (n % 1_000_000_000) as f64 / 1e9);
+            let read_at = line_secs(kill);
+            let del_at = presence
+                .lines()
+                .find(|l| l.contains("deregistered") && l.contains(&st.short))
+                .and_then(line_secs);
+            if let (Some(ev), Some(r), Some(d)) = (ev, read_at, del_at) {
+                event.push(secs(ev - st.issued));
+                read.push(secs(r - ev));
+                deleted.push(secs(d - r));
+            }
+        }
+        let confgen = self.chain.confgen.log();
+        let key = if self.name == "runtime" {
+            "servers_ms"
+        } else {
+            "latency_ms"
+        };
+        let mut applied = Vec::new();
+        for l in confgen.lines().filter(|l| l.contains("written and")) {
+            if let Some(v) = field(l, key).and_then(|v| v.parse::<u64>().ok()) {
+                applied.push(Duration::from_millis(v));
+            }
+        }
+        vec![
+            (
+                format!("{}: `docker stop` issued → Docker's kill event", self.name),
+                event,
+            ),
+            (
+                format!("{}: kill event → presence reads it", self.name),
+                read,
+            ),
+            (
+                format!("{}: presence reads it → key deleted in etcd", self.name),
+                deleted,
+            ),
+            (
+                format!(
+                    "{}: confgen, change seen → {} (every apply)",
+                    self.name,
+                    if self.name == "runtime" {
+                        "servers verified"
+                    } else {
+                        "file written and reloaded"
+                    }
+                ),
+                applied,
+            ),
+        ]
     }
 }
 
@@ -220,5 +349,12 @@ fn main() {
                 s.down.clone()
             )
         );
+    }
+    for s in &sides {
+        for (label, v) in s.breakdown() {
+            if !v.is_empty() {
+                println!("{}", row(&label, v));
+            }
+        }
     }
 }

@@ -31,6 +31,9 @@ pub enum Outcome {
     Applied {
         /// What changed (servers added, removed, moved, reweighted).
         summary: String,
+        /// Milliseconds from confgen seeing the change to the running servers verified (before
+        /// the file was renamed into place).
+        servers_ms: Option<u64>,
     },
     /// `--noop`: checked but not written; the unified diff against the destination with `--diff`.
     Planned {
@@ -102,7 +105,7 @@ impl fmt::Display for Outcome {
             Outcome::Unchanged => f.write_str("unchanged"),
             Outcome::Written => f.write_str("written"),
             Outcome::Reloaded => f.write_str("written and reloaded"),
-            Outcome::Applied { summary } => {
+            Outcome::Applied { summary, .. } => {
                 write!(f, "written and applied through the runtime API: {summary}")
             }
             Outcome::Planned { .. } => f.write_str("would be written (--noop)"),

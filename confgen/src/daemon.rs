@@ -586,12 +586,18 @@ impl Daemon {
             let batch_start = slot.pending.as_ref().map(|p| p.first);
             slot.pending = None;
             slot.last_flush = Some(now);
-            let (mut outcome, mut commit) = render_and_write(slot, &self.metrics, self.modes).await;
+            let (mut outcome, mut commit) =
+                render_and_write(slot, &self.metrics, self.modes, batch_start).await;
             if let Outcome::CheckFailed { output } = &outcome {
                 let output = output.clone();
                 if self.isolate(i, &output).await {
-                    (outcome, commit) =
-                        render_and_write(&mut self.slots[i], &self.metrics, self.modes).await;
+                    (outcome, commit) = render_and_write(
+                        &mut self.slots[i],
+                        &self.metrics,
+                        self.modes,
+                        batch_start,
+                    )
+                    .await;
                 }
             }
             let slot = &mut self.slots[i];
@@ -811,12 +817,17 @@ impl Daemon {
             }
             Outcome::Written | Outcome::Reloaded | Outcome::Applied { .. } => {
                 metrics.writes.get_or_create(&labels).inc();
+                let servers_ms = match &outcome {
+                    Outcome::Applied { servers_ms, .. } => *servers_ms,
+                    _ => None,
+                };
                 info!(
                     resource = %name,
                     dest = %slot.res.dest.display(),
                     revision,
                     endpoints = slot.data.endpoint_count(),
                     latency_ms = batch_start.map(|s| s.elapsed().as_millis() as u64),
+                    servers_ms,
                     "{outcome}"
                 );
             }
@@ -969,6 +980,7 @@ async fn render_and_write(
     slot: &mut Slot,
     metrics: &Metrics,
     modes: Modes,
+    batch_start: Option<Instant>,
 ) -> (Outcome, Option<Committed>) {
     let engine = match &slot.engine {
         Ok(e) => e,
@@ -1015,7 +1027,7 @@ async fn render_and_write(
             );
         }
     }
-    if let Some(done) = runtime_apply(slot, metrics, modes).await {
+    if let Some(done) = runtime_apply(slot, metrics, modes, batch_start).await {
         return done;
     }
     if slot.res.reload_cmd.is_some() && !modes.noop && !modes.no_reload && !slot.reload_pending {
@@ -1035,6 +1047,7 @@ async fn runtime_apply(
     slot: &mut Slot,
     metrics: &Metrics,
     modes: Modes,
+    batch_start: Option<Instant>,
 ) -> Option<(Outcome, Option<Committed>)> {
     if modes.noop || modes.no_reload || slot.res.reload_cmd.is_none() {
         return None;
@@ -1069,6 +1082,7 @@ async fn runtime_apply(
             staged,
             current,
             result: Ok(report),
+            applied_at,
         } => Some(match apply::commit(&slot.res, staged, current) {
             Ok(_) => {
                 metrics
@@ -1078,6 +1092,8 @@ async fn runtime_apply(
                 (
                     Outcome::Applied {
                         summary: report.to_string(),
+                        servers_ms: batch_start
+                            .map(|b| applied_at.saturating_duration_since(b).as_millis() as u64),
                     },
                     None,
                 )
@@ -1090,6 +1106,7 @@ async fn runtime_apply(
             staged,
             current,
             result: Err(e),
+            ..
         } => {
             metrics.runtime_fallback(&name, e.reason());
             if !matches!(e, proxyctl::SyncError::Unreachable(_)) {

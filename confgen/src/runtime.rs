@@ -84,6 +84,8 @@ pub enum Attempt {
         current: Option<Vec<u8>>,
         /// How the runtime apply went.
         result: Result<SyncReport, SyncError>,
+        /// When it ended (the servers were verified, or it failed).
+        applied_at: Instant,
     },
     /// `check_cmd` rejected the staged file; the destination is untouched. `reverted`: the
     /// servers that were applied at the same time are back at the destination's (false: a
@@ -214,9 +216,10 @@ impl Runtime {
                 metrics
                     .runtime_apply_seconds
                     .observe(started.elapsed().as_secs_f64());
-                r
+                (r, Instant::now())
             }
         );
+        let (result, applied_at) = result;
         let result = self.note(res, result);
         if result.is_ok() {
             self.compared = true;
@@ -255,6 +258,7 @@ impl Runtime {
             staged,
             current,
             result,
+            applied_at,
         }
     }
 
