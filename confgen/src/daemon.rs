@@ -937,6 +937,11 @@ impl Daemon {
                     hd.had,
                     humantime::format_duration(Duration::from_secs(hd.since.elapsed().as_secs()))
                 )
+            } else if let (true, Some(rt)) = (
+                s.succeeded_once,
+                s.runtime.as_ref().and_then(Runtime::status),
+            ) {
+                format!("ok at revision {} ({rt})", s.applied_revision)
             } else if s.succeeded_once {
                 format!("ok at revision {}", s.applied_revision)
             } else {
@@ -1109,9 +1114,12 @@ async fn runtime_apply(
             ..
         } => {
             metrics.runtime_fallback(&name, e.reason());
-            if !matches!(e, proxyctl::SyncError::Unreachable(_)) {
-                // (An unreachable socket was logged once, naming it, by the runtime module.)
-                warn!(resource = %name, reason = e.reason(), error = %e, "the runtime API could not apply this change; reloading");
+            // (An unreachable socket was logged once, naming it, by the runtime module.)
+            let unreachable = matches!(e, proxyctl::SyncError::Unreachable(_));
+            if rt.first_fallback(e.reason()) && !unreachable {
+                warn!(resource = %name, reason = e.reason(), error = %e, "the runtime API could not apply this change; reloading (the same reason again is logged at debug)");
+            } else {
+                debug!(resource = %name, reason = e.reason(), error = %e, "the runtime API could not apply this change; reloading");
             }
             create_reload_marker(&slot.res.dest);
             Some(match apply::commit(&slot.res, staged, current) {

@@ -47,6 +47,9 @@ pub struct Runtime {
     /// since the socket came back).
     compared: bool,
     down: Option<Down>,
+    /// The reason of the last fallback since the last runtime apply that completed: the same
+    /// reason again is logged at debug, not as a new warning.
+    last_fallback: Option<&'static str>,
 }
 
 #[derive(Debug)]
@@ -117,7 +120,24 @@ impl Runtime {
             socket,
             compared: false,
             down: None,
+            last_fallback: None,
         })
+    }
+
+    /// For `/healthz`: why changes are reloaded instead, while the socket does not answer.
+    pub fn status(&self) -> Option<String> {
+        self.down.as_ref().map(|_| {
+            format!(
+                "runtime API {} unreachable, reloading instead",
+                self.socket.display()
+            )
+        })
+    }
+
+    /// True the first time in a row a runtime apply falls back for `reason` (log a warning),
+    /// false while the same reason repeats (log at debug).
+    pub fn first_fallback(&mut self, reason: &'static str) -> bool {
+        self.last_fallback.replace(reason) != Some(reason)
     }
 
     /// Applies `rendered` (see the module docs).
@@ -223,6 +243,7 @@ impl Runtime {
         let result = self.note(res, result);
         if result.is_ok() {
             self.compared = true;
+            self.last_fallback = None;
         }
         // Err(Ok(output)): the check failed; Err(Err(error)): staging failed.
         let staged = match staged {

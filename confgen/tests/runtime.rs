@@ -747,6 +747,16 @@ fn unreachable_socket_falls_back(hang: bool) {
             &[("reason", "unreachable")]
         ) >= 2.0
     );
+    // Healthy (the changes are applied, by reloads), and /healthz says why it reloads.
+    let (code, body) = s.confgen.as_ref().unwrap().healthz().unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains(&format!(
+            "runtime API {} unreachable, reloading instead",
+            sock.display()
+        )),
+        "{body}"
+    );
     if let Some((stop, t)) = _hang {
         stop.store(true, Ordering::Relaxed);
         t.join().unwrap();
