@@ -89,11 +89,13 @@ fn field(line: &str, name: &str) -> Option<String> {
     line[at..].split_whitespace().next().map(str::to_string)
 }
 
-/// One stop: wall time of `docker stop`, the container.
+/// One stop (or start): wall time of `docker stop` issued (`docker run -d` returned), the
+/// container, and for a start the time to its first 200.
 struct Stop {
     issued: f64,
     id: String,
     short: String,
+    served: Duration,
 }
 
 /// One chain and what was measured on it.
@@ -106,6 +108,7 @@ struct Side {
     up: Vec<Duration>,
     down: Vec<Duration>,
     stops: Vec<Stop>,
+    starts: Vec<Stop>,
     reloads_before: u32,
 }
 
@@ -126,6 +129,7 @@ impl Side {
             up: Vec::new(),
             down: Vec::new(),
             stops: Vec::new(),
+            starts: Vec::new(),
             reloads_before,
         }
     }
@@ -136,6 +140,7 @@ impl Side {
         let name = unique_name(&format!("{}-s{i}", self.name));
         let c = self.chain.container(&self.service, &name);
         let t0 = Instant::now();
+        let started_wall = day_secs(std::time::SystemTime::now());
         loop {
             if let Ok((200, body)) = self.chain.get(&self.service) {
                 if body.trim() == name {
@@ -152,6 +157,12 @@ impl Side {
         }
         let up = t0.elapsed();
         self.up.push(up);
+        self.starts.push(Stop {
+            issued: started_wall,
+            id: c.id.clone(),
+            short: c.short_id().to_string(),
+            served: up,
+        });
 
         // Steady state before the stop: the change is in the file (confgen is done with it).
         let short = c.short_id().to_string();
@@ -168,6 +179,7 @@ impl Side {
             issued: day_secs(std::time::SystemTime::now()),
             id: c.id.clone(),
             short: c.short_id().to_string(),
+            served: Duration::ZERO,
         });
         let t1 = Instant::now();
         let stopper = std::thread::spawn({
@@ -246,7 +258,72 @@ impl Side {
                 applied.push(Duration::from_millis(v));
             }
         }
+        // Starts: Docker's start event → presence read it → key in etcd → (runtime) confgen
+        // verified the running servers → first 200 through HAProxy.
+        let verified_at: Vec<(f64, f64)> = confgen
+            .lines()
+            .filter(|l| l.contains("applied through the runtime API"))
+            .filter_map(|l| {
+                let at = line_secs(l)?;
+                let latency = field(l, "latency_ms")?.parse::<f64>().ok()?;
+                let servers = field(l, "servers_ms")?.parse::<f64>().ok()?;
+                // The line is logged after the check and the rename; the servers were verified
+                // `latency - servers` ms before it.
+                Some((at, at - (latency - servers) / 1000.0))
+            })
+            .collect();
+        let (mut s_read, mut s_reg, mut s_conf, mut s_serve) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for st in &self.starts {
+            let start = presence
+                .lines()
+                .find(|l| l.contains("event read") && l.contains(&st.id) && l.contains("start"));
+            let Some(start) = start else { continue };
+            let (Some(read_at), Some(reg_at)) = (
+                line_secs(start),
+                presence
+                    .lines()
+                    .find(|l| l.contains(" registered") && l.contains(&st.short))
+                    .and_then(line_secs),
+            ) else {
+                continue;
+            };
+            let ev = field(start, "time_nano")
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(|n| (n / 1_000_000_000 % 86_400) as f64 + (n % 1_000_000_000) as f64 / 1e9);
+            if let Some(ev) = ev {
+                s_read.push(secs(read_at - ev));
+            }
+            s_reg.push(secs(reg_at - read_at));
+            let served_at = st.issued + st.served.as_secs_f64();
+            if let Some((_, verified)) = verified_at.iter().find(|(at, _)| *at >= reg_at) {
+                s_conf.push(secs(verified - reg_at));
+                s_serve.push(secs(served_at - verified));
+            }
+        }
         vec![
+            (
+                format!("{}: start event → presence reads it", self.name),
+                s_read,
+            ),
+            (
+                format!("{}: presence reads it → key in etcd", self.name),
+                s_reg,
+            ),
+            (
+                format!(
+                    "{}: key in etcd → confgen verified the running servers",
+                    self.name
+                ),
+                s_conf,
+            ),
+            (
+                format!(
+                    "{}: servers verified → first 200 through HAProxy",
+                    self.name
+                ),
+                s_serve,
+            ),
             (
                 format!("{}: `docker stop` issued → Docker's kill event", self.name),
                 event,

@@ -20,8 +20,9 @@
 //! Files beside a destination `D` (besides staged `.D.confgen-*` files, removed at start):
 //! `D.bak` (the previous content), `.D.reload-pending` (exists from before a new file is
 //! renamed into place until its reload succeeded; a run that finds it reloads at its first
-//! apply even if the file is current) and `.D.endpoints` (endpoints of the last applied render,
-//! for the drop guard of the next run).
+//! apply even if the file is current), `.D.endpoints` (endpoints of the last applied render,
+//! for the drop guard of the next run) and, for a resource with `runtime_api`,
+//! `.D.runtime-removing` (servers a runtime apply is removing; see [`crate::runtime`]).
 //!
 //! Nothing is rendered or written before the first complete registry view, nor while the watch
 //! is not current (etcd unreachable): the last good files stay, `/healthz` says stale.

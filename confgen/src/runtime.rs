@@ -7,9 +7,10 @@
 //!    backends only (servers added or removed, an address, a weight). Anything else — a new
 //!    backend or frontend, a global or defaults change, a host name, a file it cannot read — is
 //!    [`Attempt::Skip`]: the caller takes the reload path (check, swap, verified reload);
-//! 2. stages the new file beside the destination, then runs `check_cmd` on it **and** applies
-//!    the server lines to the running HAProxy at the same time (the check, a fork of
-//!    `haproxy -c`, takes tens to hundreds of milliseconds; the runtime commands take a few);
+//! 2. applies the server lines to the running HAProxy while the new file is staged beside the
+//!    destination (on another thread), then runs `check_cmd` on it: the runtime commands take a
+//!    few milliseconds and are in effect before the check (a fork of `haproxy -c`, tens to
+//!    hundreds of milliseconds) starts;
 //! 3. reads the running state back (`show servers state`) and compares it with the file, server
 //!    by server;
 //! 4. hands the staged file back: the caller renames it into place, and reloads only if the
@@ -20,13 +21,18 @@
 //! any moment leaves the file at the old content or the new one, and the running state
 //! somewhere between the old file and the new one. The next run compares every backend's
 //! running servers with the file and its render (not with what it thinks it did), which
-//! finishes whatever was interrupted.
+//! finishes whatever was interrupted. The one thing the running state cannot tell is whether a
+//! server in maintenance was put there by an operator or by a removal that was interrupted; the
+//! servers an apply removes are therefore noted beside the destination
+//! (`.<dest>.runtime-removing`) for the time of the apply, and the next run enables those the
+//! file has again.
 //!
 //! A socket that refuses, is missing or does not answer within `runtime_timeout` makes that
 //! change fall back to a reload, logs one warning naming the socket, and skips the runtime path
 //! (straight to reloads) with a backoff until the socket answers again.
 
-use std::path::PathBuf;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use flotilla_registry::backoff::Backoff;
@@ -112,10 +118,16 @@ impl Runtime {
     /// The runtime API of `res`, if it has one.
     pub fn for_resource(res: &Resource) -> Option<Runtime> {
         let socket = res.runtime_api.clone()?;
+        // Servers an interrupted run was removing (see `removing_journal`).
+        let release = read_journal(&res.dest);
+        if !release.is_empty() {
+            info!(resource = %res.name, servers = release.len(), "an earlier run was removing servers when it stopped; those the file still has are enabled again at the first apply");
+        }
         Some(Runtime {
             api: RuntimeApi::new(&socket).with_timeout(res.runtime_timeout),
             options: SyncOptions {
                 drain_timeout: res.runtime_timeout,
+                release,
             },
             socket,
             compared: false,
@@ -172,6 +184,7 @@ impl Runtime {
             return match self.note(res, result) {
                 Ok(report) => {
                     self.compared = true;
+                    self.released(res);
                     if !report.is_noop() {
                         metrics
                             .runtime_applies
@@ -213,8 +226,21 @@ impl Runtime {
         } else {
             Scope::All
         };
-        // The runtime commands go first: staging (a write and an fsync of the whole file) and
-        // the check run beside them, on other threads.
+        // Servers this apply puts in maintenance to remove them, noted beside `dest` until the
+        // apply is over: a run killed in between cannot tell them from an operator's
+        // maintenance otherwise, and one that comes back to the file would stay out.
+        let removing: BTreeSet<(String, String)> = changes
+            .changed()
+            .flat_map(|b| b.removed().map(|s| (b.backend.clone(), s.clone())))
+            .collect();
+        if !removing.is_empty() {
+            let all: BTreeSet<_> = self.options.release.union(&removing).cloned().collect();
+            write_journal(&res.dest, &all);
+        }
+        // The runtime commands go first; the new file is staged (a write and an fsync of the
+        // whole file) on another thread meanwhile, and checked once the commands are done: the
+        // check is a fork of `haproxy -c` that needs a core for tens of milliseconds, which on
+        // a busy machine slows the commands down if it runs beside them.
         let staging = tokio::task::spawn_blocking({
             let (res, rendered) = (res.clone(), rendered.to_vec());
             move || apply::stage(&res, &rendered)
@@ -222,14 +248,10 @@ impl Runtime {
         let started = Instant::now();
         let (staged, result) = tokio::join!(
             async {
-                let staged = staging
+                staging
                     .await
-                    .map_err(|e| Err(format!("staging task failed: {e}")))?
-                    .map_err(Err)?;
-                match apply::check_staged(res, staged.path()).await {
-                    Ok(()) => Ok(staged),
-                    Err(output) => Err(Ok(output)),
-                }
+                    .map_err(|e| format!("staging task failed: {e}"))
+                    .and_then(|r| r)
             },
             async {
                 let r = apply_servers(&self.api, &changes, scope, &self.options).await;
@@ -239,11 +261,24 @@ impl Runtime {
                 (r, Instant::now())
             }
         );
+        // Err(Ok(output)): the check failed; Err(Err(error)): staging failed.
+        let staged: Result<tempfile::NamedTempFile, Result<String, String>> = match staged {
+            Ok(staged) => match apply::check_staged(res, staged.path()).await {
+                Ok(()) => Ok(staged),
+                Err(output) => Err(Ok(output)),
+            },
+            Err(error) => Err(Err(error)),
+        };
         let (result, applied_at) = result;
         let result = self.note(res, result);
         if result.is_ok() {
             self.compared = true;
             self.last_fallback = None;
+            self.released(res);
+        } else if !removing.is_empty() {
+            // The fallback reloads the file, which has none of them; nothing to release.
+            self.options.release.clear();
+            remove_journal(&res.dest);
         }
         // Err(Ok(output)): the check failed; Err(Err(error)): staging failed.
         let staged = match staged {
@@ -280,6 +315,16 @@ impl Runtime {
             current,
             result,
             applied_at,
+        }
+    }
+
+    /// An apply completed: the servers an earlier run left in maintenance are settled.
+    fn released(&mut self, res: &Resource) {
+        if !self.options.release.is_empty() {
+            self.options.release.clear();
+            remove_journal(&res.dest);
+        } else if journal_path(&res.dest).exists() {
+            remove_journal(&res.dest);
         }
     }
 
@@ -328,5 +373,43 @@ impl Runtime {
             }
         }
         result
+    }
+}
+
+/// `.<dest name>.runtime-removing` beside the destination: the servers (`backend/server` per
+/// line) an apply puts in maintenance to delete them, from before the first command until the
+/// apply is over. Not fsynced: it guards against confgen being killed, not against a power
+/// loss (which takes HAProxy's runtime state with it).
+fn journal_path(dest: &Path) -> PathBuf {
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dest.with_file_name(format!(".{name}.runtime-removing"))
+}
+
+fn read_journal(dest: &Path) -> BTreeSet<(String, String)> {
+    std::fs::read_to_string(journal_path(dest))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().split_once('/'))
+        .map(|(b, s)| (b.to_string(), s.to_string()))
+        .collect()
+}
+
+fn write_journal(dest: &Path, servers: &BTreeSet<(String, String)>) {
+    let path = journal_path(dest);
+    let staged = path.with_extension("tmp");
+    let text: String = servers.iter().map(|(b, s)| format!("{b}/{s}\n")).collect();
+    if let Err(e) = std::fs::write(&staged, text).and_then(|()| std::fs::rename(&staged, &path)) {
+        warn!(path = %path.display(), error = %e, "cannot note the servers being removed");
+    }
+}
+
+fn remove_journal(dest: &Path) {
+    match std::fs::remove_file(journal_path(dest)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => debug!(dest = %dest.display(), error = %e, "cannot remove the removal journal"),
     }
 }

@@ -656,6 +656,26 @@ fn kill_9_in_the_middle_of_a_runtime_apply_then_a_restart_converges() {
     wait_converged(&s, "svc_web", &want, Duration::from_secs(20));
     assert_eq!(s.reloads(), reloads, "{}", s.diagnostics());
     assert_eq!(diff_against_a_full_render(&s), "");
+
+    // 3. Killed at `del server` again, and the endpoint comes back before the restart: the
+    //    server is in the file and in maintenance, which an operator's `maint` would look like;
+    //    confgen noted that it was removing it, so it is enabled again.
+    relay.hold("del server");
+    let (key, value) = s.reg.endpoint("node-a", "web", 2, pool[2].port());
+    s.reg.delete(&key);
+    wait_for("confgen at `del server`", Duration::from_secs(20), || {
+        relay.held()
+    });
+    s.confgen = None;
+    relay.release();
+    assert!(admin_state(&s.haproxy, "svc_web", &gamma) & proxyctl::ServerState::ADMIN_FMAINT != 0);
+    s.reg.put(&key, value);
+    s.start_confgen();
+    s.wait_served_by("web", &["b3", "b2"], Duration::from_secs(20));
+    wait_converged(&s, "svc_web", &want, Duration::from_secs(20));
+    assert_eq!(admin_state(&s.haproxy, "svc_web", &gamma), 0);
+    assert_eq!(s.reloads(), reloads, "{}", s.diagnostics());
+    assert_eq!(diff_against_a_full_render(&s), "");
     let leftovers: Vec<String> = s
         .haproxy
         .dir()

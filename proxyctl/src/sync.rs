@@ -39,12 +39,17 @@ pub struct SyncOptions {
     /// How long a removed server may keep sessions before the apply gives up with
     /// [`SyncError::Busy`].
     pub drain_timeout: Duration,
+    /// Servers an interrupted apply put in maintenance to remove them: if the file has them
+    /// (again) and they are still in maintenance, they are enabled. Without this an operator's
+    /// maintenance and an unfinished removal look the same, and such a server would stay out.
+    pub release: BTreeSet<(String, String)>,
 }
 
 impl Default for SyncOptions {
     fn default() -> Self {
         SyncOptions {
             drain_timeout: Duration::from_secs(2),
+            release: BTreeSet::new(),
         }
     }
 }
@@ -176,7 +181,7 @@ pub async fn apply_servers(
     for b in &backends {
         let empty = BTreeMap::new();
         let running = states.get(&b.backend).unwrap_or(&empty);
-        let plan = plan(b, running);
+        let plan = plan(b, running, &options.release);
         let r = |s: &str| server_ref(&b.backend, s);
         for name in &plan.remove {
             api.set_server_state(&r(name)?, crate::AdminState::Maint)
@@ -326,7 +331,11 @@ fn server_ref(backend: &str, server: &str) -> Result<ServerRef, SyncError> {
     ServerRef::new(backend, server).map_err(SyncError::Rejected)
 }
 
-fn plan<'a>(b: &'a BackendServers, running: &BTreeMap<String, ServerState>) -> Plan<'a> {
+fn plan<'a>(
+    b: &'a BackendServers,
+    running: &BTreeMap<String, ServerState>,
+    release: &BTreeSet<(String, String)>,
+) -> Plan<'a> {
     let mut p = Plan::default();
     let wanted: BTreeSet<&str> = b.servers.iter().map(|s| s.name.as_str()).collect();
     p.remove = running
@@ -358,6 +367,12 @@ fn plan<'a>(b: &'a BackendServers, running: &BTreeMap<String, ServerState>) -> P
             if !s.disabled() && r.in_maintenance() {
                 p.enable_server.push(s);
             }
+        } else if !s.disabled()
+            && r.in_maintenance()
+            && release.contains(&(b.backend.clone(), s.name.clone()))
+        {
+            // An interrupted removal left it in maintenance, and the file wants it again.
+            p.enable_server.push(s);
         }
     }
     p
@@ -463,7 +478,7 @@ mod tests {
             "3 be 4 d 10.0.0.4 0 1 1 1 0 1 0 0 2 0 0 0 - 80 - 0 0 - - 0",
             "3 be 5 z 10.0.0.5 2 0 1 1 0 6 3 4 6 0 0 0 - 80 - 0 0 - - 0",
         ]);
-        let p = plan(b, &run);
+        let p = plan(b, &run, &BTreeSet::new());
         let names = |v: &[&Server]| v.iter().map(|s| s.name.clone()).collect::<Vec<_>>();
         assert_eq!(names(&p.add), ["c"]);
         assert_eq!(p.remove, ["z"]);
@@ -471,6 +486,18 @@ mod tests {
         assert_eq!(names(&p.weight), ["b"]);
         assert_eq!(names(&p.enable_health), ["d"]);
         assert_eq!(names(&p.enable_server), ["d"]);
+    }
+
+    #[test]
+    fn maintenance_is_an_operators_unless_an_interrupted_removal_left_it() {
+        let ch = changes("    server a 10.0.0.1:80\n", "    server a 10.0.0.1:80\n");
+        let run = running(&["3 be 1 a 10.0.0.1 0 1 1 1 0 6 3 4 6 0 0 0 - 80 - 0 0 - - 0"]);
+        assert!(plan(&ch.backends[0], &run, &BTreeSet::new())
+            .enable_server
+            .is_empty());
+        let release = [("be".to_string(), "a".to_string())].into();
+        let p = plan(&ch.backends[0], &run, &release);
+        assert_eq!(p.enable_server.len(), 1);
     }
 
     #[test]
@@ -483,7 +510,7 @@ mod tests {
             "3 be 1 a 10.0.0.1 2 0 9 2 0 6 3 4 6 0 0 0 - 80 - 0 0 - - 0",
             "3 be 2 b 10.0.0.2 2 0 1 1 0 6 3 4 6 0 0 0 - 80 - 0 0 - - 0",
         ]);
-        let p = plan(&ch.backends[0], &run);
+        let p = plan(&ch.backends[0], &run, &BTreeSet::new());
         assert!(p.weight.is_empty() && p.add.is_empty() && p.remove.is_empty());
         // The comparison does not hold the operator's weight against the file either.
         assert!(compare(&ch.backends[0], &run, |_| false).is_empty());
