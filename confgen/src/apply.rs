@@ -26,6 +26,15 @@ pub enum Outcome {
     Written,
     /// Written and the reload command succeeded.
     Reloaded,
+    /// Written and applied to the running proxy through its runtime API (no reload); the
+    /// running state was read back and equals the file.
+    Applied {
+        /// What changed (servers added, removed, moved, reweighted).
+        summary: String,
+        /// Milliseconds from confgen seeing the change to the running servers verified (before
+        /// the file was renamed into place).
+        servers_ms: Option<u64>,
+    },
     /// `--noop`: checked but not written; the unified diff against the destination with `--diff`.
     Planned {
         /// Unified diff (`--diff`).
@@ -65,7 +74,11 @@ impl Outcome {
     pub fn is_success(&self) -> bool {
         matches!(
             self,
-            Outcome::Unchanged | Outcome::Written | Outcome::Reloaded | Outcome::Planned { .. }
+            Outcome::Unchanged
+                | Outcome::Written
+                | Outcome::Reloaded
+                | Outcome::Applied { .. }
+                | Outcome::Planned { .. }
         )
     }
 
@@ -75,6 +88,7 @@ impl Outcome {
             Outcome::Unchanged => "unchanged",
             Outcome::Written => "written",
             Outcome::Reloaded => "reloaded",
+            Outcome::Applied { .. } => "applied",
             Outcome::Planned { .. } => "planned",
             Outcome::Held { .. } => "held",
             Outcome::RenderFailed(_) => "render",
@@ -91,6 +105,9 @@ impl fmt::Display for Outcome {
             Outcome::Unchanged => f.write_str("unchanged"),
             Outcome::Written => f.write_str("written"),
             Outcome::Reloaded => f.write_str("written and reloaded"),
+            Outcome::Applied { summary, .. } => {
+                write!(f, "written and applied through the runtime API: {summary}")
+            }
             Outcome::Planned { .. } => f.write_str("would be written (--noop)"),
             Outcome::Held { had, now } => write!(
                 f,
@@ -211,6 +228,54 @@ pub struct Committed {
     pub previous: Option<Vec<u8>>,
 }
 
+/// The destination's current content (`None`: no file yet).
+pub fn read_dest(resource: &Resource) -> Result<Option<Vec<u8>>, String> {
+    match std::fs::read(&resource.dest) {
+        Ok(c) => Ok(Some(c)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("cannot read {}: {e}", resource.dest.display())),
+    }
+}
+
+/// Runs the resource's `check_cmd` (if any) on a staged file; `Err` carries its output.
+pub async fn check_staged(resource: &Resource, staged: &Path) -> Result<(), String> {
+    match &resource.check_cmd {
+        Some(check) => {
+            let cmd = substitute_src(check, staged);
+            run_command(&cmd, resource.check_timeout)
+                .await
+                .map(|_| ())
+                .map_err(|CommandFailure(output)| output)
+        }
+        None => Ok(()),
+    }
+}
+
+/// Puts a staged (and checked) file in place: the current destination is kept as
+/// `<dest>.bak`, the staged file renamed onto it, the directory fsynced.
+pub fn commit(
+    resource: &Resource,
+    staged: tempfile::NamedTempFile,
+    current: Option<Vec<u8>>,
+) -> Result<Committed, String> {
+    if let Some(prev) = &current {
+        keep_bak(&resource.dest, prev)?;
+    }
+    staged.persist(&resource.dest).map_err(|e| {
+        format!(
+            "cannot rename {} to {}: {}",
+            e.file.path().display(),
+            resource.dest.display(),
+            e.error
+        )
+    })?;
+    sync_dir(&resource.dest)?;
+    Ok(Committed {
+        dest: resource.dest.clone(),
+        previous: current,
+    })
+}
+
 /// Phase 1 for one resource: compare, stage, check, commit. Returns the outcome and, for a
 /// written file, what is needed to roll it back.
 pub async fn write_checked(
@@ -219,17 +284,9 @@ pub async fn write_checked(
     noop: bool,
     want_diff: bool,
 ) -> (Outcome, Option<Committed>) {
-    let current = match std::fs::read(&resource.dest) {
-        Ok(c) => Some(c),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => {
-            return (
-                Outcome::WriteFailed {
-                    error: format!("cannot read {}: {e}", resource.dest.display()),
-                },
-                None,
-            )
-        }
+    let current = match read_dest(resource) {
+        Ok(c) => c,
+        Err(error) => return (Outcome::WriteFailed { error }, None),
     };
     if current.as_deref() == Some(rendered) {
         return (Outcome::Unchanged, None);
@@ -239,43 +296,16 @@ pub async fn write_checked(
         Ok(s) => s,
         Err(error) => return (Outcome::WriteFailed { error }, None),
     };
-    if let Some(check) = &resource.check_cmd {
-        let cmd = substitute_src(check, staged.path());
-        if let Err(CommandFailure(output)) = run_command(&cmd, resource.check_timeout).await {
-            return (Outcome::CheckFailed { output }, None);
-        }
+    if let Err(output) = check_staged(resource, staged.path()).await {
+        return (Outcome::CheckFailed { output }, None);
     }
     if noop {
         return (Outcome::Planned { diff }, None);
     }
-    if let Some(prev) = &current {
-        if let Err(error) = keep_bak(&resource.dest, prev) {
-            return (Outcome::WriteFailed { error }, None);
-        }
+    match commit(resource, staged, current) {
+        Ok(c) => (Outcome::Written, Some(c)),
+        Err(error) => (Outcome::WriteFailed { error }, None),
     }
-    if let Err(e) = staged.persist(&resource.dest) {
-        return (
-            Outcome::WriteFailed {
-                error: format!(
-                    "cannot rename {} to {}: {}",
-                    e.file.path().display(),
-                    resource.dest.display(),
-                    e.error
-                ),
-            },
-            None,
-        );
-    }
-    if let Err(error) = sync_dir(&resource.dest) {
-        return (Outcome::WriteFailed { error }, None);
-    }
-    (
-        Outcome::Written,
-        Some(Committed {
-            dest: resource.dest.clone(),
-            previous: current,
-        }),
-    )
 }
 
 /// Restores what [`write_checked`] replaced: the previous content (atomically), or no file.
@@ -340,7 +370,7 @@ pub fn bak_path(dest: &Path) -> PathBuf {
 
 /// Writes `content` to a staged file beside the destination with the destination's mode and
 /// owner (from the resource, else from the current file), fsynced.
-fn stage(resource: &Resource, content: &[u8]) -> Result<tempfile::NamedTempFile, String> {
+pub fn stage(resource: &Resource, content: &[u8]) -> Result<tempfile::NamedTempFile, String> {
     let dir = resource.dest.parent().unwrap_or(Path::new("/"));
     let name = resource
         .dest
@@ -506,6 +536,8 @@ mod tests {
             reload_timeout: Duration::from_secs(10),
             max_drop: 0.5,
             drop_grace: Duration::from_secs(30),
+            runtime_api: None,
+            runtime_timeout: Duration::from_secs(2),
         }
     }
 

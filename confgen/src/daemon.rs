@@ -20,8 +20,9 @@
 //! Files beside a destination `D` (besides staged `.D.confgen-*` files, removed at start):
 //! `D.bak` (the previous content), `.D.reload-pending` (exists from before a new file is
 //! renamed into place until its reload succeeded; a run that finds it reloads at its first
-//! apply even if the file is current) and `.D.endpoints` (endpoints of the last applied render,
-//! for the drop guard of the next run).
+//! apply even if the file is current), `.D.endpoints` (endpoints of the last applied render,
+//! for the drop guard of the next run) and, for a resource with `runtime_api`,
+//! `.D.runtime-removing` (servers a runtime apply is removing; see [`crate::runtime`]).
 //!
 //! Nothing is rendered or written before the first complete registry view, nor while the watch
 //! is not current (etcd unreachable): the last good files stay, `/healthz` says stale.
@@ -43,6 +44,7 @@ use crate::admit::AdmitArgs;
 use crate::apply::{self, Committed, Outcome};
 use crate::metrics::{self, Metrics};
 use crate::resource::{self, Resource};
+use crate::runtime::{Attempt, Runtime};
 use crate::template::{Engine, TemplateError};
 use crate::view::{Changes, Scope, TemplateData, View};
 
@@ -97,6 +99,8 @@ struct Slot {
     /// The destination was renamed into place but its reload has not succeeded yet (also
     /// across restarts, through [`reload_marker`]).
     reload_pending: bool,
+    /// The resource's runtime API (`runtime_api`), if it has one.
+    runtime: Option<Runtime>,
     buf: Vec<u8>,
 }
 
@@ -109,6 +113,7 @@ impl Slot {
         let engine = load_engine(&res, view, &scope);
         let mut data = TemplateData::new(scope);
         data.want_json(engine.as_ref().map_or(true, Engine::needs_json));
+        let runtime = Runtime::for_resource(&res);
         Slot {
             data,
             res,
@@ -121,6 +126,7 @@ impl Slot {
             failure: None,
             succeeded_once: false,
             reload_pending: false,
+            runtime,
             buf: Vec::new(),
         }
     }
@@ -496,6 +502,8 @@ impl Daemon {
                     prev.engine = load_engine(&r, &self.view, prev.data.scope());
                     prev.data
                         .want_json(prev.engine.as_ref().map_or(true, Engine::needs_json));
+                    // A new socket or timeout, and a fresh comparison with the running state.
+                    prev.runtime = Runtime::for_resource(&r);
                     prev.res = r;
                     prev
                 }
@@ -589,15 +597,28 @@ impl Daemon {
             let batch_start = slot.pending.as_ref().map(|p| p.first);
             slot.pending = None;
             slot.last_flush = Some(now);
-            let (mut outcome, mut commit) = render_and_write(slot, &self.metrics, self.modes).await;
+            let (mut outcome, mut commit) =
+                render_and_write(slot, &self.metrics, self.modes, batch_start).await;
             if let Outcome::CheckFailed { output } = &outcome {
                 let output = output.clone();
                 if self.isolate(i, &output).await {
-                    (outcome, commit) =
-                        render_and_write(&mut self.slots[i], &self.metrics, self.modes).await;
+                    (outcome, commit) = render_and_write(
+                        &mut self.slots[i],
+                        &self.metrics,
+                        self.modes,
+                        batch_start,
+                    )
+                    .await;
                 }
             }
             let slot = &mut self.slots[i];
+            if matches!(outcome, Outcome::Applied { .. }) {
+                if let Some(start) = batch_start {
+                    self.metrics
+                        .change_to_write
+                        .observe(start.elapsed().as_secs_f64());
+                }
+            }
             if let (Outcome::Written, Some(c)) = (&outcome, commit) {
                 if let (Some(cmd), false) = (&slot.res.reload_cmd, self.modes.no_reload) {
                     slot.reload_pending = true;
@@ -804,14 +825,19 @@ impl Daemon {
             Outcome::Unchanged => {
                 debug!(resource = %name, revision, "render unchanged; nothing written")
             }
-            Outcome::Written | Outcome::Reloaded => {
+            Outcome::Written | Outcome::Reloaded | Outcome::Applied { .. } => {
                 metrics.writes.get_or_create(&labels).inc();
+                let servers_ms = match &outcome {
+                    Outcome::Applied { servers_ms, .. } => *servers_ms,
+                    _ => None,
+                };
                 info!(
                     resource = %name,
                     dest = %slot.res.dest.display(),
                     revision,
                     endpoints = slot.data.endpoint_count(),
                     latency_ms = batch_start.map(|s| s.elapsed().as_millis() as u64),
+                    servers_ms,
                     "{outcome}"
                 );
             }
@@ -921,6 +947,11 @@ impl Daemon {
                     hd.had,
                     humantime::format_duration(Duration::from_secs(hd.since.elapsed().as_secs()))
                 )
+            } else if let (true, Some(rt)) = (
+                s.succeeded_once,
+                s.runtime.as_ref().and_then(Runtime::status),
+            ) {
+                format!("ok at revision {} ({rt})", s.applied_revision)
             } else if s.succeeded_once {
                 format!("ok at revision {}", s.applied_revision)
             } else {
@@ -964,6 +995,7 @@ async fn render_and_write(
     slot: &mut Slot,
     metrics: &Metrics,
     modes: Modes,
+    batch_start: Option<Instant>,
 ) -> (Outcome, Option<Committed>) {
     let engine = match &slot.engine {
         Ok(e) => e,
@@ -1010,6 +1042,9 @@ async fn render_and_write(
             );
         }
     }
+    if let Some(done) = runtime_apply(slot, metrics, modes, batch_start).await {
+        return done;
+    }
     if slot.res.reload_cmd.is_some() && !modes.noop && !modes.no_reload && !slot.reload_pending {
         create_reload_marker(&slot.res.dest);
     }
@@ -1019,6 +1054,107 @@ async fn render_and_write(
         remove_reload_marker(&slot.res.dest);
     }
     (outcome, commit)
+}
+
+/// The runtime path of a resource with `runtime_api` (see [`crate::runtime`]). `None`: take
+/// the reload path (not applicable, or the resource has no runtime API).
+async fn runtime_apply(
+    slot: &mut Slot,
+    metrics: &Metrics,
+    modes: Modes,
+    batch_start: Option<Instant>,
+) -> Option<(Outcome, Option<Committed>)> {
+    if modes.noop || modes.no_reload || slot.res.reload_cmd.is_none() {
+        return None;
+    }
+    let rt = slot.runtime.as_mut()?;
+    let name = slot.res.name.clone();
+    if slot.reload_pending {
+        // The running HAProxy may not have loaded the file yet: only a reload makes it current.
+        metrics.runtime_fallback(&name, "reload_pending");
+        debug!(resource = %name, "a reload is pending; not using the runtime API");
+        return None;
+    }
+    match rt.attempt(&slot.res, &slot.buf, metrics).await {
+        Attempt::Skip { reason, detail } => {
+            metrics.runtime_fallback(&name, reason);
+            if reason == "unreachable" {
+                debug!(resource = %name, detail, "runtime API backing off; reloading");
+            } else {
+                info!(resource = %name, reason, detail, "this change needs a reload");
+            }
+            None
+        }
+        Attempt::Unchanged => Some((Outcome::Unchanged, None)),
+        Attempt::ReloadCurrent { reason, detail } => {
+            metrics.runtime_fallback(&name, reason);
+            warn!(resource = %name, reason, error = %detail, "the running HAProxy differs from the destination and the runtime API cannot fix it; reloading the destination");
+            slot.reload_pending = true;
+            create_reload_marker(&slot.res.dest);
+            Some((Outcome::Unchanged, None))
+        }
+        Attempt::Staged {
+            staged,
+            current,
+            result: Ok(report),
+            applied_at,
+        } => Some(match apply::commit(&slot.res, staged, current) {
+            Ok(_) => {
+                metrics
+                    .runtime_applies
+                    .get_or_create(&metrics::resource(&name))
+                    .inc();
+                (
+                    Outcome::Applied {
+                        summary: report.to_string(),
+                        servers_ms: batch_start
+                            .map(|b| applied_at.saturating_duration_since(b).as_millis() as u64),
+                    },
+                    None,
+                )
+            }
+            // The running servers are ahead of the file; the retry writes it (and finds
+            // nothing left to apply).
+            Err(error) => (Outcome::WriteFailed { error }, None),
+        }),
+        Attempt::Staged {
+            staged,
+            current,
+            result: Err(e),
+            ..
+        } => {
+            metrics.runtime_fallback(&name, e.reason());
+            // (An unreachable socket was logged once, naming it, by the runtime module.)
+            let unreachable = matches!(e, proxyctl::SyncError::Unreachable(_));
+            if rt.first_fallback(e.reason()) && !unreachable {
+                warn!(resource = %name, reason = e.reason(), error = %e, "the runtime API could not apply this change; reloading (the same reason again is logged at debug)");
+            } else {
+                debug!(resource = %name, reason = e.reason(), error = %e, "the runtime API could not apply this change; reloading");
+            }
+            create_reload_marker(&slot.res.dest);
+            Some(match apply::commit(&slot.res, staged, current) {
+                Ok(c) => (Outcome::Written, Some(c)),
+                Err(error) => {
+                    remove_reload_marker(&slot.res.dest);
+                    (Outcome::WriteFailed { error }, None)
+                }
+            })
+        }
+        Attempt::CheckFailed { output, reverted } => {
+            if !reverted {
+                slot.reload_pending = true;
+                create_reload_marker(&slot.res.dest);
+            }
+            Some((Outcome::CheckFailed { output }, None))
+        }
+        Attempt::WriteFailed { error, reverted } => {
+            if !reverted {
+                slot.reload_pending = true;
+                create_reload_marker(&slot.res.dest);
+            }
+            Some((Outcome::WriteFailed { error }, None))
+        }
+    }
 }
 
 /// `.<dest name>.reload-pending` beside the destination: exists from before a new file is

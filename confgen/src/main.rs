@@ -9,6 +9,7 @@ mod funcs;
 mod memo;
 mod metrics;
 mod resource;
+mod runtime;
 mod tagscan;
 mod template;
 mod view;

@@ -44,6 +44,14 @@ pub struct Metrics {
     pub excluded: Family<Labels, Gauge>,
     /// Endpoints left out of one resource because its check failed with them.
     pub quarantined: Family<Labels, Gauge>,
+    /// Renders applied through the runtime API (no reload), by resource.
+    pub runtime_applies: Family<Labels, Counter>,
+    /// Renders of a resource with `runtime_api` that took the reload path, by resource and
+    /// reason (`structural`, `unparseable`, `reload_pending`, `unreachable`, `rejected`, `busy`,
+    /// `mismatch`).
+    pub runtime_fallbacks: Family<Labels, Counter>,
+    /// Seconds one runtime apply takes (commands and the read-back).
+    pub runtime_apply_seconds: Histogram,
 }
 
 /// Label set `resource=<name>`.
@@ -70,6 +78,9 @@ impl Metrics {
             endpoints: Family::default(),
             excluded: Family::default(),
             quarantined: Family::default(),
+            runtime_applies: Family::default(),
+            runtime_fallbacks: Family::default(),
+            runtime_apply_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
         };
         let mut r = Registry::default();
         r.register("confgen_renders", "Template renders", m.renders.clone());
@@ -143,7 +154,32 @@ impl Metrics {
             "Endpoints left out of a resource because its check_cmd failed with them",
             m.quarantined.clone(),
         );
+        r.register(
+            "confgen_runtime_applies",
+            "Renders applied through the runtime API without a reload",
+            m.runtime_applies.clone(),
+        );
+        r.register(
+            "confgen_runtime_fallbacks",
+            "Renders of a runtime_api resource that took the reload path, by reason (structural, unparseable, reload_pending, unreachable, rejected, busy, mismatch)",
+            m.runtime_fallbacks.clone(),
+        );
+        r.register(
+            "confgen_runtime_apply_seconds",
+            "Time one runtime apply takes (commands and the read-back)",
+            m.runtime_apply_seconds.clone(),
+        );
         (Arc::new(m), Arc::new(Mutex::new(r)))
+    }
+
+    /// Counts a runtime fallback of `resource` for `reason`.
+    pub fn runtime_fallback(&self, resource: &str, reason: &str) {
+        self.runtime_fallbacks
+            .get_or_create(&vec![
+                ("resource".into(), resource.into()),
+                ("reason".into(), reason.into()),
+            ])
+            .inc();
     }
 
     /// Counts a failure of `kind` for `resource`.

@@ -15,6 +15,8 @@
 //! reload_timeout = "30s"
 //! max_drop = "50%"
 //! drop_grace = "30s"
+//! runtime_api = "/run/haproxy/admin.sock"  # HAProxy: server-line changes without a reload
+//! runtime_timeout = "2s"
 //! ```
 //!
 //! Unknown fields and bad values are errors naming the file, the field and (for TOML errors) the
@@ -33,6 +35,8 @@ pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_DROP: f64 = 0.5;
 /// Default `drop_grace`.
 pub const DEFAULT_DROP_GRACE: Duration = Duration::from_secs(30);
+/// Default `runtime_timeout`.
+pub const DEFAULT_RUNTIME_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One problem in one resource file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +122,12 @@ pub struct Resource {
     pub max_drop: f64,
     /// How long a larger drop must persist before it is applied.
     pub drop_grace: Duration,
+    /// HAProxy's runtime API socket (`stats socket … level admin`): renders that differ from
+    /// the destination only in `server` lines are applied through it instead of a reload.
+    pub runtime_api: Option<PathBuf>,
+    /// Bounds each exchange with the runtime socket, and the wait for a removed server's last
+    /// session.
+    pub runtime_timeout: Duration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -156,6 +166,10 @@ struct Raw {
     max_drop: Option<Fraction>,
     #[serde(default, deserialize_with = "duration")]
     drop_grace: Option<Duration>,
+    #[serde(default)]
+    runtime_api: Option<PathBuf>,
+    #[serde(default, deserialize_with = "duration")]
+    runtime_timeout: Option<Duration>,
 }
 
 /// A share: `"50%"` or a number between 0 and 1.
@@ -426,9 +440,31 @@ pub fn load_resource(confdir: &Path, file: &Path) -> Result<Resource, Vec<Resour
             );
         }
     }
+    if let Some(sock) = &raw.runtime_api {
+        if !sock.is_absolute() {
+            field(
+                "runtime_api",
+                format!("{} must be an absolute path", sock.display()),
+            );
+        }
+        if raw.reload_cmd.is_none() {
+            field(
+                "runtime_api",
+                "needs a reload_cmd: it is the fallback for every change the runtime API cannot \
+                 apply"
+                    .into(),
+            );
+        }
+    } else if raw.runtime_timeout.is_some() {
+        field(
+            "runtime_timeout",
+            "has no effect without runtime_api".into(),
+        );
+    }
     for (name, d) in [
         ("check_timeout", raw.check_timeout),
         ("reload_timeout", raw.reload_timeout),
+        ("runtime_timeout", raw.runtime_timeout),
     ] {
         if d.is_some_and(|d| d.is_zero()) {
             field(name, "must be greater than 0".into());
@@ -459,6 +495,8 @@ pub fn load_resource(confdir: &Path, file: &Path) -> Result<Resource, Vec<Resour
         reload_timeout: raw.reload_timeout.unwrap_or(DEFAULT_COMMAND_TIMEOUT),
         max_drop: raw.max_drop.map(|f| f.0).unwrap_or(DEFAULT_MAX_DROP),
         drop_grace: raw.drop_grace.unwrap_or(DEFAULT_DROP_GRACE),
+        runtime_api: raw.runtime_api,
+        runtime_timeout: raw.runtime_timeout.unwrap_or(DEFAULT_RUNTIME_TIMEOUT),
     })
 }
 
@@ -510,6 +548,8 @@ wait = "10ms:2s"
 reload_timeout = "5s"
 max_drop = "80%"
 drop_grace = "1m"
+runtime_api = "/run/haproxy/admin.sock"
+runtime_timeout = "500ms"
 "#,
         )]);
         let rs = load_confdir(dir.path()).unwrap();
@@ -529,6 +569,42 @@ drop_grace = "1m"
         assert_eq!(r.check_timeout, DEFAULT_COMMAND_TIMEOUT);
         assert!((r.max_drop - 0.8).abs() < 1e-9);
         assert_eq!(r.drop_grace, Duration::from_secs(60));
+        assert_eq!(
+            r.runtime_api.as_deref(),
+            Some(Path::new("/run/haproxy/admin.sock"))
+        );
+        assert_eq!(r.runtime_timeout, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn runtime_api_needs_an_absolute_socket_and_a_reload_cmd() {
+        let dir = confdir(&[
+            (
+                "a.toml",
+                "[template]\nsrc = \"a.tmpl\"\ndest = \"DIR/a\"\nkeys = [\"/k\"]\nruntime_api = \"admin.sock\"\nreload_cmd = \"true\"\n",
+            ),
+            (
+                "b.toml",
+                "[template]\nsrc = \"a.tmpl\"\ndest = \"DIR/b\"\nkeys = [\"/k\"]\nruntime_api = \"/run/admin.sock\"\n",
+            ),
+            (
+                "c.toml",
+                "[template]\nsrc = \"a.tmpl\"\ndest = \"DIR/c\"\nkeys = [\"/k\"]\nruntime_timeout = \"1s\"\n",
+            ),
+        ]);
+        let text = load_confdir(dir.path()).unwrap_err().to_string();
+        assert!(
+            text.contains("a.toml: field `runtime_api`: admin.sock must be an absolute path"),
+            "{text}"
+        );
+        assert!(
+            text.contains("b.toml: field `runtime_api`: needs a reload_cmd"),
+            "{text}"
+        );
+        assert!(
+            text.contains("c.toml: field `runtime_timeout`: has no effect without runtime_api"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -391,6 +391,10 @@ wait = "20ms:200ms"
         d.join("admin.sock").display().to_string(),
     );
     reg.put("/flotilla/config/haproxy/hard_stop_after", "5s");
+    reg.put(
+        "/flotilla/config/haproxy/server_state_file",
+        d.join("server-state").display().to_string(),
+    );
     let alpha = StaticBackend::start("alpha");
     let beta = StaticBackend::start("beta");
     reg.put_endpoint("node-a", "web", 1, alpha.port());

@@ -29,6 +29,27 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The configuration file cannot be read as HAProxy configuration (an unmatched quote, a
+    /// `server` line without an address, …).
+    #[error("{path}:{line}: {message}", path = .path.display())]
+    ConfigSyntax {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+
+    /// The server state could not be saved for the new workers (`server-state-file`).
+    #[error("{path}: cannot save the servers' state for the reload: {reason}", path = .path.display())]
+    StateFile {
+        /// The state file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+
     /// The proxy's own check (`haproxy -c`, `nginx -t`) rejected the configuration. Nothing was
     /// reloaded.
     #[error("{path}: {proxy} rejected the configuration: {first}",
@@ -244,6 +265,7 @@ impl Error {
         match self {
             Error::ConfigMissing { .. }
             | Error::ConfigUnreadable { .. }
+            | Error::ConfigSyntax { .. }
             | Error::InvalidName { .. }
             | Error::ConfigMismatch { .. } => ErrorKind::Usage,
             // A check that does not finish (e.g. `resolvers` that never answer) is a failed check.
@@ -259,6 +281,7 @@ impl Error {
             | Error::SocketIo { .. }
             | Error::PidFile { .. }
             | Error::Signal { .. } => ErrorKind::Unreachable,
+            Error::StateFile { .. } => ErrorKind::Environment,
             Error::CommandRejected { .. } | Error::Protocol { .. } => ErrorKind::Rejected,
             Error::Spawn { .. } => ErrorKind::Environment,
         }

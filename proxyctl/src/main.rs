@@ -334,9 +334,18 @@ async fn reload(args: ReloadArgs) -> Result<(), Failure> {
                 print_json(&done);
             } else {
                 let r = &done.reload;
+                let state = match (&done.state, &done.state_warning) {
+                    (Some(s), _) => format!(
+                        "; the state of {} server(s) carried over through {}",
+                        s.servers,
+                        s.path.display()
+                    ),
+                    (None, Some(w)) => format!("; servers' state NOT carried over: {w}"),
+                    (None, None) => String::new(),
+                };
                 println!(
                     "reloaded {}: master {} reload #{}, new worker(s) {} serving after {} ms; \
-                     {} old worker(s) finishing their connections",
+                     {} old worker(s) finishing their connections{state}",
                     proxy.config.display(),
                     r.master_pid,
                     r.reloads,

@@ -1,18 +1,21 @@
 //! The runtime API (`stats socket … level admin`): live statistics and server state.
 //!
-//! Every command goes through [`RuntimeApi::run`] with validated arguments, so the server-line
-//! commands HAProxy ≥ 2.6 offers (`add server`, `del server`, `set server … addr`) can be added
-//! as small typed methods next to [`RuntimeApi::set_server_state`].
+//! Every command goes through [`RuntimeApi::run`] with validated arguments (names and tokens of
+//! a safe character set, so nothing can end the command line or start a second command): live
+//! statistics, server state, and the server-line commands of HAProxy ≥ 2.6 (`add server`,
+//! `del server`, `set server … addr/weight`, `enable health/server`) that [`crate::sync`] uses
+//! to apply a configuration's server lines without a reload.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::socket::{exchange, validate_word, Answer};
+use crate::socket::{exchange, validate_token, validate_word, Answer};
 use crate::Error;
 
 /// A server of a backend, `BACKEND/SERVER`.
@@ -129,6 +132,147 @@ pub struct StatRow {
     pub addr: Option<String>,
 }
 
+/// One server of `show servers state` (format version 1), with the fields Flotilla reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServerState {
+    /// The backend's numeric id.
+    pub backend_id: u32,
+    /// The backend's name.
+    pub backend: String,
+    /// The server's numeric id inside the backend.
+    pub id: u32,
+    /// The server's name.
+    pub name: String,
+    /// Its address as HAProxy prints it (an IP address, or `-`).
+    pub addr: String,
+    /// Its port.
+    pub port: u16,
+    /// Operational state: 0 down, 1 starting, 2 up, 3 stopping.
+    pub op_state: u8,
+    /// Administrative state flags (0x01 forced maintenance, 0x04 maintenance from the
+    /// configuration, 0x08 forced drain, …).
+    pub admin_state: u32,
+    /// The weight in effect (`set server … weight` changes it).
+    pub weight: u32,
+    /// The weight the server was configured with (at start, reload or `add server`).
+    pub initial_weight: u32,
+    /// Health check state flags (0x02 configured, 0x04 enabled, 0x08 paused).
+    pub check_state: u32,
+    /// The whole line as HAProxy printed it (for saving the state).
+    pub line: String,
+}
+
+impl ServerState {
+    /// Forced maintenance (`set server … state maint`, `disable server`, or a new dynamic
+    /// server not enabled yet).
+    pub const ADMIN_FMAINT: u32 = 0x01;
+    /// Maintenance from the configuration (`disabled`).
+    pub const ADMIN_CMAINT: u32 = 0x04;
+    /// Forced drain (`set server … state drain`).
+    pub const ADMIN_FDRAIN: u32 = 0x08;
+    /// Health checks configured.
+    pub const CHECK_CONFIGURED: u32 = 0x02;
+    /// Health checks enabled.
+    pub const CHECK_ENABLED: u32 = 0x04;
+
+    /// The address as an IP literal, if it is one.
+    pub fn ip(&self) -> Option<IpAddr> {
+        self.addr.parse().ok()
+    }
+
+    /// True in forced or configured maintenance.
+    pub fn in_maintenance(&self) -> bool {
+        self.admin_state & (Self::ADMIN_FMAINT | Self::ADMIN_CMAINT) != 0
+    }
+
+    /// True if health checks are configured but not enabled (a dynamic server before
+    /// `enable health`, or after `disable health`).
+    pub fn health_disabled(&self) -> bool {
+        self.check_state & Self::CHECK_CONFIGURED != 0
+            && self.check_state & Self::CHECK_ENABLED == 0
+    }
+}
+
+/// Parses the answer to `show servers state`: a version line (`1`), a `#` header naming the
+/// columns, one line per server. Columns are found by name.
+pub fn parse_servers_state(text: &str) -> Result<Vec<ServerState>, String> {
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    match lines.next().map(str::trim) {
+        Some("1") => {}
+        Some(other) => return Err(format!("unknown format version {other:?}")),
+        None => return Err("empty answer".into()),
+    }
+    let header = lines
+        .next()
+        .and_then(|h| h.trim().strip_prefix('#'))
+        .ok_or_else(|| "no `# be_id be_name …` header".to_string())?;
+    let columns: BTreeMap<&str, usize> = header
+        .split_whitespace()
+        .enumerate()
+        .map(|(i, n)| (n, i))
+        .collect();
+    let col = |name: &str| {
+        columns
+            .get(name)
+            .copied()
+            .ok_or_else(|| format!("no `{name}` column in the header"))
+    };
+    let idx = [
+        col("be_id")?,
+        col("be_name")?,
+        col("srv_id")?,
+        col("srv_name")?,
+        col("srv_addr")?,
+        col("srv_op_state")?,
+        col("srv_admin_state")?,
+        col("srv_uweight")?,
+        col("srv_iweight")?,
+        col("srv_check_state")?,
+        col("srv_port")?,
+    ];
+    let mut out = Vec::new();
+    for line in lines {
+        if line.trim_start().starts_with('#') {
+            continue;
+        }
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let get = |i: usize| -> Result<&str, String> {
+            f.get(idx[i])
+                .copied()
+                .ok_or_else(|| format!("short line {line:?}"))
+        };
+        let num = |i: usize| -> Result<u64, String> {
+            let v = get(i)?;
+            v.parse()
+                .map_err(|_| format!("field {} is not a number in {line:?}", idx[i] + 1))
+        };
+        out.push(ServerState {
+            backend_id: num(0)? as u32,
+            backend: get(1)?.to_string(),
+            id: num(2)? as u32,
+            name: get(3)?.to_string(),
+            addr: get(4)?.to_string(),
+            op_state: num(5)? as u8,
+            admin_state: num(6)? as u32,
+            weight: num(7)? as u32,
+            initial_weight: num(8)? as u32,
+            check_state: num(9)? as u32,
+            port: num(10)? as u16,
+            line: line.trim().to_string(),
+        });
+    }
+    Ok(out)
+}
+
+/// What `del server` answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// The server is gone.
+    Deleted,
+    /// It still has connections (or queued requests); try again later.
+    Busy,
+}
+
 /// A client of HAProxy's runtime API on a stats socket (or through the master CLI).
 #[derive(Debug, Clone)]
 pub struct RuntimeApi {
@@ -219,6 +363,143 @@ impl RuntimeApi {
     ) -> Result<(), Error> {
         self.run_silent(&format!("set server {server} state {}", state.keyword()))
             .await
+    }
+
+    /// `show servers state [BACKEND]`: every server (of one backend) with its address, state
+    /// and weights. An unknown backend is [`Error::CommandRejected`].
+    pub async fn show_servers_state(
+        &self,
+        backend: Option<&str>,
+    ) -> Result<Vec<ServerState>, Error> {
+        let command = match backend {
+            Some(b) => {
+                validate_word("backend name", b)?;
+                format!("show servers state {b}")
+            }
+            None => "show servers state".to_string(),
+        };
+        let answer = self.run(&command).await?;
+        parse_servers_state(&answer).map_err(|message| {
+            if answer.trim_start().starts_with('1') {
+                Error::Protocol {
+                    socket: self.socket.clone(),
+                    command: command.clone(),
+                    message,
+                }
+            } else {
+                Error::CommandRejected {
+                    socket: self.socket.clone(),
+                    command: command.clone(),
+                    message: first_line(answer.trim()),
+                }
+            }
+        })
+    }
+
+    /// `show servers state` as HAProxy printed it (checked to be a version-1 dump), for saving
+    /// it to a server-state file.
+    pub async fn raw_servers_state(&self) -> Result<String, Error> {
+        let command = "show servers state";
+        let answer = self.run(command).await?;
+        match parse_servers_state(&answer) {
+            Ok(_) => Ok(answer),
+            Err(message) => Err(Error::Protocol {
+                socket: self.socket.clone(),
+                command: command.into(),
+                message,
+            }),
+        }
+    }
+
+    /// `add server BACKEND/SERVER ARGS…`: a new server, in maintenance and with health checks
+    /// disabled (HAProxy 2.6 creates dynamic servers so): follow with
+    /// [`RuntimeApi::enable_health`] and [`RuntimeApi::enable_server`]. `args` are the tokens
+    /// of a `server` line after the name (address first); each must be a plain token.
+    pub async fn add_server(&self, server: &ServerRef, args: &[String]) -> Result<(), Error> {
+        if args.is_empty() {
+            return Err(Error::InvalidName {
+                what: "server arguments",
+                value: String::new(),
+                reason: "an address is required",
+            });
+        }
+        for a in args {
+            validate_token(a)?;
+        }
+        let command = format!("add server {server} {}", args.join(" "));
+        self.expect(&command, &["New server registered."]).await
+    }
+
+    /// `del server BACKEND/SERVER` (the server must be in maintenance).
+    pub async fn del_server(&self, server: &ServerRef) -> Result<Removal, Error> {
+        let command = format!("del server {server}");
+        let answer = self.run(&command).await?;
+        let answer = answer.trim();
+        if answer.starts_with("Server deleted") {
+            Ok(Removal::Deleted)
+        } else if answer.contains("still has connections") {
+            Ok(Removal::Busy)
+        } else {
+            Err(Error::CommandRejected {
+                socket: self.socket.clone(),
+                command,
+                message: first_line(answer),
+            })
+        }
+    }
+
+    /// `set server BACKEND/SERVER addr IP port PORT`.
+    pub async fn set_server_addr(
+        &self,
+        server: &ServerRef,
+        ip: IpAddr,
+        port: u16,
+    ) -> Result<(), Error> {
+        let command = format!("set server {server} addr {ip} port {port}");
+        // Success is a sentence: "IP changed from … to …, port changed from … by 'stats socket
+        // command'" or "no need to change the addr, …".
+        let answer = self.run(&command).await?;
+        let text = answer.trim();
+        if text.contains("changed") || text.contains("no need to change") {
+            Ok(())
+        } else {
+            Err(Error::CommandRejected {
+                socket: self.socket.clone(),
+                command,
+                message: first_line(text),
+            })
+        }
+    }
+
+    /// `set server BACKEND/SERVER weight N` (0–256).
+    pub async fn set_server_weight(&self, server: &ServerRef, weight: u32) -> Result<(), Error> {
+        self.run_silent(&format!("set server {server} weight {weight}"))
+            .await
+    }
+
+    /// `enable health BACKEND/SERVER`: start its health checks.
+    pub async fn enable_health(&self, server: &ServerRef) -> Result<(), Error> {
+        self.run_silent(&format!("enable health {server}")).await
+    }
+
+    /// `enable server BACKEND/SERVER`: leave maintenance.
+    pub async fn enable_server(&self, server: &ServerRef) -> Result<(), Error> {
+        self.run_silent(&format!("enable server {server}")).await
+    }
+
+    /// Runs a command whose success answer is one of `ok` (any other text is an error).
+    async fn expect(&self, command: &str, ok: &[&str]) -> Result<(), Error> {
+        let answer = self.run(command).await?;
+        let text = answer.trim();
+        if ok.iter().any(|o| text.starts_with(o)) {
+            Ok(())
+        } else {
+            Err(Error::CommandRejected {
+                socket: self.socket.clone(),
+                command: command.to_string(),
+                message: first_line(text),
+            })
+        }
     }
 }
 
@@ -344,6 +625,39 @@ be,BACKEND,0,0,0,0,100,0,0,0,0,0,,0,0,0,0,DOWN,1,1,0,,0,0,0,,1,3,0,,0,,1,0,,0,,,
             split_csv(r#"a,"b,c","d ""e""",,f"#),
             vec!["a", "b,c", "d \"e\"", "", "f"]
         );
+    }
+
+    // Verbatim HAProxy 2.6.12: a configured server (drained) and a dynamic one just added.
+    const SERVERS_STATE: &str = "1
+# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight srv_time_since_last_change srv_check_status srv_check_result srv_check_health srv_check_state srv_agent_state bk_f_forced_id srv_f_forced_id srv_fqdn srv_port srvrecord srv_use_ssl srv_check_port srv_check_addr srv_agent_addr srv_agent_port
+3 svc_web 1 a 127.0.0.1 2 8 1 1 1 6 3 4 6 0 0 0 - 18101 - 0 0 - - 0
+3 svc_web 2 b 127.0.0.1 0 1 5 5 0 1 0 0 2 0 0 0 - 18102 - 0 0 - - 0
+";
+
+    #[test]
+    fn servers_state_by_column_name() {
+        let s = parse_servers_state(SERVERS_STATE).unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(
+            (s[0].backend.as_str(), s[0].name.as_str()),
+            ("svc_web", "a")
+        );
+        assert_eq!(s[0].ip(), Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(s[0].port, 18101);
+        assert_eq!(s[0].admin_state, ServerState::ADMIN_FDRAIN);
+        assert!(!s[0].in_maintenance() && !s[0].health_disabled());
+        assert_eq!((s[1].weight, s[1].initial_weight), (5, 5));
+        assert!(s[1].in_maintenance() && s[1].health_disabled());
+        assert_eq!(s[1].op_state, 0);
+        assert!(s[1].line.starts_with("3 svc_web 2 b 127.0.0.1"));
+        // A backend without servers: the header only.
+        assert!(
+            parse_servers_state(&SERVERS_STATE[..SERVERS_STATE.find("3 svc").unwrap()])
+                .unwrap()
+                .is_empty()
+        );
+        assert!(parse_servers_state("Can't find backend.\n").is_err());
+        assert!(parse_servers_state("2\n# be_id\n").is_err());
     }
 
     #[test]

@@ -131,6 +131,39 @@ pub(crate) fn validate_word(what: &'static str, value: &str) -> Result<(), Error
     }
 }
 
+/// Rejects a `server` line token (address, keyword or value) that could end the command line
+/// or start another command: letters, digits and `_ . : / @ = + , % [ ] -` only.
+pub(crate) fn validate_token(value: &str) -> Result<(), Error> {
+    let ok = !value.is_empty()
+        && value.len() <= 512
+        && value.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'_' | b'.'
+                        | b':'
+                        | b'/'
+                        | b'@'
+                        | b'='
+                        | b'+'
+                        | b','
+                        | b'%'
+                        | b'['
+                        | b']'
+                        | b'-'
+                )
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidName {
+            what: "server line token",
+            value: value.to_string(),
+            reason: "only letters, digits and `_ . : / @ = + , % [ ] -` are allowed",
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,6 +175,12 @@ mod tests {
                 matches!(validate_word("server", bad), Err(Error::InvalidName { .. })),
                 "{bad:?} was accepted"
             );
+        }
+        for bad in ["", "a b", "check;show", "x\ny", "#", "a\"b", "$x"] {
+            assert!(validate_token(bad).is_err(), "{bad:?} was accepted");
+        }
+        for good in ["[::1]:8080", "127.0.0.1:80", "inter", "2s", "weight", "10"] {
+            assert!(validate_token(good).is_ok(), "{good:?} was rejected");
         }
         for good in [
             "web",

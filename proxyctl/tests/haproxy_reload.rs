@@ -296,3 +296,69 @@ fn a_reload_not_verified_within_the_timeout_is_exit_3_and_names_the_socket() {
     );
     assert_eq!(show_proc(&hx).master.reloads, 1);
 }
+
+#[test]
+fn a_drain_and_a_runtime_weight_survive_a_reload_and_a_moved_server_takes_its_new_address() {
+    let (a, b, c) = (
+        StaticBackend::start("A"),
+        StaticBackend::start("B"),
+        StaticBackend::start("C"),
+    );
+    let port = free_port();
+    let state_dir = tempfile::tempdir().unwrap();
+    let state = state_dir.path().join("server-state");
+    let global = format!("    server-state-file {}\n", state.display());
+    let sections = |servers: &[(&str, &str)]| {
+        site(port, servers).replacen(
+            "    mode http\n",
+            "    mode http\n    load-server-state-from-file global\n",
+            1,
+        )
+    };
+    let hx =
+        Haproxy::start_with_global(&sections(&[("s1", &a.addr()), ("s2", &b.addr())]), &global);
+    assert_eq!(hx.runtime_cli("set server be/s1 state drain").trim(), "");
+    assert_eq!(hx.runtime_cli("set server be/s2 weight 7").trim(), "");
+
+    // The new file moves s2 to C. HAProxy itself would take the saved address over the file's
+    // (init-addr last, and the port always): proxyctl saves the file's instead.
+    hx.write_config(&sections(&[("s1", &a.addr()), ("s2", &c.addr())]));
+    let run = reload(&hx).expect_code(0);
+    assert!(
+        run.stdout.contains("the state of 2 server(s) carried over"),
+        "{}",
+        run.stdout
+    );
+    let rows = flotilla_harness::wait_for("the new worker", Duration::from_secs(5), || {
+        hx.try_runtime_cli("show servers state be")
+            .ok()
+            .and_then(|t| proxyctl::parse_servers_state(&t).ok())
+    });
+    let s1 = rows.iter().find(|r| r.name == "s1").unwrap();
+    let s2 = rows.iter().find(|r| r.name == "s2").unwrap();
+    assert_eq!(
+        s1.admin_state & proxyctl::ServerState::ADMIN_FDRAIN,
+        proxyctl::ServerState::ADMIN_FDRAIN,
+        "the drain was lost: {rows:?}"
+    );
+    assert_eq!(s2.weight, 7, "the runtime weight was lost: {rows:?}");
+    assert_eq!(s2.port, c.port(), "s2 kept its old address: {rows:?}");
+    for _ in 0..6 {
+        assert_eq!(get(port), "C");
+    }
+    // Emptied after the reload: a later restart loads no stale state.
+    assert_eq!(std::fs::read_to_string(&state).unwrap(), "1\n");
+
+    // A weight the file changes wins over the runtime one (HAProxy's rule for state files).
+    hx.write_config(&sections(&[
+        ("s1", &a.addr()),
+        ("s2", &format!("{} weight 3", c.addr())),
+    ]));
+    reload(&hx).expect_code(0);
+    let rows = flotilla_harness::wait_for("the new worker", Duration::from_secs(5), || {
+        hx.try_runtime_cli("show servers state be")
+            .ok()
+            .and_then(|t| proxyctl::parse_servers_state(&t).ok())
+    });
+    assert_eq!(rows.iter().find(|r| r.name == "s2").unwrap().weight, 3);
+}

@@ -30,12 +30,22 @@ pub fn repo() -> PathBuf {
 
 impl Chain {
     pub fn start(tag: &str) -> Chain {
-        Chain::start_with(tag, &[])
+        Chain::start_opts(tag, false, &[])
     }
 
     /// Like [`Chain::start`], with extra `confgen run` flags (e.g. `--allow-loopback` when
     /// several simulated hosts on this machine all announce 127.0.0.1).
     pub fn start_with(tag: &str, confgen_extra: &[&str]) -> Chain {
+        Chain::start_opts(tag, false, confgen_extra)
+    }
+
+    /// Like [`Chain::start`]; with `runtime_api`, confgen's resource applies server-line
+    /// changes through HAProxy's runtime socket (`runtime_api`) instead of reloading.
+    pub fn start_runtime(tag: &str, runtime_api: bool) -> Chain {
+        Chain::start_opts(tag, runtime_api, &[])
+    }
+
+    fn start_opts(tag: &str, runtime_api: bool, confgen_extra: &[&str]) -> Chain {
         let dir = tempfile::Builder::new()
             .prefix("flotilla-e2e-")
             .tempdir()
@@ -51,6 +61,11 @@ impl Chain {
             ("stats_socket", admin.display().to_string()),
             ("hard_stop_after", "5s".to_string()),
             ("maxconn", "1000".to_string()),
+            // Each chain its own (the default is one file for the whole host).
+            (
+                "server_state_file",
+                d.join("server-state").display().to_string(),
+            ),
         ] {
             etcd.etcdctl(&["put", &format!("/flotilla/config/haproxy/{k}"), &v])
                 .unwrap();
@@ -86,11 +101,16 @@ check_cmd = "{haproxy} -c -f {{{{src}}}}"
 reload_cmd = "{proxyctl} reload --config {cfg} --master-socket {master} --haproxy-bin {haproxy} --timeout 10s"
 wait = "20ms:1s"
 max_drop = "100%"
-"#,
+{runtime}"#,
                 cfg = cfg.display(),
                 haproxy = haproxy.display(),
                 proxyctl = bin("proxyctl").display(),
                 master = master.display(),
+                runtime = if runtime_api {
+                    format!("runtime_api = \"{}\"\n", admin.display())
+                } else {
+                    String::new()
+                },
             ),
         )
         .unwrap();
@@ -224,6 +244,22 @@ max_drop = "100%"
             "/",
             Duration::from_secs(3),
         )
+    }
+
+    /// The master's reload counter (`show proc`), retried while the master re-executes.
+    pub fn reloads(&self) -> u32 {
+        use std::io::{Read, Write};
+        wait_for("the master CLI", Duration::from_secs(10), || {
+            let mut c = std::os::unix::net::UnixStream::connect(&self.proxy.master_socket).ok()?;
+            c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            c.write_all(b"show proc\n").ok()?;
+            c.shutdown(std::net::Shutdown::Write).ok()?;
+            let mut answer = String::new();
+            c.read_to_string(&mut answer).ok()?;
+            proxyctl::ProcList::parse(&answer)
+                .ok()
+                .map(|p| p.master.reloads)
+        })
     }
 
     pub fn config(&self) -> String {

@@ -26,6 +26,12 @@ pub struct Setup {
 
 impl Setup {
     pub fn start(resource_extra: &str) -> Setup {
+        Setup::start_with(|_, _| resource_extra.to_string())
+    }
+
+    /// Like [`Setup::start`], with resource lines that may name HAProxy's files or the confdir
+    /// (e.g. `runtime_api = "<its stats socket>"`).
+    pub fn start_with(resource_extra: impl FnOnce(&Haproxy, &Confdir) -> String) -> Setup {
         let etcd = Etcd::start();
         let reg = Registry::connect(&etcd);
         let http_port = free_port();
@@ -38,11 +44,17 @@ impl Setup {
             ("stats_socket", haproxy.stats_socket().display().to_string()),
             ("hard_stop_after", "5s".into()),
             ("maxconn", "1000".into()),
+            // Each test its own (the default is one file for the whole host).
+            (
+                "server_state_file",
+                haproxy.dir().join("server-state").display().to_string(),
+            ),
         ] {
             reg.put(&format!("/flotilla/config/haproxy/{k}"), v);
         }
         let confdir = Confdir::new();
         confdir.shipped_haproxy_templates();
+        let resource_extra = resource_extra(&haproxy, &confdir);
         let cfg = haproxy.config_path().to_owned();
         let hap = require("haproxy", "haproxy");
         let d = confdir.path();
