@@ -6,6 +6,9 @@
 //!   3-member cluster whose members can be killed and restarted one by one.
 //! - [`haproxy`]: HAProxy in master-worker mode with a master socket and a runtime (stats) socket.
 //! - [`docker`]: the local `FROM scratch` busybox test image, and containers removed on drop.
+//! - [`netns`]: network namespaces (`ip netns` + `nsenter`) and a virtual switch between them.
+//! - [`hosts`]: a fleet of simulated hosts in namespaces (each its own dockerd, presence,
+//!   confgen and HAProxy) and a 3-member etcd in namespaces of its own, with faults to cut.
 //!
 //! A missing component fails the test with a message saying to run `scripts/setup`; nothing is
 //! ever silently skipped.
@@ -13,6 +16,8 @@
 pub mod docker;
 pub mod etcd;
 pub mod haproxy;
+pub mod hosts;
+pub mod netns;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
