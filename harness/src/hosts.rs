@@ -33,7 +33,7 @@
 //! temp dir — also when the test panics. Leftovers of a test process killed outright are swept
 //! by the next fleet ([`crate::netns::sweep_stale`]).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -467,6 +467,91 @@ impl Dockerd {
     }
 }
 
+/// `docker -H <a host's engine>` for the test's threads.
+#[derive(Debug, Clone)]
+pub struct DockerClient {
+    /// The host's index.
+    pub index: usize,
+    /// The host's node name.
+    pub node: String,
+    /// `unix://…/docker.sock`.
+    pub url: String,
+}
+
+impl DockerClient {
+    /// `docker -H URL args…`, trimmed stdout.
+    pub fn docker(&self, args: &[&str]) -> anyhow::Result<String> {
+        run(Command::new(require("docker", "docker.io"))
+            .arg("-H")
+            .arg(&self.url)
+            .args(args))
+        .map(|s| s.trim().to_owned())
+    }
+
+    /// Starts an HTTP container for `service` (busybox httpd on 8080, published on a random
+    /// port of the host) answering with its container name; it keeps serving for 2 s after
+    /// SIGTERM, as an application draining its connections would. `restart` is Docker's
+    /// restart policy (`no`, `always`).
+    pub fn try_run_web(&self, service: &str, name: &str, restart: &str) -> anyhow::Result<Web> {
+        let script = "mkdir -p /www && echo \"$NAME\" > /www/index.html && \
+                      trap 'sleep 2; exit 0' TERM; httpd -f -p 8080 -h /www & wait; wait";
+        let id = self
+            .docker(&[
+                "run",
+                "-d",
+                "--name",
+                name,
+                "--restart",
+                restart,
+                "-p",
+                "8080",
+                "-e",
+                &format!("NAME={name}"),
+                "-l",
+                &format!("flotilla.service={service}"),
+                "--stop-timeout",
+                "10",
+                crate::docker::IMAGE,
+                "sh",
+                "-c",
+                script,
+            ])
+            .map_err(|e| anyhow::anyhow!("docker run {name} on {}: {e}", self.node))?;
+        Ok(Web {
+            host: self.index,
+            name: name.into(),
+            instance: format!("{}-{}-8080", self.node, &id[..12]),
+            id,
+        })
+    }
+
+    /// The address (`host IP:published port`) the container's port 8080 has now, as presence
+    /// announces it.
+    pub fn addr(&self, web: &Web, host_ip: Ipv4Addr) -> anyhow::Result<String> {
+        let out = self.docker(&["port", &web.name, "8080/tcp"])?;
+        let port = out
+            .lines()
+            .next()
+            .and_then(|l| l.rsplit(':').next())
+            .and_then(|p| p.trim().parse::<u16>().ok())
+            .ok_or_else(|| anyhow::anyhow!("no published port for {}: {out}", web.name))?;
+        Ok(format!("{host_ip}:{port}"))
+    }
+
+    /// `docker rm -f` of one container.
+    pub fn try_remove(&self, web: &Web) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            web.host == self.index,
+            "{} is not on {}",
+            web.name,
+            self.node
+        );
+        self.docker(&["rm", "-f", &web.name])
+            .map(|_| ())
+            .map_err(|e| anyhow::anyhow!("docker rm -f {} on {}: {e}", web.name, self.node))
+    }
+}
+
 /// One simulated host.
 #[derive(Debug)]
 pub struct Host {
@@ -541,6 +626,21 @@ impl Host {
     /// `show servers state`), or `None` when the socket does not answer.
     pub fn routed(&self) -> Option<BTreeSet<String>> {
         routed_servers(&self.stats_socket())
+    }
+
+    /// Server name → `ip:port` in the configuration file.
+    pub fn config_addrs(&self) -> BTreeMap<String, String> {
+        config_server_addrs(&self.config())
+    }
+
+    /// Server name → `ip:port` in the running HAProxy, or `None` when it does not answer.
+    pub fn routed_addrs(&self) -> Option<BTreeMap<String, String>> {
+        routed_server_addrs(&self.stats_socket())
+    }
+
+    /// Whether the host runs its own dockerd (and presence).
+    pub fn has_docker(&self) -> bool {
+        self.spec.docker.is_some()
     }
 
     /// The host's dockerd. Panics for a host without one.
@@ -685,6 +785,22 @@ impl Host {
         })
     }
 
+    /// The sum of confgen's samples of `family` with `labels` (see [`metric_sum`]).
+    pub fn confgen_metric_sum(&self, family: &str, labels: &[&str]) -> f64 {
+        let body = self
+            .local_get(9102, "/metrics")
+            .map(|r| r.1)
+            .unwrap_or_default();
+        metric_sum(&body, family, labels)
+    }
+
+    /// presence's `/metrics` body ("" when it does not answer).
+    pub fn presence_metrics(&self) -> String {
+        self.local_get(9101, "/metrics")
+            .map(|r| r.1)
+            .unwrap_or_default()
+    }
+
     /// confgen's `/healthz`: (status, body).
     pub fn confgen_healthz(&self) -> std::io::Result<(u16, String)> {
         self.local_get(9102, "/healthz")
@@ -701,50 +817,28 @@ impl Host {
         )
     }
 
-    /// Starts an HTTP container for `service` (busybox httpd on 8080, published on a random
-    /// port of the host) answering with its container name; it keeps serving for 2 s after
-    /// SIGTERM, as an application draining its connections would. `restart` is Docker's
-    /// restart policy (`no`, `always`).
+    /// Starts an HTTP container for `service`: see [`DockerClient::try_run_web`]. Panics on
+    /// failure.
     pub fn run_web(&self, service: &str, name: &str, restart: &str) -> Web {
-        let script = "mkdir -p /www && echo \"$NAME\" > /www/index.html && \
-                      trap 'sleep 2; exit 0' TERM; httpd -f -p 8080 -h /www & wait; wait";
-        let d = self.dockerd();
-        let id = d
-            .docker(&[
-                "run",
-                "-d",
-                "--name",
-                name,
-                "--restart",
-                restart,
-                "-p",
-                "8080",
-                "-e",
-                &format!("NAME={name}"),
-                "-l",
-                &format!("flotilla.service={service}"),
-                "--stop-timeout",
-                "10",
-                crate::docker::IMAGE,
-                "sh",
-                "-c",
-                script,
-            ])
-            .unwrap_or_else(|e| panic!("docker run {name} on {}: {e}", self.name));
-        Web {
-            host: self.index,
-            name: name.into(),
-            instance: format!("{}-{}-8080", self.name, &id[..12]),
-            id,
-        }
+        self.docker_client()
+            .try_run_web(service, name, restart)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
-    /// `docker rm -f` of one container.
+    /// `docker rm -f` of one container. Panics on failure.
     pub fn remove_web(&self, web: &Web) {
-        assert_eq!(web.host, self.index, "{} is not on {}", web.name, self.name);
-        self.dockerd()
-            .docker(&["rm", "-f", &web.name])
-            .unwrap_or_else(|e| panic!("docker rm -f {}: {e}", web.name));
+        self.docker_client()
+            .try_remove(web)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// A client of this host's dockerd that other threads can use.
+    pub fn docker_client(&self) -> DockerClient {
+        DockerClient {
+            index: self.index,
+            node: self.name.clone(),
+            url: self.dockerd().url(),
+        }
     }
 
     /// Stops dockerd (SIGTERM: with live-restore off it stops the containers first; with it
@@ -752,6 +846,14 @@ impl Host {
     pub fn restart_dockerd(&mut self) {
         self.stop_dockerd();
         self.start_dockerd();
+    }
+
+    /// SIGKILLs dockerd (`kill -9`; its containerd and shims stay).
+    pub fn kill_dockerd(&mut self) {
+        let d = self.dockerd.as_mut().expect("this host has no dockerd");
+        if let Some(mut p) = d.proc.take() {
+            p.kill();
+        }
     }
 
     /// Stops dockerd (SIGTERM, waits for its exit).
@@ -841,34 +943,73 @@ impl Drop for Host {
 
 /// Server names (instance ids) of the `server` lines of an HAProxy configuration.
 pub fn config_servers(config: &str) -> BTreeSet<String> {
+    config_server_addrs(config).into_keys().collect()
+}
+
+/// Server name → address (`ip:port`) of the `server` lines of an HAProxy configuration.
+pub fn config_server_addrs(config: &str) -> BTreeMap<String, String> {
     config
         .lines()
         .filter_map(|l| {
             let mut t = l.split_whitespace();
             (t.next()? == "server").then_some(())?;
-            t.next().map(str::to_owned)
+            Some((t.next()?.to_owned(), t.next()?.to_owned()))
         })
         .collect()
 }
 
 /// Server names of the `svc_*` backends of the HAProxy whose runtime API is `socket`.
 pub fn routed_servers(socket: &Path) -> Option<BTreeSet<String>> {
+    routed_server_addrs(socket)
+        .map(BTreeMap::into_keys)
+        .map(Iterator::collect)
+}
+
+/// Server name → `ip:port` of the `svc_*` backends of the HAProxy whose runtime API is `socket`.
+pub fn routed_server_addrs(socket: &Path) -> Option<BTreeMap<String, String>> {
     let answer = crate::haproxy::cli_command(socket, "show servers state").ok()?;
-    // "1" (format version), then "# be_id be_name srv_id srv_name srv_addr …", then one line per
-    // server. An answer without the version line is an error message.
+    // "1" (format version), then "# be_id be_name srv_id srv_name srv_addr … srv_port …", then
+    // one line per server. An answer without the version line is an error message.
     let mut lines = answer.lines();
     if lines.next()?.trim() != "1" {
         return None;
     }
+    let header: Vec<&str> = lines
+        .next()?
+        .trim_start_matches('#')
+        .split_whitespace()
+        .collect();
+    let col = |name: &str| header.iter().position(|h| *h == name);
+    let (name, addr, port, backend) = (
+        col("srv_name")?,
+        col("srv_addr")?,
+        col("srv_port")?,
+        col("be_name")?,
+    );
     Some(
         lines
             .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
             .filter_map(|l| {
                 let t: Vec<&str> = l.split_whitespace().collect();
-                (t.len() > 3 && t[1].starts_with("svc_")).then(|| t[3].to_owned())
+                let ok = t.len() > name.max(addr).max(port) && t[backend].starts_with("svc_");
+                ok.then(|| (t[name].to_owned(), format!("{}:{}", t[addr], t[port])))
             })
             .collect(),
     )
+}
+
+/// The sum of the samples of metric `family` whose labels contain every one of `labels`
+/// (e.g. `kind="write"`) in a Prometheus text answer; 0 when there is none.
+pub fn metric_sum(body: &str, family: &str, labels: &[&str]) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (n, v) = l.rsplit_once(' ')?;
+            let (name, rest) = n.split_once('{').unwrap_or((n, ""));
+            (name == family && labels.iter().all(|want| rest.contains(want)))
+                .then(|| v.parse::<f64>().ok())?
+        })
+        .sum()
 }
 
 /// The value of `name` (labels included) in a Prometheus text answer; 0 when absent.
@@ -1352,6 +1493,41 @@ impl Fleet {
         }
     }
 
+    /// Waits until every proxy host routes exactly `want` (server name → `ip:port`), in its
+    /// file and in the running HAProxy; returns how long that took.
+    pub fn wait_routed_addrs(
+        &self,
+        want: &BTreeMap<String, String>,
+        timeout: Duration,
+    ) -> Duration {
+        let start = Instant::now();
+        loop {
+            let mut last = Vec::new();
+            let mut all = true;
+            for i in self.proxy_hosts() {
+                let h = &self.hosts[i];
+                let file = h.config_addrs();
+                let running = h.routed_addrs();
+                if &file != want || running.as_ref() != Some(want) {
+                    all = false;
+                }
+                last.push((h.name.clone(), file, running));
+            }
+            if all {
+                return start.elapsed();
+            }
+            if start.elapsed() > timeout {
+                let mut msg =
+                    format!("not every proxy routes exactly {want:?} after {timeout:?}:\n");
+                for (name, file, running) in last {
+                    msg.push_str(&format!("  {name}: file {file:?}, running {running:?}\n"));
+                }
+                panic!("{msg}\n{}", self.diagnostics());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Indices of the hosts that run HAProxy.
     pub fn proxy_hosts(&self) -> Vec<usize> {
         self.hosts
@@ -1384,7 +1560,7 @@ impl Drop for Fleet {
 }
 
 /// The configuration HAProxy starts with, before confgen's first apply.
-fn bootstrap_config() -> String {
+pub(crate) fn bootstrap_config() -> String {
     format!(
         "global\n    master-worker\n    stats socket unix@admin.sock mode 600 level admin expose-fd listeners\n\
          defaults\n    mode http\n    timeout connect 2s\n    timeout client 10s\n    timeout server 10s\n\

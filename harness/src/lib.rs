@@ -9,6 +9,8 @@
 //! - [`netns`]: network namespaces (`ip netns` + `nsenter`) and a virtual switch between them.
 //! - [`hosts`]: a fleet of simulated hosts in namespaces (each its own dockerd, presence,
 //!   confgen and HAProxy) and a 3-member etcd in namespaces of its own, with faults to cut.
+//! - [`observe`]: what a fault test measures on a fleet (stale, lost, partial configs, failed
+//!   requests), with request load and container churn.
 //!
 //! A missing component fails the test with a message saying to run `scripts/setup`; nothing is
 //! ever silently skipped.
@@ -18,6 +20,7 @@ pub mod etcd;
 pub mod haproxy;
 pub mod hosts;
 pub mod netns;
+pub mod observe;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
