@@ -138,7 +138,10 @@ impl Setup {
                 let _ = writeln!(f, "{line}");
             }
         }
-        let failures: Vec<&(Duration, String)> = load.iter().flat_map(|s| &s.failed).collect();
+        let failures: Vec<(&str, &Duration, &String)> = load
+            .iter()
+            .flat_map(|s| s.failed.iter().map(move |(t, e)| (s.target.as_str(), t, e)))
+            .collect();
         let diag = || self.fleet.diagnostics();
         assert_eq!(fig.stale, 0, "stale endpoints: {fig}\n{}", diag());
         assert_eq!(fig.lost, 0, "live endpoints lost: {fig}\n{}", diag());
@@ -331,11 +334,23 @@ fn losing_etcd_quorum_for_two_ttls_loses_no_live_endpoint_and_catches_up_after()
     );
 }
 
+/// Also the regression test for the shipped backend's server order: host-2 holds half of the
+/// backend (4 of 8 servers), and while its dockerd starts it refuses connections to its published
+/// ports for ~200 ms (it rebuilds its NAT rules). A refused request is retried and redispatched
+/// to the *next* server; with the servers grouped by node (the order `eps` has) that was another
+/// server of host-2 and the request failed (503 after 3 retries: ~10 per run of 8 restarts, every
+/// run); with the servers interleaved by node it is another host's, and none fails.
 #[test]
 fn restarting_dockerd_with_live_restore_on_and_off_recovers_every_endpoint() {
     let mut spec = FleetSpec::new(bins(), 3);
     spec.hosts[1] = HostSpec::full().live_restore(false);
     let mut s = setup(spec, "always");
+    for k in 0..2 {
+        let w = s.fleet.hosts[2].run_web(SERVICE, &format!("web-2-extra{k}"), "always");
+        s.marks.live(std::slice::from_ref(&w.instance));
+        s.base.push(w);
+    }
+    s.fleet.wait_routed(&names(&s.base), ROUTED);
     let load = s.load(&[0, 1, 2]);
     let addrs = |s: &Setup| -> BTreeMap<String, String> {
         s.base
@@ -349,7 +364,6 @@ fn restarting_dockerd_with_live_restore_on_and_off_recovers_every_endpoint() {
 
     // live-restore on (host-2): the containers keep running and serving while dockerd is down.
     let before = addrs(&s);
-    let t = Instant::now();
     s.fleet.hosts[2].stop_dockerd();
     let mut served_while_down = 0;
     for w in s.on(2) {
@@ -361,25 +375,36 @@ fn restarting_dockerd_with_live_restore_on_and_off_recovers_every_endpoint() {
             served_while_down += 1;
         }
     }
-    s.fleet.hosts[2].start_dockerd();
-    let up = t.elapsed();
-    let on_converged = s.fleet.wait_routed_addrs(&before, CONVERGE);
+    assert_eq!(
+        served_while_down, 4,
+        "containers must keep serving (live-restore)"
+    );
+    let mut on_back = Vec::new();
+    for round in 0..4 {
+        if round > 0 {
+            // kill -9 (containerd runs on: the containers too).
+            s.fleet.hosts[2].kill_dockerd();
+        }
+        s.fleet.hosts[2].start_dockerd();
+        let back = Instant::now();
+        s.fleet.wait_routed_addrs(&before, CONVERGE);
+        on_back.push(back.elapsed());
+        std::thread::sleep(Duration::from_millis(500));
+    }
     // presence follows the new engine: a container started now is routed.
     let fresh = s.fleet.hosts[2].run_web(SERVICE, "web-after-restart", "always");
     s.marks.live(std::slice::from_ref(&fresh.instance));
     s.base.push(fresh);
     let fresh_routed = s.fleet.wait_routed(&names(&s.base), ROUTED);
+    let (on_med, on_max) = flotilla_harness::observe::median_max(&on_back).unwrap();
     eprintln!(
-        "live-restore on: dockerd down and up in {up:?}, {served_while_down} of 2 containers served \
-         meanwhile; routed as before {on_converged:?} after; a new container routed {fresh_routed:?} after docker run"
-    );
-    assert_eq!(
-        served_while_down, 2,
-        "containers must keep serving (live-restore)"
+        "live-restore on: 1 stop + 3 kill -9, dockerd back → routed as before median {on_med:?} max {on_max:?}; \
+         a new container routed {fresh_routed:?} after docker run"
     );
 
     // live-restore off (host-1): dockerd stops its containers; with restart=always it starts
-    // them again (on new ports) when it is back.
+    // them again (perhaps on new ports) when it is back.
+    let before = addrs(&s);
     let host1 = instances(s.on(1));
     s.marks
         .dead(&host1, None, &[], "dockerd stopped (live-restore off)");
@@ -390,24 +415,24 @@ fn restarting_dockerd_with_live_restore_on_and_off_recovers_every_endpoint() {
     let back = Instant::now();
     let want = addrs(&s);
     s.marks.live(&host1);
-    let off_converged = s.fleet.wait_routed_addrs(&want, CONVERGE + ROUTED);
+    s.fleet.wait_routed_addrs(&want, CONVERGE + ROUTED);
+    let off_converged = back.elapsed();
+    let moved = want
+        .iter()
+        .filter(|(k, v)| before.get(*k) != Some(v))
+        .count();
     eprintln!(
-        "live-restore off: dockerd stopped in {stopped:?}; back and every container routed at its new address {off_converged:?} after"
+        "live-restore off: dockerd stopped in {stopped:?}; back and every container routed at its address ({moved} moved) {off_converged:?} after"
     );
-    let _ = back;
     let stats = load.stop();
-    let fig = s.finish(
-        "restart dockerd, live-restore on (host-2) and off (host-1)",
+    s.finish(
+        "restart dockerd: live-restore on (host-2, half the backend; 1 stop + 3 kill -9) and off (host-1)",
         &stats,
         &[
-            ("live-restore on: dockerd back → routed", on_converged),
-            (
-                "live-restore off: dockerd back → routed at new ports",
-                off_converged,
-            ),
+            ("live-restore on: dockerd back → routed (max)", on_max),
+            ("live-restore off: dockerd back → routed at its ports", off_converged),
         ],
     );
-    let _ = fig;
 }
 
 #[test]
@@ -425,15 +450,18 @@ fn kill_9_of_every_daemon_in_a_loop_under_churn_loses_nothing() {
     let mut confgen_back = Vec::new();
     let mut etcd_back = Vec::new();
     let mut dockerd_back = Vec::new();
+    let t0 = Instant::now();
     for round in 0..2 {
         for i in 0..3 {
             let h = &mut s.fleet.hosts[i];
+            eprintln!("+{:?} kill presence {i}", t0.elapsed());
             h.kill_presence();
             let t = Instant::now();
             h.start_presence();
             h.wait_presence_ready(ROUTED);
             presence_back.push(t.elapsed());
 
+            eprintln!("+{:?} kill confgen {i}", t0.elapsed());
             h.kill_confgen();
             let t = Instant::now();
             h.start_confgen();
@@ -444,6 +472,7 @@ fn kill_9_of_every_daemon_in_a_loop_under_churn_loses_nothing() {
         }
         // One etcd member per round.
         let m = round % 3;
+        eprintln!("+{:?} kill etcd {m}", t0.elapsed());
         s.fleet.kill_etcd(m);
         let t = Instant::now();
         s.fleet.restart_etcd(m);
@@ -451,10 +480,12 @@ fn kill_9_of_every_daemon_in_a_loop_under_churn_loses_nothing() {
         etcd_back.push(t.elapsed());
         // One dockerd per round (live-restore on: its containers keep running).
         let d = 2 - round % 3;
+        eprintln!("+{:?} kill dockerd {d}", t0.elapsed());
         s.fleet.hosts[d].kill_dockerd();
         let t = Instant::now();
         s.fleet.hosts[d].start_dockerd();
         dockerd_back.push(t.elapsed());
+        eprintln!("+{:?} dockerd {d} answers", t0.elapsed());
     }
     let churned = churn.stop();
     let t = Instant::now();

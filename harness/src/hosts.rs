@@ -347,12 +347,16 @@ pub struct Web {
     pub instance: String,
 }
 
-/// A host's own dockerd, in the host's namespace with its own socket, data root and exec root.
+/// A host's own Docker engine in the host's namespace: containerd as a service of its own and
+/// dockerd on it (`--containerd`, as Debian's docker.service runs it), each with its own socket,
+/// state and data directories under one root. Because containerd is not dockerd's child, dockerd
+/// can be killed (`kill -9`) and started again while containerd and the containers go on.
 #[derive(Debug)]
 pub struct Dockerd {
     root: PathBuf,
     live_restore: bool,
     proc: Option<NsProcess>,
+    containerd: Option<NsProcess>,
 }
 
 impl Dockerd {
@@ -370,15 +374,60 @@ impl Dockerd {
         .map(|s| s.trim().to_owned())
     }
 
+    fn containerd_socket(&self) -> PathBuf {
+        self.root.join("containerd/containerd.sock")
+    }
+
+    fn launch_containerd(&mut self, ns: &Netns) {
+        let r = self.root.display().to_string();
+        let config = self.root.join("containerd.toml");
+        fs::create_dir_all(self.root.join("containerd")).expect("containerd dir");
+        fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{r}/containerd-root\"\nstate = \"{r}/containerd/state\"\n\
+                 [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n\
+                 [debug]\n  address = \"\"\n[metrics]\n  address = \"\"\n",
+                sock = self.containerd_socket().display()
+            ),
+        )
+        .expect("containerd config");
+        let mut cmd = ns.command(require("containerd", "containerd"));
+        cmd.arg("--config").arg(&config);
+        self.containerd = Some(NsProcess::start(
+            "containerd",
+            cmd,
+            &self.root.join("containerd.log"),
+        ));
+        let socket = self.containerd_socket();
+        wait_for("containerd's socket", Duration::from_secs(30), || {
+            std::os::unix::net::UnixStream::connect(&socket)
+                .ok()
+                .map(|_| ())
+        });
+    }
+
     fn launch(&mut self, ns: &Netns) {
         assert!(self.proc.is_none(), "dockerd already runs");
+        if self.containerd.is_none() {
+            self.launch_containerd(ns);
+        }
         let r = self.root.display().to_string();
+        // A dockerd killed with SIGKILL leaves its pid file, which the next one refuses.
+        let _ = fs::remove_file(self.root.join("docker.pid"));
         let mut cmd = ns.command(require("dockerd", "docker.io"));
         cmd.arg(format!("--host={}", self.url()))
+            .arg(format!(
+                "--containerd={}",
+                self.containerd_socket().display()
+            ))
             .arg(format!("--data-root={r}/data"))
             .arg(format!("--exec-root={r}/exec"))
             .arg(format!("--pidfile={r}/docker.pid"))
-            .args(["--iptables=false", "--ip6tables=false"]);
+            // iptables on, as in production: published ports are DNAT rules, which keep working
+            // while dockerd is down (live-restore); docker-proxy alone dies with dockerd. The
+            // rules go into the host's namespace's own tables.
+            .args(["--ip6tables=false"]);
         if self.live_restore {
             cmd.arg("--live-restore");
         }
@@ -445,7 +494,10 @@ impl Dockerd {
         if let Some(mut p) = self.proc.take() {
             p.stop(Duration::from_secs(20));
         }
-        // Its containerd and shims (found by the directory in their command lines).
+        if let Some(mut p) = self.containerd.take() {
+            p.stop(Duration::from_secs(10));
+        }
+        // Shims and anything else left (found by the directory in their command lines).
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             netns::kill_processes_naming(&self.root);
@@ -1130,6 +1182,7 @@ impl Fleet {
                     root: PathBuf::from(format!("/var/lib/{DOCKERD_ROOT_PREFIX}{}", ns.name())),
                     live_restore: d.live_restore,
                     proc: None,
+                    containerd: None,
                 }),
                 spec: hs.clone(),
                 dest: PathBuf::new(),
