@@ -289,6 +289,11 @@ impl EtcdMember {
         self.proc.as_mut().is_some_and(NsProcess::running)
     }
 
+    /// Its pid while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().and_then(NsProcess::pid)
+    }
+
     fn launch(&mut self) {
         assert!(self.proc.is_none(), "etcd {} already runs", self.name);
         let mut cmd = self.ns.command(require("etcd", "etcd-server"));
