@@ -294,6 +294,11 @@ pub fn worker_pids(show_proc: &str) -> Vec<u32> {
         .collect()
 }
 
+/// Sends one command to an HAProxy CLI socket (master or runtime API) and returns the answer.
+pub fn cli_command(socket: &Path, command: &str) -> std::io::Result<String> {
+    cli(socket, command)
+}
+
 fn cli(socket: &Path, command: &str) -> std::io::Result<String> {
     let mut stream = UnixStream::connect(socket)?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -378,7 +383,23 @@ pub fn http_get_host(
     path: &str,
     timeout: Duration,
 ) -> std::io::Result<(u16, String)> {
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    http_get_at(
+        std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        host,
+        path,
+        timeout,
+    )
+}
+
+/// `GET path` to `addr` with a `Host` header and `Connection: close`, the request sent in one
+/// write: (status, body). For addresses in a simulated host's namespace, call it on a thread in
+/// a namespace connected to it ([`crate::netns::Netns::enter`]).
+pub fn http_get_at(
+    addr: std::net::SocketAddr,
+    host: &str,
+    path: &str,
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
     let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;

@@ -7,6 +7,11 @@
 //! - [`haproxy`]: HAProxy in master-worker mode with a master socket and a runtime (stats) socket.
 //! - [`docker`]: the local `FROM scratch` busybox test image, and containers removed on drop.
 //! - [`machine`]: a real systemd host (a cached Debian rootfs booted with systemd-nspawn).
+//! - [`netns`]: network namespaces (`ip netns` + `nsenter`) and a virtual switch between them.
+//! - [`hosts`]: a fleet of simulated hosts in namespaces (each its own dockerd, presence,
+//!   confgen and HAProxy) and a 3-member etcd in namespaces of its own, with faults to cut.
+//! - [`observe`]: what a fault test measures on a fleet (stale, lost, partial configs, failed
+//!   requests), with request load and container churn.
 //!
 //! A missing component fails the test with a message saying to run `scripts/setup`; nothing is
 //! ever silently skipped.
@@ -15,6 +20,9 @@ pub mod docker;
 pub mod etcd;
 pub mod haproxy;
 pub mod machine;
+pub mod hosts;
+pub mod netns;
+pub mod observe;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
