@@ -338,6 +338,7 @@ fn first_meta<'a, const N: usize>(eps: &'a [Value], keys: [&str; N]) -> [Option<
 /// Registers every confgen function and filter on `tera`.
 pub fn register(tera: &mut Tera, store: Store, scope: Arc<Scope>, routes: SharedRouteCache) {
     let kv = Kv { store, scope };
+    register_confd(tera, kv.clone(), Host::real());
 
     let k = kv.clone();
     tera.register_function("getv", move |args: &HashMap<String, Value>| {
@@ -627,6 +628,867 @@ pub fn register(tera: &mut Tera, store: Store, scope: Arc<Scope>, routes: Shared
     );
 }
 
+// ---------------------------------------------------------------------------------------------
+// confd's template functions (issue 18).
+//
+// The reference is confd's own source, `resource/template/template_funcs.go` (functions) and
+// `memkv/store.go` (the key functions), at kelseyhightower/confd 919444eb. Names are confd's, so
+// a converted template (`confgen convert`) and a hand-ported one read the same. Where Tera has
+// the same thing built in (`upper`, `lower`, `reverse`, `now`, `in`, `replace` for all
+// occurrences) the converter maps to it instead, and docs/TEMPLATES.md ("From confd") lists both.
+//
+// Functions that read the host (`getenv`, `fileExists`, `lookupIP*`, `lookupSRV`) go through
+// [`Host`], so tests replace the environment, the file system and DNS.
+
+/// Looks an environment variable up.
+type EnvFn = dyn Fn(&str) -> Option<String> + Send + Sync;
+
+/// What the host-reading functions see of the machine. [`Host::real`] in the daemon; tests
+/// build their own.
+#[derive(Clone)]
+pub struct Host {
+    env: Arc<EnvFn>,
+    file_exists: Arc<dyn Fn(&str) -> bool + Send + Sync>,
+    resolver: Arc<dyn Resolver>,
+}
+
+impl Host {
+    /// The confgen process's own environment, file system and resolver.
+    pub fn real() -> Host {
+        Host {
+            env: Arc::new(|name| std::env::var(name).ok()),
+            file_exists: Arc::new(|path| std::fs::metadata(path).is_ok()),
+            resolver: Arc::new(dns::System::new()),
+        }
+    }
+}
+
+/// Environment variables templates may not read: the credentials confgen (or etcdctl beside
+/// it) uses to reach the registry. Reading one fails the render, so the author learns why
+/// instead of getting the default.
+pub fn env_hidden(name: &str) -> bool {
+    name.starts_with("FLOTILLA_ETCD_") || name.starts_with("ETCDCTL_")
+}
+
+/// One DNS SRV record, as `lookupSRV` hands it to templates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Srv {
+    /// Target host name, with the trailing dot (as Go's net.LookupSRV returns it).
+    pub target: String,
+    pub port: u16,
+    pub priority: u16,
+    pub weight: u16,
+}
+
+/// Name resolution for `lookupIP*` and `lookupSRV`. `Ok(vec![])` means the name has no such
+/// records (NXDOMAIN or no data); `Err` means the answer is not known (timeout, server failure).
+pub trait Resolver: Send + Sync {
+    fn ips(&self, name: &str) -> std::result::Result<Vec<std::net::IpAddr>, String>;
+    fn srv(&self, qname: &str) -> std::result::Result<Vec<Srv>, String>;
+}
+
+/// How long one lookup may take before the render fails (the file keeps its last good content).
+pub const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The most elements `seq` makes (a typo must not build a list of a billion numbers).
+pub const SEQ_MAX: i64 = 100_000;
+
+fn arg_int(args: &HashMap<String, Value>, name: &str, func: &str) -> Result<i64> {
+    match args.get(name) {
+        Some(Value::Number(n)) if n.is_i64() => Ok(n.as_i64().unwrap_or_default()),
+        Some(other) => Err(Error::msg(format!(
+            "{func}: argument `{name}` must be an integer, got {}{}",
+            short(other),
+            if other.is_string() {
+                " (convert a string with atoi)"
+            } else {
+                ""
+            }
+        ))),
+        None => Err(Error::msg(format!("{func}: missing argument `{name}`"))),
+    }
+}
+
+fn arg_list<'a>(args: &'a HashMap<String, Value>, name: &str, func: &str) -> Result<&'a [Value]> {
+    match args.get(name) {
+        Some(Value::Array(a)) => Ok(a),
+        Some(other) => Err(Error::msg(format!(
+            "{func}: argument `{name}` must be a list, got {}",
+            short(other)
+        ))),
+        None => Err(Error::msg(format!("{func}: missing argument `{name}`"))),
+    }
+}
+
+/// A string argument, or a number / bool written as text (the way Go's `%v` would).
+fn value_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+fn kv_pair(key: &str, value: String) -> Value {
+    let mut m = Map::new();
+    m.insert("key".into(), Value::String(key.to_string()));
+    m.insert("value".into(), Value::String(value));
+    Value::Object(m)
+}
+
+/// confd's `jsonArray`: the JSON text must be an array.
+pub fn json_array(s: &str) -> Result<Value> {
+    match parse_json(s)? {
+        v @ Value::Array(_) => Ok(v),
+        other => Err(Error::msg(format!(
+            "jsonArray: {:?} is JSON but not an array (got {})",
+            s.chars().take(80).collect::<String>(),
+            short(&other)
+        ))),
+    }
+}
+
+/// Go's `strconv.ParseBool`.
+pub fn parse_bool(s: &str) -> Result<bool> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        _ => Err(Error::msg(format!(
+            "parseBool: {:?} is not a boolean (1, t, T, TRUE, true, True, 0, f, F, FALSE, false, False)",
+            s.chars().take(80).collect::<String>()
+        ))),
+    }
+}
+
+/// Go's `strconv.Atoi` (64-bit `int`): an optional sign and decimal digits, nothing else.
+pub fn atoi(s: &str) -> Result<i64> {
+    let digits = s.strip_prefix(['+', '-']).unwrap_or(s);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Error::msg(format!(
+            "atoi: {:?} is not an integer",
+            s.chars().take(80).collect::<String>()
+        )));
+    }
+    s.parse::<i64>().map_err(|_| {
+        Error::msg(format!(
+            "atoi: {:?} is out of range",
+            s.chars().take(80).collect::<String>()
+        ))
+    })
+}
+
+/// confd's `seq first last`: `first, first+1, …, last` (empty if `last < first`).
+pub fn seq(first: i64, last: i64) -> Result<Vec<i64>> {
+    if last < first {
+        return Ok(Vec::new());
+    }
+    if last.saturating_sub(first) >= SEQ_MAX {
+        return Err(Error::msg(format!(
+            "seq: {first}..{last} would have more than {SEQ_MAX} elements"
+        )));
+    }
+    Ok((first..=last).collect())
+}
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Go's `base64.StdEncoding.EncodeToString` (standard alphabet, `=` padding).
+pub fn base64_encode(data: &[u8]) -> String {
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Go's `base64.StdEncoding.DecodeString`: padding required, `\r` and `\n` ignored, anything
+/// else outside the alphabet is an error.
+pub fn base64_decode(text: &str) -> std::result::Result<Vec<u8>, String> {
+    let s: Vec<u8> = text
+        .bytes()
+        .filter(|b| *b != b'\r' && *b != b'\n')
+        .collect();
+    if s.len() % 4 != 0 {
+        return Err(format!("length {} is not a multiple of 4", s.len()));
+    }
+    let mut out = Vec::with_capacity(s.len() / 4 * 3);
+    for (ci, chunk) in s.chunks(4).enumerate() {
+        let last = ci == s.len() / 4 - 1;
+        let pad = chunk.iter().rev().take_while(|b| **b == b'=').count();
+        if pad > 2 || (pad > 0 && !last) {
+            return Err(format!("illegal padding at byte {}", ci * 4));
+        }
+        let mut n: u32 = 0;
+        for (i, b) in chunk.iter().enumerate() {
+            let v = if i >= 4 - pad {
+                0
+            } else {
+                B64.iter().position(|x| x == b).ok_or_else(|| {
+                    format!("illegal character {:?} at byte {}", *b as char, ci * 4 + i)
+                })? as u32
+            };
+            n = (n << 6) | v;
+        }
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&bytes[..3 - pad]);
+    }
+    Ok(out)
+}
+
+/// Go's `strings.Replace(s, old, new, n)`: the first `n` non-overlapping occurrences, all of
+/// them if `n < 0`; an empty `old` matches before every character and at the end.
+pub fn go_replace(s: &str, old: &str, new: &str, n: i64) -> String {
+    if n == 0 || old == new {
+        return s.to_string();
+    }
+    let limit = if n < 0 { usize::MAX } else { n as usize };
+    let mut out = String::with_capacity(s.len());
+    if old.is_empty() {
+        let mut done = 0;
+        for c in s.chars() {
+            if done < limit {
+                out.push_str(new);
+                done += 1;
+            }
+            out.push(c);
+        }
+        if done < limit {
+            out.push_str(new);
+        }
+        return out;
+    }
+    let mut rest = s;
+    let mut done = 0;
+    while done < limit {
+        match rest.find(old) {
+            Some(i) => {
+                out.push_str(&rest[..i]);
+                out.push_str(new);
+                rest = &rest[i + old.len()..];
+                done += 1;
+            }
+            None => break,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Stable sort by length (confd sorts by length with `sort.Sort`, which leaves the order of
+/// equal lengths unspecified; here they keep their input order, so renders are reproducible).
+fn sort_by_len(list: &[Value], func: &str, len: impl Fn(&Value) -> Option<usize>) -> Result<Value> {
+    let mut keyed = Vec::with_capacity(list.len());
+    for v in list {
+        let l = len(v).ok_or_else(|| {
+            Error::msg(format!(
+                "{func}: unexpected element {} in the list",
+                short(v)
+            ))
+        })?;
+        keyed.push((l, v.clone()));
+    }
+    keyed.sort_by_key(|(l, _)| *l);
+    Ok(Value::Array(keyed.into_iter().map(|(_, v)| v).collect()))
+}
+
+fn sort_by_length(list: &[Value]) -> Result<Value> {
+    sort_by_len(list, "sortByLength", |v| {
+        v.as_str().map(|s| s.chars().count())
+    })
+}
+
+fn sort_kv_by_length(list: &[Value]) -> Result<Value> {
+    sort_by_len(list, "sortKVByLength", |v| {
+        v.get("key")
+            .and_then(Value::as_str)
+            .map(|s| s.chars().count())
+    })
+}
+
+fn lookup_ips(
+    host: &Host,
+    name: &str,
+    func: &str,
+    keep: fn(&std::net::IpAddr) -> bool,
+) -> Result<Value> {
+    let ips = host
+        .resolver
+        .ips(name)
+        .map_err(|e| Error::msg(format!("{func}: cannot resolve {name:?}: {e}")))?;
+    // Sorted as strings, like confd (DNS servers shuffle answers; the order must not cause a
+    // reload), and without duplicates.
+    let set: BTreeSet<String> = ips
+        .iter()
+        .filter(|ip| keep(ip))
+        .map(|ip| ip.to_string())
+        .collect();
+    Ok(Value::Array(set.into_iter().map(Value::String).collect()))
+}
+
+fn lookup_srv(host: &Host, service: &str, proto: &str, name: &str) -> Result<Value> {
+    // net.LookupSRV's name: _service._proto.name, or name alone when both are empty.
+    let qname = if service.is_empty() && proto.is_empty() {
+        name.to_string()
+    } else {
+        format!("_{service}._{proto}.{name}")
+    };
+    let mut recs = host
+        .resolver
+        .srv(&qname)
+        .map_err(|e| Error::msg(format!("lookupSRV: cannot resolve {qname:?}: {e}")))?;
+    // confd's order: by the string target+port+priority+weight.
+    recs.sort_by_cached_key(|r| format!("{}{}{}{}", r.target, r.port, r.priority, r.weight));
+    Ok(Value::Array(
+        recs.into_iter()
+            .map(|r| {
+                let mut m = Map::new();
+                m.insert("target".into(), Value::String(r.target));
+                m.insert("port".into(), Value::from(r.port));
+                m.insert("priority".into(), Value::from(r.priority));
+                m.insert("weight".into(), Value::from(r.weight));
+                Value::Object(m)
+            })
+            .collect(),
+    ))
+}
+
+fn getenv(host: &Host, func: &str, name: &str) -> Result<Option<String>> {
+    if env_hidden(name) {
+        return Err(Error::msg(format!(
+            "{func}: {name} is not readable by templates (FLOTILLA_ETCD_* and ETCDCTL_* hold the registry's credentials)"
+        )));
+    }
+    Ok((host.env)(name))
+}
+
+fn int_op(
+    args: &HashMap<String, Value>,
+    func: &str,
+    op: fn(i64, i64) -> Option<i64>,
+) -> Result<Value> {
+    let a = arg_int(args, "a", func)?;
+    let b = arg_int(args, "b", func)?;
+    op(a, b)
+        .map(Value::from)
+        .ok_or_else(|| Error::msg(format!("{func}: {a} and {b}: division by zero or overflow")))
+}
+
+/// Registers confd's functions (the list at the top of this section) with `host` for the
+/// functions that read the machine.
+fn register_confd(tera: &mut Tera, kv: Kv, host: Host) {
+    tera.register_function("get", move |args: &HashMap<String, Value>| {
+        let key = key_arg(args, "get")?;
+        match kv.get(key) {
+            Some(v) => Ok(kv_pair(key, v)),
+            None => Err(Error::msg(format!(
+                "get: key {:?} not found (use exists to test for it)",
+                kv.full(key)
+            ))),
+        }
+    });
+    tera.register_function("jsonArray", |args: &HashMap<String, Value>| {
+        json_array(arg_str(args, "value", "jsonArray")?)
+    });
+    tera.register_filter("jsonArray", |v: &Value, _: &HashMap<String, Value>| {
+        json_array(
+            v.as_str()
+                .ok_or_else(|| Error::msg("jsonArray: expects a string"))?,
+        )
+    });
+    tera.register_function("map", |args: &HashMap<String, Value>| {
+        let mut out = Map::new();
+        if let Some(pairs) = args.get("pairs") {
+            let pairs = pairs.as_array().ok_or_else(|| {
+                Error::msg("map: `pairs` must be a list: [key, value, key, value, …]")
+            })?;
+            if pairs.len() % 2 != 0 {
+                return Err(Error::msg(format!(
+                    "map: `pairs` needs an even number of items (key, value, …), got {}",
+                    pairs.len()
+                )));
+            }
+            for kv in pairs.chunks(2) {
+                let k = kv[0].as_str().ok_or_else(|| {
+                    Error::msg(format!("map: keys must be strings, got {}", short(&kv[0])))
+                })?;
+                out.insert(k.to_string(), kv[1].clone());
+            }
+        }
+        for (k, v) in args {
+            if k != "pairs" {
+                out.insert(k.clone(), v.clone());
+            }
+        }
+        Ok(Value::Object(out))
+    });
+    let h = host.clone();
+    tera.register_function("getenv", move |args: &HashMap<String, Value>| {
+        let name = arg_str(args, "name", "getenv")?;
+        // confd: an unset *or empty* variable gives the default, else "".
+        match getenv(&h, "getenv", name)? {
+            Some(v) if !v.is_empty() => Ok(Value::String(v)),
+            _ => Ok(args
+                .get("default")
+                .cloned()
+                .unwrap_or(Value::String(String::new()))),
+        }
+    });
+    // Tera's own get_env reads every variable, etcd password included: same guard.
+    let h = host.clone();
+    tera.register_function("get_env", move |args: &HashMap<String, Value>| {
+        let name = arg_str(args, "name", "get_env")?;
+        match getenv(&h, "get_env", name)? {
+            Some(v) => Ok(Value::String(v)),
+            None => args.get("default").cloned().ok_or_else(|| {
+                Error::msg(format!("get_env: environment variable {name} not found"))
+            }),
+        }
+    });
+    let h = host.clone();
+    tera.register_function("fileExists", move |args: &HashMap<String, Value>| {
+        Ok(Value::Bool((h.file_exists)(arg_str(
+            args,
+            "path",
+            "fileExists",
+        )?)))
+    });
+    let h = host.clone();
+    tera.register_filter(
+        "fileExists",
+        move |v: &Value, _: &HashMap<String, Value>| {
+            let p = v
+                .as_str()
+                .ok_or_else(|| Error::msg("fileExists: expects a path string"))?;
+            Ok(Value::Bool((h.file_exists)(p)))
+        },
+    );
+    type Keep = fn(&std::net::IpAddr) -> bool;
+    let families: [(&'static str, Keep); 3] = [
+        ("lookupIP", |_| true),
+        ("lookupIPV4", std::net::IpAddr::is_ipv4),
+        ("lookupIPV6", std::net::IpAddr::is_ipv6),
+    ];
+    for (func, keep) in families {
+        let h = host.clone();
+        tera.register_function(func, move |args: &HashMap<String, Value>| {
+            lookup_ips(&h, arg_str(args, "name", func)?, func, keep)
+        });
+        let h = host.clone();
+        tera.register_filter(func, move |v: &Value, _: &HashMap<String, Value>| {
+            let name = v
+                .as_str()
+                .ok_or_else(|| Error::msg(format!("{func}: expects a host name")))?;
+            lookup_ips(&h, name, func, keep)
+        });
+    }
+    let h = host;
+    tera.register_function("lookupSRV", move |args: &HashMap<String, Value>| {
+        lookup_srv(
+            &h,
+            arg_str(args, "service", "lookupSRV")?,
+            arg_str(args, "proto", "lookupSRV")?,
+            arg_str(args, "name", "lookupSRV")?,
+        )
+    });
+    fn b64_decode(s: &str) -> Result<Value> {
+        let bytes = base64_decode(s).map_err(|e| {
+            Error::msg(format!(
+                "base64Decode: {:?} is not base64: {e}",
+                s.chars().take(80).collect::<String>()
+            ))
+        })?;
+        String::from_utf8(bytes)
+            .map(Value::String)
+            .map_err(|_| Error::msg("base64Decode: the decoded bytes are not UTF-8 text"))
+    }
+    tera.register_function("base64Encode", |args: &HashMap<String, Value>| {
+        Ok(Value::String(base64_encode(
+            arg_str(args, "value", "base64Encode")?.as_bytes(),
+        )))
+    });
+    tera.register_filter("base64Encode", |v: &Value, _: &HashMap<String, Value>| {
+        let s = value_text(v).ok_or_else(|| Error::msg("base64Encode: expects a string"))?;
+        Ok(Value::String(base64_encode(s.as_bytes())))
+    });
+    tera.register_function("base64Decode", |args: &HashMap<String, Value>| {
+        b64_decode(arg_str(args, "value", "base64Decode")?)
+    });
+    tera.register_filter("base64Decode", |v: &Value, _: &HashMap<String, Value>| {
+        b64_decode(
+            v.as_str()
+                .ok_or_else(|| Error::msg("base64Decode: expects a string"))?,
+        )
+    });
+    tera.register_function("parseBool", |args: &HashMap<String, Value>| {
+        parse_bool(arg_str(args, "value", "parseBool")?).map(Value::Bool)
+    });
+    tera.register_filter(
+        "parseBool",
+        |v: &Value, _: &HashMap<String, Value>| match v {
+            Value::Bool(b) => Ok(Value::Bool(*b)),
+            other => parse_bool(
+                &value_text(other).ok_or_else(|| Error::msg("parseBool: expects a string"))?,
+            )
+            .map(Value::Bool),
+        },
+    );
+    tera.register_function("atoi", |args: &HashMap<String, Value>| {
+        atoi(arg_str(args, "value", "atoi")?).map(Value::from)
+    });
+    tera.register_filter("atoi", |v: &Value, _: &HashMap<String, Value>| {
+        atoi(
+            v.as_str()
+                .ok_or_else(|| Error::msg(format!("atoi: expects a string, got {}", short(v))))?,
+        )
+        .map(Value::from)
+    });
+    tera.register_function("seq", |args: &HashMap<String, Value>| {
+        let first = arg_int(args, "first", "seq")?;
+        let last = arg_int(args, "last", "seq")?;
+        Ok(Value::Array(
+            seq(first, last)?.into_iter().map(Value::from).collect(),
+        ))
+    });
+    tera.register_function("sortByLength", |args: &HashMap<String, Value>| {
+        sort_by_length(arg_list(args, "list", "sortByLength")?)
+    });
+    tera.register_filter("sortByLength", |v: &Value, _: &HashMap<String, Value>| {
+        sort_by_length(
+            v.as_array()
+                .ok_or_else(|| Error::msg("sortByLength: expects a list of strings"))?,
+        )
+    });
+    tera.register_function("sortKVByLength", |args: &HashMap<String, Value>| {
+        sort_kv_by_length(arg_list(args, "list", "sortKVByLength")?)
+    });
+    tera.register_filter("sortKVByLength", |v: &Value, _: &HashMap<String, Value>| {
+        sort_kv_by_length(
+            v.as_array().ok_or_else(|| {
+                Error::msg("sortKVByLength: expects a list of {key, value} (gets)")
+            })?,
+        )
+    });
+    tera.register_function("trimSuffix", |args: &HashMap<String, Value>| {
+        let s = arg_str(args, "value", "trimSuffix")?;
+        let suffix = arg_str(args, "suffix", "trimSuffix")?;
+        Ok(Value::String(
+            s.strip_suffix(suffix).unwrap_or(s).to_string(),
+        ))
+    });
+    tera.register_filter("trimSuffix", |v: &Value, args: &HashMap<String, Value>| {
+        let s = v
+            .as_str()
+            .ok_or_else(|| Error::msg("trimSuffix: expects a string"))?;
+        let suffix = arg_str(args, "suffix", "trimSuffix")?;
+        Ok(Value::String(
+            s.strip_suffix(suffix).unwrap_or(s).to_string(),
+        ))
+    });
+    tera.register_function("replace", |args: &HashMap<String, Value>| {
+        let s = arg_str(args, "value", "replace")?;
+        let old = arg_str(args, "old", "replace")?;
+        let new = arg_str(args, "new", "replace")?;
+        let n = match args.get("n") {
+            None => -1,
+            Some(_) => arg_int(args, "n", "replace")?,
+        };
+        Ok(Value::String(go_replace(s, old, new, n)))
+    });
+    tera.register_function("add", |args: &HashMap<String, Value>| {
+        int_op(args, "add", i64::checked_add)
+    });
+    tera.register_function("sub", |args: &HashMap<String, Value>| {
+        int_op(args, "sub", i64::checked_sub)
+    });
+    tera.register_function("mul", |args: &HashMap<String, Value>| {
+        int_op(args, "mul", i64::checked_mul)
+    });
+    // Go's int division and remainder: truncated toward zero, as Rust's.
+    tera.register_function("div", |args: &HashMap<String, Value>| {
+        int_op(args, "div", i64::checked_div)
+    });
+    tera.register_function("mod", |args: &HashMap<String, Value>| {
+        int_op(args, "mod", i64::checked_rem)
+    });
+}
+
+/// A small stub resolver: the system's getaddrinfo for addresses, a UDP/TCP DNS query to the
+/// resolv.conf name servers for SRV (the standard library has no SRV lookup), each bounded by
+/// [`LOOKUP_TIMEOUT`].
+mod dns {
+    use std::io::{Read, Write};
+    use std::net::{IpAddr, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::{Resolver, Srv, LOOKUP_TIMEOUT};
+
+    /// Lookups still running in a background thread after their caller gave up; past this
+    /// many, new lookups fail at once instead of piling up threads.
+    const MAX_STRAGGLERS: usize = 8;
+
+    pub struct System {
+        servers: Vec<SocketAddr>,
+        timeout: Duration,
+        stragglers: Arc<AtomicUsize>,
+    }
+
+    impl System {
+        pub fn new() -> System {
+            let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+            System::with_servers(nameservers(&conf), LOOKUP_TIMEOUT)
+        }
+
+        pub fn with_servers(servers: Vec<SocketAddr>, timeout: Duration) -> System {
+            System {
+                servers,
+                timeout,
+                stragglers: Arc::new(AtomicUsize::new(0)),
+            }
+        }
+    }
+
+    /// The `nameserver` lines of a resolv.conf (port 53), or 127.0.0.1 as glibc assumes.
+    pub fn nameservers(conf: &str) -> Vec<SocketAddr> {
+        let mut out: Vec<SocketAddr> = conf
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                (w.next() == Some("nameserver"))
+                    .then(|| w.next())
+                    .flatten()
+                    .and_then(|a| a.split('%').next()?.parse::<IpAddr>().ok())
+                    .map(|ip| SocketAddr::new(ip, 53))
+            })
+            .collect();
+        if out.is_empty() {
+            out.push(SocketAddr::from(([127, 0, 0, 1], 53)));
+        }
+        out
+    }
+
+    impl Resolver for System {
+        fn ips(&self, name: &str) -> Result<Vec<IpAddr>, String> {
+            if self.stragglers.load(Ordering::Relaxed) >= MAX_STRAGGLERS {
+                return Err(format!(
+                    "{MAX_STRAGGLERS} earlier lookups are still unanswered; not starting another"
+                ));
+            }
+            let (tx, rx) = std::sync::mpsc::channel();
+            let owned = name.to_string();
+            let stragglers = self.stragglers.clone();
+            stragglers.fetch_add(1, Ordering::Relaxed);
+            std::thread::spawn(move || {
+                let r = (owned.as_str(), 0u16).to_socket_addrs();
+                stragglers.fetch_sub(1, Ordering::Relaxed);
+                let _ = tx.send(r.map(|a| a.map(|s| s.ip()).collect::<Vec<_>>()));
+            });
+            match rx.recv_timeout(self.timeout) {
+                Ok(Ok(ips)) => Ok(ips),
+                Ok(Err(e)) => {
+                    // getaddrinfo's EAI_NONAME / EAI_NODATA: the name has no address, which is
+                    // an answer (an empty list), not a failure.
+                    let text = e.to_string();
+                    if text.contains("Name or service not known")
+                        || text.contains("No address associated with hostname")
+                        || text.contains("nodename nor servname provided")
+                    {
+                        Ok(Vec::new())
+                    } else {
+                        Err(text)
+                    }
+                }
+                Err(_) => Err(format!(
+                    "no answer within {}",
+                    humantime::format_duration(self.timeout)
+                )),
+            }
+        }
+
+        fn srv(&self, qname: &str) -> Result<Vec<Srv>, String> {
+            let deadline = Instant::now() + self.timeout;
+            let query = encode_query(qname, fastrand::u16(..))?;
+            let mut last = String::from("no name server");
+            for server in &self.servers {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match ask(*server, &query, left) {
+                    Ok(answer) => return parse_srv_answer(&answer, &query),
+                    Err(e) => last = format!("{server}: {e}"),
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "no answer within {} ({last})",
+                    humantime::format_duration(self.timeout)
+                ));
+            }
+            Err(last)
+        }
+    }
+
+    fn ask(server: SocketAddr, query: &[u8], left: Duration) -> Result<Vec<u8>, String> {
+        let bind: SocketAddr = if server.is_ipv4() {
+            "0.0.0.0:0".parse().expect("addr")
+        } else {
+            "[::]:0".parse().expect("addr")
+        };
+        let sock = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
+        sock.connect(server).map_err(|e| e.to_string())?;
+        sock.set_read_timeout(Some(left))
+            .map_err(|e| e.to_string())?;
+        sock.send(query).map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; 4096];
+        let n = loop {
+            let n = sock.recv(&mut buf).map_err(|e| match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                    "timed out".to_string()
+                }
+                _ => e.to_string(),
+            })?;
+            // Ignore stray datagrams with another id.
+            if n >= 2 && buf[..2] == query[..2] {
+                break n;
+            }
+        };
+        buf.truncate(n);
+        if n >= 4 && buf[2] & 0x02 != 0 {
+            // Truncated: ask again over TCP.
+            let mut tcp = TcpStream::connect_timeout(&server, left).map_err(|e| e.to_string())?;
+            tcp.set_read_timeout(Some(left))
+                .map_err(|e| e.to_string())?;
+            tcp.set_write_timeout(Some(left))
+                .map_err(|e| e.to_string())?;
+            let mut msg = (query.len() as u16).to_be_bytes().to_vec();
+            msg.extend_from_slice(query);
+            tcp.write_all(&msg).map_err(|e| e.to_string())?;
+            let mut len = [0u8; 2];
+            tcp.read_exact(&mut len).map_err(|e| e.to_string())?;
+            let mut answer = vec![0u8; u16::from_be_bytes(len) as usize];
+            tcp.read_exact(&mut answer).map_err(|e| e.to_string())?;
+            return Ok(answer);
+        }
+        Ok(buf)
+    }
+
+    /// A standard query (recursion desired) for the SRV records of `name`.
+    pub fn encode_query(name: &str, id: u16) -> Result<Vec<u8>, String> {
+        let mut q = Vec::with_capacity(name.len() + 18);
+        q.extend_from_slice(&id.to_be_bytes());
+        q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+        let trimmed = name.trim_end_matches('.');
+        if trimmed.is_empty() || trimmed.len() > 253 {
+            return Err(format!("{name:?} is not a DNS name"));
+        }
+        for label in trimmed.split('.') {
+            if label.is_empty() || label.len() > 63 || !label.is_ascii() {
+                return Err(format!("{name:?} is not a DNS name"));
+            }
+            q.push(label.len() as u8);
+            q.extend_from_slice(label.as_bytes());
+        }
+        q.push(0);
+        q.extend_from_slice(&[0, 33, 0, 1]); // SRV, IN
+        Ok(q)
+    }
+
+    /// Reads a possibly compressed name at `pos`; returns it (with a trailing dot) and the
+    /// position after it in the message.
+    fn read_name(msg: &[u8], mut pos: usize) -> Result<(String, usize), String> {
+        let bad = || "malformed name in the answer".to_string();
+        let mut name = String::new();
+        let mut end = None;
+        let mut jumps = 0;
+        loop {
+            let len = *msg.get(pos).ok_or_else(bad)? as usize;
+            if len & 0xC0 == 0xC0 {
+                let lo = *msg.get(pos + 1).ok_or_else(bad)? as usize;
+                end.get_or_insert(pos + 2);
+                pos = ((len & 0x3F) << 8) | lo;
+                jumps += 1;
+                if jumps > 32 {
+                    return Err(bad());
+                }
+                continue;
+            }
+            if len == 0 {
+                let after = end.unwrap_or(pos + 1);
+                if name.is_empty() {
+                    name.push('.');
+                }
+                return Ok((name, after));
+            }
+            let label = msg.get(pos + 1..pos + 1 + len).ok_or_else(bad)?;
+            name.push_str(&String::from_utf8_lossy(label));
+            name.push('.');
+            pos += 1 + len;
+        }
+    }
+
+    fn u16_at(msg: &[u8], pos: usize) -> Result<u16, String> {
+        msg.get(pos..pos + 2)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+            .ok_or_else(|| "short answer".to_string())
+    }
+
+    /// The SRV records of an answer to `query`. NXDOMAIN and an empty answer are `Ok([])`.
+    pub fn parse_srv_answer(msg: &[u8], query: &[u8]) -> Result<Vec<Srv>, String> {
+        if msg.len() < 12 || msg[..2] != query[..2] {
+            return Err("answer does not match the query".into());
+        }
+        match msg[3] & 0x0F {
+            0 => {}
+            3 => return Ok(Vec::new()),
+            2 => return Err("server failure (SERVFAIL)".into()),
+            5 => return Err("query refused (REFUSED)".into()),
+            rc => return Err(format!("DNS error code {rc}")),
+        }
+        let qd = u16_at(msg, 4)? as usize;
+        let an = u16_at(msg, 6)? as usize;
+        let mut pos = 12;
+        for _ in 0..qd {
+            pos = read_name(msg, pos)?.1 + 4;
+        }
+        let mut out = Vec::new();
+        for _ in 0..an {
+            let (_, p) = read_name(msg, pos)?;
+            let rtype = u16_at(msg, p)?;
+            let rdlen = u16_at(msg, p + 8)? as usize;
+            let rdata = p + 10;
+            if msg.len() < rdata + rdlen {
+                return Err("short answer".into());
+            }
+            if rtype == 33 && rdlen >= 7 {
+                let (target, _) = read_name(msg, rdata + 6)?;
+                out.push(Srv {
+                    priority: u16_at(msg, rdata)?,
+                    weight: u16_at(msg, rdata + 2)?,
+                    port: u16_at(msg, rdata + 4)?,
+                    target,
+                });
+            }
+            pos = rdata + rdlen;
+        }
+        Ok(out)
+    }
+}
+
 fn parse_json(s: &str) -> Result<Value> {
     serde_json::from_str(s).map_err(|e| {
         Error::msg(format!(
@@ -834,6 +1696,349 @@ mod tests {
         }});
         let out = one(&mut t, "{% for r in services | tcp_routes %}{{ r.service }}:{{ r.port }}:{% if r.error %}{{ r.error }}{% endif %};{% endfor %}", ctx).unwrap();
         assert_eq!(out, "a:5432:;b:5432:service_port 5432 is already taken by service a;c:0:mode=tcp needs meta service_port=1-65535;");
+    }
+
+    struct FakeDns;
+
+    impl Resolver for FakeDns {
+        fn ips(&self, name: &str) -> std::result::Result<Vec<std::net::IpAddr>, String> {
+            match name {
+                "db.example.org" => Ok(vec![
+                    "10.0.0.9".parse().unwrap(),
+                    "2001:db8::9".parse().unwrap(),
+                    "10.0.0.10".parse().unwrap(),
+                    "10.0.0.9".parse().unwrap(),
+                ]),
+                "down.example.org" => Err("no answer within 2s".into()),
+                _ => Ok(vec![]),
+            }
+        }
+        fn srv(&self, qname: &str) -> std::result::Result<Vec<Srv>, String> {
+            match qname {
+                "_etcd._tcp.example.org" => Ok(vec![
+                    Srv {
+                        target: "b.example.org.".into(),
+                        port: 2379,
+                        priority: 0,
+                        weight: 10,
+                    },
+                    Srv {
+                        target: "a.example.org.".into(),
+                        port: 2379,
+                        priority: 0,
+                        weight: 10,
+                    },
+                ]),
+                _ => Ok(vec![]),
+            }
+        }
+    }
+
+    fn fake_host() -> Host {
+        Host {
+            env: Arc::new(|name| match name {
+                "HOSTNAME" => Some("web-1".into()),
+                "EMPTY" => Some(String::new()),
+                "FLOTILLA_ETCD_PASSWORD" => Some("s3cret".into()),
+                _ => None,
+            }),
+            file_exists: Arc::new(|p| p == "/etc/ssl/site.pem"),
+            resolver: Arc::new(FakeDns),
+        }
+    }
+
+    fn confd_tera() -> Tera {
+        let mut t = tera(KVS, scope("/flotilla", &["/flotilla/config"]));
+        let store: Store = Arc::new(RwLock::new(crate::view::KvStore::from_pairs(
+            KVS.iter()
+                .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())),
+        )));
+        let kv = Kv {
+            store,
+            scope: Arc::new(scope("/flotilla", &["/flotilla/config"])),
+        };
+        register_confd(&mut t, kv, fake_host());
+        t
+    }
+
+    fn r(t: &mut Tera, src: &str) -> std::result::Result<String, String> {
+        one(t, src, serde_json::json!({}))
+    }
+
+    #[test]
+    fn confd_get_json_array_and_map() {
+        let mut t = confd_tera();
+        assert_eq!(
+            r(
+                &mut t,
+                "{% set kv = get(key=\"/config/haproxy/domain\") %}{{ kv.key }}={{ kv.value }}"
+            )
+            .unwrap(),
+            "/config/haproxy/domain=example.org"
+        );
+        let e = r(&mut t, "{{ get(key=\"/config/nope\") }}").unwrap_err();
+        assert!(
+            e.contains("get: key \"/flotilla/config/nope\" not found"),
+            "{e}"
+        );
+        assert_eq!(
+            r(&mut t, "{% for x in jsonArray(value='[\"a\", 2]') %}{{ x }};{% endfor %}{{ '[1]' | jsonArray | length }}").unwrap(),
+            "a;2;1"
+        );
+        let e = r(&mut t, "{{ jsonArray(value='{\"a\": 1}') }}").unwrap_err();
+        assert!(e.contains("not an array"), "{e}");
+        assert_eq!(
+            r(&mut t, "{% set m = map(pairs=[\"private-port\", 9200, \"name\", \"es\"], extra=true) %}{{ m[\"private-port\"] }} {{ m.name }} {{ m.extra }}").unwrap(),
+            "9200 es true"
+        );
+        let e = r(&mut t, "{{ map(pairs=[\"a\"]) }}").unwrap_err();
+        assert!(e.contains("even number"), "{e}");
+        let e = r(&mut t, "{{ map(pairs=[1, 2]) }}").unwrap_err();
+        assert!(e.contains("keys must be strings"), "{e}");
+    }
+
+    #[test]
+    fn confd_getenv_hides_registry_credentials() {
+        let mut t = confd_tera();
+        assert_eq!(
+            r(&mut t, "{{ getenv(name=\"HOSTNAME\") }}|{{ getenv(name=\"NOPE\") }}|{{ getenv(name=\"NOPE\", default=\"d\") }}|{{ getenv(name=\"EMPTY\", default=\"d\") }}").unwrap(),
+            "web-1||d|d"
+        );
+        for f in ["getenv", "get_env"] {
+            let e = r(
+                &mut t,
+                &format!("{{{{ {f}(name=\"FLOTILLA_ETCD_PASSWORD\") }}}}"),
+            )
+            .unwrap_err();
+            assert!(e.contains("not readable by templates"), "{f}: {e}");
+            assert!(!e.contains("s3cret"), "{e}");
+        }
+        assert!(env_hidden("ETCDCTL_PASSWORD") && env_hidden("FLOTILLA_ETCD_USER"));
+        assert!(!env_hidden("HOSTNAME") && !env_hidden("FLOTILLA_NODE"));
+        assert_eq!(
+            r(&mut t, "{{ get_env(name=\"HOSTNAME\") }}").unwrap(),
+            "web-1"
+        );
+        assert!(r(&mut t, "{{ get_env(name=\"NOPE\") }}").is_err());
+    }
+
+    #[test]
+    fn confd_file_exists_and_dns() {
+        let mut t = confd_tera();
+        assert_eq!(
+            r(
+                &mut t,
+                "{{ fileExists(path=\"/etc/ssl/site.pem\") }} {{ \"/nope\" | fileExists }}"
+            )
+            .unwrap(),
+            "true false"
+        );
+        assert_eq!(
+            r(&mut t, "{{ lookupIP(name=\"db.example.org\") | join(sep=\",\") }}|{{ \"db.example.org\" | lookupIPV4 | join(sep=\",\") }}|{{ lookupIPV6(name=\"db.example.org\") | join(sep=\",\") }}|{{ lookupIP(name=\"nx.example.org\") | length }}").unwrap(),
+            "10.0.0.10,10.0.0.9,2001:db8::9|10.0.0.10,10.0.0.9|2001:db8::9|0"
+        );
+        let e = r(&mut t, "{{ lookupIP(name=\"down.example.org\") }}").unwrap_err();
+        assert!(
+            e.contains("cannot resolve \"down.example.org\": no answer within 2s"),
+            "{e}"
+        );
+        assert_eq!(
+            r(&mut t, "{% for s in lookupSRV(service=\"etcd\", proto=\"tcp\", name=\"example.org\") %}{{ s.target }}:{{ s.port }}/{{ s.priority }}/{{ s.weight }} {% endfor %}").unwrap(),
+            "a.example.org.:2379/0/10 b.example.org.:2379/0/10 "
+        );
+    }
+
+    #[test]
+    fn confd_strings_numbers_and_lists() {
+        let mut t = confd_tera();
+        assert_eq!(
+            r(&mut t, "{{ base64Encode(value=\"Value\") }} {{ \"VmFsdWU=\" | base64Decode }} {{ \"\" | base64Encode }}|{{ \"ab\" | base64Encode }}").unwrap(),
+            "VmFsdWU= Value |YWI="
+        );
+        let e = r(&mut t, "{{ base64Decode(value=\"Vm!s\") }}").unwrap_err();
+        assert!(e.contains("is not base64"), "{e}");
+        assert_eq!(
+            r(&mut t, "{{ parseBool(value=\"T\") }} {{ \"0\" | parseBool }} {{ atoi(value=\"-42\") + 1 }} {{ \"+7\" | atoi }}").unwrap(),
+            "true false -41 7"
+        );
+        assert!(r(&mut t, "{{ parseBool(value=\"yes\") }}")
+            .unwrap_err()
+            .contains("not a boolean"));
+        assert!(r(&mut t, "{{ atoi(value=\" 1\") }}")
+            .unwrap_err()
+            .contains("not an integer"));
+        assert!(r(&mut t, "{{ atoi(value=\"99999999999999999999\") }}")
+            .unwrap_err()
+            .contains("out of range"));
+        assert_eq!(
+            r(
+                &mut t,
+                "{{ seq(first=3, last=5) | join(sep=\",\") }}|{{ seq(first=2, last=1) | length }}"
+            )
+            .unwrap(),
+            "3,4,5|0"
+        );
+        assert!(r(&mut t, "{{ seq(first=1, last=1000000) }}")
+            .unwrap_err()
+            .contains("more than"));
+        let e = r(&mut t, "{{ seq(first=\"1\", last=3) }}").unwrap_err();
+        assert!(
+            e.contains("must be an integer") && e.contains("atoi"),
+            "{e}"
+        );
+        assert_eq!(
+            r(
+                &mut t,
+                "{{ sortByLength(list=[\"ccc\", \"a\", \"bb\", \"d\"]) | join(sep=\",\") }}"
+            )
+            .unwrap(),
+            "a,d,bb,ccc"
+        );
+        assert_eq!(
+            r(&mut t, "{% for kv in gets(key=\"/config/app/*\") | sortKVByLength | reverse %}{{ kv.key }};{% endfor %}").unwrap(),
+            "/config/app/name;"
+        );
+        assert_eq!(
+            r(&mut t, "{% for kv in gets(key=\"/config/*/*\") | sortKVByLength %}{{ kv.key }};{% endfor %}").unwrap(),
+            "/config/app/name;/config/haproxy/domain;/config/haproxy/maxconn;"
+        );
+        assert_eq!(
+            r(&mut t, "{{ trimSuffix(value=\"a.conf.conf\", suffix=\".conf\") }} {{ \"x.tmpl\" | trimSuffix(suffix=\".tmpl\") }}").unwrap(),
+            "a.conf x"
+        );
+        assert_eq!(
+            r(&mut t, "{{ replace(value=\"a-b-c\", old=\"-\", new=\"_\", n=1) }} {{ replace(value=\"a-b-c\", old=\"-\", new=\"_\", n=-1) }}").unwrap(),
+            "a_b-c a_b_c"
+        );
+        assert_eq!(
+            r(&mut t, "{{ add(a=1, b=2) }} {{ sub(a=1, b=2) }} {{ mul(a=3, b=4) }} {{ div(a=7, b=2) }} {{ div(a=-7, b=2) }} {{ mod(a=-7, b=3) }}").unwrap(),
+            "3 -1 12 3 -3 -1"
+        );
+        assert!(r(&mut t, "{{ div(a=1, b=0) }}")
+            .unwrap_err()
+            .contains("division by zero"));
+        let e = r(&mut t, "{{ add(a=\"1\", b=2) }}").unwrap_err();
+        assert!(e.contains("add: argument `a` must be an integer"), "{e}");
+    }
+
+    #[test]
+    fn go_string_helpers() {
+        assert_eq!(go_replace("aaa", "a", "b", 2), "bba");
+        assert_eq!(go_replace("ab", "", "-", -1), "-a-b-");
+        assert_eq!(go_replace("ab", "", "-", 2), "-a-b");
+        assert_eq!(go_replace("ab", "x", "-", -1), "ab");
+        for s in [
+            "",
+            "f",
+            "fo",
+            "foo",
+            "foob",
+            "fooba",
+            "foobar",
+            "\u{e9}t\u{e9}",
+        ] {
+            assert_eq!(
+                base64_decode(&base64_encode(s.as_bytes())).unwrap(),
+                s.as_bytes()
+            );
+        }
+        assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
+        assert_eq!(base64_decode("Zm9v\r\nYg==").unwrap(), b"foob");
+        assert!(base64_decode("Zm9").is_err());
+        assert!(base64_decode("Zg==Zg==").is_err());
+        assert_eq!(atoi("007").unwrap(), 7);
+        assert!(atoi("+").is_err() && atoi("1.5").is_err() && atoi("").is_err());
+    }
+
+    /// The stub resolver against a DNS server on loopback: an SRV answer with name
+    /// compression, NXDOMAIN, and a server that never answers (bounded by the timeout).
+    #[test]
+    fn dns_srv_over_udp() {
+        use std::net::UdpSocket;
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = server.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            for _ in 0..2 {
+                let Ok((n, peer)) = server.recv_from(&mut buf) else {
+                    return;
+                };
+                let q = &buf[..n];
+                let nx = q[12..].windows(2).any(|w| w == b"nx");
+                let mut a = q[..2].to_vec();
+                a.extend_from_slice(&[
+                    0x81,
+                    if nx { 0x83 } else { 0x80 },
+                    0,
+                    1,
+                    0,
+                    if nx { 0 } else { 1 },
+                    0,
+                    0,
+                    0,
+                    0,
+                ]);
+                a.extend_from_slice(&q[12..]);
+                if !nx {
+                    // name: pointer to the question; SRV IN ttl 60; prio 1 weight 5 port 2379;
+                    // target "etcd" + pointer to "example.org" in the question.
+                    let qn_off = 12usize;
+                    let example = q[12..]
+                        .windows(8)
+                        .position(|w| w == b"\x07example")
+                        .unwrap()
+                        + 12;
+                    a.extend_from_slice(&[0xC0, qn_off as u8, 0, 33, 0, 1, 0, 0, 0, 60]);
+                    let rdata = [
+                        &[0u8, 1, 0, 5, 0x09, 0x4B][..],
+                        b"\x04etcd",
+                        &[0xC0, example as u8],
+                    ]
+                    .concat();
+                    a.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+                    a.extend_from_slice(&rdata);
+                }
+                server.send_to(&a, peer).unwrap();
+            }
+        });
+        let r = dns::System::with_servers(vec![addr], std::time::Duration::from_secs(2));
+        assert_eq!(
+            r.srv("_etcd._tcp.example.org").unwrap(),
+            vec![Srv {
+                target: "etcd.example.org.".into(),
+                port: 2379,
+                priority: 1,
+                weight: 5
+            }]
+        );
+        assert_eq!(r.srv("_x._tcp.nx.example.org").unwrap(), vec![]);
+
+        let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let r = dns::System::with_servers(
+            vec![silent.local_addr().unwrap()],
+            std::time::Duration::from_millis(200),
+        );
+        let started = std::time::Instant::now();
+        let e = r.srv("_etcd._tcp.example.org").unwrap_err();
+        assert!(e.contains("no answer within 200ms"), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        assert!(dns::encode_query("a..b", 1).is_err());
+        assert_eq!(
+            dns::nameservers(
+                "# x\nnameserver 192.0.2.1\nnameserver fe80::1%eth0\noptions ndots:1\n"
+            ),
+            vec![
+                "192.0.2.1:53".parse().unwrap(),
+                "[fe80::1]:53".parse().unwrap()
+            ]
+        );
+    }
+
+    /// getaddrinfo through the real resolver: localhost resolves from /etc/hosts.
+    #[test]
+    fn system_lookup_ip_localhost() {
+        let ips = dns::System::new().ips("localhost").unwrap();
+        assert!(ips.iter().any(|ip| ip.is_loopback()), "{ips:?}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 mod admit;
 mod apply;
+mod convert;
 mod daemon;
 mod funcs;
 mod memo;
@@ -23,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use flotilla_registry::daemon::{self as plumbing, ObsArgs};
 use flotilla_registry::{CacheState, EtcdArgs, Keys, WatchCache};
 use serde::{Deserialize, Serialize};
@@ -58,6 +59,19 @@ enum Command {
     Render(RenderArgs),
     /// Print the current registry (everything under --prefix) as a snapshot file for `render`.
     Dump(DumpArgs),
+    /// Convert a confd template (Go text/template) into a confgen (Tera) template; every
+    /// construct that could not be converted is reported with its line (exit 1).
+    Convert(ConvertArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ConvertArgs {
+    /// The confd template (`-` for stdin).
+    input: PathBuf,
+    /// Write the Tera template here instead of stdout (written even when some constructs
+    /// could not be converted: they are left in it as comments).
+    #[arg(short, long, env = "FLOTILLA_CONVERT_OUTPUT")]
+    output: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -140,7 +154,43 @@ struct SnapshotFile {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // confd's flags (`-onetime`, `-node URL`, …) for `run`: see convert::confd_run_args.
+    let own: convert::OwnFlags = Cli::command()
+        .find_subcommand("run")
+        .map(|run| {
+            run.get_arguments()
+                .filter_map(|a| Some((a.get_long()?.to_string(), a.get_action().takes_values())))
+                .collect()
+        })
+        .unwrap_or_default();
+    // An argument that is not UTF-8 (a path) is left to clap as it is: no confd flag is.
+    let Ok(argv) = std::env::args_os()
+        .map(|a| a.into_string())
+        .collect::<Result<Vec<String>, _>>()
+    else {
+        return run_cli(Cli::parse());
+    };
+    let rewritten = match convert::confd_run_args(argv, &own, &|k| std::env::var(k).ok()) {
+        Ok(r) => r,
+        Err(e) => {
+            for line in e.lines() {
+                eprintln!("confgen: error: {line}");
+            }
+            eprintln!("confgen: confd's flags and their Flotilla equivalents: docs/MIGRATING.md");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    for n in &rewritten.notes {
+        eprintln!("confgen: note: confd flag {n}");
+    }
+    if let Some(level) = &rewritten.rust_log {
+        // Before any thread exists (the runtime is built below).
+        std::env::set_var("RUST_LOG", level);
+    }
+    run_cli(Cli::parse_from(rewritten.args))
+}
+
+fn run_cli(cli: Cli) -> ExitCode {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -151,6 +201,7 @@ fn main() -> ExitCode {
             Command::Run(a) => run(a).await,
             Command::Render(a) => render(a),
             Command::Dump(a) => dump(a).await,
+            Command::Convert(a) => convert_template(a),
         }
     });
     match result {
@@ -334,6 +385,40 @@ fn render(a: RenderArgs) -> anyhow::Result<u8> {
         .write_all(&out)
         .context("writing stdout")?;
     Ok(0)
+}
+
+fn convert_template(a: ConvertArgs) -> anyhow::Result<u8> {
+    let name = a.input.display().to_string();
+    let src = if a.input == Path::new("-") {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).context("reading stdin")?;
+        s
+    } else {
+        std::fs::read_to_string(&a.input).with_context(|| format!("{name}: cannot read"))?
+    };
+    let c = convert::convert(&src);
+    for p in &c.notes {
+        eprintln!("{name}:{}:{}: note: {} ({})", p.line, p.col, p.reason, p.construct);
+    }
+    for p in &c.problems {
+        eprintln!("{name}:{}:{}: not converted: {} ({})", p.line, p.col, p.reason, p.construct);
+    }
+    match &a.output {
+        Some(path) => std::fs::write(path, &c.output)
+            .with_context(|| format!("{}: cannot write", path.display()))?,
+        None => std::io::stdout()
+            .write_all(c.output.as_bytes())
+            .context("writing stdout")?,
+    }
+    if c.problems.is_empty() {
+        Ok(0)
+    } else {
+        eprintln!(
+            "confgen: {name}: {} construct(s) not converted; they are left as comments in the output",
+            c.problems.len()
+        );
+        Ok(EXIT_FAILED)
+    }
 }
 
 async fn dump(a: DumpArgs) -> anyhow::Result<u8> {
