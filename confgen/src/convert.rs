@@ -163,7 +163,7 @@ fn lex(src: &str) -> Result<Vec<Item>, (usize, String)> {
         } else {
             let close = find_close(src, p).ok_or((start, "unclosed action: no }}".to_string()))?;
             let mut inner_end = close;
-            if close >= 2 && b[close - 1] == b'-' && is_space(b[close - 2]) && close - 1 >= p {
+            if close >= 2 && b[close - 1] == b'-' && is_space(b[close - 2]) && close > p {
                 trim_right = true;
                 inner_end = close - 1;
             }
@@ -314,7 +314,8 @@ fn tokenize(s: &str) -> Result<Vec<Tok>, String> {
                                         'u' => 4,
                                         _ => 8,
                                     };
-                                    let hex: String = c.get(i..i + n).unwrap_or(&[]).iter().collect();
+                                    let hex: String =
+                                        c.get(i..i + n).unwrap_or(&[]).iter().collect();
                                     i += n;
                                     let code = u32::from_str_radix(&hex, 16)
                                         .ok()
@@ -359,7 +360,10 @@ fn tokenize(s: &str) -> Result<Vec<Tok>, String> {
                 }
                 out.push(Tok::Var(c[start..i].iter().collect()));
             }
-            '.' if c.get(i + 1).is_some_and(|x| ident_char(*x) && !x.is_ascii_digit()) => {
+            '.' if c
+                .get(i + 1)
+                .is_some_and(|x| ident_char(*x) && !x.is_ascii_digit()) =>
+            {
                 let start = i + 1;
                 i += 1;
                 while i < c.len() && ident_char(c[i]) {
@@ -373,7 +377,8 @@ fn tokenize(s: &str) -> Result<Vec<Tok>, String> {
             }
             _ if ch.is_ascii_digit()
                 || ((ch == '-' || ch == '+' || ch == '.')
-                    && c.get(i + 1).is_some_and(|x| x.is_ascii_digit() || *x == '.')) =>
+                    && c.get(i + 1)
+                        .is_some_and(|x| x.is_ascii_digit() || *x == '.')) =>
             {
                 let start = i;
                 i += 1;
@@ -381,7 +386,8 @@ fn tokenize(s: &str) -> Result<Vec<Tok>, String> {
                     && (c[i].is_ascii_alphanumeric()
                         || c[i] == '_'
                         || c[i] == '.'
-                        || ((c[i] == '-' || c[i] == '+') && matches!(c[i - 1], 'e' | 'E' | 'p' | 'P')))
+                        || ((c[i] == '-' || c[i] == '+')
+                            && matches!(c[i - 1], 'e' | 'E' | 'p' | 'P')))
                 {
                     i += 1;
                 }
@@ -562,7 +568,9 @@ impl Parser {
 fn parse_action(inner: &str) -> Result<Action, String> {
     let trimmed = inner.trim();
     if let Some(c) = trimmed.strip_prefix("/*") {
-        return Ok(Action::Comment(c.strip_suffix("*/").unwrap_or(c).to_string()));
+        return Ok(Action::Comment(
+            c.strip_suffix("*/").unwrap_or(c).to_string(),
+        ));
     }
     let toks = tokenize(inner)?;
     let mut p = Parser { toks, i: 0 };
@@ -765,14 +773,29 @@ fn is_ident(s: &str) -> bool {
 }
 
 const TERA_RESERVED: &[&str] = &[
-    "and", "or", "not", "in", "is", "true", "false", "True", "False", "loop", "self", "super",
+    "and",
+    "or",
+    "not",
+    "in",
+    "is",
+    "true",
+    "false",
+    "True",
+    "False",
+    "loop",
+    "self",
+    "super",
     "__tera_context",
 ];
 
 // ------------------------------------------------------------------------------------------
 // Types, as far as the converter can tell (to map `.Key` → `.key` and pick loop forms).
 
+/// Variables in scope: Go name → (Tera name, type).
+type Vars = HashMap<String, (String, Ty)>;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+
 enum Ty {
     Str,
     Int,
@@ -847,7 +870,7 @@ struct Frame {
     /// Whether an `else` was seen (range: the loop variables are gone there).
     in_else: bool,
     /// Dot and variables the block had before its `else` replaced them.
-    saved: Option<(HashMap<String, (String, Ty)>, Option<(String, Ty)>)>,
+    saved: Option<(Vars, Option<(String, Ty)>)>,
 }
 
 struct Converter<'a> {
@@ -963,7 +986,9 @@ impl<'a> Converter<'a> {
 
     /// Literal text: Tera would read `{%` and `{#` in it as tags.
     fn text(&mut self, t: &str) {
-        let mut s = t.replace("{%", "{{ \"{%\" }}").replace("{#", "{{ \"{#\" }}");
+        let mut s = t
+            .replace("{%", "{{ \"{%\" }}")
+            .replace("{#", "{{ \"{#\" }}");
         // A `{` right before the next tag would make `{{{` / `{{%`: write it as a string.
         if s.ends_with('{') {
             s.pop();
@@ -1267,7 +1292,11 @@ impl<'a> Converter<'a> {
             // Go prints a list of strings or numbers as [a b c].
             let e = T::Concat(vec![
                 T::Str("[".into()),
-                T::Filter(Box::new(e), "join".into(), vec![("sep".into(), T::Str(" ".into()))]),
+                T::Filter(
+                    Box::new(e),
+                    "join".into(),
+                    vec![("sep".into(), T::Str(" ".into()))],
+                ),
                 T::Str("]".into()),
             ]);
             let r = self.render(&e, Place::Any)?;
@@ -1313,7 +1342,7 @@ impl<'a> Converter<'a> {
     }
 
     /// `if` pipeline → (`{% set … %}`s and `{% if … %}`, variables it declares).
-    fn cond(&mut self, p: &Pipeline) -> Conv<(Vec<String>, HashMap<String, (String, Ty)>)> {
+    fn cond(&mut self, p: &Pipeline) -> Conv<(Vec<String>, Vars)> {
         let (e, ty) = self.pipeline(p)?;
         let mut vars = HashMap::new();
         let mut tags = Vec::new();
@@ -1334,7 +1363,10 @@ impl<'a> Converter<'a> {
     }
 
     #[allow(clippy::type_complexity)]
-    fn with(&mut self, p: &Pipeline) -> Conv<(Vec<String>, String, Ty, HashMap<String, (String, Ty)>)> {
+    fn with(
+        &mut self,
+        p: &Pipeline,
+    ) -> Conv<(Vec<String>, String, Ty, HashMap<String, (String, Ty)>)> {
         let (e, ty) = self.pipeline(p)?;
         let mut vars = HashMap::new();
         let base = match p.decl.as_slice() {
@@ -1366,7 +1398,11 @@ impl<'a> Converter<'a> {
     fn range(
         &mut self,
         p: &Pipeline,
-    ) -> Conv<(Vec<String>, HashMap<String, (String, Ty)>, Option<(String, Ty)>)> {
+    ) -> Conv<(
+        Vec<String>,
+        HashMap<String, (String, Ty)>,
+        Option<(String, Ty)>,
+    )> {
         if p.assign {
             return Err("range with = is not supported".into());
         }
@@ -1376,12 +1412,16 @@ impl<'a> Converter<'a> {
         let (elem, is_map) = match ty {
             Ty::ListOf(el) => (el.ty(), false),
             Ty::Map => {
-                self.note("ranges over a map: Go visits keys in sorted order, Tera in the map's order");
+                self.note(
+                    "ranges over a map: Go visits keys in sorted order, Tera in the map's order",
+                );
                 (Ty::Json, true)
             }
             Ty::Int => return Err("range over an integer (Go 1.22) is not supported".into()),
             _ => {
-                self.note("cannot tell whether this ranges over a list or a map: converted as a list");
+                self.note(
+                    "cannot tell whether this ranges over a list or a map: converted as a list",
+                );
                 (Ty::Unknown, false)
             }
         };
@@ -1513,14 +1553,19 @@ impl<'a> Converter<'a> {
                 (Ty::Kv, "Key") => ("key".to_string(), Ty::Str),
                 (Ty::Kv, "Value") => ("value".to_string(), Ty::Str),
                 (Ty::Kv, other) => {
-                    return Err(format!("a key/value pair has only .Key and .Value, not .{other}"))
+                    return Err(format!(
+                        "a key/value pair has only .Key and .Value, not .{other}"
+                    ))
                 }
                 (Ty::Srv, "Target") => ("target".into(), Ty::Str),
                 (Ty::Srv, "Port") => ("port".into(), Ty::Int),
                 (Ty::Srv, "Priority") => ("priority".into(), Ty::Int),
                 (Ty::Srv, "Weight") => ("weight".into(), Ty::Int),
                 (Ty::Unknown, "Key" | "Value") => {
-                    self.note(format!(".{f} on a value of unknown type: assumed a key/value pair (.{})", f.to_lowercase()));
+                    self.note(format!(
+                        ".{f} on a value of unknown type: assumed a key/value pair (.{})",
+                        f.to_lowercase()
+                    ));
                     (f.to_lowercase(), Ty::Str)
                 }
                 (Ty::Time, _) => return Err(format!("time method .{f} is not supported")),
@@ -1554,7 +1599,9 @@ impl<'a> Converter<'a> {
             };
             let fmt = go_layout_to_strftime(layout)?;
             if layout.contains("MST") {
-                self.note("MST in a time layout: Tera writes the UTC offset (+01:00), not the zone name");
+                self.note(
+                    "MST in a time layout: Tera writes the UTC offset (+01:00), not the zone name",
+                );
             }
             return Ok((
                 T::Filter(
@@ -1565,7 +1612,10 @@ impl<'a> Converter<'a> {
                 Ty::Str,
             ));
         }
-        Err(format!("method call {name}.{} is not supported", fields.join(".")))
+        Err(format!(
+            "method call {name}.{} is not supported",
+            fields.join(".")
+        ))
     }
 
     fn args(&mut self, args: Vec<ArgSrc>) -> Conv<Vec<(T, Ty)>> {
@@ -1999,11 +2049,16 @@ impl<'a> Converter<'a> {
             T::Field(base, key) => {
                 let b = self.render(base, Place::FilterBase)?;
                 match key {
-                    Key::Name(n) if b.kind == Kind::Path && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') => R {
-                        s: format!("{}.{n}", b.s),
-                        kind: Kind::Path,
-                        plain_str: false,
-                    },
+                    Key::Name(n)
+                        if b.kind == Kind::Path
+                            && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+                    {
+                        R {
+                            s: format!("{}.{n}", b.s),
+                            kind: Kind::Path,
+                            plain_str: false,
+                        }
+                    }
                     Key::Name(n) if b.kind == Kind::Path => R {
                         s: format!("{}[{}]", b.s, str_lit(n).s),
                         kind: Kind::Path,
@@ -2032,7 +2087,11 @@ impl<'a> Converter<'a> {
                             } else {
                                 let name = self.fresh("_t");
                                 self.pre.push(format!("{{% set {name} = {} %}}", k.s));
-                                R { s: name, kind: Kind::Path, plain_str: false }
+                                R {
+                                    s: name,
+                                    kind: Kind::Path,
+                                    plain_str: false,
+                                }
                             };
                             R {
                                 s: format!("{}[{}]", b.s, k.s),
@@ -2043,7 +2102,8 @@ impl<'a> Converter<'a> {
                             // Not a variable: hoist the base so brackets apply.
                             let name = self.fresh("_t");
                             self.pre.push(format!("{{% set {name} = {} %}}", b.s));
-                            return self.render_raw(&T::Field(Box::new(T::Path(name)), key.clone()));
+                            return self
+                                .render_raw(&T::Field(Box::new(T::Path(name)), key.clone()));
                         }
                     }
                 }
@@ -2058,7 +2118,11 @@ impl<'a> Converter<'a> {
                 }
             }
             T::And(xs) | T::Or(xs) => {
-                let word = if matches!(e, T::And(_)) { " and " } else { " or " };
+                let word = if matches!(e, T::And(_)) {
+                    " and "
+                } else {
+                    " or "
+                };
                 let mut parts = Vec::new();
                 for x in xs {
                     parts.push(self.render(x, Place::LogicOperand)?.s);
@@ -2083,12 +2147,12 @@ impl<'a> Converter<'a> {
                     self.render_raw(&T::Cmp(l.clone(), flipped, r.clone()))?
                 }
                 T::In(a, b, neg) => self.render_raw(&T::In(a.clone(), b.clone(), !neg))?,
-                T::And(xs) => {
-                    self.render_raw(&T::Or(xs.iter().map(|x| T::Not(Box::new(x.clone()))).collect()))?
-                }
-                T::Or(xs) => {
-                    self.render_raw(&T::And(xs.iter().map(|x| T::Not(Box::new(x.clone()))).collect()))?
-                }
+                T::And(xs) => self.render_raw(&T::Or(
+                    xs.iter().map(|x| T::Not(Box::new(x.clone()))).collect(),
+                ))?,
+                T::Or(xs) => self.render_raw(&T::And(
+                    xs.iter().map(|x| T::Not(Box::new(x.clone()))).collect(),
+                ))?,
                 other => {
                     let r = self.render(other, Place::Compare)?;
                     R {
@@ -2136,7 +2200,13 @@ enum ArgSrc {
 fn tera_var_name(go: &str) -> String {
     let base: String = go
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     let base = if base.is_empty() || base.starts_with(|c: char| c.is_ascii_digit()) {
         format!("v_{base}")
@@ -2174,7 +2244,8 @@ fn number(n: &str) -> Conv<(T, Ty)> {
         i64::from_str_radix(o, 8).ok()
     } else if let Some(b) = lower.strip_prefix("0b") {
         i64::from_str_radix(b, 2).ok()
-    } else if lower.len() > 1 && lower.starts_with('0') && lower.bytes().all(|c| c.is_ascii_digit()) {
+    } else if lower.len() > 1 && lower.starts_with('0') && lower.bytes().all(|c| c.is_ascii_digit())
+    {
         i64::from_str_radix(&lower[1..], 8).ok()
     } else {
         lower.parse::<i64>().ok()
@@ -2299,10 +2370,16 @@ mod tests {
 
     #[test]
     fn text_comments_and_trim_markers() {
-        assert_eq!(ok("plain {% text {# x\n"), "plain {{ \"{%\" }} text {{ \"{#\" }} x\n");
+        assert_eq!(
+            ok("plain {% text {# x\n"),
+            "plain {{ \"{%\" }} text {{ \"{#\" }} x\n"
+        );
         assert_eq!(ok("a {{/* note */}} b"), "a {# note #} b");
         assert_eq!(ok("a {{- /* note */ -}} b"), "a {#- note -#} b");
-        assert_eq!(ok("x\n{{- getv \"/k\" -}}\ny"), "x\n{{- getv(key=\"/k\") -}}\ny");
+        assert_eq!(
+            ok("x\n{{- getv \"/k\" -}}\ny"),
+            "x\n{{- getv(key=\"/k\") -}}\ny"
+        );
         assert_eq!(ok("{{-3}}"), "{{ -3 }}");
         assert_eq!(ok("{ {{getv \"/k\"}} }"), "{ {{ getv(key=\"/k\") }} }");
     }
@@ -2410,7 +2487,10 @@ mod tests {
         assert_eq!(ok("{{printf \"%d%%\" 5}}"), "{{ 5 ~ \"%\" }}");
         assert_eq!(ok("{{ \"a\\\"b\" }}"), "{{ 'a\"b' }}");
         assert_eq!(ok("{{ `it's \"x\"` }}"), "{{ `it's \"x\"` }}");
-        assert_eq!(ok("{{ 0x10 }} {{ 'a' }} {{ 1.5 }} {{ true }}"), "{{ 16 }} {{ 97 }} {{ 1.5 }} {{ true }}");
+        assert_eq!(
+            ok("{{ 0x10 }} {{ 'a' }} {{ 1.5 }} {{ true }}"),
+            "{{ 16 }} {{ 97 }} {{ 1.5 }} {{ true }}"
+        );
         assert_eq!(
             ok("{{datetime.Format \"2006-01-02 15:04\"}}"),
             "{{ now() | date(format=\"%Y-%m-%d %H:%M\") }}"
@@ -2429,7 +2509,11 @@ mod tests {
         assert!(c.problems[4].reason.contains("no data"));
         // The output still parses (the check in convert would have added a problem).
         assert!(c.output.contains("not converted (line 3)"));
-        assert!(c.output.contains("{% if false %}x{% endif %}"), "{}", c.output);
+        assert!(
+            c.output.contains("{% if false %}x{% endif %}"),
+            "{}",
+            c.output
+        );
         let c = convert("{{ if exists \"/a\" }}");
         assert_eq!(c.problems.len(), 1);
         assert!(c.problems[0].reason.contains("not closed"));
@@ -2443,7 +2527,10 @@ mod tests {
             go_layout_to_strftime("Jan 2, 2006 at 3:04pm (MST)").unwrap(),
             "%b %-d, %Y at %-I:%M%P (%Z)"
         );
-        assert_eq!(go_layout_to_strftime("2006-01-02T15:04:05Z07:00").unwrap(), "%Y-%m-%dT%H:%M:%S%:z");
+        assert_eq!(
+            go_layout_to_strftime("2006-01-02T15:04:05Z07:00").unwrap(),
+            "%Y-%m-%dT%H:%M:%S%:z"
+        );
     }
 }
 
@@ -2527,7 +2614,10 @@ pub fn confd_run_args(
         // confgen's own double-dash flags (and short flags like -h) pass through.
         if dashes == 2 && own.contains_key(&name) || dashes == 1 && name.chars().count() <= 1 {
             if name == "node" {
-                let v = inline.clone().or_else(|| argv.get(i).cloned()).unwrap_or_default();
+                let v = inline
+                    .clone()
+                    .or_else(|| argv.get(i).cloned())
+                    .unwrap_or_default();
                 if looks_like_endpoint(&v) {
                     errors.push(format!(
                         "--node {v}: --node is this host's Flotilla node name (as presence's --node); \
@@ -2591,7 +2681,10 @@ pub fn confd_run_args(
                 if flags.first().is_some_and(|f| f == "--confdir") {
                     has_confdir = true;
                 }
-                if flags.first().is_some_and(|f| f == "--etcd-cacert" || f == "--etcd-cert") {
+                if flags
+                    .first()
+                    .is_some_and(|f| f == "--etcd-cacert" || f == "--etcd-cert")
+                {
                     tls = true;
                 }
                 out.args.extend(flags);
@@ -2670,12 +2763,19 @@ fn confd_flag(name: &str) -> Option<ConfdFlag> {
     fn to(flag: &str, v: &str) -> Alias {
         Alias::To(vec![flag.to_string(), v.to_string()])
     }
-    let f = |takes_value, action| Some(ConfdFlag { takes_value, action });
+    let f = |takes_value, action| {
+        Some(ConfdFlag {
+            takes_value,
+            action,
+        })
+    };
     match name {
         "onetime" => f(false, |_| Alias::To(vec!["--onetime".into()])),
         "noop" => f(false, |_| Alias::To(vec!["--noop".into()])),
         "watch" => f(false, |_| {
-            Alias::Note("implied: confgen always watches etcd (and with -onetime, renders once)".into())
+            Alias::Note(
+                "implied: confgen always watches etcd (and with -onetime, renders once)".into(),
+            )
         }),
         "sync-only" => f(false, |_| {
             Alias::ToNote(
@@ -2696,7 +2796,8 @@ fn confd_flag(name: &str) -> Option<ConfdFlag> {
                 ))
             }
         }),
-        "log-level" => f(true, |v| match v.to_ascii_lowercase().as_str() {
+        "log-level" => f(true, |v| {
+            match v.to_ascii_lowercase().as_str() {
             "debug" => Alias::LogLevel("debug".into()),
             "info" | "" => Alias::LogLevel("info".into()),
             "warn" | "warning" => Alias::LogLevel("warn".into()),
@@ -2704,8 +2805,10 @@ fn confd_flag(name: &str) -> Option<ConfdFlag> {
             other => Alias::Refuse(format!(
                 "unknown level {other:?} (debug, info, warn, error); confgen also reads RUST_LOG filters"
             )),
+        }
         }),
-        "backend" => f(true, |v| match v {
+        "backend" => f(true, |v| {
+            match v {
             "etcdv3" => Alias::Note("implied: confgen reads etcd's v3 API".into()),
             "etcd" => Alias::Refuse(
                 "confgen reads etcd's v3 API only; keys written through the v2 API (confd's -backend etcd) \
@@ -2716,6 +2819,7 @@ fn confd_flag(name: &str) -> Option<ConfdFlag> {
             other => Alias::Refuse(format!(
                 "confgen reads etcd (v3) only, not {other}: put the keys in etcd and drop -backend"
             )),
+        }
         }),
         "client-cert" => f(true, |v| to("--etcd-cert", v)),
         "client-key" => f(true, |v| to("--etcd-key", v)),
@@ -2740,7 +2844,8 @@ fn confd_flag(name: &str) -> Option<ConfdFlag> {
         }),
         "keep-stage-file" => f(false, |_| {
             Alias::Note(
-                "ignored: staged files are always removed; use --noop --diff to see a render".into(),
+                "ignored: staged files are always removed; use --noop --diff to see a render"
+                    .into(),
             )
         }),
         "config-file" => f(true, |_| {
@@ -2756,12 +2861,13 @@ fn confd_flag(name: &str) -> Option<ConfdFlag> {
             )
         }),
         "scheme" => f(true, |_| {
-            Alias::Note("ignored: it only applies to DNS SRV discovery; endpoints carry their scheme".into())
+            Alias::Note(
+                "ignored: it only applies to DNS SRV discovery; endpoints carry their scheme"
+                    .into(),
+            )
         }),
         "secret-keyring" => f(true, |_| {
-            Alias::Refuse(
-                "encrypted values (cget, cgets, cgetv, cgetvs) are not supported".into(),
-            )
+            Alias::Refuse("encrypted values (cget, cgets, cgetv, cgetvs) are not supported".into())
         }),
         "auth-token" | "auth-type" | "app-id" | "user-id" | "role-id" | "secret-id" | "path"
         | "table" | "separator" | "file" | "filter" => f(true, |_| {
@@ -2814,13 +2920,27 @@ mod flag_tests {
     fn confd_integration_test_command_line() {
         // integration/etcdv3/test.sh of confd, as written there (double dashes, as Go allows).
         let r = run(&[
-            "--onetime", "--log-level", "debug", "--confdir", "./integration/confdir",
-            "--backend", "etcdv3", "-node", "http://127.0.0.1:2379", "--watch",
+            "--onetime",
+            "--log-level",
+            "debug",
+            "--confdir",
+            "./integration/confdir",
+            "--backend",
+            "etcdv3",
+            "-node",
+            "http://127.0.0.1:2379",
+            "--watch",
         ])
         .unwrap();
         assert_eq!(
             args(&r),
-            ["--onetime", "--confdir", "./integration/confdir", "--etcd-endpoints", "http://127.0.0.1:2379"]
+            [
+                "--onetime",
+                "--confdir",
+                "./integration/confdir",
+                "--etcd-endpoints",
+                "http://127.0.0.1:2379"
+            ]
         );
         assert_eq!(r.rust_log.as_deref(), Some("debug"));
         assert_eq!(r.notes.len(), 2, "{:?}", r.notes);
@@ -2828,25 +2948,74 @@ mod flag_tests {
 
     #[test]
     fn single_dash_spellings() {
-        let r = run(&["-onetime", "-noop=true", "-confdir=/etc/confd", "-node", "10.0.0.1:2379", "-node=10.0.0.2:2379", "-sync-only", "-watch=false"]).unwrap();
+        let r = run(&[
+            "-onetime",
+            "-noop=true",
+            "-confdir=/etc/confd",
+            "-node",
+            "10.0.0.1:2379",
+            "-node=10.0.0.2:2379",
+            "-sync-only",
+            "-watch=false",
+        ])
+        .unwrap();
         assert_eq!(
             args(&r),
-            ["--onetime", "--noop", "--confdir", "/etc/confd", "--no-reload", "--etcd-endpoints", "http://10.0.0.1:2379,http://10.0.0.2:2379"]
+            [
+                "--onetime",
+                "--noop",
+                "--confdir",
+                "/etc/confd",
+                "--no-reload",
+                "--etcd-endpoints",
+                "http://10.0.0.1:2379,http://10.0.0.2:2379"
+            ]
         );
         assert!(r.notes.iter().any(|n| n.contains("check_cmd still does")));
         // TLS: endpoints without a scheme get https.
         let r = run(&["-client-ca-keys", "/ca.pem", "-node", "etcd:2379"]).unwrap();
-        assert_eq!(args(&r), ["--etcd-cacert", "/ca.pem", "--etcd-endpoints", "https://etcd:2379", "--confdir", "/etc/confd"]);
+        assert_eq!(
+            args(&r),
+            [
+                "--etcd-cacert",
+                "/ca.pem",
+                "--etcd-endpoints",
+                "https://etcd:2379",
+                "--confdir",
+                "/etc/confd"
+            ]
+        );
         // confgen's own flags are left alone.
-        let r = run(&["--confdir", "/x", "--node", "web-1", "--prefix", "/flotilla"]).unwrap();
-        assert_eq!(args(&r), ["--confdir", "/x", "--node", "web-1", "--prefix", "/flotilla"]);
+        let r = run(&[
+            "--confdir",
+            "/x",
+            "--node",
+            "web-1",
+            "--prefix",
+            "/flotilla",
+        ])
+        .unwrap();
+        assert_eq!(
+            args(&r),
+            [
+                "--confdir",
+                "/x",
+                "--node",
+                "web-1",
+                "--prefix",
+                "/flotilla"
+            ]
+        );
         assert!(r.notes.is_empty() && r.rust_log.is_none());
     }
 
     #[test]
     fn node_cannot_be_confused() {
         let e = run(&["--confdir", "/x", "--node", "http://127.0.0.1:2379"]).unwrap_err();
-        assert!(e.contains("use --etcd-endpoints http://127.0.0.1:2379"), "{e}");
+        assert!(
+            e.contains("use --etcd-endpoints http://127.0.0.1:2379"),
+            "{e}"
+        );
         let e = run(&["--node=10.0.0.1:2379"]).unwrap_err();
         assert!(e.contains("--etcd-endpoints"), "{e}");
         let e = run(&["-node", "web-1"]).unwrap_err();
@@ -2859,7 +3028,10 @@ mod flag_tests {
             (vec!["-backend", "etcd"], "ETCDCTL_API=3"),
             (vec!["-backend", "consul"], "etcd (v3) only"),
             (vec!["-prefix", "/production"], "prefix = \"/production\""),
-            (vec!["-config-file", "/etc/confd/confd.toml"], "no configuration file"),
+            (
+                vec!["-config-file", "/etc/confd/confd.toml"],
+                "no configuration file",
+            ),
             (vec!["-srv-domain", "example.org"], "--etcd-endpoints"),
             (vec!["-client-insecure"], "--etcd-cacert"),
             (vec!["-auth-token", "x"], "other than etcd"),
@@ -2873,18 +3045,43 @@ mod flag_tests {
         let e = run(&["-backend", "redis", "-prefix", "/p"]).unwrap_err();
         assert_eq!(e.lines().count(), 2, "{e}");
         // Harmless ones are accepted with a note.
-        let r = run(&["-interval", "60", "-prefix", "/", "-keep-stage-file", "-scheme", "https", "--confdir", "/x"]).unwrap();
+        let r = run(&[
+            "-interval",
+            "60",
+            "-prefix",
+            "/",
+            "-keep-stage-file",
+            "-scheme",
+            "https",
+            "--confdir",
+            "/x",
+        ])
+        .unwrap();
         assert_eq!(args(&r), ["--confdir", "/x"]);
         assert_eq!(r.notes.len(), 4, "{:?}", r.notes);
     }
 
     #[test]
     fn other_subcommands_untouched() {
-        let argv: Vec<String> = ["confgen", "render", "-onetime"].iter().map(|s| s.to_string()).collect();
-        assert_eq!(confd_run_args(argv.clone(), &own(), &|_| None).unwrap().args, argv);
+        let argv: Vec<String> = ["confgen", "render", "-onetime"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(
+            confd_run_args(argv.clone(), &own(), &|_| None)
+                .unwrap()
+                .args,
+            argv
+        );
         // FLOTILLA_CONFDIR set: no default confdir is added.
-        let argv: Vec<String> = ["confgen", "run", "-onetime"].iter().map(|s| s.to_string()).collect();
-        let r = confd_run_args(argv, &own(), &|k| (k == "FLOTILLA_CONFDIR").then(|| "/c".into())).unwrap();
+        let argv: Vec<String> = ["confgen", "run", "-onetime"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let r = confd_run_args(argv, &own(), &|k| {
+            (k == "FLOTILLA_CONFDIR").then(|| "/c".into())
+        })
+        .unwrap();
         assert_eq!(args(&r), ["--onetime"]);
     }
 }

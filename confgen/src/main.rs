@@ -398,10 +398,16 @@ fn convert_template(a: ConvertArgs) -> anyhow::Result<u8> {
     };
     let c = convert::convert(&src);
     for p in &c.notes {
-        eprintln!("{name}:{}:{}: note: {} ({})", p.line, p.col, p.reason, p.construct);
+        eprintln!(
+            "{name}:{}:{}: note: {} ({})",
+            p.line, p.col, p.reason, p.construct
+        );
     }
     for p in &c.problems {
-        eprintln!("{name}:{}:{}: not converted: {} ({})", p.line, p.col, p.reason, p.construct);
+        eprintln!(
+            "{name}:{}:{}: not converted: {} ({})",
+            p.line, p.col, p.reason, p.construct
+        );
     }
     match &a.output {
         Some(path) => std::fs::write(path, &c.output)

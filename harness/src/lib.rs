@@ -19,8 +19,8 @@
 pub mod docker;
 pub mod etcd;
 pub mod haproxy;
-pub mod machine;
 pub mod hosts;
+pub mod machine;
 pub mod netns;
 pub mod observe;
 
