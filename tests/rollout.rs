@@ -194,6 +194,8 @@ impl Rig {
                     .to_string(),
                 "--etcd-endpoints",
                 &rig.chain.etcd.endpoint(),
+                // Every simulated host announces 127.0.0.1 (one machine).
+                "--allow-loopback",
             ]
             .iter()
             .map(|s| s.to_string())
