@@ -93,7 +93,10 @@ fn services_yaml(service: &str, label: &str, instances: u32, rollout: &str) -> S
     health:
       cmd: wget -q -O /dev/null http://127.0.0.1:8080/ || exit 1
       interval: 1s
-      timeout: 1s
+      # A noisy 2-core machine can stall a check's exec past a second: a slow check must not
+      # count as the service going down (seen with 1s: all three instances 'unhealthy' for
+      # 0.7 s). One failure still marks a broken instance unhealthy at once.
+      timeout: 3s
       retries: 1
     constraints:
       max_per_host: {per_host}
