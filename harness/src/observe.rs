@@ -639,6 +639,9 @@ impl Churn {
                             Ok(w) => w,
                             Err(e) => {
                                 s.errors.push(e.to_string());
+                                // The engine may have started it before it went away: the
+                                // container must not outlive the churn.
+                                let _ = docker.docker(&["rm", "-f", &name]);
                                 std::thread::sleep(Duration::from_millis(500));
                                 continue;
                             }
@@ -649,8 +652,16 @@ impl Churn {
                             std::thread::sleep(Duration::from_millis(20));
                         }
                         marks.dead(std::slice::from_ref(&web.instance), None, &[], "churn");
-                        if let Err(e) = docker.try_remove(&web) {
+                        // A dockerd killed meanwhile refuses the removal, and with
+                        // live-restore the container keeps running (and stays registered,
+                        // rightly): retry until the engine is back, bounded.
+                        let deadline = Instant::now() + Duration::from_secs(30);
+                        while let Err(e) = docker.try_remove(&web) {
                             s.errors.push(e.to_string());
+                            if Instant::now() > deadline {
+                                break;
+                            }
+                            std::thread::sleep(Duration::from_millis(250));
                         }
                         s.cycles += 1;
                     }
