@@ -475,25 +475,8 @@ pub fn ip_endpoint(addr: &str) -> Option<(IpAddr, u16)> {
 }
 
 fn is_plain(token: &str) -> bool {
-    !token.is_empty()
-        && token.len() <= 512
-        && token.bytes().all(|b| {
-            b.is_ascii_alphanumeric()
-                || matches!(
-                    b,
-                    b'_' | b'.'
-                        | b':'
-                        | b'/'
-                        | b'@'
-                        | b'='
-                        | b'+'
-                        | b','
-                        | b'%'
-                        | b'['
-                        | b']'
-                        | b'-'
-                )
-        })
+    // The tokens the runtime API accepts in a `server` line, nothing more.
+    crate::socket::validate_token(token).is_ok()
 }
 
 /// Splits one line into tokens the way HAProxy does: whitespace separates, `#` outside quotes
