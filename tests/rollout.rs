@@ -72,7 +72,20 @@ struct Rig {
 /// host's presence registers only its own containers, as it would with an engine per host.
 const DOCKER_IN_MACHINE: &str = "/usr/local/bin/docker";
 
-fn services_yaml(service: &str, label: &str, instances: u32, rollout: &str) -> String {
+/// Consecutive failed checks before Docker calls an instance unhealthy, in the tests that assert
+/// the service never drops below what the rollout allows. presence deregisters an instance at
+/// its first `unhealthy`; with 1, a single check stalled past its timeout on a loaded machine
+/// took an untouched instance out of the registry for 1.4 s (seen: 2 of 3 healthy in a surge
+/// rollout), which is the check's verdict, not the rollout's doing. Operators run with 3.
+const STEADY_RETRIES: u32 = 3;
+
+fn services_yaml(
+    service: &str,
+    label: &str,
+    instances: u32,
+    rollout: &str,
+    retries: u32,
+) -> String {
     format!(
         r#"services:
   {service}:
@@ -95,9 +108,9 @@ fn services_yaml(service: &str, label: &str, instances: u32, rollout: &str) -> S
       interval: 1s
       # A noisy 2-core machine can stall a check's exec past a second: a slow check must not
       # count as the service going down (seen with 1s: all three instances 'unhealthy' for
-      # 0.7 s). One failure still marks a broken instance unhealthy at once.
+      # 0.7 s).
       timeout: 3s
-      retries: 1
+      retries: {retries}
     constraints:
       max_per_host: {per_host}
     rollout: {rollout}
@@ -108,8 +121,20 @@ fn services_yaml(service: &str, label: &str, instances: u32, rollout: &str) -> S
 
 impl Rig {
     /// A rig with `hosts` systemd machines whose service has `instances` (spread evenly with
-    /// max_per_host) and the `rollout:` settings `rollout` (YAML flow).
+    /// max_per_host) and the `rollout:` settings `rollout` (YAML flow). Its health check needs
+    /// [`STEADY_RETRIES`] consecutive failures to call an instance unhealthy.
     fn start(tag: &str, hosts: usize, instances: u32, rollout: &str) -> Rig {
+        Rig::start_with_retries(tag, hosts, instances, rollout, STEADY_RETRIES)
+    }
+
+    /// Like [`Rig::start`], with the health check's `retries`.
+    fn start_with_retries(
+        tag: &str,
+        hosts: usize,
+        instances: u32,
+        rollout: &str,
+        retries: u32,
+    ) -> Rig {
         images();
         // Every simulated host announces 127.0.0.1 (they all run on this machine).
         let mut chain = Chain::start_with(tag, &["--allow-loopback"]);
@@ -123,7 +148,7 @@ impl Rig {
         let per_host = instances.div_ceil(hosts as u32);
         std::fs::write(
             dir.join("services.yaml"),
-            services_yaml(&service, &label, instances, rollout).replace(
+            services_yaml(&service, &label, instances, rollout, retries).replace(
                 &format!("max_per_host: {instances}"),
                 &format!("max_per_host: {per_host}"),
             ),
@@ -394,18 +419,24 @@ impl Rig {
                 (ok, failed)
             }
         });
-        let samples = Arc::new(Mutex::new(Vec::<usize>::new()));
+        let views = Arc::new(Mutex::new(Vec::<View>::new()));
         let sampler = std::thread::spawn({
             let stop = stop.clone();
-            let samples = samples.clone();
+            let views = views.clone();
             let endpoint = self.chain.etcd.endpoint();
             let service = self.service.clone();
+            let admin = self.chain.dir.path().join("admin.sock");
             move || {
                 let start = Instant::now();
                 while !stop.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(240) {
                     let t = Instant::now();
-                    let n = registry_healthy(&endpoint, &service).len();
-                    samples.lock().unwrap().push(n);
+                    let seen = registry_view(&endpoint, &service);
+                    let proxy = proxy_servers(&admin, &service);
+                    views.lock().unwrap().push(View {
+                        at: start.elapsed().as_secs_f64(),
+                        seen,
+                        proxy,
+                    });
                     if let Some(rest) = Duration::from_millis(50).checked_sub(t.elapsed()) {
                         std::thread::sleep(rest);
                     }
@@ -416,13 +447,18 @@ impl Rig {
         stop.store(true, Ordering::SeqCst);
         let (ok, failed) = load.join().unwrap();
         sampler.join().unwrap();
-        let samples = samples.lock().unwrap().clone();
+        let views = views.lock().unwrap().clone();
+        let samples = views
+            .iter()
+            .filter_map(|v| v.seen.as_ref().map(|s| healthy_count(s)))
+            .collect();
         (
             out,
             Load {
                 ok,
                 failed,
                 samples,
+                views,
             },
         )
     }
@@ -431,7 +467,140 @@ impl Rig {
 struct Load {
     ok: u64,
     failed: Vec<String>,
+    /// Healthy instances per registry sample that could be read.
     samples: Vec<usize>,
+    views: Vec<View>,
+}
+
+/// One registry sample: seconds since the load started, and the service's records (None when
+/// etcd could not be read; such a sample says nothing about the instances).
+#[derive(Clone)]
+struct View {
+    at: f64,
+    seen: Option<Vec<Seen>>,
+    /// HAProxy's servers for the service at the same moment (`show servers state`, abridged).
+    proxy: String,
+}
+
+/// The service's servers as the running HAProxy has them: name, address:port, operational
+/// and administrative state (or the error reading them).
+fn proxy_servers(admin: &Path, service: &str) -> String {
+    let text = match flotilla_harness::haproxy::cli_command(admin, "show servers state") {
+        Ok(t) => t,
+        Err(e) => return format!("({e})"),
+    };
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines
+        .find(|l| l.starts_with("# be_id"))
+        .map(|h| h.trim_start_matches("# ").split(' ').collect())
+        .unwrap_or_default();
+    let col = |name: &str| header.iter().position(|h| *h == name);
+    let (Some(be), Some(name), Some(addr), Some(op), Some(admin), Some(port)) = (
+        col("be_name"),
+        col("srv_name"),
+        col("srv_addr"),
+        col("srv_op_state"),
+        col("srv_admin_state"),
+        col("srv_port"),
+    ) else {
+        return format!("(unexpected: {})", text.lines().next().unwrap_or(""));
+    };
+    let mut out = Vec::new();
+    for l in lines {
+        let f: Vec<&str> = l.split(' ').collect();
+        if f.len() > port && f[be].contains(service) {
+            out.push(format!(
+                "{}={}:{} op{} adm{}",
+                f[name], f[addr], f[port], f[op], f[admin]
+            ));
+        }
+    }
+    out.join(" ")
+}
+
+/// Distinct healthy instances (container, image) in one sample.
+fn healthy_count(seen: &[Seen]) -> usize {
+    seen.iter()
+        .filter(|r| r.health == Health::Healthy)
+        .map(|r| (&r.container, &r.image))
+        .collect::<BTreeSet<_>>()
+        .len()
+}
+
+impl Load {
+    /// The samples with fewer than `min` healthy instances, with the one before each run of
+    /// them, as text: what an operator needs to see which instance went and why.
+    fn dips(&self, min: usize) -> String {
+        let mut out = String::new();
+        let unread = self.views.iter().filter(|v| v.seen.is_none()).count();
+        if unread > 0 {
+            out.push_str(&format!("{unread} samples could not read etcd\n"));
+        }
+        let mut prev: Option<&View> = None;
+        let mut shown = 0;
+        for v in &self.views {
+            let Some(seen) = &v.seen else { continue };
+            if healthy_count(seen) < min && shown < 40 {
+                if let Some(p) =
+                    prev.filter(|p| p.seen.as_ref().is_some_and(|s| healthy_count(s) >= min))
+                {
+                    out.push_str(&format!("  before: {}\n", describe(p)));
+                }
+                out.push_str(&format!("  dip:    {}\n", describe(v)));
+                shown += 1;
+            }
+            prev = Some(v);
+        }
+        out
+    }
+}
+
+impl Load {
+    /// When requests failed (first, last) and what the registry and HAProxy showed from 1 s
+    /// before the first failure to its end (every 5th sample).
+    fn failures(&self) -> String {
+        let times: Vec<f64> = self
+            .failed
+            .iter()
+            .filter_map(|f| f.split('s').next()?.parse().ok())
+            .collect();
+        let (Some(first), Some(last)) = (
+            times.iter().copied().reduce(f64::min),
+            times.iter().copied().reduce(f64::max),
+        ) else {
+            return String::new();
+        };
+        let mut out = format!("failures from {first:.1}s to {last:.1}s\n");
+        for (i, v) in self
+            .views
+            .iter()
+            .filter(|v| v.at >= first - 1.0 && v.at <= last + 0.5)
+            .enumerate()
+        {
+            if i % 5 == 0 {
+                out.push_str(&format!("  {}\n", describe(v)));
+            }
+        }
+        out
+    }
+}
+
+fn describe(v: &View) -> String {
+    let recs: Vec<String> = v
+        .seen
+        .iter()
+        .flatten()
+        .map(|r| {
+            format!(
+                "{}@{} {} {:?}",
+                r.container,
+                r.node,
+                r.image.rsplit(':').next().unwrap_or(""),
+                r.health
+            )
+        })
+        .collect();
+    format!("{:.2}s [{}] haproxy: {}", v.at, recs.join(", "), v.proxy)
 }
 
 impl Drop for Rig {
@@ -497,6 +666,29 @@ fn wait_output(mut child: std::process::Child, timeout: Duration) -> std::proces
 
 /// Healthy endpoints of `service` in etcd, read with the registry crate: (container, image).
 fn registry_healthy(endpoint: &str, service: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = registry_view(endpoint, service)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| r.health == Health::Healthy)
+        .map(|r| (r.container, r.image))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    out.sort();
+    out
+}
+
+/// One endpoint record of the service as the registry holds it.
+#[derive(Clone, Debug)]
+struct Seen {
+    container: String,
+    image: String,
+    health: Health,
+    node: String,
+}
+
+/// Every endpoint record of `service` in etcd, or None when etcd could not be read.
+fn registry_view(endpoint: &str, service: &str) -> Option<Vec<Seen>> {
     thread_local! {
         static RT: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     }
@@ -507,31 +699,23 @@ fn registry_healthy(endpoint: &str, service: &str) -> Vec<(String, String)> {
     let keys = Keys::new("/flotilla").unwrap();
     RT.with(|rt| {
         rt.block_on(async {
-            let Ok(mut client) = args.connect().await else {
-                return Vec::new();
-            };
-            let Ok(snap) =
-                flotilla_registry::fetch_snapshot(&mut client, &keys, &keys.endpoints()).await
-            else {
-                return Vec::new();
-            };
-            let mut out: Vec<(String, String)> = snap
-                .services()
-                .get(service)
-                .into_iter()
-                .flatten()
-                .filter(|e| e.health == Health::Healthy)
-                .map(|e| {
-                    (
-                        e.meta.get("container_name").cloned().unwrap_or_default(),
-                        e.image.clone(),
-                    )
-                })
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .collect();
-            out.sort();
-            out
+            let mut client = args.connect().await.ok()?;
+            let snap = flotilla_registry::fetch_snapshot(&mut client, &keys, &keys.endpoints())
+                .await
+                .ok()?;
+            Some(
+                snap.services()
+                    .get(service)
+                    .into_iter()
+                    .flatten()
+                    .map(|e| Seen {
+                        container: e.meta.get("container_name").cloned().unwrap_or_default(),
+                        image: e.image.clone(),
+                        health: e.health,
+                        node: e.node.clone(),
+                    })
+                    .collect(),
+            )
         })
     })
 }
@@ -583,10 +767,11 @@ fn a_rollout_under_load_replaces_every_instance_one_at_a_time_without_failed_req
     }
     assert!(
         load.failed.is_empty(),
-        "{} of {} requests failed: {:?}\n{}",
+        "{} of {} requests failed: {:?}\n{}\n{}",
         load.failed.len(),
         load.ok + load.failed.len() as u64,
         &load.failed[..load.failed.len().min(5)],
+        load.failures(),
         rig.diagnostics()
     );
     assert!(
@@ -597,8 +782,10 @@ fn a_rollout_under_load_replaces_every_instance_one_at_a_time_without_failed_req
     let min = load.samples.iter().copied().min().unwrap_or(0);
     assert!(
         load.samples.len() > 20 && min >= 3,
-        "healthy instances in etcd fell to {min} (samples every 50 ms: {:?})",
-        load.samples
+        "healthy instances in etcd fell to {min} (samples every 50 ms: {:?})\n{}\n{}",
+        load.samples,
+        load.dips(3),
+        rig.diagnostics()
     );
     eprintln!(
         "{} requests, 0 failed; {} registry samples, min {min} healthy",
@@ -655,11 +842,14 @@ fn a_rollout_under_load_replaces_every_instance_one_at_a_time_without_failed_req
 
 #[test]
 fn a_tag_that_never_becomes_healthy_stops_after_the_first_batch_and_rolls_it_back() {
-    let rig = Rig::start(
+    // One failed check marks the broken instance unhealthy at once, so the rollout names its
+    // health within the deadline; this test asserts no strength figure a flap could break.
+    let rig = Rig::start_with_retries(
         "bad",
         1,
         4,
         "{max_unavailable: 1, max_surge: 0, progress_deadline: 12s}",
+        1,
     );
     let (out, load) = rig.under_load(|| {
         let child = rig
@@ -691,9 +881,11 @@ fn a_tag_that_never_becomes_healthy_stops_after_the_first_batch_and_rolls_it_bac
     );
     assert!(
         load.failed.is_empty(),
-        "{} requests failed: {:?}",
+        "{} requests failed: {:?}\n{}\n{}",
         load.failed.len(),
-        &load.failed[..load.failed.len().min(5)]
+        &load.failed[..load.failed.len().min(5)],
+        load.failures(),
+        rig.diagnostics()
     );
     rig.wait_healthy(4, OLD, Duration::from_secs(20));
     assert!(rig.installed_unit(1).contains(&format!("{REPO}:{OLD}")));
@@ -793,15 +985,19 @@ fn a_surge_rollout_never_drops_below_full_strength() {
     assert!(stderr.contains("surge: [1]"), "{stderr}");
     assert!(
         load.failed.is_empty(),
-        "{} requests failed: {:?}",
+        "{} requests failed: {:?}\n{}\n{}",
         load.failed.len(),
-        &load.failed[..load.failed.len().min(5)]
+        &load.failed[..load.failed.len().min(5)],
+        load.failures(),
+        rig.diagnostics()
     );
     let min = load.samples.iter().copied().min().unwrap_or(0);
     assert!(
         load.samples.len() > 20 && min >= 3,
-        "healthy instances in etcd fell to {min} with max_unavailable 0: {:?}",
-        load.samples
+        "healthy instances in etcd fell to {min} with max_unavailable 0: {:?}\n{}\n{}",
+        load.samples,
+        load.dips(3),
+        rig.diagnostics()
     );
     rig.wait_healthy(3, NEW, Duration::from_secs(10));
     // The surge units are gone.
