@@ -1523,32 +1523,7 @@ impl Fleet {
         want: &BTreeSet<String>,
         timeout: Duration,
     ) -> Duration {
-        let start = Instant::now();
-        loop {
-            let mut last = Vec::new();
-            let mut all = true;
-            for &i in on {
-                let h = &self.hosts[i];
-                let file = h.config_servers();
-                let running = h.routed();
-                if &file != want || running.as_ref() != Some(want) {
-                    all = false;
-                }
-                last.push((h.name.clone(), file, running));
-            }
-            if all {
-                return start.elapsed();
-            }
-            if start.elapsed() > timeout {
-                let mut msg =
-                    format!("not every proxy routes exactly {want:?} after {timeout:?}:\n");
-                for (name, file, running) in last {
-                    msg.push_str(&format!("  {name}: file {file:?}, running {running:?}\n"));
-                }
-                panic!("{msg}\n{}", self.diagnostics());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_proxies(on, want, timeout, |h| (h.config_servers(), h.routed()))
     }
 
     /// Waits until every proxy host routes exactly `want` (server name → `ip:port`), in its
@@ -1558,26 +1533,41 @@ impl Fleet {
         want: &BTreeMap<String, String>,
         timeout: Duration,
     ) -> Duration {
+        self.wait_proxies(&self.proxy_hosts(), want, timeout, |h| {
+            (h.config_addrs(), h.routed_addrs())
+        })
+    }
+
+    /// Polls until `read` (a host's file view and its running HAProxy's, None when unreadable)
+    /// gives `want` for both on every host in `on`; panics naming each host's views after
+    /// `timeout`.
+    fn wait_proxies<T: PartialEq + std::fmt::Debug>(
+        &self,
+        on: &[usize],
+        want: &T,
+        timeout: Duration,
+        read: impl Fn(&Host) -> (T, Option<T>),
+    ) -> Duration {
         let start = Instant::now();
         loop {
-            let mut last = Vec::new();
-            let mut all = true;
-            for i in self.proxy_hosts() {
-                let h = &self.hosts[i];
-                let file = h.config_addrs();
-                let running = h.routed_addrs();
-                if &file != want || running.as_ref() != Some(want) {
-                    all = false;
-                }
-                last.push((h.name.clone(), file, running));
-            }
-            if all {
+            let views: Vec<(&str, T, Option<T>)> = on
+                .iter()
+                .map(|&i| {
+                    let h = &self.hosts[i];
+                    let (file, running) = read(h);
+                    (h.name.as_str(), file, running)
+                })
+                .collect();
+            if views
+                .iter()
+                .all(|(_, file, running)| file == want && running.as_ref() == Some(want))
+            {
                 return start.elapsed();
             }
             if start.elapsed() > timeout {
                 let mut msg =
                     format!("not every proxy routes exactly {want:?} after {timeout:?}:\n");
-                for (name, file, running) in last {
+                for (name, file, running) in views {
                     msg.push_str(&format!("  {name}: file {file:?}, running {running:?}\n"));
                 }
                 panic!("{msg}\n{}", self.diagnostics());
