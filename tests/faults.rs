@@ -170,78 +170,72 @@ fn sleep_until(t0: Instant, d: Duration) {
     std::thread::sleep((t0 + d).saturating_duration_since(Instant::now()));
 }
 
-#[test]
-fn a_host_partitioned_from_etcd_for_two_ttls_is_unrouted_within_ttl_and_back_after_heal() {
-    let mut s = setup(FleetSpec::new(bins(), 3), "no");
+/// Takes host 2 away from the others with `away` for 2 × TTL and brings it back with `back`,
+/// under load through hosts 0 and 1: host 2's endpoints must leave their routing within
+/// TTL + 2 s, `while_away` checks what host 2 itself keeps, and every proxy must route the
+/// whole base set again after `back`. Returns the figures under `test`.
+fn away_for_two_ttls_and_back(
+    mut s: Setup,
+    test: &str,
+    how: &str,
+    away: impl FnOnce(&mut Fleet),
+    while_away: impl FnOnce(&Setup),
+    back: impl FnOnce(&mut Fleet),
+) -> Figures {
     let ttl = s.fleet.ttl();
     let bound = ttl + Duration::from_secs(2);
     let load = s.load(&[0, 1]);
     let others = names(s.not_on(2));
 
-    s.marks.dead(
-        &instances(s.on(2)),
-        Some(bound),
-        &[2],
-        "host cut off from etcd",
-    );
-    let cut = Instant::now();
-    s.fleet.cut_from_etcd(2);
+    s.marks.dead(&instances(s.on(2)), Some(bound), &[2], how);
+    let gone = Instant::now();
+    away(&mut s.fleet);
     let unrouted = s.fleet.wait_routed_on(&[0, 1], &others, ttl + ROUTED);
-    eprintln!("host-2's endpoints unrouted by host-0 and host-1 {unrouted:?} after the cut");
-    sleep_until(cut, 2 * ttl);
-    // The cut-off host cannot see the registry: it keeps its last good file, everything in it.
-    let kept = s.fleet.hosts[2].routed().unwrap_or_default();
-    assert!(
-        kept.is_superset(&names(&s.base)),
-        "the cut-off host's proxy lost endpoints: {kept:?}"
-    );
+    eprintln!("{how}: its endpoints unrouted by host-0 and host-1 {unrouted:?} after");
+    sleep_until(gone, 2 * ttl);
+    while_away(&s);
 
     s.marks.live_except(&instances(s.on(2)), &[2]);
-    let heal = Instant::now();
-    s.fleet.heal_etcd_cut(2);
+    back(&mut s.fleet);
     let converged = s.fleet.wait_routed(&names(&s.base), CONVERGE + ROUTED);
     eprintln!(
-        "converged {converged:?} after the heal ({:?} after the cut)",
-        cut.elapsed()
+        "converged {converged:?} after it came back ({:?} after it went)",
+        gone.elapsed()
     );
-    let _ = heal;
     let stats = load.stop();
-    s.finish(
+    s.finish(test, &stats, &[("after it is back", converged)])
+}
+
+#[test]
+fn a_host_partitioned_from_etcd_for_two_ttls_is_unrouted_within_ttl_and_back_after_heal() {
+    away_for_two_ttls_and_back(
+        setup(FleetSpec::new(bins(), 3), "no"),
         "partition one host from etcd for 2 × TTL",
-        &stats,
-        &[("after heal", converged)],
+        "host cut off from etcd",
+        |fleet| fleet.cut_from_etcd(2),
+        // The cut-off host cannot see the registry: it keeps its last good file, everything
+        // in it.
+        |s| {
+            let kept = s.fleet.hosts[2].routed().unwrap_or_default();
+            assert!(
+                kept.is_superset(&names(&s.base)),
+                "the cut-off host's proxy lost endpoints: {kept:?}"
+            );
+        },
+        |fleet| fleet.heal_etcd_cut(2),
     );
 }
 
 #[test]
 fn a_host_that_dies_is_unrouted_within_ttl_and_healthy_proxies_fail_no_request() {
-    let s = setup(FleetSpec::new(bins(), 3), "no");
-    let ttl = s.fleet.ttl();
-    let bound = ttl + Duration::from_secs(2);
-    let load = s.load(&[0, 1]);
-    let others = names(s.not_on(2));
-
     // Unplugged from the switch: no packet reaches it or leaves it, as if it lost power.
-    s.marks.dead(
-        &instances(s.on(2)),
-        Some(bound),
-        &[2],
-        "host died (unplugged)",
-    );
-    let died = Instant::now();
-    s.fleet.unplug(2);
-    let unrouted = s.fleet.wait_routed_on(&[0, 1], &others, ttl + ROUTED);
-    eprintln!("the dead host's endpoints unrouted {unrouted:?} after it died");
-    sleep_until(died, 2 * ttl);
-
-    s.marks.live_except(&instances(s.on(2)), &[2]);
-    s.fleet.plug(2);
-    let converged = s.fleet.wait_routed(&names(&s.base), CONVERGE + ROUTED);
-    let stats = load.stop();
-    s.finish(
+    away_for_two_ttls_and_back(
+        setup(FleetSpec::new(bins(), 3), "no"),
         "a host dies (unplugged) and comes back",
-        &stats,
-        &[("after it returns", converged)],
+        "host died (unplugged)",
+        |fleet| fleet.unplug(2),
+        |_| {},
+        |fleet| fleet.plug(2),
     );
 }
 

@@ -1,14 +1,29 @@
 //! The whole chain on one machine, with real parts: Docker containers → presence → etcd →
 //! confgen (shipped haproxy template) → proxyctl reload → HAProxy (master-worker) → HTTP.
 //!
-//! Deadlines here are generous multiples of the goals; the goals themselves are measured by
-//! `scripts/bench` (docs/BENCHMARKS.md).
+//! The goals (a started container served within 3 s of `docker run` returning; a dead host's
+//! endpoint out of HAProxy within TTL + 3 s) are asserted here: the first with twice its
+//! figure as the test's bound, since a noisy CI machine is not the benchmark (the bench,
+//! `scripts/bench pipeline`, measures it against 3 s: docs/BENCHMARKS.md); the second as
+//! stated, since its 3 s over the TTL is already the slack. Waits run longer than the bounds,
+//! so a miss fails with the measured figure, not a timeout.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
 use common::chain::{Chain, TTL};
+
+/// The goal: a started container served within 3 s; the test's bound is twice that (above).
+const SERVED_BOUND: Duration = Duration::from_secs(6);
+/// TTL + 3 s, the goal for a dead host's endpoint to leave HAProxy.
+fn gone_bound() -> Duration {
+    let secs: u64 = TTL
+        .strip_suffix('s')
+        .and_then(|n| n.parse().ok())
+        .expect("TTL in whole seconds");
+    Duration::from_secs(secs + 3)
+}
 use flotilla_harness::docker::unique_name;
 use flotilla_harness::wait_for;
 
@@ -25,17 +40,30 @@ fn a_new_container_is_served_and_a_stopped_one_drains_without_failed_requests() 
     let t0 = Instant::now();
     let first = chain.container(&service, &names[0]);
     chain.wait_served_by(&service, &[&names[0]], Duration::from_secs(20));
+    let served = t0.elapsed();
     eprintln!(
         "first container served {} ms after docker run returned",
-        t0.elapsed().as_millis()
+        served.as_millis()
+    );
+    assert!(
+        served <= SERVED_BOUND,
+        "first container served {served:?} after docker run returned (bound {SERVED_BOUND:?})\n{}",
+        chain.diagnostics()
     );
 
     let second = chain.container(&service, &names[1]);
+    let t1 = Instant::now();
     let _third = chain.container(&service, &names[2]);
     chain.wait_served_by(
         &service,
         &[&names[0], &names[1], &names[2]],
         Duration::from_secs(20),
+    );
+    let served = t1.elapsed();
+    assert!(
+        served <= SERVED_BOUND,
+        "the second and third containers served {served:?} after the second's docker run returned (bound {SERVED_BOUND:?})\n{}",
+        chain.diagnostics()
     );
 
     // Stop one of three while a bounded request loop runs: no request may fail.
@@ -106,6 +134,12 @@ fn presence_killed_removes_its_endpoints_and_etcd_restart_recovers() {
     eprintln!(
         "endpoint left HAProxy {} ms after kill -9 of presence (TTL {TTL})",
         gone_after.as_millis()
+    );
+    assert!(
+        gone_after <= gone_bound(),
+        "the dead host's endpoint left HAProxy {gone_after:?} after kill -9 (bound TTL + 3 s = {:?})\n{}",
+        gone_bound(),
+        chain.diagnostics()
     );
     assert!(
         !chain.config().contains(&chain.node),
