@@ -1351,17 +1351,31 @@ mod dns {
         };
         let sock = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
         sock.connect(server).map_err(|e| e.to_string())?;
-        sock.set_read_timeout(Some(left))
-            .map_err(|e| e.to_string())?;
         sock.send(query).map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + left;
         let mut buf = vec![0u8; 4096];
         let n = loop {
-            let n = sock.recv(&mut buf).map_err(|e| match e.kind() {
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-                    "timed out".to_string()
+            // A signal (the daemon's children exiting: SIGCHLD) interrupts the wait: wait
+            // again for what is left, not fail the lookup.
+            let rest = deadline.saturating_duration_since(Instant::now());
+            if rest.is_zero() {
+                return Err("timed out".into());
+            }
+            sock.set_read_timeout(Some(rest))
+                .map_err(|e| e.to_string())?;
+            let n = match sock.recv(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err("timed out".into())
                 }
-                _ => e.to_string(),
-            })?;
+                Err(e) => return Err(e.to_string()),
+            };
             // Ignore stray datagrams with another id.
             if n >= 2 && buf[..2] == query[..2] {
                 break n;
@@ -1960,8 +1974,12 @@ mod tests {
         std::thread::spawn(move || {
             let mut buf = [0u8; 512];
             for _ in 0..2 {
-                let Ok((n, peer)) = server.recv_from(&mut buf) else {
-                    return;
+                let (n, peer) = loop {
+                    match server.recv_from(&mut buf) {
+                        Ok(got) => break got,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(_) => return,
+                    }
                 };
                 let q = &buf[..n];
                 let nx = q[12..].windows(2).any(|w| w == b"nx");
@@ -2032,6 +2050,51 @@ mod tests {
                 "[fe80::1]:53".parse().unwrap()
             ]
         );
+    }
+
+    /// A signal delivered while a lookup waits for its answer (as SIGCHLD is when a check or
+    /// reload command exits) does not fail the lookup: seen as "Interrupted system call" when
+    /// another test's child exited mid-lookup.
+    #[test]
+    fn a_signal_during_a_dns_wait_does_not_fail_the_lookup() {
+        use nix::sys::signal::Signal;
+        use std::net::UdpSocket;
+        // A process-wide handler (tokio's, with SA_RESTART): a recv with a timeout set
+        // (SO_RCVTIMEO) still fails with EINTR when the signal arrives (signal(7)).
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _handler = rt.block_on(async {
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(
+                Signal::SIGURG as i32,
+            ))
+            .unwrap()
+        });
+
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = server.local_addr().unwrap();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<nix::sys::pthread::Pthread>();
+        let answered = std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            let (n, peer) = server.recv_from(&mut buf).unwrap();
+            // Interrupt the waiting lookup thread, then answer (NXDOMAIN, the question echoed).
+            let lookup = ready_rx.recv().unwrap();
+            // (The pause lets the lookup reach its blocking recv; if it had not, the test
+            // would still pass on a correct client, only without proving the retry.)
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            nix::sys::pthread::pthread_kill(lookup, Signal::SIGURG).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let q = &buf[..n];
+            let mut a = q[..2].to_vec();
+            a.extend_from_slice(&[0x81, 0x83, 0, 1, 0, 0, 0, 0, 0, 0]);
+            a.extend_from_slice(&q[12..]);
+            server.send_to(&a, peer).unwrap();
+        });
+        ready_tx.send(nix::sys::pthread::pthread_self()).unwrap();
+        let r = dns::System::with_servers(vec![addr], std::time::Duration::from_secs(5));
+        assert_eq!(r.srv("_x._tcp.nx.example.org"), Ok(vec![]));
+        answered.join().unwrap();
     }
 
     /// getaddrinfo through the real resolver: localhost resolves from /etc/hosts.

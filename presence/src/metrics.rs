@@ -34,7 +34,7 @@ pub struct Metrics {
     pub lease_grants: Counter,
     /// Failed etcd requests of any kind.
     pub etcd_errors: Counter,
-    /// Full reconciliations against etcd.
+    /// Completed full reconciliations against etcd.
     pub full_syncs: Counter,
     /// Records not written because they are too large for one etcd request.
     pub records_refused: Gauge,
@@ -103,7 +103,7 @@ impl Metrics {
         );
         registry.register(
             "presence_full_syncs",
-            "Full reconciliations of this node's keys against etcd",
+            "Completed full reconciliations of this node's keys against etcd",
             m.full_syncs.clone(),
         );
         registry.register(

@@ -690,9 +690,16 @@ impl Writer {
         Ok(())
     }
 
-    /// Makes sure a live lease is held and etcd holds exactly the desired keys of this node.
+    /// Makes sure a live lease is held and etcd holds exactly the desired keys of this node;
+    /// counts the reconciliation once it has completed, so that a waiter on the counter knows
+    /// etcd holds what the last full Docker list said.
     async fn recover(&mut self) -> EtcdResult<()> {
+        self.reconcile_with_etcd().await?;
         self.metrics.full_syncs.inc();
+        Ok(())
+    }
+
+    async fn reconcile_with_etcd(&mut self) -> EtcdResult<()> {
         if let Some(id) = self.lease {
             // Is the lease alive? Opening a keepalive stream renews it once, or fails with
             // "lease not found".

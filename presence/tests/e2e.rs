@@ -100,6 +100,19 @@ fn a_published_port_appears_with_host_port_service_and_tags() {
     );
 }
 
+/// SIGHUP, then waits until the full list it starts has reached etcd: the signal logged, and
+/// one more completed reconciliation than before it (the counter moves only when etcd holds
+/// what a list said).
+fn resync_now(p: &Presence) {
+    let syncs = p.metric("presence_full_syncs_total");
+    p.signal(Signal::SIGHUP);
+    wait_for("the SIGHUP resync to reach etcd", LONG, || {
+        (p.log().contains("SIGHUP: reconciling now")
+            && p.metric("presence_full_syncs_total") > syncs)
+            .then_some(())
+    });
+}
+
 #[test]
 fn docker_stop_removes_the_entry_before_the_container_has_exited() {
     let etcd = Etcd::start();
@@ -130,10 +143,8 @@ fn docker_stop_removes_the_entry_before_the_container_has_exited() {
     assert!(stop.wait().unwrap().success());
     assert_eq!(c.inspect("{{.State.Running}}").unwrap(), "false");
     // A resync after the exit does not bring it back.
-    p.signal(Signal::SIGHUP);
-    std::thread::sleep(Duration::from_millis(300));
+    resync_now(&p);
     assert_eq!(view.instances(&node), Some(BTreeSet::new()));
-    assert!(p.log().contains("SIGHUP: reconciling now"));
 }
 
 #[test]
@@ -151,8 +162,7 @@ fn pause_removes_and_unpause_restores() {
         c.docker("pause", &[]).unwrap();
         wait_instances(&view, &node, &[], LONG);
         // A resync while paused keeps it out.
-        p.signal(Signal::SIGHUP);
-        std::thread::sleep(Duration::from_millis(300));
+        resync_now(&p);
         assert_eq!(view.instances(&node), Some(BTreeSet::new()));
         c.docker("unpause", &[]).unwrap();
         wait_instances(&view, &node, std::slice::from_ref(&inst), LONG);
