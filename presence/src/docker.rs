@@ -103,11 +103,30 @@ impl Engine {
     }
 }
 
+/// The longest presence waits for one Docker API answer (ping, list, inspect). A wedged engine
+/// is then an error the loops retry and `/healthz` reports, not a loop stuck on a socket
+/// (bollard's own limit is 120 s).
+pub const DOCKER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `fut`, or an error naming `what` after [`DOCKER_TIMEOUT`].
+async fn bounded<T>(
+    what: impl std::fmt::Display,
+    fut: impl Future<Output = Result<T, String>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(DOCKER_TIMEOUT, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "{what}: no answer from the Docker engine within {}",
+            humantime::format_duration(DOCKER_TIMEOUT)
+        )),
+    }
+}
+
 impl DockerApi for Engine {
     fn list(&self) -> impl Future<Output = Result<Vec<String>, String>> + Send {
         let docker = self.docker.clone();
         let filters = self.label_filters();
-        async move {
+        bounded("listing containers", async move {
             let opts = ListContainersOptionsBuilder::default()
                 .all(false)
                 .filters(&filters)
@@ -117,7 +136,7 @@ impl DockerApi for Engine {
                 .await
                 .map_err(|e| format!("listing containers: {e}"))?;
             Ok(list.into_iter().filter_map(|c| c.id).collect())
-        }
+        })
     }
 
     fn inspect(
@@ -126,7 +145,7 @@ impl DockerApi for Engine {
     ) -> impl Future<Output = Result<Option<ContainerInfo>, String>> + Send {
         let docker = self.docker.clone();
         let id = id.to_owned();
-        async move {
+        bounded(format!("inspecting container {id}"), async move {
             match docker.inspect_container(&id, None).await {
                 Ok(resp) => Ok(Some(container_info(resp))),
                 Err(bollard::errors::Error::DockerResponseServerError {
@@ -134,7 +153,7 @@ impl DockerApi for Engine {
                 }) => Ok(None),
                 Err(e) => Err(format!("inspecting container {id}: {e}")),
             }
-        }
+        })
     }
 }
 

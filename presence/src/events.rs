@@ -21,6 +21,9 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::docker::DOCKER_TIMEOUT;
+use crate::liveness::{beat_interval, Loop, Pulse};
+
 /// A container event as presence needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerEvent {
@@ -237,6 +240,7 @@ pub async fn run_reader<S: EventSource>(
     source: S,
     tx: UnboundedSender<ReaderMsg>,
     mut backoff: Backoff,
+    pulse: Pulse,
     on_reconnect: impl Fn() + Send,
 ) {
     let mut dedup = Dedup::default();
@@ -246,10 +250,19 @@ pub async fn run_reader<S: EventSource>(
     let mut state = State::Connecting { reconnect: false };
     let mut stream: Option<S::Stream> = None;
     let mut down_reported = false;
+    let mut beat = beat_interval();
     loop {
+        pulse.round(Loop::Reader).await;
         match state {
             State::Connecting { reconnect } => {
-                if let Err(e) = source.ping().await {
+                let ping = match tokio::time::timeout(DOCKER_TIMEOUT, source.ping()).await {
+                    Ok(r) => r,
+                    Err(_) => Err(format!(
+                        "ping: no answer within {}",
+                        humantime::format_duration(DOCKER_TIMEOUT)
+                    )),
+                };
+                if let Err(e) = ping {
                     if !down_reported {
                         warn!(error = %e, "Docker engine does not answer; retrying");
                         down_reported = true;
@@ -282,8 +295,13 @@ pub async fn run_reader<S: EventSource>(
                 state = State::Streaming;
             }
             State::Streaming => {
+                // An idle stream is no sign of trouble: wake every BEAT to say the loop is
+                // alive (`next` is cancel-safe).
                 let next = match stream.as_mut() {
-                    Some(s) => s.next().await,
+                    Some(s) => tokio::select! {
+                        n = s.next() => n,
+                        _ = beat.tick() => continue,
+                    },
                     None => None,
                 };
                 match next {
@@ -503,6 +521,7 @@ mod tests {
             script.clone(),
             tx,
             reader_backoff(),
+            Pulse::default(),
             move || *r.lock().unwrap() += 1,
         ));
         let msgs = collect(&mut rx, 12).await;
@@ -564,7 +583,13 @@ mod tests {
             .extend((0..20).map(|_| Err("connection refused".to_string())));
         let (tx, mut rx) = mpsc::unbounded_channel();
         let started = Instant::now();
-        let task = tokio::spawn(run_reader(script.clone(), tx, reader_backoff(), || {}));
+        let task = tokio::spawn(run_reader(
+            script.clone(),
+            tx,
+            reader_backoff(),
+            Pulse::default(),
+            || {},
+        ));
         let msgs = collect(&mut rx, 21).await;
         assert!(msgs[..20]
             .iter()

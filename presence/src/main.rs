@@ -6,6 +6,7 @@
 mod cli;
 mod docker;
 mod events;
+mod liveness;
 mod metrics;
 mod reconcile;
 mod spec;
@@ -174,8 +175,10 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
         info!(%addr, "serving /metrics and /healthz");
     }
     {
-        let st = status.clone();
-        daemon::spawn_watchdog(Arc::new(move || st.lock().is_ok()));
+        // The ping vouches that every loop still comes round (liveness.rs), not merely that
+        // the process exists.
+        let liveness = metrics.pulse.liveness.clone();
+        daemon::spawn_watchdog(Arc::new(move || liveness.alive()));
     }
 
     let predecessor = match cfg.state_file.as_deref().map(state_file::read).transpose() {
@@ -224,6 +227,7 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
         engine.clone(),
         reader_tx,
         events::reader_backoff(),
+        metrics.pulse.clone(),
         move || {
             reconnects.inc();
         },

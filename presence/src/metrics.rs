@@ -42,6 +42,8 @@ pub struct Metrics {
     pub txn_splits: Counter,
     /// Seconds from reading a Docker event to etcd acknowledging the resulting write.
     pub event_to_etcd: Histogram,
+    /// Each loop's beats, for the watchdog (not exported: the ping is the export).
+    pub pulse: crate::liveness::Pulse,
 }
 
 impl Metrics {
@@ -60,6 +62,7 @@ impl Metrics {
             records_refused: Gauge::default(),
             txn_splits: Counter::default(),
             event_to_etcd: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            pulse: crate::liveness::Pulse::from_env(),
         };
         registry.register(
             "presence_endpoints_registered",

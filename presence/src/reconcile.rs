@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::docker::DockerApi;
 use crate::events::{kill_stops, ContainerEvent, Effect, ReaderMsg};
+use crate::liveness::{beat_interval, Loop};
 use crate::metrics::{ActionLabel, Metrics, SharedStatus};
 use crate::spec::{decide_noting, ContainerInfo, Decision, LocalBinding, SpecConfig};
 
@@ -72,6 +73,10 @@ pub struct Reconciler<D: DockerApi> {
     local_only: HashMap<String, Vec<LocalBinding>>,
 }
 
+/// The longest a full list (list and every inspect) may take before it is abandoned and
+/// retried: below [`crate::liveness::STALL`], so a slow engine never looks like a stuck loop.
+pub const FULL_LIST_TIMEOUT: Duration = Duration::from_secs(20);
+
 impl<D: DockerApi> Reconciler<D> {
     pub fn new(
         api: Arc<D>,
@@ -112,7 +117,10 @@ impl<D: DockerApi> Reconciler<D> {
         // When a full list failed: when to try again.
         let mut retry_at: Option<Instant> = None;
         let mut subscribed = false;
+        let mut beat = beat_interval();
+        let pulse = self.metrics.pulse.clone();
         loop {
+            pulse.round(Loop::Reconciler).await;
             let msg = if let Some(m) = self.backlog.pop_front() {
                 Some(m)
             } else {
@@ -138,6 +146,8 @@ impl<D: DockerApi> Reconciler<D> {
                         None
                     }
                     _ = retry => None,
+                    // Idle: come round to say so (liveness.rs), and wait again.
+                    _ = beat.tick() => continue,
                 }
             };
             match msg {
@@ -343,6 +353,7 @@ impl<D: DockerApi> Reconciler<D> {
         from_reader: &mut UnboundedReceiver<ReaderMsg>,
     ) -> Result<(), ()> {
         let started = Instant::now();
+        let pulse = self.metrics.pulse.clone();
         let ids = match self.api.list().await {
             Ok(ids) => ids,
             Err(e) => {
@@ -351,14 +362,27 @@ impl<D: DockerApi> Reconciler<D> {
             }
         };
         let api = self.api.clone();
-        let results: Vec<Result<Option<ContainerInfo>, String>> = futures::stream::iter(ids)
+        // Each inspect is bounded (DOCKER_TIMEOUT) and says the loop is alive; the whole
+        // list is bounded too, so a slow engine fails the list (retried) rather than holding
+        // the reconciler past the watchdog's limit.
+        let inspects = futures::stream::iter(ids)
             .map(|id| {
                 let api = api.clone();
                 async move { api.inspect(&id).await }
             })
             .buffer_unordered(INSPECT_CONCURRENCY)
-            .collect()
-            .await;
+            .inspect(|_| pulse.beat(Loop::Reconciler))
+            .collect::<Vec<Result<Option<ContainerInfo>, String>>>();
+        let results = match tokio::time::timeout(FULL_LIST_TIMEOUT, inspects).await {
+            Ok(r) => r,
+            Err(_) => {
+                warn!(
+                    "cannot inspect every container within {}; retrying the full list",
+                    humantime::format_duration(FULL_LIST_TIMEOUT)
+                );
+                return Err(());
+            }
+        };
         let mut infos = Vec::with_capacity(results.len());
         for r in results {
             match r {

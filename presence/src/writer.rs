@@ -24,6 +24,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::liveness::{beat_interval, Loop};
 use etcd_client::{Client, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp};
 use flotilla_registry::backoff::Backoff;
 use flotilla_registry::daemon;
@@ -311,7 +312,11 @@ impl Writer {
     where
         F: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
-        match timeout(self.op_timeout, fut).await {
+        // Several calls make one reconciliation: each answer (or timeout) says the loop is
+        // alive.
+        let r = timeout(self.op_timeout, fut).await;
+        self.metrics.pulse.beat(Loop::Writer);
+        match r {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(format!("{what}: {}", error_chain(&e))),
             Err(_) => Err(format!(
@@ -350,13 +355,17 @@ impl Writer {
     ) {
         // Nothing is written before the first full list: writing from a partial view would
         // delete live entries of a predecessor.
+        let pulse = self.metrics.pulse.clone();
+        let mut beat = beat_interval();
         loop {
+            pulse.round(Loop::Writer).await;
             tokio::select! {
                 m = rx.recv() => match m {
                     Some(m) => if self.absorb(m) { break },
                     None => return,
                 },
                 _ = shutdown.changed() => return,
+                _ = beat.tick() => {}
             }
         }
         let mut backoff = Backoff::new(
@@ -368,6 +377,7 @@ impl Writer {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut retry_at: Option<Instant> = Some(Instant::now());
         loop {
+            pulse.round(Loop::Writer).await;
             if self.need_full && retry_at.is_some_and(|t| t <= Instant::now()) {
                 match self.recover().await {
                     Ok(()) => {
@@ -432,6 +442,8 @@ impl Writer {
                 }
                 _ = tick.tick(), if has_lease && !need_full => self.keepalive_send().await,
                 _ = retry => {}
+                // Idle: come round to say so (liveness.rs).
+                _ = beat.tick() => {}
             }
         }
         self.shutdown().await;

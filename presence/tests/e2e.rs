@@ -1172,3 +1172,172 @@ fn a_second_dockerd_stopped_and_restarted_is_reconciled_from_a_full_list() {
     engine.docker(&["stop", "-t", "1", "stays"]).unwrap();
     wait_instances(&view, &node, &[comes_back, fresh], LONG);
 }
+
+/// sd_notify messages presence sent to `socket`, with when each arrived.
+struct Notices {
+    socket: std::os::unix::net::UnixDatagram,
+    got: Vec<(Instant, String)>,
+}
+
+impl Notices {
+    fn bind(path: &std::path::Path) -> Notices {
+        let socket = std::os::unix::net::UnixDatagram::bind(path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        Notices {
+            socket,
+            got: Vec::new(),
+        }
+    }
+
+    /// Reads what arrives for `d`.
+    fn read_for(&mut self, d: Duration) {
+        let until = Instant::now() + d;
+        let mut buf = [0u8; 512];
+        while Instant::now() < until {
+            if let Ok(n) = self.socket.recv(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..n]).trim().to_string();
+                self.got.push((Instant::now(), text));
+            }
+        }
+    }
+
+    /// Reads until `what` has arrived `n` times in all, or panics after `timeout`.
+    fn wait(&mut self, what: &str, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.count(what, None) < n {
+            assert!(
+                Instant::now() < deadline,
+                "{what} not received {n} times within {timeout:?}: {:?}",
+                self.got.iter().map(|g| &g.1).collect::<Vec<_>>()
+            );
+            self.read_for(Duration::from_millis(50));
+        }
+    }
+
+    fn count(&self, what: &str, since: Option<Instant>) -> usize {
+        self.got
+            .iter()
+            .filter(|(t, m)| m.contains(what) && since.is_none_or(|s| *t >= s))
+            .count()
+    }
+
+    /// The longest gap between `WATCHDOG=1` pings in `[from, to]` (the ends count as pings).
+    fn longest_ping_gap(&self, from: Instant, to: Instant) -> Duration {
+        let mut last = from;
+        let mut gap = Duration::ZERO;
+        for (t, m) in &self.got {
+            if m.contains("WATCHDOG=1") && *t >= from && *t <= to {
+                gap = gap.max(*t - last);
+                last = *t;
+            }
+        }
+        gap.max(to.saturating_duration_since(last))
+    }
+}
+
+/// The watchdog ping vouches for the loops, not the process: while the Docker engine is wedged
+/// (accepts, never answers) the loops time their calls out and go on, so the pings go on; when
+/// a loop stops coming round (the test failpoint makes the etcd writer's next round an await
+/// that never completes), the pings stop within the 30 s limit and the journal names the loop,
+/// so systemd's WatchdogSec restarts presence. With the old predicate ("the status mutex is not
+/// poisoned") the pings went on regardless.
+#[test]
+fn watchdog_pings_stop_when_a_loop_is_stuck_but_not_when_docker_is_wedged() {
+    let etcd = Etcd::start();
+    let view = EtcdView::plain(vec![etcd.endpoint()]);
+    let dir = tmp();
+    let (node, label) = (uniq("watchdog"), uniq("watchdog"));
+    let proxy = DockerProxy::start(dir.path());
+    let sock = dir.path().join("notify.sock");
+    let mut notices = Notices::bind(&sock);
+    let stall = dir.path().join("stall-writer");
+    let p = Presence::start(
+        &Args::new(&node, &label, vec![etcd.endpoint()])
+            .arg("--docker-host")
+            .arg(proxy.url())
+            .arg("--resync=2s")
+            .env("NOTIFY_SOCKET", sock.to_str().unwrap())
+            .env("WATCHDOG_USEC", "1000000")
+            .env("WATCHDOG_PID", "self")
+            .env(
+                "PRESENCE_FAILPOINT_STALL",
+                &format!("writer:{}", stall.display()),
+            ),
+        dir.path(),
+    );
+    notices.wait("READY=1", 1, LONG);
+    notices.wait("WATCHDOG=1", 3, LONG);
+    let c = web("watchdog", &label, &["flotilla.service=wd"], &[]);
+    let inst = instance(&node, &c, 8080);
+    wait_instances(&view, &node, std::slice::from_ref(&inst), LONG);
+
+    // Docker wedged: the periodic list times out (10 s), is retried, and the pings go on.
+    proxy.wedge();
+    let wedged = Instant::now();
+    let deadline = Instant::now() + LONG;
+    while !p
+        .log()
+        .contains("no answer from the Docker engine within 10s")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no Docker call timed out while the engine was wedged:\n{}",
+            p.log()
+        );
+        notices.read_for(Duration::from_millis(100));
+    }
+    notices.read_for(Duration::from_secs(2));
+    let gap = notices.longest_ping_gap(wedged, Instant::now());
+    assert!(
+        gap < Duration::from_secs(3),
+        "the watchdog pings paused {gap:?} while Docker was wedged: {:?}",
+        notices.got.iter().map(|g| &g.1).collect::<Vec<_>>()
+    );
+    // What presence registered stays registered meanwhile.
+    assert_eq!(view.instances(&node), Some(BTreeSet::from([inst.clone()])));
+    proxy.restore();
+
+    // The etcd writer stops coming round: the pings stop within the limit, and stay stopped.
+    std::fs::write(&stall, "").unwrap();
+    wait_for("the writer to reach the failpoint", LONG, || {
+        p.log()
+            .contains("failpoint: the etcd writer stops here")
+            .then_some(())
+    });
+    let stuck = Instant::now();
+    let limit = Duration::from_secs(30);
+    let deadline = stuck + limit + Duration::from_secs(10);
+    let mut last_ping = stuck;
+    loop {
+        let seen = notices.got.len();
+        notices.read_for(Duration::from_millis(200));
+        if let Some((t, _)) = notices.got[seen..]
+            .iter()
+            .rev()
+            .find(|(_, m)| m.contains("WATCHDOG=1"))
+        {
+            last_ping = *t;
+        }
+        if last_ping.elapsed() > Duration::from_secs(4) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the watchdog kept pinging {:?} after the writer stopped coming round",
+            stuck.elapsed()
+        );
+    }
+    let stopped_after = last_ping.saturating_duration_since(stuck);
+    eprintln!("pings stopped {stopped_after:?} after the writer stopped coming round");
+    assert!(
+        stopped_after > Duration::from_secs(20) && stopped_after <= limit + Duration::from_secs(2),
+        "pings stopped {stopped_after:?} after the stall, not at the 30 s limit"
+    );
+    assert!(
+        p.log().contains("the etcd writer has not come round for"),
+        "the journal names the stuck loop:\n{}",
+        p.log()
+    );
+}

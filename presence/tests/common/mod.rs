@@ -93,7 +93,21 @@ impl Presence {
             .open(&log)
             .expect("log file");
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_presence"));
+        // ("WATCHDOG_PID", "self"): presence's own pid, as systemd sets it (through a shell
+        // that execs presence, so the pid is known before it starts).
+        let own_pid = args
+            .env
+            .iter()
+            .any(|(k, v)| k == "WATCHDOG_PID" && v == "self");
+        let mut cmd = if own_pid {
+            let mut c = Command::new("/bin/sh");
+            c.arg("-c")
+                .arg("WATCHDOG_PID=$$ exec \"$0\" \"$@\"")
+                .arg(env!("CARGO_BIN_EXE_presence"));
+            c
+        } else {
+            Command::new(env!("CARGO_BIN_EXE_presence"))
+        };
         cmd.arg("--node")
             .arg(&args.node)
             .arg("--advertise-ip")
@@ -110,7 +124,12 @@ impl Presence {
             .args(&args.extra)
             .env("RUST_LOG", "presence=debug,info")
             .env("NO_COLOR", "1")
-            .envs(args.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(
+                args.env
+                    .iter()
+                    .filter(|(k, _)| k != "WATCHDOG_PID")
+                    .map(|(k, v)| (k.as_str(), v.as_str())),
+            )
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file);
@@ -468,6 +487,7 @@ pub fn draining_web(tag: &str, label: &str, service: &str, drain_secs: u32) -> C
 pub struct DockerProxy {
     pub path: PathBuf,
     refusing: Arc<AtomicBool>,
+    wedged: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<UnixStream>>>,
     accept: Option<std::thread::JoinHandle<()>>,
@@ -479,15 +499,26 @@ impl DockerProxy {
         let listener = UnixListener::bind(&path).expect("bind proxy socket");
         listener.set_nonblocking(true).unwrap();
         let refusing = Arc::new(AtomicBool::new(false));
+        let wedged = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
         let conns: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
-        let (r, s, c) = (refusing.clone(), stop.clone(), conns.clone());
+        let (r, w, s, c) = (
+            refusing.clone(),
+            wedged.clone(),
+            stop.clone(),
+            conns.clone(),
+        );
         let accept = std::thread::spawn(move || {
             while !s.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((client, _)) => {
                         if r.load(Ordering::SeqCst) {
                             drop(client);
+                            continue;
+                        }
+                        if w.load(Ordering::SeqCst) {
+                            // Accepted and held open, never answered.
+                            c.lock().unwrap().push(client);
                             continue;
                         }
                         client.set_nonblocking(false).unwrap();
@@ -499,8 +530,12 @@ impl DockerProxy {
                             list.push(client.try_clone().unwrap());
                             list.push(upstream.try_clone().unwrap());
                         }
-                        pipe(client.try_clone().unwrap(), upstream.try_clone().unwrap());
-                        pipe(upstream, client);
+                        pipe(
+                            client.try_clone().unwrap(),
+                            upstream.try_clone().unwrap(),
+                            w.clone(),
+                        );
+                        pipe(upstream, client, w.clone());
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         std::thread::sleep(Duration::from_millis(5));
@@ -512,6 +547,7 @@ impl DockerProxy {
         DockerProxy {
             path,
             refusing,
+            wedged,
             stop,
             conns,
             accept: Some(accept),
@@ -531,9 +567,16 @@ impl DockerProxy {
         }
     }
 
-    /// Accepts connections again.
+    /// A wedged engine: new connections are accepted and never answered, and open ones stay
+    /// open and silent (requests on them are swallowed).
+    pub fn wedge(&self) {
+        self.wedged.store(true, Ordering::SeqCst);
+    }
+
+    /// Accepts (and forwards) connections again.
     pub fn restore(&self) {
         self.refusing.store(false, Ordering::SeqCst);
+        self.wedged.store(false, Ordering::SeqCst);
     }
 }
 
@@ -547,12 +590,15 @@ impl Drop for DockerProxy {
     }
 }
 
-fn pipe(mut from: UnixStream, mut to: UnixStream) {
+/// Forwards `from` to `to`; while `wedged`, what arrives is swallowed (a request on an open
+/// connection is never answered, the event stream goes silent).
+fn pipe(mut from: UnixStream, mut to: UnixStream, wedged: Arc<AtomicBool>) {
     std::thread::spawn(move || {
         let mut buf = [0u8; 16 * 1024];
         loop {
             match from.read(&mut buf) {
                 Ok(0) | Err(_) => break,
+                Ok(_) if wedged.load(Ordering::SeqCst) => {}
                 Ok(n) => {
                     if to.write_all(&buf[..n]).is_err() {
                         break;
