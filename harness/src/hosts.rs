@@ -596,6 +596,20 @@ impl DockerClient {
     }
 
     /// `docker rm -f` of one container.
+    /// `docker stop` (SIGTERM: the web container drains for 2 s, presence deregisters it at
+    /// the `kill` event), then `docker rm`: how a deploy or a scale-down removes a container.
+    pub fn try_stop_and_remove(&self, web: &Web) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            web.host == self.index,
+            "{} is not on {}",
+            web.name,
+            self.node
+        );
+        self.docker(&["stop", "-t", "5", &web.name])
+            .map_err(|e| anyhow::anyhow!("docker stop {} on {}: {e}", web.name, self.node))?;
+        self.try_remove(web)
+    }
+
     pub fn try_remove(&self, web: &Web) -> anyhow::Result<()> {
         anyhow::ensure!(
             web.host == self.index,

@@ -596,7 +596,10 @@ pub fn load_summary(stats: &[LoadStats]) -> (u64, usize, Duration) {
 }
 
 /// Containers started and removed in a loop on some hosts, until stopped; each is marked live
-/// when `docker run` returned and dead just before `docker rm -f`.
+/// when `docker run` returned and dead just before `docker stop`. Removal is graceful (stop,
+/// which drains for 2 s, then rm), as a deploy's is: a `docker rm -f` kills the container with
+/// requests in flight, which no proxy can answer (the likely cause of one 502 "incomplete
+/// response" seen in the kill -9 loop), so it would measure the workload, not the chain.
 #[derive(Debug)]
 pub struct Churn {
     stop: Arc<AtomicBool>,
@@ -656,7 +659,7 @@ impl Churn {
                         // live-restore the container keeps running (and stays registered,
                         // rightly): retry until the engine is back, bounded.
                         let deadline = Instant::now() + Duration::from_secs(30);
-                        while let Err(e) = docker.try_remove(&web) {
+                        while let Err(e) = docker.try_stop_and_remove(&web) {
                             s.errors.push(e.to_string());
                             if Instant::now() > deadline {
                                 break;
