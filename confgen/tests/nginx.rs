@@ -71,9 +71,7 @@ fn the_shipped_nginx_template_passes_nginx_t_and_nginx_routes_after_a_reload() {
     let pid = d.join("nginx.pid");
     let tmp = d.join("nginx-tmp");
     std::fs::create_dir_all(&tmp).unwrap();
-    let port = free_port();
     for (k, v) in [
-        ("listen", format!("127.0.0.1:{port}")),
         ("pid", pid.display().to_string()),
         ("error_log", d.join("error.log").display().to_string()),
         ("temp_dir", tmp.display().to_string()),
@@ -108,21 +106,57 @@ wait = "20ms:200ms"
     reg.put_endpoint("node-a", "api", 2, api.port());
 
     // nginx starts on a bootstrap config; --onetime renders, checks (nginx -t), writes and
-    // reloads.
-    std::fs::write(
-        &dest,
-        format!(
-            "pid {};\nerror_log {};\nevents {{}}\nhttp {{\n    access_log off;\n    \
-             server {{ listen 127.0.0.1:{port}; return 503; }}\n}}\n",
-            pid.display(),
-            d.join("error.log").display()
-        ),
-    )
-    .unwrap();
-    let _nginx = Nginx::start(&dest, &pid, d);
-    wait_for("nginx to listen", Duration::from_secs(15), || {
-        (std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && pid.exists()).then_some(())
-    });
+    // reloads. A free port can be taken by another test between free_port() and nginx's bind
+    // (seen once: "nginx to listen" timed out in a full run): nginx then exits, and the test
+    // takes another port.
+    let mut attempt = 0;
+    let (port, _nginx) = loop {
+        attempt += 1;
+        let port = free_port();
+        reg.put("/flotilla/config/nginx/listen", format!("127.0.0.1:{port}"));
+        std::fs::write(
+            &dest,
+            format!(
+                "pid {};\nerror_log {};\nevents {{}}\nhttp {{\n    access_log off;\n    \
+                 server {{ listen 127.0.0.1:{port}; return 503; }}\n}}\n",
+                pid.display(),
+                d.join("error.log").display()
+            ),
+        )
+        .unwrap();
+        let mut n = Nginx::start(&dest, &pid, d);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let exited = loop {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && pid.exists() {
+                break None;
+            }
+            if let Some(status) = n
+                .master
+                .0
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                break Some(status);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nginx not listening on 127.0.0.1:{port} after 15 s; its output:\n{}\nerror.log:\n{}",
+                std::fs::read_to_string(d.join("nginx.out")).unwrap_or_default(),
+                std::fs::read_to_string(d.join("error.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        match exited {
+            None => break (port, n),
+            Some(status) => {
+                let out = std::fs::read_to_string(d.join("nginx.out")).unwrap_or_default();
+                assert!(
+                    attempt < 3 && out.contains("Address already in use"),
+                    "nginx exited ({status}) on its bootstrap config:\n{out}"
+                );
+            }
+        }
+    };
     let o = common::confgen(&[
         "run",
         "--confdir",
