@@ -485,46 +485,36 @@ struct View {
 /// The service's servers as the running HAProxy has them: name, address:port, operational
 /// and administrative state (or the error reading them).
 fn proxy_servers(admin: &Path, service: &str) -> String {
-    let text = match flotilla_harness::haproxy::cli_command(admin, "show servers state") {
-        Ok(t) => t,
-        Err(e) => return format!("({e})"),
-    };
-    let mut lines = text.lines();
-    let header: Vec<&str> = lines
-        .find(|l| l.starts_with("# be_id"))
-        .map(|h| h.trim_start_matches("# ").split(' ').collect())
-        .unwrap_or_default();
-    let col = |name: &str| header.iter().position(|h| *h == name);
-    let (Some(be), Some(name), Some(addr), Some(op), Some(admin), Some(port)) = (
-        col("be_name"),
-        col("srv_name"),
-        col("srv_addr"),
-        col("srv_op_state"),
-        col("srv_admin_state"),
-        col("srv_port"),
-    ) else {
-        return format!("(unexpected: {})", text.lines().next().unwrap_or(""));
-    };
-    let mut out = Vec::new();
-    for l in lines {
-        let f: Vec<&str> = l.split(' ').collect();
-        if f.len() > port && f[be].contains(service) {
-            out.push(format!(
-                "{}={}:{} op{} adm{}",
-                f[name], f[addr], f[port], f[op], f[admin]
-            ));
-        }
+    let servers = flotilla_harness::haproxy::cli_command(admin, "show servers state")
+        .map_err(|e| e.to_string())
+        .and_then(|text| proxyctl::parse_servers_state(&text));
+    match servers {
+        Ok(servers) => servers
+            .iter()
+            .filter(|s| s.backend.contains(service))
+            .map(|s| {
+                format!(
+                    "{}={}:{} op{} adm{}",
+                    s.name, s.addr, s.port, s.op_state, s.admin_state
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        Err(e) => format!("({e})"),
     }
-    out.join(" ")
 }
 
-/// Distinct healthy instances (container, image) in one sample.
-fn healthy_count(seen: &[Seen]) -> usize {
+/// Distinct healthy instances (container, image) in one sample, sorted.
+fn healthy(seen: &[Seen]) -> BTreeSet<(String, String)> {
     seen.iter()
         .filter(|r| r.health == Health::Healthy)
-        .map(|r| (&r.container, &r.image))
-        .collect::<BTreeSet<_>>()
-        .len()
+        .map(|r| (r.container.clone(), r.image.clone()))
+        .collect()
+}
+
+/// How many distinct healthy instances one sample has.
+fn healthy_count(seen: &[Seen]) -> usize {
+    healthy(seen).len()
 }
 
 impl Load {
@@ -666,16 +656,9 @@ fn wait_output(mut child: std::process::Child, timeout: Duration) -> std::proces
 
 /// Healthy endpoints of `service` in etcd, read with the registry crate: (container, image).
 fn registry_healthy(endpoint: &str, service: &str) -> Vec<(String, String)> {
-    let mut out: Vec<(String, String)> = registry_view(endpoint, service)
-        .unwrap_or_default()
+    healthy(&registry_view(endpoint, service).unwrap_or_default())
         .into_iter()
-        .filter(|r| r.health == Health::Healthy)
-        .map(|r| (r.container, r.image))
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    out.sort();
-    out
+        .collect()
 }
 
 /// One endpoint record of the service as the registry holds it.

@@ -109,7 +109,7 @@ impl Engine {
 pub const DOCKER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `fut`, or an error naming `what` after [`DOCKER_TIMEOUT`].
-async fn bounded<T>(
+pub async fn bounded<T>(
     what: impl std::fmt::Display,
     fut: impl Future<Output = Result<T, String>>,
 ) -> Result<T, String> {

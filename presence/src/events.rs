@@ -21,7 +21,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::docker::DOCKER_TIMEOUT;
+use crate::docker::bounded;
 use crate::liveness::{beat_interval, Loop, Pulse};
 
 /// A container event as presence needs it.
@@ -255,14 +255,7 @@ pub async fn run_reader<S: EventSource>(
         pulse.round(Loop::Reader).await;
         match state {
             State::Connecting { reconnect } => {
-                let ping = match tokio::time::timeout(DOCKER_TIMEOUT, source.ping()).await {
-                    Ok(r) => r,
-                    Err(_) => Err(format!(
-                        "ping: no answer within {}",
-                        humantime::format_duration(DOCKER_TIMEOUT)
-                    )),
-                };
-                if let Err(e) = ping {
+                if let Err(e) = bounded("ping", source.ping()).await {
                     if !down_reported {
                         warn!(error = %e, "Docker engine does not answer; retrying");
                         down_reported = true;

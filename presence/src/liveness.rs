@@ -33,6 +33,15 @@ pub enum Loop {
 impl Loop {
     const ALL: [Loop; 3] = [Loop::Reader, Loop::Reconciler, Loop::Writer];
 
+    /// The loop's name in `PRESENCE_FAILPOINT_STALL`.
+    fn key(self) -> &'static str {
+        match self {
+            Loop::Reader => "reader",
+            Loop::Reconciler => "reconciler",
+            Loop::Writer => "writer",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Loop::Reader => "Docker event reader",
@@ -127,12 +136,7 @@ impl Failpoint {
     /// Never returns once the failpoint for `l` is armed and its file exists.
     pub async fn check(&self, l: Loop) {
         if let Some((name, file)) = &self.stall {
-            let wanted = match l {
-                Loop::Reader => "reader",
-                Loop::Reconciler => "reconciler",
-                Loop::Writer => "writer",
-            };
-            if name == wanted && file.exists() {
+            if name == l.key() && file.exists() {
                 tracing::warn!(
                     "failpoint: the {} stops here (PRESENCE_FAILPOINT_STALL)",
                     l.name()
