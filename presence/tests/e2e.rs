@@ -252,6 +252,127 @@ fn kill_9_entries_vanish_within_ttl_plus_2s() {
     );
 }
 
+/// In steady state presence renews its lease and writes nothing: keep-alives touch no key, and a
+/// resync that finds nothing changed writes nothing either ("unchanged keys are never
+/// rewritten, so watchers are not woken", docs/PRESENCE.md).
+///
+/// The wait is tied to keep-alives happening, not to time alone: etcd's leader counts each lease
+/// renewal it accepts (`etcd_debugging_lease_renewed_total`; this test's etcd holds presence's
+/// lease only), and the window lasts until 3 full TTLs have passed *and* etcd has counted 3
+/// renewals per TTL (presence renews every TTL/3). Had the renewals failed, the lease and every
+/// key would be gone by then. A presence that re-put its keys on each renewal (even with the
+/// same value and lease) would move those keys' mod_revision and the store's revision ≥ 9 times
+/// in the window, and fail the equality of the two snapshots.
+#[test]
+fn keepalives_and_a_resync_with_nothing_changed_write_no_key() {
+    // 3 s like the other tests (renewals every second): a loaded machine must starve presence
+    // for 2 s to lose the lease; 2 s would leave 1.3 s.
+    const TTL: Duration = Duration::from_secs(3);
+    const TTLS: u32 = 3;
+    let etcd = Etcd::start();
+    let view = EtcdView::plain(vec![etcd.endpoint()]);
+    let dir = tmp();
+    let (node, label) = (uniq("steady"), uniq("steady"));
+    let p = Presence::start(
+        &Args::new(&node, &label, vec![etcd.endpoint()])
+            .ttl("3s")
+            // No periodic resync: in the window only keep-alives run (a resync is asked for
+            // afterwards, with SIGHUP).
+            .arg("--resync=1h"),
+        dir.path(),
+    );
+    p.wait_ready(LONG);
+    let containers: Vec<Container> = (0..3)
+        .map(|i| {
+            web(
+                &format!("steady{i}"),
+                &label,
+                &["flotilla.service=steady"],
+                &[],
+            )
+        })
+        .collect();
+    let want: Vec<String> = containers
+        .iter()
+        .map(|c| instance(&node, c, 8080))
+        .collect();
+    wait_instances(&view, &node, &want, LONG);
+    // The gauge moves once presence has read etcd's answer to its last write.
+    wait_for("the gauge to count the three endpoints", LONG, || {
+        (p.metric("presence_endpoints_registered") == 3.0).then_some(())
+    });
+
+    let root = view.keys.root();
+    let node_key = view.keys.node(&node);
+    let before = view.snapshot(&root);
+    // The node record and the three endpoints, all on one lease.
+    assert_eq!(before.keys.len(), 4, "{before:#?}");
+    let lease = before.keys.get(&node_key).expect("node record").lease;
+    assert!(
+        lease != 0 && before.keys.values().all(|k| k.lease == lease),
+        "{before:#?}"
+    );
+    let renewed = || etcd_metric(&etcd.endpoint(), "etcd_debugging_lease_renewed_total");
+    let grants = p.metric("presence_lease_grants_total");
+    let (t0, r0) = (Instant::now(), renewed());
+    let want_renewals = 3.0 * f64::from(TTLS);
+    let deadline = t0 + TTL * TTLS + LONG;
+    let renewals = loop {
+        let n = renewed() - r0;
+        if t0.elapsed() >= TTL * TTLS && n >= want_renewals {
+            break n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after {:?}: etcd counted {n} renewals of presence's lease, want {want_renewals} \
+             (3 per TTL over {TTLS} TTLs of {TTL:?}); presence log:\n{}",
+            t0.elapsed(),
+            p.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let window = t0.elapsed();
+    let after = view.snapshot(&root);
+    eprintln!(
+        "{renewals} renewals in {window:?} (TTL {TTL:?}; {} renewals presence counts as failed); \
+         revision {} before, {} after",
+        p.metric("presence_lease_renew_failures_total"),
+        before.revision,
+        after.revision
+    );
+    // The keep-alives worked: the lease is the same, alive, and holds every key...
+    assert!(view.lease_ttl(lease) > 0, "the lease expired");
+    assert_eq!(
+        p.metric("presence_lease_grants_total"),
+        grants,
+        "a new lease"
+    );
+    assert_eq!(
+        after.keys.keys().collect::<Vec<_>>(),
+        before.keys.keys().collect::<Vec<_>>(),
+        "keys came or went during steady state"
+    );
+    // ...and wrote nothing: no key was rewritten, nothing anywhere in the store was written.
+    for (key, was) in &before.keys {
+        assert_eq!(
+            &after.keys[key], was,
+            "{key} was rewritten during steady state ({renewals} renewals in {window:?})"
+        );
+    }
+    assert_eq!(
+        after.revision, before.revision,
+        "etcd's revision moved during steady state: something was written"
+    );
+
+    // A full list (SIGHUP) that finds nothing changed compares and writes nothing too.
+    resync_now(&p);
+    let resynced = view.snapshot(&root);
+    assert_eq!(
+        resynced, before,
+        "a resync with nothing changed wrote to etcd"
+    );
+}
+
 #[test]
 fn restart_with_state_file_revokes_the_predecessor_at_once_without_duplicates() {
     let etcd = Etcd::start();
@@ -298,15 +419,22 @@ fn restart_with_state_file_revokes_the_predecessor_at_once_without_duplicates() 
     let new_lease = after.values().next().unwrap().lease;
     assert_ne!(new_lease, old_lease);
     assert!(after.values().all(|s| s.lease == new_lease));
-    // The live container's entry was moved to the new lease, not re-created: no flap.
+    // The live container's entry was moved to the new lease, not re-created: no flap. Moving
+    // it is a put (mod_revision moves; the lease is checked above), but the key was never
+    // deleted (create_revision stays) and its value is the same (registered_at included), so a
+    // proxy sees no change.
     let live_inst = instance(&node, &live, 8080);
     assert_eq!(
         after[&live_inst].create_revision, before[&live_inst].create_revision,
         "the live entry was never deleted"
     );
+    assert!(
+        after[&live_inst].mod_revision > before[&live_inst].mod_revision,
+        "the live entry was moved onto the new lease by a put"
+    );
     assert_eq!(
-        after[&live_inst].endpoint.registered_at,
-        before[&live_inst].endpoint.registered_at
+        after[&live_inst].endpoint, before[&live_inst].endpoint,
+        "the live entry's value is unchanged"
     );
     wait_for("the predecessor's lease to be revoked", LONG, || {
         (view.lease_ttl(old_lease) == -1).then_some(())
@@ -1142,10 +1270,15 @@ fn a_second_dockerd_stopped_and_restarted_is_reconciled_from_a_full_list() {
     assert!(p.metric("presence_docker_reconnects_total") >= 1.0);
     assert!(p.log().contains("Docker event stream re-subscribed"));
     let after = view.endpoints(&node).unwrap();
-    // The untouched container's entry was never deleted or rewritten.
+    // The untouched container's entry was never deleted (a new create_revision) or rewritten (a
+    // put, even of the same value on the same lease, moves mod_revision).
     assert_eq!(
-        after[&stays].create_revision,
-        before[&stays].create_revision
+        after[&stays].create_revision, before[&stays].create_revision,
+        "the untouched container's entry was deleted and created again"
+    );
+    assert_eq!(
+        after[&stays].mod_revision, before[&stays].mod_revision,
+        "the untouched container's entry was rewritten"
     );
     // Every port is the one the engine reports now.
     for (name, inst) in [

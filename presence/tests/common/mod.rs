@@ -272,12 +272,36 @@ pub struct EtcdView {
     pub keys: Keys,
 }
 
-/// One endpoint as stored, with its lease.
+/// One endpoint as stored, with its lease and revisions.
 #[derive(Debug, Clone)]
 pub struct Stored {
     pub endpoint: Endpoint,
     pub lease: i64,
+    /// Revision of the put that created the key (changes only if it is deleted and created
+    /// again).
     pub create_revision: i64,
+    /// Revision of the last put to the key: every put bumps it, also one with the same value and
+    /// lease (a rewrite keeps `create_revision` but not this).
+    pub mod_revision: i64,
+}
+
+/// Every key under a prefix as etcd holds it, read in one request, with the store's revision at
+/// that moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The header revision: it moves with every write anywhere in the store.
+    pub revision: i64,
+    pub keys: BTreeMap<String, KeyState>,
+}
+
+/// One key's metadata in a [`Snapshot`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyState {
+    pub create_revision: i64,
+    pub mod_revision: i64,
+    /// Puts since creation.
+    pub version: i64,
+    pub lease: i64,
 }
 
 impl EtcdView {
@@ -327,6 +351,7 @@ impl EtcdView {
                         endpoint: ep,
                         lease: kv.lease(),
                         create_revision: kv.create_revision(),
+                        mod_revision: kv.mod_revision(),
                     }
                 )
                 .is_none(),
@@ -353,6 +378,41 @@ impl EtcdView {
             .kvs()
             .first()
             .map(|kv| (kv.value().to_vec(), kv.lease())))
+    }
+
+    /// Every key under `prefix` and the store's revision, from one read (so they agree).
+    pub fn snapshot(&self, prefix: &str) -> Snapshot {
+        let mut c = self.client.clone();
+        let prefix = prefix.to_owned();
+        let resp = self
+            .rt
+            .block_on(async {
+                tokio::time::timeout(
+                    Duration::from_secs(3),
+                    c.get(prefix, Some(GetOptions::new().with_prefix())),
+                )
+                .await
+            })
+            .expect("snapshot: etcd did not answer within 3 s")
+            .expect("snapshot");
+        Snapshot {
+            revision: resp.header().expect("header").revision(),
+            keys: resp
+                .kvs()
+                .iter()
+                .map(|kv| {
+                    (
+                        String::from_utf8_lossy(kv.key()).into_owned(),
+                        KeyState {
+                            create_revision: kv.create_revision(),
+                            mod_revision: kv.mod_revision(),
+                            version: kv.version(),
+                            lease: kv.lease(),
+                        },
+                    )
+                })
+                .collect(),
+        }
     }
 
     /// The store's current revision.
@@ -397,6 +457,32 @@ impl EtcdView {
             .map(|r| r.ttl())
             .unwrap_or(-1)
     }
+}
+
+/// One sample of etcd's own `/metrics` (on the client URL `endpoint`, plain http), e.g.
+/// `etcd_debugging_lease_renewed_total`: lease renewals the leader accepted. Panics if the page
+/// cannot be read or has no such sample.
+pub fn etcd_metric(endpoint: &str, name: &str) -> f64 {
+    let addr: SocketAddr = endpoint
+        .strip_prefix("http://")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("etcd_metric needs http://IP:PORT, not {endpoint}"));
+    // HTTP/1.0: the answer is not chunked, so every line arrives whole.
+    let fetch = || -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text)
+    };
+    let text = fetch().unwrap_or_else(|e| panic!("GET {endpoint}/metrics: {e}"));
+    text.lines()
+        .find_map(|l| {
+            let (n, v) = l.rsplit_once(' ')?;
+            (n == name).then(|| v.parse().ok()).flatten()
+        })
+        .unwrap_or_else(|| panic!("etcd's /metrics has no {name}"))
 }
 
 /// Waits until the instances of `node` are exactly `want`; returns how long it took.
