@@ -114,7 +114,7 @@ struct Side {
 
 impl Side {
     fn start(name: &'static str, runtime_api: bool) -> Side {
-        let chain = Chain::start_runtime(name, runtime_api);
+        let chain = Chain::start_runtime(name, runtime_api, &[]);
         let service = format!("{name}{}", std::process::id());
         let base_name = unique_name(&format!("{name}-base"));
         let base = chain.container(&service, &base_name);

@@ -116,7 +116,10 @@ fn a_new_container_is_served_and_a_stopped_one_drains_without_failed_requests() 
 
 #[test]
 fn presence_killed_removes_its_endpoints_and_etcd_restart_recovers() {
-    let mut chain = Chain::start("faults");
+    // Another host's endpoint too, as in any real registry: this host's container is half of
+    // what the template sees, which the shipped drop guard (more than half) lets through.
+    let mut chain = Chain::start_with("faults", &["--allow-loopback"]);
+    chain.register_other_host(&format!("steady-{}", std::process::id()), "steady", 1);
     let service = svc("b");
     let name = unique_name("faults0");
     let _c = chain.container(&service, &name);
@@ -160,4 +163,91 @@ fn presence_killed_removes_its_endpoints_and_etcd_restart_recovers() {
     chain.wait_served_by(&service, &[&name, &later], Duration::from_secs(40));
     chain.confgen.assert_running();
     chain.presence.as_mut().unwrap().assert_running();
+}
+
+/// The shipped drop guard end to end (`max_drop = "50%"`, `drop_grace = "30s"` from
+/// templates/conf.d/haproxy.toml): a presence killed on a host whose container is every endpoint
+/// the proxy has (the registry emptied, as in an outage that expired every lease) is held:
+/// HAProxy keeps routing to the still-running container, not one request fails, and only
+/// after the grace is the drop applied.
+#[test]
+fn the_shipped_drop_guard_holds_the_loss_of_every_endpoint_for_its_grace_then_applies_it() {
+    const GRACE: Duration = Duration::from_secs(30);
+    let mut chain = Chain::start("guard");
+    let shipped =
+        std::fs::read_to_string(common::chain::repo().join("templates/conf.d/haproxy.toml"))
+            .unwrap();
+    assert!(
+        shipped.contains("max_drop = \"50%\"") && shipped.contains("drop_grace = \"30s\""),
+        "the shipped guard settings changed: update this test"
+    );
+    let service = svc("g");
+    let name = unique_name("guard0");
+    let _c = chain.container(&service, &name);
+    chain.wait_served_by(&service, &[&name], Duration::from_secs(20));
+
+    chain.presence.as_mut().unwrap().proc.kill();
+    let endpoints_left = || {
+        chain
+            .etcd
+            .etcdctl(&["get", "--prefix", "--keys-only", "/flotilla/endpoints/"])
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(&service))
+            .count()
+    };
+    wait_for("the lease to expire", Duration::from_secs(3 + 20), || {
+        (endpoints_left() == 0).then_some(())
+    });
+    let emptied = Instant::now();
+    let (mut ok, mut failed) = (0u32, Vec::new());
+    let held_for = loop {
+        match chain.get(&service) {
+            Ok((200, _)) => ok += 1,
+            Ok((503, _)) => break emptied.elapsed(),
+            other => failed.push(format!("{:.1}s {other:?}", emptied.elapsed().as_secs_f64())),
+        }
+        assert!(
+            emptied.elapsed() < GRACE + Duration::from_secs(30),
+            "the held drop was not applied {:?} after the registry emptied\n{}",
+            emptied.elapsed(),
+            chain.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!(
+        "registry emptied → HAProxy answered 503 after {} ms; {ok} requests served meanwhile",
+        held_for.as_millis()
+    );
+    assert!(
+        chain.confgen.log().contains("drop guard: holding"),
+        "no hold logged\n{}",
+        chain.diagnostics()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} requests failed while the drop was held: {:?}\n{}",
+        failed.len(),
+        &failed[..failed.len().min(5)],
+        chain.diagnostics()
+    );
+    // The hold starts at the first render after the delete, which this poll saw a little
+    // later; 2 s covers that on a loaded machine.
+    assert!(
+        held_for >= GRACE - Duration::from_secs(2),
+        "the drop was applied {held_for:?} after the registry emptied (grace {GRACE:?})\n{}",
+        chain.diagnostics()
+    );
+    assert!(
+        ok > 100,
+        "too few requests during the hold to mean anything: {ok}"
+    );
+    assert!(
+        chain
+            .confgen
+            .log()
+            .contains("the drop persisted for the grace period"),
+        "{}",
+        chain.diagnostics()
+    );
 }

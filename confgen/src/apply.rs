@@ -42,10 +42,12 @@ pub enum Outcome {
     },
     /// The drop guard holds this render (too many endpoints vanished at once).
     Held {
-        /// Endpoints in the last applied render.
+        /// Endpoints in the last applied render (or bytes in the current file, see `unit`).
         had: usize,
-        /// Endpoints in this render.
+        /// Endpoints (or bytes) in this render.
         now: usize,
+        /// What `had` and `now` count.
+        unit: DropUnit,
     },
     /// The template failed to render; the destination is untouched.
     RenderFailed(TemplateError),
@@ -67,6 +69,26 @@ pub enum Outcome {
         /// True if the previous destination was restored.
         rolled_back: bool,
     },
+}
+
+/// What the drop guard compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropUnit {
+    /// Endpoints the template sees, against the count recorded at the last apply (`.D.endpoints`).
+    Endpoints,
+    /// Bytes of the render against the current destination: the baseline when the destination
+    /// exists but no count was recorded (written by another tool or an older confgen).
+    Bytes,
+}
+
+impl DropUnit {
+    /// The unit's name in logs and `/healthz`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DropUnit::Endpoints => "endpoints",
+            DropUnit::Bytes => "bytes",
+        }
+    }
 }
 
 impl Outcome {
@@ -109,9 +131,22 @@ impl fmt::Display for Outcome {
                 write!(f, "written and applied through the runtime API: {summary}")
             }
             Outcome::Planned { .. } => f.write_str("would be written (--noop)"),
-            Outcome::Held { had, now } => write!(
+            Outcome::Held {
+                had,
+                now,
+                unit: DropUnit::Endpoints,
+            } => write!(
                 f,
                 "held by the drop guard: {now} endpoints instead of {had}"
+            ),
+            Outcome::Held {
+                had,
+                now,
+                unit: DropUnit::Bytes,
+            } => write!(
+                f,
+                "held by the drop guard: a render of {now} bytes would replace the current {had} \
+                 (no record of the endpoints that file was rendered from)"
             ),
             Outcome::RenderFailed(e) => write!(f, "render failed: {e}"),
             Outcome::CheckFailed { output } => write!(f, "check_cmd failed: {output}"),

@@ -41,7 +41,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::admit::AdmitArgs;
-use crate::apply::{self, Committed, Outcome};
+use crate::apply::{self, Committed, DropUnit, Outcome};
 use crate::metrics::{self, Metrics};
 use crate::resource::{self, Resource};
 use crate::runtime::{Attempt, Runtime};
@@ -59,6 +59,8 @@ pub struct Modes {
     pub diff: bool,
     /// Write, but run no reload command.
     pub no_reload: bool,
+    /// The first apply of each resource skips the drop guard (`--allow-drop`).
+    pub allow_drop: bool,
 }
 
 #[derive(Debug)]
@@ -73,6 +75,7 @@ struct Held {
     since: Instant,
     had: usize,
     now: usize,
+    unit: DropUnit,
 }
 
 #[derive(Debug)]
@@ -93,6 +96,9 @@ struct Slot {
     last_flush: Option<Instant>,
     applied_revision: i64,
     applied_endpoints: Option<usize>,
+    /// The size of the destination when it exists but no endpoint count was recorded for it:
+    /// the drop guard's baseline until the first apply records one.
+    unrecorded_bytes: Option<usize>,
     held: Option<Held>,
     failure: Option<Failure>,
     succeeded_once: bool,
@@ -122,12 +128,31 @@ impl Slot {
             last_flush: None,
             applied_revision: 0,
             applied_endpoints: None,
+            unrecorded_bytes: None,
             held: None,
             failure: None,
             succeeded_once: false,
             reload_pending: false,
             runtime,
             buf: Vec::new(),
+        }
+    }
+
+    /// What the drop guard compares the first render with: what the last run applied
+    /// (`.D.endpoints`), so that a run started while most endpoints had vanished (leases expired
+    /// in an outage) does not write that at once, `--onetime` included; without a record, the
+    /// size of the destination, if it exists. `--allow-drop` starts without a baseline.
+    fn load_drop_baseline(&mut self, modes: Modes) {
+        if modes.allow_drop {
+            return;
+        }
+        let dest = &self.res.dest;
+        self.applied_endpoints = load_applied_endpoints(dest);
+        if self.applied_endpoints.is_none() {
+            self.unrecorded_bytes = std::fs::metadata(dest)
+                .ok()
+                .filter(|m| m.is_file())
+                .map(|m| m.len() as usize);
         }
     }
 
@@ -246,6 +271,16 @@ pub enum RunEnd {
     Ok,
     /// At least one resource failed (`--onetime`).
     Failed,
+    /// None failed, but the drop guard held at least one (`--onetime`): its destination keeps
+    /// its content.
+    Held,
+}
+
+/// What one flush did.
+#[derive(Debug, Default, Clone, Copy)]
+struct Flushed {
+    failed: bool,
+    held: bool,
 }
 
 impl Daemon {
@@ -276,12 +311,7 @@ impl Daemon {
             }
             let mut slot = Slot::new(r, &view);
             slot.reload_pending = reload_pending;
-            // The drop guard compares with what the last run applied, too (a run started while
-            // most endpoints had vanished must not write that at once). --onetime cannot wait
-            // for a grace period, so it starts without.
-            if !modes.onetime {
-                slot.applied_endpoints = load_applied_endpoints(&slot.res.dest);
-            }
+            slot.load_drop_baseline(modes);
             if let Err(e) = &slot.engine {
                 error!(resource = %slot.res.name, error = %e, "template does not load; the destination is left as it is");
             }
@@ -331,8 +361,14 @@ impl Daemon {
             self.heartbeat.store(now_secs(), Ordering::Relaxed);
             if self.modes.onetime && self.writable {
                 // Everything is dirty after the first complete view: one flush, then exit.
-                let failed = self.flush(true).await;
-                return if failed { RunEnd::Failed } else { RunEnd::Ok };
+                let flushed = self.flush(true).await;
+                return if flushed.failed {
+                    RunEnd::Failed
+                } else if flushed.held {
+                    RunEnd::Held
+                } else {
+                    RunEnd::Ok
+                };
             }
             self.flush(false).await;
             self.publish_health();
@@ -510,10 +546,15 @@ impl Daemon {
                 Some(prev) => {
                     let mut s = Slot::new(r, &self.view);
                     s.applied_endpoints = prev.applied_endpoints;
+                    s.unrecorded_bytes = prev.unrecorded_bytes;
                     s.reload_pending = prev.reload_pending;
                     s
                 }
-                None => Slot::new(r, &self.view),
+                None => {
+                    let mut s = Slot::new(r, &self.view);
+                    s.load_drop_baseline(self.modes);
+                    s
+                }
             };
             if let Err(e) = &slot.engine {
                 error!(resource = %slot.res.name, error = %e, "template does not load; the destination is left as it is");
@@ -566,9 +607,9 @@ impl Daemon {
 
     /// Renders and applies every due resource (all dirty ones with `all`). Returns true if any
     /// of them failed.
-    async fn flush(&mut self, all: bool) -> bool {
+    async fn flush(&mut self, all: bool) -> Flushed {
         if !self.writable {
-            return false;
+            return Flushed::default();
         }
         let now = Instant::now();
         let due: Vec<usize> = self
@@ -585,7 +626,7 @@ impl Daemon {
             .map(|(i, _)| i)
             .collect();
         if due.is_empty() {
-            return false;
+            return Flushed::default();
         }
         let due = self.with_siblings(due, now);
         let revision = self.view.revision();
@@ -703,9 +744,11 @@ impl Daemon {
         for (i, _, _) in &outcomes {
             self.slots[*i].last_flush = Some(ended);
         }
-        let mut any_failed = false;
+        let mut flushed = Flushed::default();
         for (i, outcome, batch_start) in outcomes {
-            any_failed |= !outcome.is_success() && !matches!(outcome, Outcome::Held { .. });
+            let held = matches!(outcome, Outcome::Held { .. });
+            flushed.held |= held;
+            flushed.failed |= !outcome.is_success() && !held;
             self.record(i, outcome, batch_start, revision);
         }
         self.update_lag();
@@ -714,7 +757,7 @@ impl Daemon {
             info!("every template has rendered; ready");
             flotilla_registry::daemon::notify_ready();
         }
-        any_failed
+        flushed
     }
 
     /// The check failed: find the endpoints it fails with among those put since the last good
@@ -812,6 +855,7 @@ impl Daemon {
                     store_applied_endpoints(&slot.res.dest, n);
                 }
                 slot.applied_endpoints = Some(n);
+                slot.unrecorded_bytes = None;
             }
             slot.held = None;
             metrics.last_success.get_or_create(&labels).set(
@@ -847,7 +891,7 @@ impl Daemon {
                     println!("{d}");
                 }
             }
-            Outcome::Held { had, now } => {
+            Outcome::Held { had, now, unit } => {
                 metrics.held.get_or_create(&labels).inc();
                 let first = slot.held.is_none();
                 let since = slot.held.as_ref().map_or(Instant::now(), |h| h.since);
@@ -855,11 +899,19 @@ impl Daemon {
                     since,
                     had: *had,
                     now: *now,
+                    unit: *unit,
                 });
-                if first {
+                if modes.onetime {
                     warn!(
                         resource = %name,
-                        had, now,
+                        had, now, unit = %unit.name(),
+                        max_drop = %format!("{:.0}%", slot.res.max_drop * 100.0),
+                        "drop guard: not applied; the destination keeps its content (--onetime cannot wait out drop_grace; --allow-drop applies it)"
+                    );
+                } else if first {
+                    warn!(
+                        resource = %name,
+                        had, now, unit = %unit.name(),
                         max_drop = %format!("{:.0}%", slot.res.max_drop * 100.0),
                         grace = %humantime::format_duration(slot.res.drop_grace),
                         "drop guard: holding a render that removes too many endpoints; it is applied if the drop persists for the grace period"
@@ -942,9 +994,10 @@ impl Daemon {
                 format!("template error: {e}")
             } else if let Some(hd) = &s.held {
                 format!(
-                    "held by the drop guard ({} of {} endpoints) for {}",
+                    "held by the drop guard ({} of {} {}) for {}",
                     hd.now,
                     hd.had,
+                    hd.unit.name(),
                     humantime::format_duration(Duration::from_secs(hd.since.elapsed().as_secs()))
                 )
             } else if let (true, Some(rt)) = (
@@ -957,6 +1010,13 @@ impl Daemon {
             } else {
                 h.unready += 1;
                 "not rendered yet".to_string()
+            };
+            // Published after the flush that would have applied it, so a client that sees this
+            // knows the change was seen and left alone.
+            let state = if s.pending.is_some() && !self.writable {
+                format!("{state}; a change waits for a current registry view")
+            } else {
+                state
             };
             h.resources.insert(s.res.name.clone(), state);
         }
@@ -1016,9 +1076,14 @@ async fn render_and_write(
     if let Err(e) = result {
         return (Outcome::RenderFailed(e), None);
     }
-    // Drop guard.
-    let now_count = slot.data.endpoint_count();
-    if let Some(had) = slot.applied_endpoints {
+    // Drop guard: against the endpoints of the last apply or, with no record of them, the size
+    // of the current file.
+    let baseline = match (slot.applied_endpoints, slot.unrecorded_bytes) {
+        (Some(had), _) => Some((had, slot.data.endpoint_count(), DropUnit::Endpoints)),
+        (None, Some(bytes)) => Some((bytes, slot.buf.len(), DropUnit::Bytes)),
+        (None, None) => None,
+    };
+    if let Some((had, now_count, unit)) = baseline {
         let dropped = had.saturating_sub(now_count);
         let too_many = had > 0 && (dropped as f64) > slot.res.max_drop * had as f64;
         if too_many {
@@ -1031,13 +1096,14 @@ async fn render_and_write(
                     Outcome::Held {
                         had,
                         now: now_count,
+                        unit,
                     },
                     None,
                 );
             }
             warn!(
                 resource = %slot.res.name,
-                had, now = now_count,
+                had, now = now_count, unit = %unit.name(),
                 "drop guard: the drop persisted for the grace period; applying it"
             );
         }

@@ -34,6 +34,7 @@ use tracing::{error, info};
 const EXIT_FAILED: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 const EXIT_UNREACHABLE: u8 = 3;
+const EXIT_HELD: u8 = 4;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -43,7 +44,8 @@ const EXIT_UNREACHABLE: u8 = 3;
              checks them, replaces them atomically and reloads their service.",
     after_help = "Exit codes: 0 ok; 1 a template failed (render, check, write or reload; \
                   --onetime and render); 2 bad flags or resources; 3 etcd not reachable \
-                  within --sync-timeout (--onetime, dump).\n\
+                  within --sync-timeout (--onetime, dump); 4 the drop guard held a resource and \
+                  nothing failed (--onetime: its file keeps its content).\n\
                   Docs: docs/CONFGEN.md (operators), docs/TEMPLATES.md (template authors)."
 )]
 struct Cli {
@@ -79,9 +81,14 @@ struct RunArgs {
     /// Directory holding conf.d/*.toml (template resources) and templates/ (Tera templates).
     #[arg(long, env = "FLOTILLA_CONFDIR")]
     confdir: PathBuf,
-    /// Render and apply once, then exit (0 if every resource applied, 1 otherwise).
+    /// Render and apply once, then exit (0 if every resource applied, 1 if one failed, 4 if
+    /// the drop guard held one).
     #[arg(long, env = "FLOTILLA_ONETIME")]
     onetime: bool,
+    /// The first apply of each resource skips the drop guard: for a bootstrap or restart after
+    /// an intended scale-down (with --onetime: write a render the guard would hold).
+    #[arg(long, env = "FLOTILLA_ALLOW_DROP")]
+    allow_drop: bool,
     /// Render and run check_cmd, but write nothing and reload nothing.
     #[arg(long, env = "FLOTILLA_NOOP")]
     noop: bool,
@@ -224,6 +231,7 @@ async fn run(a: RunArgs) -> anyhow::Result<u8> {
         noop: a.noop,
         diff: a.diff,
         no_reload: a.no_reload,
+        allow_drop: a.allow_drop,
     };
     let daemon = match daemon::Daemon::new(
         &a.confdir,
@@ -294,6 +302,7 @@ async fn run(a: RunArgs) -> anyhow::Result<u8> {
     Ok(match end {
         daemon::RunEnd::Ok => 0,
         daemon::RunEnd::Failed => EXIT_FAILED,
+        daemon::RunEnd::Held => EXIT_HELD,
     })
 }
 

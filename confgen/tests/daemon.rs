@@ -392,7 +392,7 @@ fn nothing_is_written_before_a_complete_view_nor_while_etcd_is_down_and_healthz_
     // A template save would render now if anything could be: it must not.
     confdir.template("list.tmpl", &format!("# edited\n{LIST}"));
     c.wait_log("template or resource file changed", Duration::from_secs(10));
-    std::thread::sleep(Duration::from_millis(500));
+    wait_until_the_edit_waits_for_a_view(&c);
     assert_eq!(
         identity(&dest).unwrap(),
         id,
@@ -438,7 +438,7 @@ fn nothing_is_written_before_a_complete_view_nor_while_etcd_is_down_and_healthz_
         saves + 1,
         Duration::from_secs(10),
     );
-    std::thread::sleep(Duration::from_millis(500));
+    wait_until_the_edit_waits_for_a_view(&c);
     assert_eq!(std::fs::read(&dest).unwrap(), written);
     assert_eq!(identity(&dest).unwrap(), id, "written while etcd was down");
 
@@ -936,7 +936,7 @@ fn a_hung_etcd_is_noticed_healthz_says_stale_and_nothing_is_written_until_it_ans
     let id = identity(&dest).unwrap();
     confdir.template("list.tmpl", &format!("# edited\n{LIST}"));
     c.wait_log("template or resource file changed", Duration::from_secs(10));
-    std::thread::sleep(Duration::from_millis(500));
+    wait_until_the_edit_waits_for_a_view(&c);
     assert_eq!(identity(&dest).unwrap(), id, "written while etcd hung");
 
     // It answers again: current, and the edit is applied.
@@ -992,19 +992,112 @@ fn the_drop_guard_also_holds_a_drop_that_happened_while_confgen_was_not_running(
     });
     c.assert_running();
 
-    // --onetime cannot wait for a grace: it applies rather than exit 0 with nothing applied.
+    // --onetime cannot wait out a grace: it leaves the file as it is and says so (exit 4), and
+    // --allow-drop (a bootstrap after an intended scale-down) applies it.
     drop(c);
     reg.delete_at_once(&keys[8..10]);
-    let o = common::confgen(&[
+    let two = read(&dest);
+    let o = onetime(&confdir, &etcd, &[]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("drop guard: not applied"), "{stderr}");
+    assert!(stderr.contains("list"), "names the resource: {stderr}");
+    assert_eq!(read(&dest), two, "--onetime applied a held drop");
+    let o = onetime(&confdir, &etcd, &["--allow-drop"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(servers(&read(&dest)), 0);
+}
+
+/// The daemon has seen the template edit and, at the flush that would have applied it, left it
+/// waiting for a current registry view (what `/healthz` says after that flush): from here on,
+/// an unchanged destination means "not written", not "not written yet".
+fn wait_until_the_edit_waits_for_a_view(c: &Confgen) {
+    wait_for(
+        "/healthz to say the edit waits",
+        Duration::from_secs(10),
+        || {
+            c.healthz().ok().filter(|(_, b)| {
+                b.contains("resource list: ")
+                    && b.contains("a change waits for a current registry view")
+            })
+        },
+    );
+}
+
+fn onetime(confdir: &Confdir, etcd: &Etcd, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
         "run",
         "--confdir",
         confdir.path().to_str().unwrap(),
         "--onetime",
         "--etcd-endpoints",
-        &etcd.endpoint(),
-    ]);
+    ];
+    let endpoint = etcd.endpoint();
+    args.push(&endpoint);
+    args.extend_from_slice(extra);
+    common::confgen(&args)
+}
+
+/// A destination written by another tool (confd, an older confgen) has no record of its
+/// endpoints: the guard compares sizes then. A render under half the file is held (by the daemon
+/// for the grace, by --onetime with exit 4); one that is not is applied at once and recorded.
+#[test]
+fn without_a_record_of_the_endpoints_the_drop_guard_compares_with_the_size_of_the_file() {
+    let etcd = Etcd::start();
+    let reg = Registry::connect(&etcd);
+    let confdir = Confdir::new();
+    confdir.template("list.tmpl", LIST);
+    let (dest, _) = resource(
+        &confdir,
+        "list",
+        "list.tmpl",
+        "wait = \"20ms:200ms\"\nmax_drop = \"50%\"\ndrop_grace = \"2s\"\n",
+    );
+    let record = dest.with_file_name(".list.endpoints");
+    reg.put_endpoint("node-a", "web", 0, 9000);
+    // What confd left: the same shape, ten servers.
+    let foreign: String = std::iter::once("# services\n".to_string())
+        .chain((0..10).map(|i| format!("server web 10.0.0.{i}:9000\n")))
+        .chain(std::iter::once("# end\n".to_string()))
+        .collect();
+    std::fs::write(&dest, &foreign).unwrap();
+    assert!(!record.exists());
+
+    let o = onetime(&confdir, &etcd, &[]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("unit=bytes"), "{stderr}");
+    assert_eq!(read(&dest), foreign, "--onetime replaced the file");
+
+    let mut c = Confgen::start(&confdir, &etcd.endpoint(), &[]);
+    c.wait_log("drop guard: holding", Duration::from_secs(30));
+    let (_, body) = wait_for("/healthz to show the hold", Duration::from_secs(10), || {
+        c.healthz()
+            .ok()
+            .filter(|(_, b)| b.contains("held by the drop guard"))
+    });
+    assert!(body.contains("bytes"), "{body}");
+    assert_eq!(read(&dest), foreign, "applied before the grace");
+    wait_for(
+        "the render applied after the grace",
+        Duration::from_secs(30),
+        || {
+            c.assert_running();
+            (servers(&read(&dest)) == 1).then_some(())
+        },
+    );
+    wait_for("the count recorded", Duration::from_secs(10), || {
+        (std::fs::read_to_string(&record).ok()?.trim() == "1").then_some(())
+    });
+    drop(c);
+
+    // A small foreign file (a package's default config) is replaced at once: no hold.
+    std::fs::remove_file(&record).unwrap();
+    std::fs::write(&dest, "# default\n").unwrap();
+    let o = onetime(&confdir, &etcd, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(servers(&read(&dest)), 0);
+    assert_eq!(servers(&read(&dest)), 1);
+    assert_eq!(std::fs::read_to_string(&record).unwrap().trim(), "1");
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! One whole chain on one machine for the end-to-end tests and the start-to-serve benchmark:
 //! etcd, HAProxy (master-worker), confgen with the shipped template, presence, in a temp dir.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::{bin, http_get, Daemon, Proxy};
@@ -28,24 +28,94 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The shipped `templates/conf.d/haproxy.toml` with this chain's paths (destination, HAProxy
+/// and proxyctl binaries, sockets); every other setting as shipped (`wait`, `max_drop`,
+/// `drop_grace`, timeouts, mode), so the chain tests run what operators run. Without
+/// `runtime_api` the runtime lines are left out (every change reloads).
+fn shipped_resource(
+    cfg: &Path,
+    haproxy: &Path,
+    master: &Path,
+    runtime_api: Option<&Path>,
+    overrides: &[(&str, &str)],
+) -> String {
+    let shipped = std::fs::read_to_string(repo().join("templates/conf.d/haproxy.toml"))
+        .expect("the shipped templates/conf.d/haproxy.toml");
+    let proxyctl = bin("proxyctl");
+    let mut seen = Vec::new();
+    let mut out = String::new();
+    for line in shipped.lines() {
+        let key = line.split_once('=').map(|(k, _)| k.trim()).unwrap_or("");
+        let line = match key {
+            "dest" => format!("dest = \"{}\"", cfg.display()),
+            "check_cmd" => format!("check_cmd = \"{} -c -f {{{{src}}}}\"", haproxy.display()),
+            "reload_cmd" => format!(
+                "reload_cmd = \"{} reload --config {} --master-socket {} --haproxy-bin {} --timeout 10s\"",
+                proxyctl.display(),
+                cfg.display(),
+                master.display(),
+                haproxy.display()
+            ),
+            "runtime_api" | "runtime_timeout" if runtime_api.is_none() => continue,
+            "runtime_api" => format!("runtime_api = \"{}\"", runtime_api.unwrap().display()),
+            _ => match overrides.iter().find(|(k, _)| *k == key) {
+                Some((k, v)) => {
+                    seen.push(*k);
+                    format!("{k} = {v}")
+                }
+                None => line.to_string(),
+            },
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    for (k, _) in overrides {
+        assert!(
+            seen.contains(k),
+            "override {k}: not a setting of the shipped resource"
+        );
+    }
+    for k in [
+        "dest",
+        "check_cmd",
+        "reload_cmd",
+        "max_drop",
+        "drop_grace",
+        "wait",
+    ] {
+        assert!(
+            out.lines().any(|l| l.starts_with(&format!("{k} ="))),
+            "the shipped resource has no {k}: update the chain\n{out}"
+        );
+    }
+    out
+}
+
 impl Chain {
     pub fn start(tag: &str) -> Chain {
-        Chain::start_opts(tag, false, &[])
+        Chain::start_opts(tag, false, &[], &[])
     }
 
     /// Like [`Chain::start`], with extra `confgen run` flags (e.g. `--allow-loopback` when
     /// several simulated hosts on this machine all announce 127.0.0.1).
     pub fn start_with(tag: &str, confgen_extra: &[&str]) -> Chain {
-        Chain::start_opts(tag, false, confgen_extra)
+        Chain::start_opts(tag, false, confgen_extra, &[])
     }
 
     /// Like [`Chain::start`]; with `runtime_api`, confgen's resource applies server-line
     /// changes through HAProxy's runtime socket (`runtime_api`) instead of reloading.
-    pub fn start_runtime(tag: &str, runtime_api: bool) -> Chain {
-        Chain::start_opts(tag, runtime_api, &[])
+    /// `overrides` replace settings of the shipped resource (`("max_drop", "\"100%\"")`): each
+    /// caller says why.
+    pub fn start_runtime(tag: &str, runtime_api: bool, overrides: &[(&str, &str)]) -> Chain {
+        Chain::start_opts(tag, runtime_api, &[], overrides)
     }
 
-    fn start_opts(tag: &str, runtime_api: bool, confgen_extra: &[&str]) -> Chain {
+    fn start_opts(
+        tag: &str,
+        runtime_api: bool,
+        confgen_extra: &[&str],
+        overrides: &[(&str, &str)],
+    ) -> Chain {
         let dir = tempfile::Builder::new()
             .prefix("flotilla-e2e-")
             .tempdir()
@@ -89,29 +159,10 @@ impl Chain {
             }
         }
         let haproxy = flotilla_harness::require("haproxy", "haproxy");
+        let runtime = runtime_api.then_some(admin.as_path());
         std::fs::write(
             confdir.join("conf.d/haproxy.toml"),
-            format!(
-                r#"[template]
-src = "haproxy.cfg.tmpl"
-dest = "{cfg}"
-prefix = "/flotilla"
-keys = ["/endpoints", "/config/haproxy"]
-check_cmd = "{haproxy} -c -f {{{{src}}}}"
-reload_cmd = "{proxyctl} reload --config {cfg} --master-socket {master} --haproxy-bin {haproxy} --timeout 10s"
-wait = "20ms:1s"
-max_drop = "100%"
-{runtime}"#,
-                cfg = cfg.display(),
-                haproxy = haproxy.display(),
-                proxyctl = bin("proxyctl").display(),
-                master = master.display(),
-                runtime = if runtime_api {
-                    format!("runtime_api = \"{}\"\n", admin.display())
-                } else {
-                    String::new()
-                },
-            ),
+            shipped_resource(&cfg, &haproxy, &master, runtime, overrides),
         )
         .unwrap();
 
@@ -209,6 +260,52 @@ max_drop = "100%"
             &args,
             self.dir.path(),
         ));
+    }
+
+    /// Registers `count` endpoints of `service` for another host `node`, with its node record,
+    /// without a lease (they stay until the test ends): the rest of a real registry, so that a
+    /// test's own container is not every endpoint the template sees (the shipped drop guard
+    /// holds a render that removes more than half of them). They point at closed ports on
+    /// 127.0.0.1, so confgen must run with `--allow-loopback`, and HAProxy's checks mark them
+    /// down; nothing requests `service`.
+    pub fn register_other_host(&self, node: &str, service: &str, count: u16) {
+        let keys = flotilla_registry::Keys::new("/flotilla").unwrap();
+        let record = flotilla_registry::Node {
+            node: node.into(),
+            version: "0.1.0".into(),
+            started_at: "2026-01-01T00:00:00Z".into(),
+            advertise_ip: "127.0.0.1".parse().unwrap(),
+            labels: Default::default(),
+        };
+        let value = record.encode(&keys).expect("a valid node record");
+        self.etcd
+            .etcdctl(&[
+                "put",
+                &keys.node(node),
+                std::str::from_utf8(&value).unwrap(),
+            ])
+            .unwrap();
+        for i in 0..count {
+            let container = format!("{:012x}", 0x5eadc0de0000u64 + u64::from(i));
+            let ep = flotilla_registry::Endpoint {
+                service: service.into(),
+                instance: format!("{node}-{container}-8080"),
+                node: node.into(),
+                host: "127.0.0.1".into(),
+                port: free_port(),
+                proto: flotilla_registry::Proto::Tcp,
+                container,
+                image: "flotilla/steady:1".into(),
+                tags: vec![],
+                meta: Default::default(),
+                health: flotilla_registry::Health::None,
+                registered_at: "2026-01-01T00:00:00Z".into(),
+            };
+            let value = ep.encode(&keys).expect("a valid endpoint record");
+            self.etcd
+                .etcdctl(&["put", &ep.key(&keys), std::str::from_utf8(&value).unwrap()])
+                .unwrap();
+        }
     }
 
     /// Starts a busybox httpd container for `service` that answers with its own name and keeps
