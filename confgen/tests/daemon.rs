@@ -1150,3 +1150,71 @@ fn under_steady_churn_a_batch_is_flushed_by_wait_max_at_the_latest() {
     );
     c.assert_running();
 }
+
+/// `owner`, `uid`/`gid` and `mode` with users other than root: the destination (and every
+/// rewrite of it) belongs to them; a user that does not exist is a start-up error naming it.
+#[test]
+fn owner_uid_gid_and_mode_apply_to_every_write_for_users_other_than_root() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let etcd = Etcd::start();
+    let reg = Registry::connect(&etcd);
+    let confdir = Confdir::new();
+    confdir.template("list.tmpl", LIST);
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("Debian has the user nobody");
+    let (by_name, _) = resource(
+        &confdir,
+        "by-name",
+        "list.tmpl",
+        "owner = \"nobody\"\nmode = \"0640\"\nmax_drop = \"100%\"\n",
+    );
+    // Numeric ids that name no user: written as given, as chown(2) takes them.
+    let (by_id, _) = resource(
+        &confdir,
+        "by-id",
+        "list.tmpl",
+        "uid = 4242\ngid = 4343\nmode = \"0600\"\nmax_drop = \"100%\"\n",
+    );
+    let owned = |p: &std::path::Path| {
+        let m = std::fs::metadata(p).unwrap();
+        (m.uid(), m.gid(), m.permissions().mode() & 0o7777)
+    };
+    for n in 0..2u32 {
+        reg.put_endpoint("node-a", "web", n, 9100 + n as u16);
+        let o = onetime(&confdir, &etcd, &[]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(servers(&read(&by_name)), n as usize + 1);
+        assert_eq!(
+            owned(&by_name),
+            (nobody.uid.as_raw(), nobody.gid.as_raw(), 0o640),
+            "write {n} of by-name"
+        );
+        assert_eq!(owned(&by_id), (4242, 4343, 0o600), "write {n} of by-id");
+    }
+    // The previous content kept beside it is no more readable than the file itself.
+    let bak = |p: &std::path::Path| {
+        p.with_file_name(format!("{}.bak", p.file_name().unwrap().to_str().unwrap()))
+    };
+    assert_eq!(
+        owned(&bak(&by_name)),
+        (nobody.uid.as_raw(), nobody.gid.as_raw(), 0o640)
+    );
+    assert_eq!(owned(&bak(&by_id)), (4242, 4343, 0o600));
+
+    // A user that does not exist: exit 2 naming the file and the user; nothing written.
+    let (missing, _) = resource(
+        &confdir,
+        "missing",
+        "list.tmpl",
+        "owner = \"no-such-user-flotilla\"\n",
+    );
+    let o = onetime(&confdir, &etcd, &[]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("missing.toml") && stderr.contains("no-such-user-flotilla"),
+        "{stderr}"
+    );
+    assert!(!missing.exists());
+}
