@@ -34,11 +34,13 @@ pub struct Cli {
     pub advertise_ip: IpAddr,
 
     /// Lease TTL: entries vanish this long after presence or its host dies. Kept alive every TTL/3.
-    #[arg(long, env = "FLOTILLA_TTL", default_value = "15s", value_parser = humantime::parse_duration)]
+    /// Whole seconds, at least 2s (`15s`, `1m`; a bare number is seconds, as Registrator's -ttl).
+    #[arg(long, env = "FLOTILLA_TTL", default_value = "15s", value_parser = parse_secs)]
     pub ttl: Duration,
 
-    /// Reconcile from a full container list (and compare with etcd) this often.
-    #[arg(long, env = "FLOTILLA_RESYNC", default_value = "30s", value_parser = humantime::parse_duration)]
+    /// Reconcile from a full container list (and compare with etcd) this often, at least 1s
+    /// (`30s`, `5m`; a bare number is seconds, as Registrator's -resync).
+    #[arg(long, env = "FLOTILLA_RESYNC", default_value = "30s", value_parser = parse_secs)]
     pub resync: Duration,
 
     /// Announce ports bound to loopback (127.0.0.0/8, ::1) or link-local (169.254.0.0/16,
@@ -57,12 +59,10 @@ pub struct Cli {
     pub internal: bool,
 
     /// Docker engine address: unix:///path/to/docker.sock or tcp://host:port (plain HTTP).
-    #[arg(
-        long,
-        env = "FLOTILLA_DOCKER_HOST",
-        default_value = "unix:///var/run/docker.sock"
-    )]
-    pub docker_host: String,
+    /// When neither this flag nor FLOTILLA_DOCKER_HOST is set: $DOCKER_HOST (as the docker CLI
+    /// reads it), else unix:///var/run/docker.sock.
+    #[arg(long, env = "FLOTILLA_DOCKER_HOST", value_name = "URL")]
+    pub docker_host: Option<String>,
 
     /// Only consider containers carrying this label (KEY or KEY=VALUE); repeatable (all must match).
     #[arg(
@@ -73,7 +73,8 @@ pub struct Cli {
     pub label_filter: Vec<String>,
 
     /// File that records this process's lease id, so a restarted presence revokes its
-    /// predecessor's lease at once instead of waiting for it to expire.
+    /// predecessor's lease at once instead of waiting for it to expire. One presence per state
+    /// file: a second one is refused (exit 2) while `<PATH>.lock` is locked by the first.
     #[arg(long, env = "FLOTILLA_STATE_FILE")]
     pub state_file: Option<PathBuf>,
 
@@ -114,11 +115,46 @@ pub struct Config {
     pub internal: bool,
     pub allow_loopback: bool,
     pub docker_host: String,
+    /// Where `docker_host` came from: `--docker-host` (the flag or FLOTILLA_DOCKER_HOST),
+    /// `DOCKER_HOST` or `default`.
+    pub docker_host_from: &'static str,
     pub label_filter: Vec<String>,
     pub state_file: Option<PathBuf>,
     pub node_labels: BTreeMap<String, String>,
     pub max_txn_bytes: usize,
     pub keys: Keys,
+}
+
+/// The Docker engine address when neither the flag, FLOTILLA_DOCKER_HOST nor DOCKER_HOST is set.
+pub const DEFAULT_DOCKER_HOST: &str = "unix:///var/run/docker.sock";
+
+/// The Docker engine address and where it came from: `--docker-host` (the flag, or
+/// FLOTILLA_DOCKER_HOST through clap), else `DOCKER_HOST` (the docker CLI's variable; empty
+/// counts as unset, as there), else the default socket.
+pub fn resolve_docker_host(
+    flag: Option<&str>,
+    docker_host_env: Option<&str>,
+) -> (String, &'static str) {
+    match (flag, docker_host_env.filter(|v| !v.is_empty())) {
+        (Some(f), _) => (f.to_owned(), "--docker-host"),
+        (None, Some(e)) => (e.to_owned(), "DOCKER_HOST"),
+        (None, None) => (DEFAULT_DOCKER_HOST.to_owned(), "default"),
+    }
+}
+
+/// Parses a duration that Registrator takes in seconds (`-ttl 30`, `-resync 60`): a bare
+/// non-negative integer is seconds; anything else is a humantime duration (`30s`, `1m30s`,
+/// `1500ms`), the canonical form.
+pub fn parse_secs(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        return t
+            .parse::<u64>()
+            .map(Duration::from_secs)
+            .map_err(|_| format!("{s:?} is too large a number of seconds"));
+    }
+    humantime::parse_duration(t)
+        .map_err(|e| format!("{s:?} is not a duration like 30s, 1m30s or 30 (seconds): {e}"))
 }
 
 /// Smallest `--max-txn-bytes`: one ordinary record must fit.
@@ -144,8 +180,18 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
 }
 
 impl Cli {
-    /// Checks every field and reports every problem at once.
+    /// Checks every field and reports every problem at once; `DOCKER_HOST` is read from the
+    /// environment.
     pub fn validate(&self) -> Result<Config, Vec<String>> {
+        let docker_host_env =
+            std::env::var_os("DOCKER_HOST").map(|v| v.to_string_lossy().into_owned());
+        self.validate_with(docker_host_env.as_deref())
+    }
+
+    /// [`Cli::validate`] with the value of `DOCKER_HOST` given.
+    pub fn validate_with(&self, docker_host_env: Option<&str>) -> Result<Config, Vec<String>> {
+        let (docker_host, docker_host_from) =
+            resolve_docker_host(self.docker_host.as_deref(), docker_host_env);
         let mut errors = Vec::new();
         if !is_dns_label(&self.node) {
             errors.push(format!(
@@ -185,10 +231,16 @@ impl Cli {
                 self.max_txn_bytes
             ));
         }
-        if !(self.docker_host.starts_with("unix://") || self.docker_host.starts_with("tcp://")) {
+        if !(docker_host.starts_with("unix://") || docker_host.starts_with("tcp://")) {
+            let (from, why) = match docker_host_from {
+                "DOCKER_HOST" => (
+                    "DOCKER_HOST",
+                    " (read because neither --docker-host nor FLOTILLA_DOCKER_HOST is set)",
+                ),
+                _ => ("--docker-host", ""),
+            };
             errors.push(format!(
-                "--docker-host {:?}: must start with unix:// or tcp://",
-                self.docker_host
+                "{from} {docker_host:?}: must start with unix:// or tcp:// (presence speaks plain HTTP to the engine){why}"
             ));
         }
         for f in &self.label_filter {
@@ -241,7 +293,8 @@ impl Cli {
                 explicit: self.explicit,
                 internal: self.internal,
                 allow_loopback: self.allow_loopback,
-                docker_host: self.docker_host.clone(),
+                docker_host,
+                docker_host_from,
                 label_filter: self.label_filter.clone(),
                 state_file: self.state_file.clone(),
                 node_labels,
@@ -266,10 +319,11 @@ mod tests {
     #[test]
     fn defaults_match_the_contract() {
         let cli = parse(&["--node", "host-1", "--advertise-ip", "10.0.0.5"]);
-        let cfg = cli.validate().expect("valid");
+        let cfg = cli.validate_with(None).expect("valid");
         assert_eq!(cfg.ttl, Duration::from_secs(15));
         assert_eq!(cfg.resync, Duration::from_secs(30));
         assert_eq!(cfg.docker_host, "unix:///var/run/docker.sock");
+        assert_eq!(cfg.docker_host_from, "default");
         assert_eq!(cfg.keys.prefix(), "/flotilla");
         assert!(!cfg.explicit && !cfg.internal);
         assert_eq!(cfg.max_txn_bytes, 512 * 1024);
@@ -299,7 +353,7 @@ mod tests {
             "--max-txn-bytes",
             "100",
         ])
-        .validate()
+        .validate_with(None)
         .expect_err("too small");
         assert!(errors[0].contains("--max-txn-bytes"), "{errors:?}");
     }
@@ -318,7 +372,7 @@ mod tests {
             "--prefix",
             "flotilla/",
         ]);
-        let errors = cli.validate().expect_err("invalid");
+        let errors = cli.validate_with(None).expect_err("invalid");
         let text = errors.join("\n");
         for flag in [
             "--node",
@@ -343,18 +397,112 @@ mod tests {
             "::ffff:127.0.0.1",
         ] {
             let errors = parse(&["--node", "n", "--advertise-ip", ip])
-                .validate()
+                .validate_with(None)
                 .expect_err(ip);
             assert!(errors[0].contains("--allow-loopback"), "{ip}: {errors:?}");
             let cfg = parse(&["--node", "n", "--advertise-ip", ip, "--allow-loopback"])
-                .validate()
+                .validate_with(None)
                 .expect(ip);
             assert!(cfg.allow_loopback);
         }
         for ip in ["10.0.0.5", "192.0.2.1", "fd00::1", "2001:db8::1"] {
             parse(&["--node", "n", "--advertise-ip", ip])
-                .validate()
+                .validate_with(None)
                 .expect(ip);
         }
+    }
+
+    #[test]
+    fn a_bare_number_of_seconds_is_a_duration_as_in_registrator() {
+        for (text, secs) in [
+            ("30", 30),
+            ("0", 0),
+            (" 15 ", 15),
+            ("30s", 30),
+            ("1m30s", 90),
+        ] {
+            assert_eq!(parse_secs(text), Ok(Duration::from_secs(secs)), "{text:?}");
+        }
+        assert_eq!(parse_secs("1500ms"), Ok(Duration::from_millis(1500)));
+        for bad in [
+            "",
+            "-5",
+            "1.5",
+            "30 parsecs",
+            "s",
+            "99999999999999999999999",
+        ] {
+            assert!(parse_secs(bad).is_err(), "{bad:?}");
+        }
+        let base = ["--node", "n", "--advertise-ip", "10.0.0.5"];
+        let with = |extra: &[&str]| {
+            let mut args = base.to_vec();
+            args.extend_from_slice(extra);
+            parse(&args).validate_with(None)
+        };
+        let cfg = with(&["--ttl", "30", "--resync", "45"]).expect("valid");
+        assert_eq!(cfg.ttl, Duration::from_secs(30));
+        assert_eq!(cfg.resync, Duration::from_secs(45));
+        let canonical = with(&["--ttl", "30s", "--resync", "45s"]).expect("valid");
+        assert_eq!((canonical.ttl, canonical.resync), (cfg.ttl, cfg.resync));
+        // The same bounds as for `2s` / `1s`.
+        let errors = with(&["--ttl", "1", "--resync", "0"]).expect_err("too short");
+        assert!(
+            errors[0].contains("--ttl 1s") && errors[0].contains("at least 2s"),
+            "{errors:?}"
+        );
+        assert!(errors[1].contains("--resync 0s"), "{errors:?}");
+        let refused = Cli::try_parse_from([
+            "presence",
+            "--node",
+            "n",
+            "--advertise-ip",
+            "10.0.0.5",
+            "--ttl=-5",
+        ]);
+        assert!(refused.unwrap_err().to_string().contains("--ttl"));
+    }
+
+    #[test]
+    fn the_docker_host_is_the_flag_then_docker_host_then_the_default() {
+        let base = ["--node", "n", "--advertise-ip", "10.0.0.5"];
+        let flag = [&base[..], &["--docker-host", "unix:///run/flag.sock"]].concat();
+        let cfg = parse(&base)
+            .validate_with(Some("unix:///run/env.sock"))
+            .unwrap();
+        assert_eq!(
+            (cfg.docker_host.as_str(), cfg.docker_host_from),
+            ("unix:///run/env.sock", "DOCKER_HOST")
+        );
+        let cfg = parse(&flag)
+            .validate_with(Some("unix:///run/env.sock"))
+            .unwrap();
+        assert_eq!(
+            (cfg.docker_host.as_str(), cfg.docker_host_from),
+            ("unix:///run/flag.sock", "--docker-host")
+        );
+        for unset in [None, Some("")] {
+            let cfg = parse(&base).validate_with(unset).unwrap();
+            assert_eq!(
+                (cfg.docker_host.as_str(), cfg.docker_host_from),
+                (DEFAULT_DOCKER_HOST, "default")
+            );
+        }
+        let cfg = parse(&base)
+            .validate_with(Some("tcp://127.0.0.1:2375"))
+            .unwrap();
+        assert_eq!(cfg.docker_host, "tcp://127.0.0.1:2375");
+        // A DOCKER_HOST presence cannot use is refused, and the message says where it came from.
+        let errors = parse(&base)
+            .validate_with(Some("ssh://me@host"))
+            .expect_err("ssh");
+        assert!(
+            errors[0].starts_with("DOCKER_HOST \"ssh://me@host\""),
+            "{errors:?}"
+        );
+        // ... but not when the flag overrides it.
+        parse(&flag)
+            .validate_with(Some("ssh://me@host"))
+            .expect("flag wins");
     }
 }

@@ -11,6 +11,7 @@ mod metrics;
 mod reconcile;
 mod spec;
 mod state_file;
+mod state_lock;
 mod writer;
 
 use std::process::ExitCode;
@@ -48,6 +49,36 @@ fn main() -> ExitCode {
             }
             return ExitCode::from(2);
         }
+    };
+    let state_file = cfg
+        .state_file
+        .as_deref()
+        .map_or("none".into(), |p| p.display().to_string());
+    info!(
+        node = %cfg.node,
+        docker_host = %cfg.docker_host,
+        docker_host_from = %cfg.docker_host_from,
+        ttl = %humantime::format_duration(cfg.ttl),
+        resync = %humantime::format_duration(cfg.resync),
+        %state_file,
+        dry_run = cli.dry_run,
+        "presence starting"
+    );
+    // One presence per state file, checked before anything touches Docker or etcd: a second
+    // one would revoke the first's lease as its "predecessor's" (state_lock.rs). Held until
+    // exit. --dry-run neither reads nor writes the state file.
+    let _state_lock = match cfg.state_file.as_deref().filter(|_| !cli.dry_run) {
+        Some(path) => match state_lock::acquire(path) {
+            Ok(lock) => {
+                debug!(lock = %lock.path.display(), "state file locked");
+                Some(lock)
+            }
+            Err(e) => {
+                eprintln!("presence: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
