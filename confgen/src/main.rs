@@ -114,19 +114,19 @@ struct RunArgs {
 #[derive(clap::Args, Debug)]
 struct RenderArgs {
     /// The template (its directory is searched for templates it includes, imports or extends).
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_TEMPLATE")]
     template: PathBuf,
     /// Snapshot file as printed by `confgen dump` (`-` for stdin).
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_DATA")]
     data: PathBuf,
     /// Key prefixes the template sees (like a resource's `keys`, absolute). Default: all.
-    #[arg(long = "keys", value_delimiter = ',')]
+    #[arg(long = "keys", value_delimiter = ',', env = "FLOTILLA_KEYS")]
     keys: Vec<String>,
     /// Prefix prepended to the keys templates read with getv & co. (a resource's `prefix`).
-    #[arg(long = "key-prefix", default_value = "")]
+    #[arg(long = "key-prefix", default_value = "", env = "FLOTILLA_KEY_PREFIX")]
     key_prefix: String,
     /// Log format on stderr.
-    #[arg(long, value_enum, default_value = "text")]
+    #[arg(long, value_enum, default_value = "text", env = "FLOTILLA_LOG_FORMAT")]
     log_format: plumbing::LogFormat,
     /// The admission rules, as for `run` (so an offline render shows what the daemon renders).
     #[command(flatten)]
@@ -141,7 +141,7 @@ struct DumpArgs {
     #[command(flatten)]
     etcd: EtcdArgs,
     /// Log format on stderr.
-    #[arg(long, value_enum, default_value = "text")]
+    #[arg(long, value_enum, default_value = "text", env = "FLOTILLA_LOG_FORMAT")]
     log_format: plumbing::LogFormat,
 }
 
@@ -470,4 +470,21 @@ async fn dump(a: DumpArgs) -> anyhow::Result<u8> {
         .write_all(text.as_bytes())
         .context("writing stdout")?;
     Ok(0)
+}
+
+#[cfg(test)]
+mod cli_tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_flag_reads_its_documented_environment_variable() {
+        let doc = include_str!("../../docs/OPERATIONS.md");
+        let problems = flotilla_registry::cli::env_var_mismatches_with_docs(
+            &super::Cli::command(),
+            "confgen",
+            "FLOTILLA_",
+            doc,
+        );
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
 }

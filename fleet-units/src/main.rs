@@ -167,7 +167,7 @@ struct ApplyArgs {
     allow_empty: bool,
 
     /// Print the report as JSON on stdout (what `unitgen rollout` reads).
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_UNITGEN_JSON")]
     json: bool,
 }
 
@@ -582,5 +582,22 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => report(err),
+    }
+}
+
+#[cfg(test)]
+mod cli_tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_flag_reads_its_documented_environment_variable() {
+        let doc = include_str!("../../docs/OPERATIONS.md");
+        let problems = flotilla_registry::cli::env_var_mismatches_with_docs(
+            &super::Cli::command(),
+            "unitgen",
+            "FLOTILLA_UNITGEN_",
+            doc,
+        );
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
     }
 }

@@ -94,7 +94,7 @@ pub struct Cli {
     pub max_txn_bytes: usize,
 
     /// Print the endpoints that would be registered (JSON lines) and exit; etcd is not contacted.
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_DRY_RUN")]
     pub dry_run: bool,
 
     #[command(flatten)]

@@ -327,3 +327,20 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
         _ = tokio::time::sleep(GRACE) => anyhow::bail!("shutdown took longer than {GRACE:?}; exiting"),
     }
 }
+
+#[cfg(test)]
+mod cli_tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_flag_reads_its_documented_environment_variable() {
+        let doc = include_str!("../../docs/OPERATIONS.md");
+        let problems = flotilla_registry::cli::env_var_mismatches_with_docs(
+            &crate::cli::Cli::command(),
+            "presence",
+            "FLOTILLA_",
+            doc,
+        );
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
+}

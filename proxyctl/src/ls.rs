@@ -16,7 +16,7 @@ pub struct LsArgs {
     pub service: Option<String>,
 
     /// Print JSON on stdout: {"revision", "services": {name: [endpoint…]}, "rejected": {key: reason}}.
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_JSON")]
     pub json: bool,
 
     #[command(flatten)]

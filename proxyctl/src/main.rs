@@ -118,7 +118,7 @@ struct ProxyArgs {
     nginx_bin: PathBuf,
 
     /// Print the result as JSON on stdout.
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_JSON")]
     json: bool,
 }
 
@@ -165,7 +165,7 @@ struct StatusArgs {
     socket: SocketArgs,
 
     /// Print the rows as a JSON array on stdout.
-    #[arg(long)]
+    #[arg(long, env = "FLOTILLA_JSON")]
     json: bool,
 }
 
@@ -558,5 +558,22 @@ fn describe(err: &Error, flags: &Flags) -> String {
             "{err} (install it with scripts/setup, or point --haproxy-bin/--nginx-bin at it)"
         ),
         _ => err.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod cli_tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_flag_reads_its_documented_environment_variable() {
+        let doc = include_str!("../../docs/OPERATIONS.md");
+        let problems = flotilla_registry::cli::env_var_mismatches_with_docs(
+            &super::Cli::command(),
+            "proxyctl",
+            "FLOTILLA_",
+            doc,
+        );
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
     }
 }

@@ -12,6 +12,7 @@
 
 pub mod backoff;
 pub mod cache;
+pub mod cli;
 pub mod daemon;
 pub mod etcd;
 pub mod keys;
