@@ -26,6 +26,14 @@
 //!    first put until the file holds all 10,000 new addresses and no render came for 1.5 s.
 //! 4. `--onetime` (daemon stopped, destination removed so it is written): wall time of the whole
 //!    process, start to exit, including connecting, listing etcd, rendering and writing.
+//!
+//! Side by side with confd (`CONFD=/path/to/confd`, built from its public source outside this
+//! repository): the same etcd also holds every endpoint record in confd's usual layout,
+//! `/confd/services/<service>/<instance>` (the same JSON), and confd renders [`CONFD_TEMPLATE`],
+//! the same shape as [`PLAIN_TEMPLATE`] written the way confd templates are (`lsdir`, `gets`,
+//! `json`). After confgen's phases of a round, confd's: `confd -watch -backend etcdv3` started
+//! alone (confgen stopped, so neither takes the other's CPU), the same change → file measurement
+//! on its keys, its VmHWM, then `confd -onetime` timed like confgen's. The table has the ratios.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
@@ -77,6 +85,59 @@ backend svc_{{ name }}
     server {{ ep.instance }} {{ ep.addr }} check inter 2s fall 3 rise 2{% if ep.meta.weight %} weight {{ ep.meta.weight }}{% endif %}
 {%- endif %}{% endfor %}
 {% endfor %}";
+
+/// [`PLAIN_TEMPLATE`] for confd: a host rule per service, a backend per service, a server line
+/// per endpoint (the record's JSON parsed with confd's `json`).
+const CONFD_TEMPLATE: &str = "\
+global
+    maxconn 4000
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+
+frontend http
+    bind :80
+{{range $svc := lsdir \"/confd/services\"}}    acl host_{{$svc}} hdr(host),field(1,:) -i {{$svc}}.{{getv \"/confd/config/domain\" \"localhost\"}}
+    use_backend svc_{{$svc}} if host_{{$svc}}
+{{end}}
+{{range $svc := lsdir \"/confd/services\"}}
+backend svc_{{$svc}}
+    balance roundrobin
+{{- range gets (printf \"/confd/services/%s/*\" $svc)}}{{$ep := json .Value}}{{if ne $ep.health \"unhealthy\"}}
+    server {{$ep.instance}} {{$ep.host}}:{{$ep.port}} check inter 2s fall 3 rise 2{{if $ep.meta.weight}} weight {{$ep.meta.weight}}{{end}}{{end}}{{end}}
+{{end}}";
+
+/// `CONFD`: confd's binary, for the side-by-side phase.
+fn confd_bin() -> Option<PathBuf> {
+    std::env::var_os("CONFD").map(PathBuf::from)
+}
+
+/// The key confd reads for endpoint `ep`.
+fn confd_key(ep: &Endpoint) -> String {
+    format!("/confd/services/{}/{}", ep.service, ep.instance)
+}
+
+async fn load_confd(client: &Client, keys: &Keys, eps: &[Endpoint]) {
+    let batches: Vec<Vec<TxnOp>> = eps
+        .chunks(TXN_OPS)
+        .map(|c| {
+            c.iter()
+                .map(|ep| TxnOp::put(confd_key(ep), ep.encode(keys).unwrap(), None))
+                .collect()
+        })
+        .collect();
+    futures::stream::iter(batches)
+        .map(|ops| {
+            let mut c = client.clone();
+            async move { c.txn(Txn::new().and_then(ops)).await.unwrap() }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+}
 
 fn shipped_templates() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../templates/templates")
@@ -310,6 +371,12 @@ impl Setup {
     fn dest(&self) -> PathBuf {
         self.dir.path().join("out/haproxy.cfg")
     }
+    fn confd_dir(&self) -> PathBuf {
+        self.dir.path().join("confd")
+    }
+    fn confd_dest(&self) -> PathBuf {
+        self.dir.path().join("out-confd/haproxy.cfg")
+    }
     fn new(etcd_url: String) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let s = Setup { dir, etcd_url };
@@ -317,6 +384,23 @@ impl Setup {
         fs::create_dir_all(conf.join("conf.d")).unwrap();
         fs::create_dir_all(conf.join("templates")).unwrap();
         fs::create_dir_all(s.dir.path().join("out")).unwrap();
+        fs::create_dir_all(s.dir.path().join("out-confd")).unwrap();
+        fs::create_dir_all(s.confd_dir().join("conf.d")).unwrap();
+        fs::create_dir_all(s.confd_dir().join("templates")).unwrap();
+        fs::write(
+            s.confd_dir().join("templates/haproxy.cfg.tmpl"),
+            CONFD_TEMPLATE,
+        )
+        .unwrap();
+        fs::write(
+            s.confd_dir().join("conf.d/haproxy.toml"),
+            format!(
+                "[template]\nsrc = \"haproxy.cfg.tmpl\"\ndest = \"{}\"\n\
+                 keys = [\"/confd/services\", \"/confd/config\"]\nmode = \"0644\"\n",
+                s.confd_dest().display()
+            ),
+        )
+        .unwrap();
         if template_kind() == "plain" {
             fs::write(conf.join("templates/haproxy.cfg.tmpl"), PLAIN_TEMPLATE).unwrap();
         } else {
@@ -458,6 +542,119 @@ struct Round {
     burst_settle_s: Option<f64>,
     rss_after_burst_kb: Option<u64>,
     onetime_ms: Vec<f64>,
+    confd: Option<ConfdRound>,
+}
+
+#[derive(Default, Debug)]
+struct ConfdRound {
+    startup_ms: f64,
+    lat: Vec<f64>,
+    rss_kb: u64,
+    onetime_ms: Vec<f64>,
+}
+
+fn confd_cmd(confd: &Path, s: &Setup) -> Command {
+    let mut c = Command::new(confd);
+    c.args(["-backend", "etcdv3", "-node", &s.etcd_url, "-confdir"])
+        .arg(s.confd_dir())
+        .args(["-log-level", "error"]);
+    c
+}
+
+/// confd's phase of a round (see the module's comment): alone on the machine's CPU.
+#[allow(clippy::too_many_arguments)]
+fn confd_round(
+    rt: &tokio::runtime::Runtime,
+    confd: &Path,
+    s: &Setup,
+    client: &Client,
+    keys: &Keys,
+    eps: &mut [Endpoint],
+    changes: usize,
+    onetimes: usize,
+    port_seq: &mut u16,
+) -> ConfdRound {
+    let mut r = ConfdRound::default();
+    let dest = s.confd_dest();
+    let _ = fs::remove_file(&dest);
+    let started = Instant::now();
+    let mut child = confd_cmd(confd, s)
+        .arg("-watch")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let pid = child.id();
+    let guard = Kill(&mut child);
+    let expect = eps.len();
+    wait_until("confd's first render", Duration::from_secs(300), || {
+        fs::read_to_string(&dest).is_ok_and(|c| server_addrs(&c).len() == expect)
+    });
+    r.startup_ms = started.elapsed().as_secs_f64() * 1e3;
+    let (_w, events) = watch_dest(&dest);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut rng = fastrand::Rng::with_seed(eps.len() as u64 * 11 + *port_seq as u64);
+    for _ in 0..changes {
+        let i = rng.usize(..eps.len());
+        *port_seq = if *port_seq >= 60000 {
+            10000
+        } else {
+            *port_seq + 1
+        };
+        eps[i].port = *port_seq;
+        let want = marker(&eps[i]);
+        // The /flotilla copy too, so confgen's next round starts from the same registry.
+        let ops = vec![
+            TxnOp::put(confd_key(&eps[i]), eps[i].encode(keys).unwrap(), None),
+            TxnOp::put(eps[i].key(keys), eps[i].encode(keys).unwrap(), None),
+        ];
+        while events.try_recv().is_ok() {}
+        let mut c = client.clone();
+        rt.block_on(c.txn(Txn::new().and_then(ops))).unwrap();
+        let acked = Instant::now();
+        loop {
+            let at = events
+                .recv_timeout(Duration::from_secs(30))
+                .expect("no confd file event within 30 s of a change");
+            if fs::read_to_string(&dest).is_ok_and(|c| c.contains(&want)) {
+                r.lat
+                    .push(at.saturating_duration_since(acked).as_secs_f64() * 1e3);
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(40 + rng.u64(..40)));
+    }
+    r.rss_kb = proc_field(pid, "status", "VmHWM:");
+    drop(guard);
+    for _ in 0..onetimes {
+        let _ = fs::remove_file(&dest);
+        let t = Instant::now();
+        let out = confd_cmd(confd, s)
+            .arg("-onetime")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        assert!(
+            out.status.success(),
+            "confd -onetime failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            server_addrs(&fs::read_to_string(&dest).unwrap()).len(),
+            eps.len()
+        );
+        r.onetime_ms.push(ms);
+    }
+    r
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -659,8 +856,8 @@ fn main() {
     println!(
         "confgen benchmark: {} ({} cores), template {}, load at start: {}",
         bin.display(),
-        template_kind(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
+        template_kind(),
         load_avg.trim()
     );
     // One line per figure with a target, for scripts/bench's summary table.
@@ -674,6 +871,9 @@ fn main() {
         let mut eps: Vec<Endpoint> = (0..n).map(|i| endpoint(i, services, 8080)).collect();
         let t = Instant::now();
         rt.block_on(load(&client, &keys, &eps, services));
+        if confd_bin().is_some() {
+            rt.block_on(load_confd(&client, &keys, &eps));
+        }
         println!(
             "\n## {n} endpoints in {services} services (loaded in {:.1} s)",
             t.elapsed().as_secs_f64()
@@ -690,7 +890,7 @@ fn main() {
         let mut port_seq = 10000u16;
         let mut rs = Vec::new();
         for k in 0..rounds {
-            let r = round(
+            let mut r = round(
                 &rt,
                 &bin,
                 &s,
@@ -724,6 +924,35 @@ fn main() {
                 r.rss_after_burst_kb.unwrap_or(0) as f64 / 1024.0,
                 list(&r.onetime_ms, 0),
             );
+            if let Some(confd) = confd_bin() {
+                let changes = std::env::var("CONFGEN_BENCH_CONFD_CHANGES")
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(if big { 10 } else { 30 });
+                let c = confd_round(
+                    &rt,
+                    &confd,
+                    &s,
+                    &client,
+                    &keys,
+                    &mut eps,
+                    changes,
+                    onetimes,
+                    &mut port_seq,
+                );
+                println!(
+                    "round {} confd: start→first file {:.0} ms; change→file p50 {:.1} ms p99 {:.1} ms max {:.1} ms (n={}); VmHWM {:.1} MB; -onetime ms {}",
+                    k + 1,
+                    c.startup_ms,
+                    percentile(&c.lat, 0.5),
+                    percentile(&c.lat, 0.99),
+                    percentile(&c.lat, 1.0),
+                    c.lat.len(),
+                    c.rss_kb as f64 / 1024.0,
+                    list(&c.onetime_ms, 0),
+                );
+                r.confd = Some(c);
+            }
             rs.push(r);
         }
         let per = |f: &dyn Fn(&Round) -> f64| -> (f64, String) {
@@ -810,6 +1039,40 @@ fn main() {
                 "≤ 30 MB",
                 per(&|r| r.rss_after_burst_kb.unwrap() as f64 / 1024.0),
             );
+        }
+        if rs.iter().all(|r| r.confd.is_some()) {
+            let c = |f: &dyn Fn(&ConfdRound) -> f64| per(&|r| f(r.confd.as_ref().unwrap()));
+            row(
+                "confd: change → file p50 (ms)",
+                "",
+                c(&|c| percentile(&c.lat, 0.5)),
+            );
+            row(
+                "confd: change → file p99 (ms)",
+                "",
+                c(&|c| percentile(&c.lat, 0.99)),
+            );
+            row(
+                "confd p50 / confgen p50 (same round)",
+                if big { "" } else { "≥ 250×" },
+                per(&|r| percentile(&r.confd.as_ref().unwrap().lat, 0.5) / percentile(&r.lat, 0.5)),
+            );
+            row(
+                "confd `-onetime` whole process (ms)",
+                "",
+                c(&|c| median(&c.onetime_ms)),
+            );
+            row(
+                "confd -onetime / confgen --onetime (same round)",
+                "",
+                per(&|r| median(&r.confd.as_ref().unwrap().onetime_ms) / median(&r.onetime_ms)),
+            );
+            row(
+                "confd -watch RSS, VmHWM (MB)",
+                "",
+                c(&|c| c.rss_kb as f64 / 1024.0),
+            );
+            row("confd start → first file (ms)", "", c(&|c| c.startup_ms));
         }
         let size = fs::metadata(s.dest()).map(|m| m.len()).unwrap_or(0);
         println!("\nrendered haproxy.cfg: {} KB", size / 1024);
