@@ -458,45 +458,60 @@ pub fn endpoint_value(ep: &Endpoint, settings: &Settings) -> Value {
     } else {
         format!("{}:{}", ep.host, ep.port)
     };
-    let mut meta: Map<String, Value> = ep
-        .meta
-        .iter()
-        .filter(|(k, _)| !SETTINGS.contains(&k.as_str()))
-        .map(|(k, v)| (k.clone(), s(v)))
-        .collect();
-    for (k, v) in &settings.values {
-        meta.insert((*k).to_owned(), s(v));
-    }
-    let mut m = Map::new();
-    m.insert("service".into(), s(&ep.service));
-    m.insert("instance".into(), s(&ep.instance));
-    m.insert("node".into(), s(&ep.node));
-    m.insert("host".into(), s(&ep.host));
-    m.insert("port".into(), Value::from(ep.port));
-    m.insert(
-        "proto".into(),
-        s(match ep.proto {
-            flotilla_registry::Proto::Tcp => "tcp",
-            flotilla_registry::Proto::Udp => "udp",
-        }),
-    );
-    m.insert("container".into(), s(&ep.container));
-    m.insert("image".into(), s(&ep.image));
-    m.insert(
-        "tags".into(),
-        Value::Array(ep.tags.iter().map(|t| s(t)).collect()),
-    );
-    m.insert("meta".into(), Value::Object(meta));
-    m.insert(
-        "health".into(),
-        s(match ep.health {
-            flotilla_registry::Health::Healthy => "healthy",
-            flotilla_registry::Health::Unhealthy => "unhealthy",
-            flotilla_registry::Health::None => "none",
-        }),
-    );
-    m.insert("registered_at".into(), s(&ep.registered_at));
-    m.insert("addr".into(), Value::String(addr));
+    let meta: Map<String, Value> = if settings.values.is_empty() {
+        ep.meta
+            .iter()
+            .filter(|(k, _)| !SETTINGS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), s(v)))
+            .collect()
+    } else {
+        let mut meta: Map<String, Value> = ep
+            .meta
+            .iter()
+            .filter(|(k, _)| !SETTINGS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), s(v)))
+            .collect();
+        for (k, v) in &settings.values {
+            meta.insert((*k).to_owned(), s(v));
+        }
+        meta
+    };
+    // In key order: a map collected from sorted pairs is built in one pass (no search per
+    // insert), which is most of what this function costs.
+    let m: Map<String, Value> = [
+        ("addr", Value::String(addr)),
+        ("container", s(&ep.container)),
+        (
+            "health",
+            s(match ep.health {
+                flotilla_registry::Health::Healthy => "healthy",
+                flotilla_registry::Health::Unhealthy => "unhealthy",
+                flotilla_registry::Health::None => "none",
+            }),
+        ),
+        ("host", s(&ep.host)),
+        ("image", s(&ep.image)),
+        ("instance", s(&ep.instance)),
+        ("meta", Value::Object(meta)),
+        ("node", s(&ep.node)),
+        ("port", Value::from(ep.port)),
+        (
+            "proto",
+            s(match ep.proto {
+                flotilla_registry::Proto::Tcp => "tcp",
+                flotilla_registry::Proto::Udp => "udp",
+            }),
+        ),
+        ("registered_at", s(&ep.registered_at)),
+        ("service", s(&ep.service)),
+        (
+            "tags",
+            Value::Array(ep.tags.iter().map(|t| s(t)).collect()),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
     Value::Object(m)
 }
 
