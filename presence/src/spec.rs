@@ -1,10 +1,23 @@
 //! What a container announces: from its inspect data (labels, env, ports, health) to the
 //! endpoints presence registers for it. Pure functions, unit-tested here.
 //!
-//! Precedence for names, tags and ignore: the `flotilla.*` labels, then `SERVICE_*` labels,
-//! then `SERVICE_*` environment variables; a per-port setting beats the container-wide one.
-//! A value that would make an invalid record is an error naming the container and the
+//! Precedence for names, tags, ignore and meta: the `flotilla.*` labels, then `SERVICE_*`
+//! labels, then `SERVICE_*` environment variables; a per-port setting beats the container-wide
+//! one. A value that would make an invalid record is an error naming the container and the
 //! label or variable: the container is skipped as a whole and nothing is written for it.
+//!
+//! Registrator's rules, followed where a record can express them (docs/PRESENCE.md "Names,
+//! tags, ignore" names the Registrator source of each):
+//! - a container with more than one candidate port (published ports; exposed ports with
+//!   `--network host`; exposed and published with `--internal`) names each port without a
+//!   per-port name `<name>-<private port>`, whether the name is the image's or `SERVICE_NAME`
+//!   (bridge/bridge.go `add`: `isGroup`, `newService`); `flotilla.service` names every port
+//!   as given;
+//! - `SERVICE_ID` / `SERVICE_<port>_ID` become meta `service_id` (the instance, and so the
+//!   key, stays `<node>-<container12>-<port>`);
+//! - every other `SERVICE_<attr>` / `SERVICE_<port>_<attr>` becomes meta `<attr>` lowercased
+//!   (bridge/util.go `serviceMetaData`), except `CHECK_*` (Registrator's health checks, not
+//!   read); an empty value sets nothing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -75,8 +88,16 @@ impl ContainerInfo {
     }
 }
 
-/// Per-port settings once parsed: name, tags, ignore.
-type PortSettings = (Option<String>, Option<Vec<String>>, bool);
+/// Per-port settings once parsed.
+#[derive(Debug, Clone, Default)]
+struct PortSettings {
+    name: Option<String>,
+    tags: Option<Vec<String>>,
+    ignore: bool,
+    /// Meta of this port: `Some` sets the key, `None` (an empty `SERVICE_<port>_<attr>`)
+    /// removes a container-wide value.
+    meta: BTreeMap<String, Option<String>>,
+}
 
 /// How endpoints are derived; fixed for the life of the process.
 #[derive(Debug, Clone)]
@@ -169,20 +190,96 @@ struct Sourced {
     field: String,
 }
 
+/// One meta entry as read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct MetaSetting {
+    src: Sourced,
+    /// From a `SERVICE_*` attribute: an empty value sets nothing (and unsets a weaker one).
+    /// A `flotilla.meta.<key>` label must not be empty.
+    empty_unsets: bool,
+}
+
 /// Container-wide or per-port settings.
 #[derive(Debug, Clone, Default)]
 struct Settings {
     name: Option<Sourced>,
     tags: Option<Sourced>,
     ignore: Option<Sourced>,
+    /// Meta: container-wide from `flotilla.meta.<key>` and `SERVICE_<attr>`, per port from
+    /// `SERVICE_<port>_<attr>`.
+    meta: BTreeMap<String, MetaSetting>,
 }
 
 #[derive(Debug, Default)]
 struct Meta {
     general: Settings,
+    /// The container-wide name is the label `flotilla.service`: every port gets it as given,
+    /// never with Registrator's `-<port>` suffix.
+    general_name_verbatim: bool,
     per_port: BTreeMap<u16, Settings>,
     network: Option<Sourced>,
-    meta: BTreeMap<String, Sourced>,
+}
+
+/// What a `SERVICE_*` variable sets, by the part after `SERVICE_` (and the port), lowercased
+/// as Registrator's bridge/util.go `serviceMetaData` does.
+enum Attr {
+    Setting(Which),
+    /// A meta key (`id` is stored as `service_id`).
+    Meta(String),
+    /// `check_*`: Registrator's health-check attributes, not read.
+    NotOurs,
+}
+
+fn classify(what: &str) -> Attr {
+    match what {
+        "name" => Attr::Setting(Which::Name),
+        "tags" => Attr::Setting(Which::Tags),
+        "ignore" => Attr::Setting(Which::Ignore),
+        "id" => Attr::Meta("service_id".to_owned()),
+        w if w.starts_with("check_") => Attr::NotOurs,
+        w => Attr::Meta(w.to_owned()),
+    }
+}
+
+/// Meta keys: what the record accepts.
+fn check_meta_key(c: &ContainerInfo, field: &str, key: &str) -> Result<(), SpecError> {
+    if key.is_empty() || key.len() > MAX_TAG || !key.chars().all(is_instance_char) {
+        return Err(c.err(
+            field,
+            format!(
+                "meta key {} must be 1-{MAX_TAG} characters of [A-Za-z0-9._-]",
+                escaped(key)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A meta value, checked as the record checks it. `None` for an empty `SERVICE_*` attribute.
+fn meta_value(c: &ContainerInfo, m: &MetaSetting) -> Result<Option<String>, SpecError> {
+    let s = &m.src;
+    if s.value.is_empty() && m.empty_unsets {
+        return Ok(None);
+    }
+    if s.value.is_empty() || s.value.len() > MAX_META_VALUE {
+        return Err(c.err(
+            &s.field,
+            format!(
+                "value must be 1-{MAX_META_VALUE} bytes, got {}",
+                s.value.len()
+            ),
+        ));
+    }
+    if let Some(bad) = s.value.chars().find(|ch| !is_meta_char(*ch)) {
+        return Err(c.err(
+            &s.field,
+            format!(
+                "{} contains the forbidden character {bad:?} (meta values: printable ASCII without spaces, quotes, backslash, #;$`{{}}<>)",
+                escaped(&s.value)
+            ),
+        ));
+    }
+    Ok(Some(s.value.clone()))
 }
 
 enum Which {
@@ -237,43 +334,51 @@ fn read_meta(c: &ContainerInfo) -> Result<Meta, SpecError> {
     let mut labels: Vec<(&String, &String)> = c.labels.iter().collect();
     labels.sort();
 
+    // Registrator's bridge/util.go serviceMetaData: the part after `SERVICE_` is lowercased;
+    // if it starts with a number and `_`, the rest applies to that private port only,
+    // otherwise all of it applies to every port (`SERVICE_DB_NAME` is the attribute `db_name`).
     let registrator = |m: &mut Meta, kind: &str, key: &str, value: &str| -> Result<(), SpecError> {
         let field = format!("{kind} {key}");
         let Some(rest) = key.strip_prefix("SERVICE_") else {
             return Ok(());
         };
-        let (port, what) = match rest {
-            "NAME" => (None, Which::Name),
-            "TAGS" => (None, Which::Tags),
-            "IGNORE" => (None, Which::Ignore),
-            _ => {
-                let Some((port, what)) = rest.split_once('_') else {
-                    return Ok(());
-                };
-                let what = match what {
-                    "NAME" => Which::Name,
-                    "TAGS" => Which::Tags,
-                    "IGNORE" => Which::Ignore,
-                    // Other SERVICE_* variables are not ours (Registrator's attributes).
-                    _ => return Ok(()),
-                };
-                // SERVICE_<x>_NAME with x not a number is somebody else's variable;
-                // digits that are not a valid port are an error.
-                if !port.bytes().all(|b| b.is_ascii_digit()) {
-                    return Ok(());
-                }
-                (Some(parse_port(c, &field, port)?), what)
+        let lower = rest.to_ascii_lowercase();
+        let (port, what) = match lower.split_once('_') {
+            // Digits that are not a valid port (0, 70000) are an error.
+            Some((p, what)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
+                (Some(parse_port(c, &field, p)?), what)
             }
+            _ => (None, lower.as_str()),
         };
+        let attr = classify(what);
+        if matches!(attr, Attr::NotOurs) {
+            return Ok(());
+        }
         check_size(c, &field, value)?;
         let settings = match port {
             Some(p) => m.per_port.entry(p).or_default(),
             None => &mut m.general,
         };
-        *settings.slot(what) = Some(Sourced {
+        let sourced = Sourced {
             value: value.to_owned(),
             field,
-        });
+        };
+        match attr {
+            Attr::Setting(which) => *settings.slot(which) = Some(sourced),
+            Attr::Meta(meta_key) => {
+                if !value.is_empty() {
+                    check_meta_key(c, &sourced.field, &meta_key)?;
+                }
+                settings.meta.insert(
+                    meta_key,
+                    MetaSetting {
+                        src: sourced,
+                        empty_unsets: true,
+                    },
+                );
+            }
+            Attr::NotOurs => {}
+        }
         Ok(())
     };
 
@@ -298,7 +403,10 @@ fn read_meta(c: &ContainerInfo) -> Result<Meta, SpecError> {
             None => (rest, None),
         };
         match (head, port) {
-            ("service", None) => m.general.name = Some(sourced),
+            ("service", None) => {
+                m.general.name = Some(sourced);
+                m.general_name_verbatim = true;
+            }
             ("tags", None) => m.general.tags = Some(sourced),
             ("ignore", None) => m.general.ignore = Some(sourced),
             ("network", None) => m.network = Some(sourced),
@@ -313,16 +421,14 @@ fn read_meta(c: &ContainerInfo) -> Result<Meta, SpecError> {
                 *s.slot(which) = Some(sourced);
             }
             ("meta", Some(key)) => {
-                if key.is_empty() || key.len() > MAX_TAG || !key.chars().all(is_instance_char) {
-                    return Err(c.err(
-                        &field,
-                        format!(
-                            "meta key {} must be 1-{MAX_TAG} characters of [A-Za-z0-9._-]",
-                            escaped(key)
-                        ),
-                    ));
-                }
-                m.meta.insert(key.to_owned(), sourced);
+                check_meta_key(c, &field, key)?;
+                m.general.meta.insert(
+                    key.to_owned(),
+                    MetaSetting {
+                        src: sourced,
+                        empty_unsets: false,
+                    },
+                );
             }
             // Unknown flotilla.* labels are left alone (forward compatibility).
             _ => {}
@@ -523,41 +629,30 @@ fn decide_inner(
     };
     let mut per_port: BTreeMap<u16, PortSettings> = BTreeMap::new();
     for (port, s) in &meta.per_port {
-        let name = s.name.as_ref().map(|v| parse_name(c, v)).transpose()?;
-        let tags = s.tags.as_ref().map(|v| parse_tags(c, v)).transpose()?;
-        let ignore = match &s.ignore {
-            Some(v) => parse_bool(c, v)?,
-            None => false,
+        let mut port_meta = BTreeMap::new();
+        for (k, m) in &s.meta {
+            port_meta.insert(k.clone(), meta_value(c, m)?);
+        }
+        let settings = PortSettings {
+            name: s.name.as_ref().map(|v| parse_name(c, v)).transpose()?,
+            tags: s.tags.as_ref().map(|v| parse_tags(c, v)).transpose()?,
+            ignore: match &s.ignore {
+                Some(v) => parse_bool(c, v)?,
+                None => false,
+            },
+            meta: port_meta,
         };
-        per_port.insert(*port, (name, tags, ignore));
+        per_port.insert(*port, settings);
     }
     let mut meta_map = BTreeMap::new();
-    for (k, s) in &meta.meta {
-        if s.value.is_empty() || s.value.len() > MAX_META_VALUE {
-            return Err(c.err(
-                &s.field,
-                format!(
-                    "value must be 1-{MAX_META_VALUE} bytes, got {}",
-                    s.value.len()
-                ),
-            ));
+    for (k, m) in &meta.general.meta {
+        if let Some(v) = meta_value(c, m)? {
+            meta_map.insert(k.clone(), v);
         }
-        if let Some(bad) = s.value.chars().find(|ch| !is_meta_char(*ch)) {
-            return Err(c.err(
-                &s.field,
-                format!(
-                    "{} contains the forbidden character {bad:?}",
-                    escaped(&s.value)
-                ),
-            ));
-        }
-        meta_map.insert(k.clone(), s.value.clone());
     }
-    if !c.name.is_empty() && c.name.len() <= MAX_META_VALUE && c.name.chars().all(is_meta_char) {
-        meta_map
-            .entry("container_name".to_owned())
-            .or_insert_with(|| c.name.clone());
-    }
+    let container_name =
+        (!c.name.is_empty() && c.name.len() <= MAX_META_VALUE && c.name.chars().all(is_meta_char))
+            .then(|| c.name.clone());
     let default_name = if cfg.explicit {
         None
     } else {
@@ -586,9 +681,14 @@ fn decide_inner(
     // (private port, proto, host, host port)
     let host_mode = c.network_mode == "host";
     let mut targets: Vec<(u16, Proto, String, u16)> = Vec::new();
+    // The ports Registrator would register (bridge/bridge.go `add`: `servicePorts`), counted
+    // before ignore, naming and (here) the loopback rule: more than one makes a group, whose
+    // ports are named `<name>-<private port>`.
+    let mut candidates: Vec<(u16, Proto)> = Vec::new();
     if host_mode {
         for (port, proto) in &c.exposed {
             targets.push((*port, *proto, cfg.advertise_ip.to_string(), *port));
+            candidates.push((*port, *proto));
         }
     } else if cfg.internal {
         let ip = match &meta.network {
@@ -617,6 +717,7 @@ fn decide_inner(
             ports.extend(c.ports.iter().map(|p| (p.port, p.proto)));
             ports.sort();
             ports.dedup();
+            candidates.extend(ports.iter().copied());
             let local_ip = is_local_host(&ip) && !cfg.allow_loopback;
             for (port, proto) in ports {
                 if local_ip {
@@ -633,7 +734,11 @@ fn decide_inner(
         }
     } else {
         for p in &c.ports {
-            match pick_binding(&p.bindings, cfg.advertise_ip, cfg.allow_loopback) {
+            let pick = pick_binding(&p.bindings, cfg.advertise_ip, cfg.allow_loopback);
+            if pick != Pick::Nowhere {
+                candidates.push((p.port, p.proto));
+            }
+            match pick {
                 Pick::At(host, host_port) => targets.push((p.port, p.proto, host, host_port)),
                 Pick::LocalOnly(host_ip, host_port) => local.push(LocalBinding {
                     port: p.port,
@@ -647,12 +752,14 @@ fn decide_inner(
     }
     targets.sort();
     targets.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
+    candidates.sort();
+    candidates.dedup();
+    let group = candidates.len() > 1;
     // Only ports that would be announced are reported as left out.
     local.retain(|b| {
-        let (name, _, ignore) = per_port
+        let (name, ignore) = per_port
             .get(&b.port)
-            .cloned()
-            .unwrap_or((None, None, false));
+            .map_or((None, false), |s| (s.name.as_ref(), s.ignore));
         !ignore && (name.is_some() || general_name.is_some() || default_name.is_some())
     });
     local.sort();
@@ -671,18 +778,53 @@ fn decide_inner(
         Health::None
     };
     let mut endpoints = Vec::new();
+    let no_settings = PortSettings::default();
     for (port, proto, host, host_port) in targets {
-        let (port_name, port_tags, port_ignore) =
-            per_port.get(&port).cloned().unwrap_or((None, None, false));
-        if port_ignore {
+        let settings = per_port.get(&port).unwrap_or(&no_settings);
+        if settings.ignore {
             continue;
         }
-        let Some(service) = port_name
-            .or_else(|| general_name.clone())
-            .or_else(|| default_name.clone())
-        else {
-            continue;
+        let service = if let Some(name) = &settings.name {
+            name.clone()
+        } else {
+            // Registrator (bridge/bridge.go newService): `if isgroup && !metadataFromPort["name"]`
+            // the private port is appended, to SERVICE_NAME as to the image's name.
+            let (base, field) = match (&general_name, &meta.general.name) {
+                (Some(n), Some(s)) => (n, s.field.as_str()),
+                _ => match &default_name {
+                    Some(n) => (n, "image"),
+                    None => continue,
+                },
+            };
+            if group && !(general_name.is_some() && meta.general_name_verbatim) {
+                let name = format!("{base}-{port}");
+                if !is_dns_label(&name) {
+                    return Err(c.err(
+                        field,
+                        format!(
+                            "service name {} is not a DNS label (1-{MAX_LABEL} chars): the container has {} ports, so each port without a name of its own is named <name>-<private port>, as Registrator names them; name this port with SERVICE_{port}_NAME or flotilla.service.{port}, or every port with flotilla.service",
+                            escaped(&name),
+                            candidates.len()
+                        ),
+                    ));
+                }
+                name
+            } else {
+                base.clone()
+            }
         };
+        let mut ep_meta = meta_map.clone();
+        for (k, v) in &settings.meta {
+            match v {
+                Some(v) => ep_meta.insert(k.clone(), v.clone()),
+                None => ep_meta.remove(k),
+            };
+        }
+        if let Some(n) = &container_name {
+            ep_meta
+                .entry("container_name".to_owned())
+                .or_insert_with(|| n.clone());
+        }
         let suffix = if proto == Proto::Udp { "-udp" } else { "" };
         let ep = Endpoint {
             service,
@@ -693,8 +835,11 @@ fn decide_inner(
             proto,
             container: c.short_id().to_owned(),
             image: c.image.clone(),
-            tags: port_tags.unwrap_or_else(|| general_tags.clone()),
-            meta: meta_map.clone(),
+            tags: settings
+                .tags
+                .clone()
+                .unwrap_or_else(|| general_tags.clone()),
+            meta: ep_meta,
             health,
             registered_at: flotilla_registry::record::now_rfc3339(),
         };
@@ -1034,6 +1179,15 @@ mod tests {
             ("flotilla.meta.bad key", "v", "label flotilla.meta.bad key"),
             ("SERVICE_TAGS", "a;b", "label SERVICE_TAGS"),
             ("SERVICE_0_NAME", "web", "label SERVICE_0_NAME"),
+            // Registrator's attributes are meta, held to the record's meta rules.
+            (
+                "SERVICE_REGION",
+                "eu\n  server evil",
+                "label SERVICE_REGION",
+            ),
+            ("SERVICE_8080_SNI", "a;b", "label SERVICE_8080_SNI"),
+            ("SERVICE_ID", "{{x}}", "label SERVICE_ID"),
+            ("SERVICE_bad key", "v", "label SERVICE_bad key"),
         ];
         for (label, value, field) in cases {
             let mut c = web();
@@ -1054,12 +1208,346 @@ mod tests {
         let mut c = web();
         c.env.push("SERVICE_70000_NAME=web".into());
         assert_eq!(error(&c).field, "env SERVICE_70000_NAME");
-        // Not ours: left alone.
+        // Registrator's attributes became meta (issue 17): these were left alone before, and
+        // now refuse the container instead of being dropped silently.
+        for (var, field) in [
+            ("SERVICE_REGION=eu west", "env SERVICE_REGION"),
+            ("SERVICE_DB_NAME=whatever it is", "env SERVICE_DB_NAME"),
+        ] {
+            let mut c = web();
+            c.env.push(var.into());
+            assert_eq!(error(&c).field, field, "{var}");
+        }
+        // Not ours: left alone (Registrator's health checks; unknown flotilla.* labels).
         let mut c = web();
-        c.env.push("SERVICE_REGION=eu west".into());
-        c.env.push("SERVICE_DB_NAME=whatever it is".into());
+        c.env
+            .push("SERVICE_CHECK_SCRIPT=curl -f http://x/ || exit 1".into());
+        c.env.push("SERVICE_8080_CHECK_HTTP=/health check".into());
         c.labels.insert("flotilla.future".into(), "x\ny".into());
-        assert_eq!(register(&c, &cfg()).len(), 1);
+        let eps = register(&c, &cfg());
+        assert_eq!(eps.len(), 1);
+        assert_eq!(eps[0].meta.keys().collect::<Vec<_>>(), ["container_name"]);
+    }
+
+    /// `web()` publishing a second port, 8443.
+    fn two_ports() -> ContainerInfo {
+        let mut c = web();
+        c.ports.push(PortBindings {
+            port: 8443,
+            proto: Proto::Tcp,
+            bindings: vec![("0.0.0.0".into(), 32769)],
+        });
+        c.exposed.push((8443, Proto::Tcp));
+        c
+    }
+
+    /// (private port, service) of each endpoint, in the order of the ports.
+    fn names(c: &ContainerInfo, cfg: &SpecConfig) -> Vec<(String, String)> {
+        register(c, cfg)
+            .into_iter()
+            .map(|e| (e.instance.rsplit('-').next().unwrap().to_owned(), e.service))
+            .collect()
+    }
+
+    fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn several_ports_are_named_name_dash_port_as_registrator_does() {
+        // Default name (Registrator: `nginx` publishing 80 and 443 is nginx-80 and nginx-443).
+        let c = two_ports();
+        assert_eq!(
+            names(&c, &cfg()),
+            pairs(&[("8080", "web-app-8080"), ("8443", "web-app-8443")])
+        );
+        // One published port: the name as is.
+        assert_eq!(names(&web(), &cfg()), pairs(&[("8080", "web-app")]));
+        // A per-port name is used as given; the other port keeps the suffix.
+        let mut c = two_ports();
+        c.env.push("SERVICE_8443_NAME=https".into());
+        assert_eq!(
+            names(&c, &cfg()),
+            pairs(&[("8080", "web-app-8080"), ("8443", "https")])
+        );
+        // SERVICE_NAME (env or label) also gets the suffix, as in Registrator.
+        let mut c = two_ports();
+        c.env.push("SERVICE_NAME=shop".into());
+        assert_eq!(
+            names(&c, &cfg()),
+            pairs(&[("8080", "shop-8080"), ("8443", "shop-8443")])
+        );
+        c.labels.insert("SERVICE_NAME".into(), "store".into());
+        assert_eq!(
+            names(&c, &cfg()),
+            pairs(&[("8080", "store-8080"), ("8443", "store-8443")])
+        );
+        // flotilla.service names every port as given (and beats SERVICE_NAME).
+        c.labels.insert("flotilla.service".into(), "shop".into());
+        assert_eq!(
+            names(&c, &cfg()),
+            pairs(&[("8080", "shop"), ("8443", "shop")])
+        );
+        c.labels
+            .insert("flotilla.service.8443".into(), "tls".into());
+        assert_eq!(
+            names(&c, &cfg()),
+            pairs(&[("8080", "shop"), ("8443", "tls")])
+        );
+        // With --explicit, SERVICE_NAME names the container: suffixed as well.
+        let explicit = SpecConfig {
+            explicit: true,
+            ..cfg()
+        };
+        let mut c = two_ports();
+        assert_eq!(
+            decide(&c, &explicit),
+            Ok(Decision::Skip(SkipReason::Unnamed))
+        );
+        c.labels.insert("SERVICE_NAME".into(), "shop".into());
+        assert_eq!(
+            names(&c, &explicit),
+            pairs(&[("8080", "shop-8080"), ("8443", "shop-8443")])
+        );
+    }
+
+    #[test]
+    fn the_group_counts_the_ports_registrator_counts() {
+        // A port ignored by SERVICE_<port>_IGNORE still counts (Registrator decides the group
+        // before it reads ignore).
+        let mut c = two_ports();
+        c.env.push("SERVICE_8443_IGNORE=true".into());
+        assert_eq!(names(&c, &cfg()), pairs(&[("8080", "web-app-8080")]));
+        // An exposed port that is not published does not count.
+        let mut c = web();
+        c.exposed.push((9000, Proto::Tcp));
+        c.ports.push(PortBindings {
+            port: 9000,
+            proto: Proto::Tcp,
+            bindings: vec![],
+        });
+        assert_eq!(names(&c, &cfg()), pairs(&[("8080", "web-app")]));
+        // ... but with --internal it does (Registrator -internal registers exposed ports).
+        let internal = SpecConfig {
+            internal: true,
+            ..cfg()
+        };
+        assert_eq!(
+            names(&c, &internal),
+            pairs(&[("8080", "web-app-8080"), ("9000", "web-app-9000")])
+        );
+        // A port published on loopback only counts although it is not announced without
+        // --allow-loopback, so names do not change with the flag.
+        let mut c = web();
+        c.ports.push(PortBindings {
+            port: 9000,
+            proto: Proto::Tcp,
+            bindings: vec![("127.0.0.1".into(), 40000)],
+        });
+        assert_eq!(names(&c, &cfg()), pairs(&[("8080", "web-app-8080")]));
+        let allow = SpecConfig {
+            allow_loopback: true,
+            ..cfg()
+        };
+        assert_eq!(
+            names(&c, &allow),
+            pairs(&[("8080", "web-app-8080"), ("9000", "web-app-9000")])
+        );
+        // tcp and udp of one port number are two ports, both named <name>-<port>.
+        let mut c = web();
+        c.ports[0].port = 53;
+        c.ports.push(PortBindings {
+            port: 53,
+            proto: Proto::Udp,
+            bindings: vec![("0.0.0.0".into(), 40053)],
+        });
+        let eps = register(&c, &cfg());
+        assert_eq!(eps.len(), 2);
+        assert!(eps.iter().all(|e| e.service == "web-app-53"), "{eps:?}");
+        assert_eq!(eps[1].instance, "node-a-0123456789ab-53-udp");
+        // --network host: the exposed ports.
+        let mut c = web();
+        c.network_mode = "host".into();
+        c.ports.clear();
+        c.exposed = vec![(80, Proto::Tcp), (443, Proto::Tcp)];
+        assert_eq!(
+            names(&c, &cfg()),
+            pairs(&[("80", "web-app-80"), ("443", "web-app-443")])
+        );
+    }
+
+    #[test]
+    fn a_suffixed_name_that_is_too_long_is_an_error_naming_its_source() {
+        let mut c = two_ports();
+        c.image = format!("team/{}:1", "a".repeat(60));
+        let e = error(&c);
+        assert_eq!(e.field, "image", "{e}");
+        assert!(e.reason.contains("SERVICE_8080_NAME"), "{e}");
+        // The same name on one port is fine.
+        let mut one = web();
+        one.image = c.image.clone();
+        assert_eq!(register(&one, &cfg())[0].service, "a".repeat(60));
+        let mut c = two_ports();
+        c.env.push(format!("SERVICE_NAME={}", "b".repeat(60)));
+        assert_eq!(error(&c).field, "env SERVICE_NAME");
+        // Naming both ports mends it.
+        c.env.push("SERVICE_8080_NAME=http".into());
+        c.env.push("SERVICE_8443_NAME=https".into());
+        assert_eq!(
+            names(&c, &cfg()),
+            pairs(&[("8080", "http"), ("8443", "https")])
+        );
+    }
+
+    #[test]
+    fn service_id_goes_to_meta_and_never_changes_the_instance() {
+        let mut c = two_ports();
+        c.env.push("SERVICE_ID=shop.1".into());
+        c.env.push("SERVICE_8443_ID=https.12345".into());
+        let eps = register(&c, &cfg());
+        let by_port: BTreeMap<&str, &Endpoint> = eps
+            .iter()
+            .map(|e| (e.instance.rsplit('-').next().unwrap(), e))
+            .collect();
+        assert_eq!(by_port["8080"].meta["service_id"], "shop.1");
+        assert_eq!(by_port["8443"].meta["service_id"], "https.12345");
+        assert_eq!(by_port["8080"].instance, "node-a-0123456789ab-8080");
+        assert_eq!(by_port["8443"].instance, "node-a-0123456789ab-8443");
+        assert!(eps.iter().all(|e| !e.meta.contains_key("id")));
+        // An id naming another node (Registrator's `<hostname>:<name>:<port>`, or a forged
+        // instance of another host) is only meta: key and instance stay this node's.
+        let mut c = web();
+        c.labels
+            .insert("SERVICE_ID".into(), "node-b-0123456789ab-8080".into());
+        let ep = &register(&c, &cfg())[0];
+        assert_eq!(ep.instance, "node-a-0123456789ab-8080");
+        assert_eq!(
+            ep.key(&cfg().keys),
+            "/flotilla/endpoints/node-a/web-app/node-a-0123456789ab-8080"
+        );
+        assert_eq!(ep.meta["service_id"], "node-b-0123456789ab-8080");
+        c.labels
+            .insert("SERVICE_ID".into(), "host-1:web.0:8080".into());
+        assert_eq!(
+            register(&c, &cfg())[0].meta["service_id"],
+            "host-1:web.0:8080"
+        );
+        // Invalid: refused naming the variable.
+        let mut c = web();
+        c.env.push("SERVICE_ID=a b".into());
+        assert_eq!(error(&c).field, "env SERVICE_ID");
+        let mut c = web();
+        c.env.push(format!(
+            "SERVICE_8080_ID={}",
+            "i".repeat(MAX_META_VALUE + 1)
+        ));
+        let e = error(&c);
+        assert_eq!(e.field, "env SERVICE_8080_ID");
+        assert!(e.reason.contains("1-512 bytes"), "{e}");
+    }
+
+    #[test]
+    fn registrator_attributes_become_meta_and_per_port_beats_container_wide() {
+        let mut c = two_ports();
+        c.env.push("SERVICE_REGION=eu".into());
+        c.env.push("SERVICE_8443_REGION=us".into());
+        c.env.push("SERVICE_8443_SNI=enabled".into());
+        c.env.push("SERVICE_DB_NAME=orders".into());
+        c.env.push("SERVICE_TAGS=www".into());
+        c.env.push("SERVICE_CHECK_HTTP=/health".into());
+        c.labels.insert("SERVICE_Owner".into(), "team-a".into());
+        let eps = register(&c, &cfg());
+        let meta = |port: &str| -> Vec<(String, String)> {
+            eps.iter()
+                .find(|e| e.instance.ends_with(&format!("-{port}")))
+                .unwrap()
+                .meta
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        assert_eq!(
+            meta("8080"),
+            pairs(&[
+                ("container_name", "web-1"),
+                ("db_name", "orders"),
+                ("owner", "team-a"),
+                ("region", "eu"),
+            ])
+        );
+        assert_eq!(
+            meta("8443"),
+            pairs(&[
+                ("container_name", "web-1"),
+                ("db_name", "orders"),
+                ("owner", "team-a"),
+                ("region", "us"),
+                ("sni", "enabled"),
+            ])
+        );
+        assert!(eps.iter().all(|e| e.tags == ["www"]));
+
+        // Strength: per-port beats container-wide of any source; then flotilla.meta.<key>
+        // label, SERVICE_* label, SERVICE_* env.
+        let region = |c: &ContainerInfo, port: &str| {
+            register(c, &cfg())
+                .into_iter()
+                .find(|e| e.instance.ends_with(&format!("-{port}")))
+                .unwrap()
+                .meta
+                .get("region")
+                .cloned()
+        };
+        let mut c = two_ports();
+        c.env.push("SERVICE_REGION=eu".into());
+        c.labels.insert("SERVICE_REGION".into(), "ap".into());
+        assert_eq!(region(&c, "8080").as_deref(), Some("ap"));
+        c.labels.insert("flotilla.meta.region".into(), "sa".into());
+        assert_eq!(region(&c, "8080").as_deref(), Some("sa"));
+        c.env.push("SERVICE_8443_REGION=us".into());
+        assert_eq!(region(&c, "8443").as_deref(), Some("us"));
+        assert_eq!(region(&c, "8080").as_deref(), Some("sa"));
+        // An explicit meta beats the container name.
+        c.env.push("SERVICE_CONTAINER_NAME=web".into());
+        assert_eq!(register(&c, &cfg())[0].meta["container_name"], "web");
+
+        // Registrator lowercases the whole variable name after SERVICE_: SERVICE_8443_name is
+        // the port's name, not meta.
+        let mut c = two_ports();
+        c.labels.insert("SERVICE_8443_name".into(), "https".into());
+        let eps = register(&c, &cfg());
+        assert_eq!(eps[1].service, "https");
+        assert!(!eps[1].meta.contains_key("name"), "{:?}", eps[1].meta);
+    }
+
+    #[test]
+    fn an_empty_attribute_sets_nothing_and_unsets_a_weaker_one() {
+        // An image's ENV that is no valid meta value refuses the container...
+        let mut c = two_ports();
+        c.env.push("SERVICE_OPTS=-Xmx1g -server".into());
+        assert_eq!(error(&c).field, "env SERVICE_OPTS");
+        // ... unless the operator empties it (a label, or `docker run -e SERVICE_OPTS=`).
+        c.labels.insert("SERVICE_OPTS".into(), String::new());
+        let eps = register(&c, &cfg());
+        assert!(eps.iter().all(|e| !e.meta.contains_key("opts")));
+        // A per-port empty value removes the container-wide one from that port only.
+        let mut c = two_ports();
+        c.env.push("SERVICE_REGION=eu".into());
+        c.env.push("SERVICE_8443_REGION=".into());
+        let eps = register(&c, &cfg());
+        assert_eq!(eps[0].meta.get("region").map(String::as_str), Some("eu"));
+        assert_eq!(eps[1].meta.get("region"), None);
+        // flotilla.meta.<key> keeps its rule: empty is an error.
+        let mut c = web();
+        c.labels
+            .insert("flotilla.meta.region".into(), String::new());
+        assert_eq!(error(&c).field, "label flotilla.meta.region");
+        // An attribute of a port that is not published is checked as well.
+        let mut c = web();
+        c.env.push("SERVICE_9999_REGION=a b".into());
+        assert_eq!(error(&c).field, "env SERVICE_9999_REGION");
     }
 
     #[test]

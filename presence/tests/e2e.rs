@@ -1474,3 +1474,148 @@ fn watchdog_pings_stop_when_a_loop_is_stuck_but_not_when_docker_is_wedged() {
         p.log()
     );
 }
+
+/// Issue 17 (Registrator parity): a container publishing 80 and 443 lands in two services,
+/// `<image>-80` (no name of its own: the port is appended, as Registrator names a container
+/// with several ports) and `https` (`SERVICE_443_NAME`); `SERVICE_REGION` is meta `region` of
+/// both, `SERVICE_443_REGION` beats it on 443, `SERVICE_443_ID` is meta `service_id` while the
+/// instance and key stay presence's own. A container whose attribute is no valid meta value is
+/// refused with one warning naming the variable. Before, both ports were one service named after
+/// the image and the attributes were dropped.
+#[test]
+fn registrator_multi_port_names_service_id_and_attributes_reach_etcd() {
+    let etcd = Etcd::start();
+    let view = EtcdView::plain(vec![etcd.endpoint()]);
+    let dir = tmp();
+    let (node, label) = (uniq("regattr"), uniq("regattr"));
+    let p = Presence::start(
+        &Args::new(&node, &label, vec![etcd.endpoint()]).arg("--resync=1s"),
+        dir.path(),
+    );
+    p.wait_ready(LONG);
+
+    let image = busybox_image();
+    let test_label = format!("flotilla.test={label}");
+    let bad = Container::run(
+        &unique_name("regattr-bad"),
+        &[
+            "-l",
+            &test_label,
+            "-p",
+            "127.0.0.1::80",
+            "-e",
+            "SERVICE_REGION=eu west",
+            image,
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+        ],
+    );
+    let c = Container::run(
+        &unique_name("regattr"),
+        &[
+            "-l",
+            &test_label,
+            "-p",
+            "127.0.0.1::80",
+            "-p",
+            "127.0.0.1::443",
+            "-e",
+            "SERVICE_REGION=eu",
+            "-e",
+            "SERVICE_443_NAME=https",
+            "-e",
+            "SERVICE_443_REGION=us",
+            "-e",
+            "SERVICE_443_ID=https.12345",
+            "-l",
+            "SERVICE_443_SNI=enabled",
+            "-e",
+            "SERVICE_443_CHECK_HTTP=/health check",
+            image,
+            "httpd",
+            "-f",
+            "-p",
+            "80",
+        ],
+    );
+    let http = instance(&node, &c, 80);
+    let https = instance(&node, &c, 443);
+    wait_instances(&view, &node, &[http.clone(), https.clone()], LONG);
+
+    let eps = view.endpoints(&node).unwrap();
+    let default = image.split(':').next().unwrap(); // flotilla-busybox
+    let a = &eps[&http].endpoint;
+    let b = &eps[&https].endpoint;
+    assert_eq!(a.service, format!("{default}-80"));
+    assert_eq!(b.service, "https");
+    assert_eq!(
+        eps[&http].endpoint.key(&view.keys),
+        format!("/flotilla/endpoints/{node}/{default}-80/{http}")
+    );
+    assert_eq!(
+        eps[&https].endpoint.key(&view.keys),
+        format!("/flotilla/endpoints/{node}/https/{https}")
+    );
+    assert_eq!(
+        (a.port, b.port),
+        (c.host_port("80/tcp"), c.host_port("443/tcp"))
+    );
+    let meta = |ep: &flotilla_registry::Endpoint| -> Vec<(String, String)> {
+        ep.meta
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    let own = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+        v.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        meta(a),
+        own(&[("container_name", &c.name), ("region", "eu")])
+    );
+    assert_eq!(
+        meta(b),
+        own(&[
+            ("container_name", &c.name),
+            ("region", "us"),
+            ("service_id", "https.12345"),
+            ("sni", "enabled"),
+        ])
+    );
+    assert!(
+        b.instance.starts_with(&format!("{node}-")),
+        "{}",
+        b.instance
+    );
+
+    // The bad one: nothing registered through several resyncs, one warning naming the variable.
+    wait_for("the bad container to be counted", LONG, || {
+        (p.metric("presence_invalid_containers") == 1.0).then_some(())
+    });
+    let syncs = p.metric("presence_full_syncs_total");
+    wait_for("two more resyncs", LONG, || {
+        (p.metric("presence_full_syncs_total") >= syncs + 2.0).then_some(())
+    });
+    assert_eq!(
+        view.instances(&node).unwrap(),
+        BTreeSet::from([http.clone(), https.clone()])
+    );
+    let log = p.log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("container skipped") && l.contains(&bad.name))
+        .collect();
+    assert_eq!(warnings.len(), 1, "one warning for {}:\n{log}", bad.name);
+    assert!(
+        warnings[0].contains("env SERVICE_REGION") && warnings[0].contains(bad.short_id()),
+        "names the container and the variable: {}",
+        warnings[0]
+    );
+
+    drop(c);
+    wait_instances(&view, &node, &[], LONG);
+}
