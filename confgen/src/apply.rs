@@ -6,12 +6,12 @@
 //! by a path confgen generated and shell-quoted; nothing from the registry reaches a shell.
 
 use std::fmt;
-use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use flotilla_registry::atomic::{self, Options, Staged};
 use tokio::io::AsyncReadExt;
 
 use crate::resource::{substitute_src, Resource};
@@ -290,21 +290,13 @@ pub async fn check_staged(resource: &Resource, staged: &Path) -> Result<(), Stri
 /// `<dest>.bak`, the staged file renamed onto it, the directory fsynced.
 pub fn commit(
     resource: &Resource,
-    staged: tempfile::NamedTempFile,
+    staged: Staged,
     current: Option<Vec<u8>>,
 ) -> Result<Committed, String> {
     if let Some(prev) = &current {
         keep_bak(&resource.dest, prev)?;
     }
-    staged.persist(&resource.dest).map_err(|e| {
-        format!(
-            "cannot rename {} to {}: {}",
-            e.file.path().display(),
-            resource.dest.display(),
-            e.error
-        )
-    })?;
-    sync_dir(&resource.dest)?;
+    staged.commit().map_err(|e| e.to_string())?;
     Ok(Committed {
         dest: resource.dest.clone(),
         previous: current,
@@ -348,7 +340,7 @@ pub fn roll_back(c: &Committed) -> Result<(), String> {
     match &c.previous {
         Some(prev) => replace(&c.dest, prev, Some(&c.dest)),
         None => match std::fs::remove_file(&c.dest) {
-            Ok(()) => sync_dir(&c.dest),
+            Ok(()) => atomic::sync_parent(&c.dest).map_err(|e| e.to_string()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(format!("cannot remove {}: {e}", c.dest.display())),
         },
@@ -377,10 +369,10 @@ impl BakPath for Path {
 fn keep_bak(dest: &Path, current: &[u8]) -> Result<(), String> {
     let bak = dest.with_extension_bak();
     let regular = std::fs::symlink_metadata(dest).is_ok_and(|m| m.file_type().is_file());
-    if let (true, Some(dir), Some(name)) = (regular, dest.parent(), dest.file_name()) {
-        let staged = dir.join(format!(
+    if regular {
+        let staged = atomic::parent_dir(dest).join(format!(
             "{}bak-{:016x}",
-            staged_prefix(&name.to_string_lossy()),
+            atomic::staged_prefix(dest, TAG),
             fastrand::u64(..)
         ));
         if std::fs::hard_link(dest, &staged).is_ok() {
@@ -403,102 +395,58 @@ pub fn bak_path(dest: &Path) -> PathBuf {
     dest.with_extension_bak()
 }
 
+/// Names confgen's staged files: `.<dest name>.confgen-…` ([`atomic::staged_prefix`]).
+pub const TAG: &str = "confgen";
+
 /// Writes `content` to a staged file beside the destination with the destination's mode and
-/// owner (from the resource, else from the current file), fsynced.
-pub fn stage(resource: &Resource, content: &[u8]) -> Result<tempfile::NamedTempFile, String> {
-    let dir = resource.dest.parent().unwrap_or(Path::new("/"));
-    let name = resource
-        .dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mut f = tempfile::Builder::new()
-        .prefix(&staged_prefix(&name))
-        .tempfile_in(dir)
-        .map_err(|e| format!("cannot create a staged file in {}: {e}", dir.display()))?;
+/// owner (from the resource, else from the current file), fsynced; `check_cmd` runs on it
+/// before [`commit`] renames it into place.
+pub fn stage(resource: &Resource, content: &[u8]) -> Result<Staged, String> {
     let existing = std::fs::metadata(&resource.dest).ok();
-    let mode = resource
-        .mode
-        .map(|m| m.0)
-        .or(existing.as_ref().map(|m| m.mode() & 0o7777))
-        .unwrap_or(0o644);
-    let uid = resource.uid.or(existing.as_ref().map(|m| m.uid()));
-    let gid = resource.gid.or(existing.as_ref().map(|m| m.gid()));
-    let path = f.path().to_owned();
-    let io = |what: &str, e: std::io::Error| format!("cannot {what} {}: {e}", path.display());
-    f.write_all(content).map_err(|e| io("write", e))?;
-    f.as_file()
-        .set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(|e| io("chmod", e))?;
-    if uid.is_some() || gid.is_some() {
-        std::os::unix::fs::fchown(f.as_file(), uid, gid)
-            .map_err(|e| format!("cannot chown {}: {e}", path.display()))?;
-    }
-    f.as_file().sync_all().map_err(|e| io("fsync", e))?;
-    Ok(f)
-}
-
-/// Prefix of staged files for a destination named `name` (leftovers are removed at start).
-pub fn staged_prefix(name: &str) -> String {
-    format!(".{name}.confgen-")
-}
-
-/// Removes staged files a killed confgen left beside `dest`.
-pub fn remove_leftovers(dest: &Path) -> usize {
-    let (Some(dir), Some(name)) = (dest.parent(), dest.file_name()) else {
-        return 0;
+    let options = Options {
+        mode: Some(
+            resource
+                .mode
+                .map(|m| m.0)
+                .or(existing.as_ref().map(|m| m.mode() & 0o7777))
+                .unwrap_or(0o644),
+        ),
+        uid: resource.uid.or(existing.as_ref().map(|m| m.uid())),
+        gid: resource.gid.or(existing.as_ref().map(|m| m.gid())),
+        ..Options::tagged(TAG)
     };
-    let prefix = staged_prefix(&name.to_string_lossy());
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    let mut n = 0;
-    for e in entries.flatten() {
-        if e.file_name().to_string_lossy().starts_with(&prefix)
-            && std::fs::remove_file(e.path()).is_ok()
-        {
-            n += 1;
-        }
-    }
-    n
+    let mut staged = Staged::new(&resource.dest, &options).map_err(|e| e.to_string())?;
+    staged.write_all(content).map_err(|e| e.to_string())?;
+    staged.sync().map_err(|e| e.to_string())?;
+    Ok(staged)
 }
 
-/// Atomically replaces `path` with `content` (staged beside it, fsynced, renamed), copying mode
-/// and owner from `like` if given.
+/// Removes the staged files a killed confgen left for `path` (a destination, or a file confgen
+/// keeps beside one).
+pub fn remove_leftovers(path: &Path) -> usize {
+    atomic::remove_leftovers(path, TAG)
+}
+
+/// Atomically replaces a small file confgen keeps for itself beside a destination (the
+/// endpoint count): default mode and owner.
+pub fn write_own(path: &Path, content: &[u8]) -> Result<(), atomic::AtomicError> {
+    atomic::write_atomic(path, content, &Options::tagged(TAG))
+}
+
+/// Atomically replaces `path` with `content`, copying mode and owner from `like` if given (best
+/// effort: a rollback or a `.bak` is written even where they cannot be set), else mode 0644.
 fn replace(path: &Path, content: &[u8], like: Option<&Path>) -> Result<(), String> {
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
     let meta = like.and_then(|l| std::fs::metadata(l).ok());
-    let mut f = tempfile::Builder::new()
-        .prefix(&staged_prefix(&name))
-        .tempfile_in(dir)
-        .map_err(|e| format!("cannot create a staged file in {}: {e}", dir.display()))?;
-    let io = |what: &str, e: std::io::Error| format!("cannot {what} {}: {e}", path.display());
-    f.write_all(content).map_err(|e| io("write", e))?;
+    let mut staged = Staged::new(path, &Options::tagged(TAG)).map_err(|e| e.to_string())?;
+    let mode = meta.as_ref().map_or(0o644, |m| m.mode() & 0o7777);
+    let _ = staged
+        .file()
+        .set_permissions(std::fs::Permissions::from_mode(mode));
     if let Some(m) = &meta {
-        let _ = f
-            .as_file()
-            .set_permissions(std::fs::Permissions::from_mode(m.mode() & 0o7777));
-        let _ = std::os::unix::fs::fchown(f.as_file(), Some(m.uid()), Some(m.gid()));
-    } else {
-        let _ = f
-            .as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644));
+        let _ = std::os::unix::fs::fchown(staged.file(), Some(m.uid()), Some(m.gid()));
     }
-    f.as_file().sync_all().map_err(|e| io("fsync", e))?;
-    f.persist(path)
-        .map_err(|e| format!("cannot rename onto {}: {}", path.display(), e.error))?;
-    sync_dir(path)
-}
-
-fn sync_dir(path: &Path) -> Result<(), String> {
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| format!("cannot fsync directory {}: {e}", dir.display()))
+    staged.write_all(content).map_err(|e| e.to_string())?;
+    staged.commit().map_err(|e| e.to_string())
 }
 
 /// A unified diff of the destination against the render.

@@ -305,7 +305,8 @@ impl Daemon {
             if reload_pending {
                 warn!(resource = %r.name, dest = %r.dest.display(), "an earlier run wrote this file but did not finish its reload; reloading at the first apply");
             }
-            let n = apply::remove_leftovers(&r.dest);
+            let n = apply::remove_leftovers(&r.dest)
+                + apply::remove_leftovers(&applied_endpoints_file(&r.dest));
             if n > 0 {
                 info!(resource = %r.name, files = n, "removed staged files left by an earlier run");
             }
@@ -1253,12 +1254,8 @@ fn load_applied_endpoints(dest: &Path) -> Option<usize> {
 }
 
 fn store_applied_endpoints(dest: &Path, n: usize) {
-    // Staged and renamed: a torn file would only disable the guard once, but costs nothing.
     let path = applied_endpoints_file(dest);
-    let staged = path.with_extension("endpoints.tmp");
-    let result =
-        std::fs::write(&staged, format!("{n}\n")).and_then(|()| std::fs::rename(&staged, &path));
-    if let Err(e) = result {
+    if let Err(e) = apply::write_own(&path, format!("{n}\n").as_bytes()) {
         debug!(path = %path.display(), error = %e, "cannot store the applied endpoint count");
     }
 }

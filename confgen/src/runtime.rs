@@ -35,6 +35,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use flotilla_registry::atomic::Staged;
 use flotilla_registry::backoff::Backoff;
 use proxyctl::{apply_servers, Config, RuntimeApi, Scope, SyncError, SyncOptions, SyncReport};
 use tracing::{debug, info, warn};
@@ -88,7 +89,7 @@ pub enum Attempt {
     /// servers equal it (no reload needed); `Err`: the runtime apply did not complete, reload.
     Staged {
         /// The checked file, beside the destination.
-        staged: tempfile::NamedTempFile,
+        staged: Staged,
         /// The destination's content before.
         current: Option<Vec<u8>>,
         /// How the runtime apply went.
@@ -262,7 +263,7 @@ impl Runtime {
             }
         );
         // Err(Ok(output)): the check failed; Err(Err(error)): staging failed.
-        let staged: Result<tempfile::NamedTempFile, Result<String, String>> = match staged {
+        let staged: Result<Staged, Result<String, String>> = match staged {
             Ok(staged) => match apply::check_staged(res, staged.path()).await {
                 Ok(()) => Ok(staged),
                 Err(output) => Err(Ok(output)),

@@ -5,9 +5,9 @@
 use crate::app::OutFile;
 use crate::error::Error;
 use crate::render::GENERATED_MARK;
+use flotilla_registry::atomic;
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// What a write did.
@@ -21,32 +21,22 @@ pub struct WriteReport {
     pub removed: Vec<String>,
 }
 
-/// Writes `content` to `path` through a temporary file in the same directory and a rename, so a
-/// reader never sees half a file. Returns `false` when the file already had this content.
+/// Writes `content` to `path` atomically ([`flotilla_registry::atomic`]: a staged file of its
+/// own in the same directory, fsync, rename, directory fsync), so a reader never sees half a
+/// file and two unitgen runs writing the same file at once do not collide (the last rename
+/// wins). Creates the directory. Returns `false` when the file already had this content.
 pub fn write_atomic(path: &Path, content: &str) -> Result<bool, Error> {
     if fs::read(path).ok().as_deref() == Some(content.as_bytes()) {
         return Ok(false);
     }
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = atomic::parent_dir(path);
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.unitgen-tmp"));
-    let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(content.as_bytes())?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
+    atomic::write_atomic(
+        path,
+        content.as_bytes(),
+        &atomic::Options::tagged("unitgen"),
+    )
+    .map_err(|e| Error::io(path, e.into()))?;
     Ok(true)
 }
 

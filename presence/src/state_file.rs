@@ -1,12 +1,14 @@
 //! `--state-file`: the lease id of the running presence, so its successor can revoke it at once.
 //!
-//! Written atomically (temp file in the same directory, fsync, rename). A missing file means no
+//! Written atomically ([`flotilla_registry::atomic`]: a staged file of its own in the same
+//! directory, fsync, rename, directory fsync). A missing file means no
 //! predecessor; an unreadable or malformed one is reported and ignored (its lease then simply
 //! expires).
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
+
+use flotilla_registry::atomic::{write_atomic, Options};
 
 use serde::{Deserialize, Serialize};
 
@@ -54,24 +56,12 @@ pub fn read(path: &Path) -> Result<Option<State>, StateFileError> {
 
 /// Writes the state file atomically.
 pub fn write(path: &Path, state: &State) -> Result<(), StateFileError> {
-    let io = |source| StateFileError::Io {
+    let mut body = serde_json::to_vec(state).expect("state serialises");
+    body.push(b'\n');
+    write_atomic(path, &body, &Options::tagged("presence")).map_err(|e| StateFileError::Io {
         path: path.to_owned(),
-        source,
-    };
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut tmp = tempfile_in(dir, path).map_err(io)?;
-    let body = serde_json::to_vec(state).expect("state serialises");
-    tmp.1.write_all(&body).map_err(io)?;
-    tmp.1.write_all(b"\n").map_err(io)?;
-    tmp.1.sync_all().map_err(io)?;
-    fs::rename(&tmp.0, path).map_err(io)?;
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+        source: e.into(),
+    })
 }
 
 /// Removes the state file (after a clean revoke).
@@ -84,16 +74,6 @@ pub fn remove(path: &Path) -> Result<(), StateFileError> {
             source,
         }),
     }
-}
-
-fn tempfile_in(dir: &Path, target: &Path) -> std::io::Result<(PathBuf, fs::File)> {
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "presence-state".into());
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let file = fs::File::create(&tmp)?;
-    Ok((tmp, file))
 }
 
 #[cfg(test)]

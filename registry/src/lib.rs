@@ -8,8 +8,10 @@
 //! - [`cache`]: the watch cache (list at R, watch from R+1, relist on compaction or fault).
 //! - [`backoff`]: jittered capped backoff.
 //! - [`daemon`]: plumbing every daemon shares (logging, `/metrics` + `/healthz`, sd_notify).
+//! - [`atomic`]: replacing a file atomically (unique staged file, fsync, rename, directory fsync).
 #![warn(missing_docs)]
 
+pub mod atomic;
 pub mod backoff;
 pub mod cache;
 pub mod cli;
