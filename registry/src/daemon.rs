@@ -188,7 +188,8 @@ pub async fn serve_observability(
 
 /// [`serve_observability`] within `limits`. Connections over a limit are closed at once and
 /// counted in `metrics_listener_refused_connections_total` (registered in `registry`), with
-/// one warning per burst.
+/// one warning per burst. Registers `flotilla_build_info` and the process metrics
+/// ([`crate::process`]) in `registry` too, so every daemon's `/metrics` has them.
 pub async fn serve_observability_with(
     listener: TcpListener,
     registry: Arc<Mutex<Registry>>,
@@ -196,11 +197,15 @@ pub async fn serve_observability_with(
     limits: ListenerLimits,
 ) {
     let refused = Counter::<u64>::default();
-    registry.lock().expect("metrics registry lock").register(
-        "metrics_listener_refused_connections",
-        "Connections to the /metrics + /healthz listener closed because too many were open (in total or from one address)",
-        refused.clone(),
-    );
+    {
+        let mut reg = registry.lock().expect("metrics registry lock");
+        reg.register(
+            "metrics_listener_refused_connections",
+            "Connections to the /metrics + /healthz listener closed because too many were open (in total or from one address)",
+            refused.clone(),
+        );
+        crate::process::register(&mut reg);
+    }
     let open: Arc<Mutex<Open>> = Arc::default();
     let mut warned_at: Option<tokio::time::Instant> = None;
     loop {

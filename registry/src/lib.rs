@@ -8,6 +8,7 @@
 //! - [`cache`]: the watch cache (list at R, watch from R+1, relist on compaction or fault).
 //! - [`backoff`]: jittered capped backoff.
 //! - [`daemon`]: plumbing every daemon shares (logging, `/metrics` + `/healthz`, sd_notify).
+//! - [`process`]: `flotilla_build_info` and the process metrics on every daemon's `/metrics`.
 //! - [`atomic`]: replacing a file atomically (unique staged file, fsync, rename, directory fsync).
 #![warn(missing_docs)]
 
@@ -19,6 +20,7 @@ pub mod daemon;
 pub mod etcd;
 pub mod keys;
 pub mod policy;
+pub mod process;
 pub mod record;
 
 pub use cache::{

@@ -201,3 +201,31 @@ fn connections_are_bounded_per_peer_in_total_in_head_size_and_in_time() {
         "{text}"
     );
 }
+
+#[test]
+fn every_listener_serves_build_info_and_process_metrics() {
+    // Issue 17: no daemon's /metrics said which build it ran, nor its CPU, memory or fds.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let port = start(&rt);
+    let text = get_in_pieces(port, &["GET /metrics HTTP/1.1\r\n\r\n"]);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let value = |name: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"));
+        line.rsplit_once(' ').unwrap().1.parse().unwrap()
+    };
+    assert!(
+        text.contains(&format!(
+            "flotilla_build_info{{version=\"{}\",commit=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION"),
+            flotilla_registry::process::COMMIT
+        )),
+        "{text}"
+    );
+    assert!(value("process_resident_memory_bytes") > 0.0);
+    assert!(value("process_open_fds") > 0.0);
+    assert!(value("process_cpu_seconds_total") >= 0.0);
+    assert!(value("process_start_time_seconds") > 1.5e9);
+}
