@@ -594,7 +594,7 @@ fn confd_round(
     let pid = child.id();
     let guard = Kill(&mut child);
     let expect = eps.len();
-    wait_until("confd's first render", Duration::from_secs(300), || {
+    wait_until("confd's first render", Duration::from_secs(900), || {
         fs::read_to_string(&dest).is_ok_and(|c| server_addrs(&c).len() == expect)
     });
     r.startup_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -620,9 +620,12 @@ fn confd_round(
         rt.block_on(c.txn(Txn::new().and_then(ops))).unwrap();
         let acked = Instant::now();
         loop {
+            // confd's `gets` scans every key for each service: O(services × keys) per render,
+            // about 1 s at 10,000 endpoints and 100 times that at 100,000.
+            let bound = Duration::from_secs(if eps.len() > 20_000 { 900 } else { 30 });
             let at = events
-                .recv_timeout(Duration::from_secs(30))
-                .expect("no confd file event within 30 s of a change");
+                .recv_timeout(bound)
+                .expect("no confd file event within the bound after a change");
             if fs::read_to_string(&dest).is_ok_and(|c| c.contains(&want)) {
                 r.lat
                     .push(at.saturating_duration_since(acked).as_secs_f64() * 1e3);
@@ -879,6 +882,21 @@ fn main() {
             t.elapsed().as_secs_f64()
         );
         let s = Setup::new(etcd.endpoint());
+        // CONFGEN_BENCH_SERVE=SECS: keep this etcd and confdir for SECS seconds and stop, for
+        // whole-process timings from outside (e.g. two builds of `confgen run --onetime` against
+        // one registry with /usr/bin/time).
+        if let Some(secs) = std::env::var("CONFGEN_BENCH_SERVE")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            println!(
+                "serving: --confdir {} --etcd-endpoints {} --allow-loopback ({secs} s)",
+                s.confdir().display(),
+                etcd.endpoint()
+            );
+            std::thread::sleep(Duration::from_secs(secs));
+            return;
+        }
         let big = n > 20_000;
         let (mut changes, onetimes) = if big { (60, 3) } else { (200, 5) };
         if let Some(n) = std::env::var("CONFGEN_BENCH_CHANGES")
@@ -928,7 +946,7 @@ fn main() {
                 let changes = std::env::var("CONFGEN_BENCH_CONFD_CHANGES")
                     .ok()
                     .and_then(|s| s.parse().ok())
-                    .unwrap_or(if big { 10 } else { 30 });
+                    .unwrap_or(if big { 3 } else { 30 });
                 let c = confd_round(
                     &rt,
                     &confd,
@@ -937,7 +955,7 @@ fn main() {
                     &keys,
                     &mut eps,
                     changes,
-                    onetimes,
+                    if big { 1 } else { onetimes },
                     &mut port_seq,
                 );
                 println!(

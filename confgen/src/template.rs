@@ -987,6 +987,69 @@ mod tests {
             }
         }
 
+        /// Enough services that the fragments are rendered on several threads (the first
+        /// render, then a variable every service uses): still the plain render's bytes, in order.
+        #[test]
+        fn fragments_rendered_on_several_threads_equal_a_plain_render() {
+            let big = |domain: &str, port_of_7: u8| {
+                let mut kvs: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+                for node in ["a", "b", "c"] {
+                    let (k, v) = node_json(node);
+                    kvs.insert(k, v);
+                }
+                for i in 0..600u32 {
+                    let svc = i % 300;
+                    let host = if svc == 7 {
+                        port_of_7
+                    } else {
+                        (i % 250) as u8 + 1
+                    };
+                    let (k, v) = ep_meta(
+                        ["a", "b", "c"][i as usize % 3],
+                        &format!("svc{svc:03}"),
+                        i,
+                        &format!("10.{}.{}.{host}", svc / 250, svc % 250),
+                        &[],
+                    );
+                    kvs.insert(k, v);
+                }
+                kvs.insert("/flotilla/config/d".into(), domain.as_bytes().to_vec());
+                kvs
+            };
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(dir.path().join("main.tmpl"), TEMPLATES[0]).unwrap();
+            let mut sync = Sync::new();
+            let engine = Engine::load(
+                dir.path(),
+                "main.tmpl",
+                sync.view.store(),
+                Scope::everything(),
+            )
+            .unwrap();
+            assert!(engine.memoised());
+            let mut lean = TemplateData::new(Scope::everything());
+            lean.want_json(false);
+            let mut data = TemplateData::new(Scope::everything());
+            let mut sync2 = Sync::new();
+            let (mut fast, mut plain) = (Vec::new(), Vec::new());
+            let mut rendered = 0;
+            for (domain, host) in [("d1", 9), ("d2", 9), ("d2", 10)] {
+                sync.to(&big(domain, host), &mut lean);
+                sync2.to(&big(domain, host), &mut data);
+                let before = engine.fragment_renders();
+                engine.render(&mut lean, &mut fast).unwrap();
+                rendered = engine.fragment_renders() - before;
+                engine.render_plain(&mut data, &mut plain).unwrap();
+                assert_eq!(
+                    String::from_utf8_lossy(&fast),
+                    String::from_utf8_lossy(&plain),
+                    "domain {domain}"
+                );
+            }
+            // The last step changed one service: one fragment rendered, the rest kept.
+            assert_eq!(rendered, 1);
+        }
+
         /// The shipped templates (per_service fragments, route filters): a render kept up to
         /// date across changes equals a render from scratch of the same registry.
         #[test]
