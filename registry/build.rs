@@ -38,12 +38,10 @@ fn git(dir: &Path, args: &[&str]) -> Option<String> {
     Some(text.trim().to_string()).filter(|t| !t.is_empty())
 }
 
-/// The short commit of HEAD; asks cargo to run this again when HEAD moves (a commit, a
-/// checkout), through the files git keeps it in.
+/// The short commit of HEAD. Asks cargo to run this again when HEAD moves (a commit, a
+/// checkout), through the files git keeps it in: watched whenever git knows a repository here,
+/// so a first commit, or a fix to a git that did not answer, is noticed too.
 fn from_git(dir: &Path) -> Option<String> {
-    // The source must be this checkout's (not a tarball unpacked inside another repository).
-    git(dir, &["ls-files", "--error-unmatch", "build.rs"])?;
-    let commit = git(dir, &["rev-parse", "--short", "HEAD"]).filter(|c| valid(c))?;
     let mut watch = vec!["HEAD".to_string(), "packed-refs".to_string()];
     if let Some(branch) = git(dir, &["symbolic-ref", "-q", "HEAD"]) {
         watch.push(branch);
@@ -57,5 +55,7 @@ fn from_git(dir: &Path) -> Option<String> {
             }
         }
     }
-    Some(commit)
+    // The source must be this checkout's (not a tarball unpacked inside another repository).
+    git(dir, &["ls-files", "--error-unmatch", "build.rs"])?;
+    git(dir, &["rev-parse", "--short", "HEAD"]).filter(|c| valid(c))
 }
