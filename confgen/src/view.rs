@@ -504,10 +504,7 @@ pub fn endpoint_value(ep: &Endpoint, settings: &Settings) -> Value {
         ),
         ("registered_at", s(&ep.registered_at)),
         ("service", s(&ep.service)),
-        (
-            "tags",
-            Value::Array(ep.tags.iter().map(|t| s(t)).collect()),
-        ),
+        ("tags", Value::Array(ep.tags.iter().map(|t| s(t)).collect())),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
