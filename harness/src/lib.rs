@@ -23,6 +23,7 @@ pub mod hosts;
 pub mod machine;
 pub mod netns;
 pub mod observe;
+pub mod podman;
 
 use std::net::TcpListener;
 use std::path::PathBuf;

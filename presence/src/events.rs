@@ -149,9 +149,11 @@ pub fn signal_number(s: &str) -> Option<i32> {
 /// Whether a `kill` with `signal` stops a container whose stop signal is `stop_signal`:
 /// SIGKILL, SIGTERM, SIGINT, SIGQUIT always count, and so does the container's own stop signal
 /// (Apache's SIGWINCH, say). Anything else (SIGHUP, SIGUSR1, …) is taken as a reload and changes
-/// nothing. A `kill` without a signal attribute counts as stopping.
+/// nothing. A `kill` without a signal attribute (Podman's: its events never name the signal)
+/// changes nothing either: taken as stopping, a reload (`podman kill -s HUP`) would keep the
+/// container deregistered until it next starts; a kill that does stop it is followed by `die`.
 pub fn kill_stops(signal: Option<i32>, stop_signal: Option<&str>) -> bool {
-    let Some(sig) = signal else { return true };
+    let Some(sig) = signal else { return false };
     matches!(sig, 2 | 3 | 9 | 15) || stop_signal.and_then(signal_number) == Some(sig)
 }
 
@@ -391,7 +393,10 @@ mod tests {
     fn which_kills_stop_a_container() {
         assert!(kill_stops(Some(15), None));
         assert!(kill_stops(Some(9), None));
-        assert!(kill_stops(None, None));
+        assert!(
+            !kill_stops(None, Some("SIGTERM")),
+            "no signal named (Podman): could be a reload; `die` follows a stop"
+        );
         assert!(!kill_stops(Some(1), None), "SIGHUP is a reload");
         assert!(!kill_stops(Some(10), Some("SIGTERM")));
         assert!(
