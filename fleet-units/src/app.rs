@@ -6,6 +6,7 @@ use crate::hosts::{self, Inventory};
 use crate::lock::{self, Deployed, DeployedTags, Lock};
 use crate::path::FieldPath;
 use crate::placement::{self, Assignment, Request, Rule};
+use crate::quadlet;
 use crate::render::{self, Instance, PlatformTarget, RenderError, RenderOptions};
 use crate::spec::{self, Service, Spec};
 
@@ -16,6 +17,19 @@ pub enum Format {
     Fleet,
     /// `<host>/svc@N.service`, placed by unitgen.
     Systemd,
+    /// `<host>/svc@N.container` (Podman Quadlet), placed by unitgen as for `Systemd`.
+    Quadlet,
+}
+
+impl Format {
+    /// The flag value: `fleet`, `systemd`, `quadlet`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Fleet => "fleet",
+            Format::Systemd => "systemd",
+            Format::Quadlet => "quadlet",
+        }
+    }
 }
 
 /// One run's inputs.
@@ -75,16 +89,17 @@ pub fn generate(job: &Job) -> Result<Output, Error> {
         Format::Fleet => {
             if job.hosts.is_some() {
                 return Err(Error::Usage(
-                    "--hosts places units on named hosts, which only --format systemd does (fleet places units itself)".into(),
+                    "--hosts places units on named hosts, which only --format systemd and --format quadlet do (fleet places units itself)".into(),
                 ));
             }
             fleet(job, &spec)
         }
-        Format::Systemd => {
+        Format::Systemd | Format::Quadlet => {
             let Some(hosts_src) = &job.hosts else {
-                return Err(Error::Usage(
-                    "--format systemd needs --hosts hosts.yaml to know where units may run".into(),
-                ));
+                return Err(Error::Usage(format!(
+                    "--format {} needs --hosts hosts.yaml to know where units may run",
+                    job.format.name()
+                )));
             };
             let inventory = hosts::load(hosts_src)?;
             let previous = match &job.lock {
@@ -262,6 +277,55 @@ pub fn systemd_files(
     Ok(files)
 }
 
+/// The quadlet-format output for a placement: `<host>/<svc>@<N>.container` per instance. What
+/// Quadlet cannot carry is an error naming the service and field, all of them at once; a short
+/// image name is a note.
+pub fn quadlet_files(
+    job: &Job,
+    spec: &Spec,
+    placed: &Assignment,
+    deployed: &Deployed,
+    notes: &mut Vec<String>,
+) -> Result<Vec<OutFile>, Error> {
+    let src = &job.services;
+    let mut diags = Vec::new();
+    for svc in spec.services.values() {
+        for e in quadlet::check(svc) {
+            diags.push(src.error_at_first(&e.fields, e.message));
+        }
+        if quadlet::is_short_name(&svc.image) {
+            notes.push(format!(
+                "{}: image `{}` names no registry; Podman resolves a short name through registries.conf (unqualified-search-registries, short-name-mode) where Docker uses Docker Hub: write the registry (e.g. {}) to pin where it comes from",
+                svc.name,
+                svc.image,
+                if svc.image.path.contains('/') {
+                    format!("docker.io/{}", svc.image.path)
+                } else {
+                    format!("docker.io/library/{}", svc.image.path)
+                }
+            ));
+        }
+    }
+    if !diags.is_empty() {
+        sort_diagnostics(&mut diags);
+        return Err(Error::Invalid(diags));
+    }
+    let mut files = Vec::new();
+    for (name, instances) in placed {
+        let svc = &spec.services[name];
+        for (i, host) in instances {
+            let svc = with_deployed_tag(svc, *i, deployed);
+            let text = quadlet::container_unit(&svc, *i, host, &job.render)
+                .map_err(|e| render_err(src, e))?;
+            files.push(OutFile {
+                path: format!("{host}/{}", quadlet::file_name(name, *i)),
+                content: text,
+            });
+        }
+    }
+    Ok(files)
+}
+
 /// Loads and places everything for `--format systemd`; what `unitgen rollout` and
 /// `unitgen status` start from.
 pub struct SystemdPlan {
@@ -314,7 +378,11 @@ fn systemd(
         .map_err(|errs| Error::Invalid(placement_diagnostics(src, spec, errs)))?;
     let mut notes = Vec::new();
     let deployed = effective_deployed(spec, &placed, lock, &mut notes);
-    let mut files = systemd_files(job, spec, &placed, &deployed)?;
+    let mut files = match job.format {
+        Format::Quadlet => quadlet_files(job, spec, &placed, &deployed, &mut notes)?,
+        _ => systemd_files(job, spec, &placed, &deployed)?,
+    };
+    let podman = job.format == Format::Quadlet;
     let mut platform_units = 0;
     if let Some(p) = &spec.platform {
         let mut diags = Vec::new();
@@ -346,9 +414,17 @@ fn systemd(
                     ));
                     continue;
                 }
+                if podman && d.name == "presence" && !d.args.iter().any(|a| a == "--docker-host") {
+                    diags.push(src.error(
+                        &FieldPath::keys(&["platform", "presence", "docker_host"]),
+                        "--format quadlet runs the containers under Podman, so presence must watch Podman's Docker-compatible API: set `docker_host: unix:///run/podman/podman.sock` (and enable podman.socket on the hosts)",
+                    ));
+                    break;
+                }
                 let target = PlatformTarget::Host {
                     name: host,
                     address,
+                    podman,
                 };
                 let text = render::platform_unit(d, p, &target, &job.render)
                     .map_err(|e| render_err(src, e))?;
@@ -389,9 +465,10 @@ fn systemd(
         .count();
     Ok(Output {
         summary: format!(
-            "{} services, {instance_count} instances on {} hosts, {platform_units} platform units (systemd); {moved} instances moved",
+            "{} services, {instance_count} instances on {} hosts, {platform_units} platform units ({}); {moved} instances moved",
             spec.services.len(),
-            inv.hosts.len()
+            inv.hosts.len(),
+            job.format.name()
         ),
         files,
         placement: Some(placed),

@@ -139,6 +139,11 @@ pub fn read_tree(dir: &Path, host: &str) -> Result<Vec<OutFile>, ApplyError> {
                 source,
             })?
             .path();
+        if p.extension().is_some_and(|x| x == "container") {
+            return Err(ApplyError::Refused(quadlet_refusal(
+                &p.display().to_string(),
+            )));
+        }
         if p.extension().is_some_and(|x| x == "service") {
             let content = fs::read_to_string(&p).map_err(|source| ApplyError::Io {
                 path: p.clone(),
@@ -153,6 +158,12 @@ pub fn read_tree(dir: &Path, host: &str) -> Result<Vec<OutFile>, ApplyError> {
     }
     out.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(out)
+}
+
+fn quadlet_refusal(path: &str) -> String {
+    format!(
+        "{path}: a Podman Quadlet unit (--format quadlet); unitgen apply installs --format systemd units only: copy the .container files into /etc/containers/systemd/ and run `systemctl daemon-reload`"
+    )
 }
 
 fn is_unit_name(name: &str) -> bool {
@@ -181,6 +192,9 @@ pub fn desired_units(
         hosts.insert(h.to_string());
         if h != host {
             continue;
+        }
+        if name.ends_with(".container") {
+            return Err(ApplyError::Refused(quadlet_refusal(&f.path)));
         }
         if !is_unit_name(name) {
             return Err(ApplyError::Refused(format!(

@@ -1,9 +1,9 @@
-//! unitgen: `services.yaml` → systemd / fleet units with pinned images and placement rules.
+//! unitgen: `services.yaml` → systemd / fleet / Podman Quadlet units with pinned images and placement rules.
 //!
 //! The binary (`src/main.rs`) only parses flags and does the I/O; everything else lives here so
 //! that tests can drive it: [`spec`] reads and checks the input, [`image`] enforces pinned image
 //! references, [`placement`] decides which host runs which instance, [`render`] writes unit text
-//! with [`quote`]'s systemd quoting, and [`app::generate`] ties them together.
+//! with [`quote`]'s systemd quoting ([`quadlet`] the `.container` files of `--format quadlet`), and [`app::generate`] ties them together.
 
 pub mod app;
 pub mod apply;
@@ -15,6 +15,7 @@ pub mod model;
 pub mod output;
 pub mod path;
 pub mod placement;
+pub mod quadlet;
 pub mod quote;
 pub mod remote;
 pub mod render;

@@ -1,7 +1,9 @@
-//! `unitgen services.yaml [-o DIR] [--hosts hosts.yaml] [--format fleet|systemd] [--check]`,
-//! `unitgen apply`, `unitgen rollout`, `unitgen status`.
+//! `unitgen services.yaml [-o DIR] [--hosts hosts.yaml] [--format fleet|systemd|quadlet]
+//! [--check]`, `unitgen apply`, `unitgen rollout`, `unitgen status`; hidden:
+//! `unitgen completions SHELL`, `unitgen man [DIR]`.
 
-use clap::{Parser, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use fleet_units::apply::{self, ApplyError, ApplyOptions};
 use fleet_units::render::RenderOptions;
 use fleet_units::rollout::{self, Driver, RolloutError, RolloutOptions};
@@ -12,13 +14,15 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-/// Generate systemd or fleet units from services.yaml: every container pinned to an exact image
-/// tag or digest, instances spread over hosts by the placement rules.
+/// Generate systemd, fleet or Podman Quadlet units from services.yaml: every container pinned to
+/// an exact image tag or digest, instances spread over hosts by the placement rules.
 ///
 /// Examples:
 ///   unitgen services.yaml -o units/                        # fleet templates and instances
 ///   unitgen services.yaml --format systemd --hosts hosts.yaml -o units/
 ///                                                          # units/<host>/svc@N.service
+///   unitgen services.yaml --format quadlet --hosts hosts.yaml -o units/
+///                                                          # units/<host>/svc@N.container
 ///   unitgen services.yaml --check                          # validate only
 ///   unitgen apply --host node-1 --units units/             # install node-1's units in systemd
 ///   unitgen rollout services.yaml --hosts hosts.yaml -o units/ --service web --tag git-4e5f6a7
@@ -59,23 +63,25 @@ struct GenArgs {
     )]
     output: Option<PathBuf>,
 
-    /// The host inventory for --format systemd.
+    /// The host inventory for --format systemd and --format quadlet.
     #[arg(long, value_name = "FILE", env = "FLOTILLA_UNITGEN_HOSTS")]
     hosts: Option<PathBuf>,
 
     /// fleet: svc@.service templates + svc@N.service with [X-Fleet] rules.
     /// systemd: units placed by unitgen into DIR/<host>/svc@N.service.
+    /// quadlet: Podman Quadlet units placed by unitgen into DIR/<host>/svc@N.container.
     #[arg(long, value_enum, default_value_t = FormatArg::Fleet, env = "FLOTILLA_UNITGEN_FORMAT")]
     format: FormatArg,
 
-    /// Validate the input (and, with --format systemd, the placement) and write nothing.
+    /// Validate the input (and, with --format systemd or quadlet, the placement) and write nothing.
     #[arg(long, env = "FLOTILLA_UNITGEN_CHECK")]
     check: bool,
 
     #[command(flatten)]
     render: RenderArgs,
 
-    /// Placement lock (--format systemd): read to keep instances where they are, then rewritten.
+    /// Placement lock (--format systemd, quadlet): read to keep instances where they are, then
+    /// rewritten.
     /// Default: DIR/placement.lock when -o is given; without -o and --lock, placement starts fresh.
     #[arg(long, value_name = "FILE", env = "FLOTILLA_UNITGEN_LOCK")]
     lock: Option<PathBuf>,
@@ -128,6 +134,9 @@ enum Command {
     /// Show the placement, the tag each instance should run, what the registry shows each host
     /// running, and the rollouts in progress.
     Status(StatusArgs),
+    /// Hidden: `unitgen completions SHELL`, `unitgen man [DIR]`.
+    #[command(flatten)]
+    Doc(flotilla_clidoc::DocCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -265,6 +274,7 @@ struct StatusArgs {
 enum FormatArg {
     Fleet,
     Systemd,
+    Quadlet,
 }
 
 fn read_source(path: &Path) -> Result<SourceFile, Error> {
@@ -290,18 +300,25 @@ fn render_options(services: &Path, r: &RenderArgs) -> Result<RenderOptions, Erro
     })
 }
 
-fn run(cli: &GenArgs) -> anyhow::Result<()> {
+fn run(cli: &GenArgs, docker_given: bool) -> anyhow::Result<()> {
     let Some(services_path) = &cli.services else {
         return Err(Error::Usage("the services file is required".into()).into());
     };
     let format = match cli.format {
         FormatArg::Fleet => Format::Fleet,
         FormatArg::Systemd => Format::Systemd,
+        FormatArg::Quadlet => Format::Quadlet,
     };
+    if format == Format::Quadlet && docker_given {
+        return Err(Error::Usage(
+            "--docker names the docker CLI in the units; --format quadlet units run Podman, which Quadlet finds itself".into(),
+        )
+        .into());
+    }
     let render = render_options(services_path, &cli.render)?;
     if format == Format::Fleet && cli.lock.is_some() {
         return Err(Error::Usage(
-            "--lock records placement, which only --format systemd does".into(),
+            "--lock records placement, which only --format systemd and --format quadlet do".into(),
         )
         .into());
     }
@@ -309,7 +326,7 @@ fn run(cli: &GenArgs) -> anyhow::Result<()> {
     let hosts = cli.hosts.as_deref().map(read_source).transpose()?;
     let lock_path = match (&cli.lock, &cli.output, format) {
         (Some(l), _, _) => Some(l.clone()),
-        (None, Some(dir), Format::Systemd) => Some(dir.join("placement.lock")),
+        (None, Some(dir), Format::Systemd | Format::Quadlet) => Some(dir.join("placement.lock")),
         _ => None,
     };
     let lock = match &lock_path {
@@ -572,9 +589,16 @@ fn report(err: anyhow::Error) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // --docker (or its variable) given, not its default.
+    let docker_given = matches!(
+        matches.value_source("docker"),
+        Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+    );
     let result = match &cli.command {
-        None => run(&cli.gen),
+        None => run(&cli.gen, docker_given),
+        Some(Command::Doc(d)) => return d.run(Cli::command()),
         Some(Command::Apply(a)) => run_apply(a),
         Some(Command::Rollout(a)) => run_rollout(a).map(|s| eprintln!("unitgen: {s}")),
         Some(Command::Status(a)) => run_status(a).map(|s| print!("{s}")),
@@ -588,6 +612,12 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod cli_tests {
     use clap::CommandFactory;
+
+    #[test]
+    fn completions_and_man_pages_mention_every_subcommand_and_flag() {
+        let problems = flotilla_clidoc::missing_mentions(&super::Cli::command());
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
 
     #[test]
     fn every_flag_reads_its_documented_environment_variable() {

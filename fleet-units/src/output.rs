@@ -44,7 +44,7 @@ fn is_generated(path: &Path) -> bool {
     fs::read_to_string(path).is_ok_and(|t| t.starts_with(GENERATED_MARK))
 }
 
-/// Writes every file under `dir` and removes generated `.service` files (in `dir` and its direct
+/// Writes every file under `dir` and removes generated `.service` and `.container` files (in `dir` and its direct
 /// subdirectories) that are not in `files`; host directories left empty are removed too.
 pub fn write_tree(dir: &Path, files: &[OutFile]) -> Result<WriteReport, Error> {
     let mut report = WriteReport::default();
@@ -77,7 +77,9 @@ pub fn write_tree(dir: &Path, files: &[OutFile]) -> Result<WriteReport, Error> {
             .collect();
         list.sort();
         for p in list {
-            let is_unit = p.extension().is_some_and(|e| e == "service");
+            let is_unit = p
+                .extension()
+                .is_some_and(|e| e == "service" || e == "container");
             if is_unit && p.is_file() && !wanted.contains(&p) && is_generated(&p) {
                 fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
                 let name = p

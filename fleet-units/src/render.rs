@@ -89,7 +89,8 @@ impl Words {
     }
 }
 
-fn header(opts: &RenderOptions) -> Result<String, RenderError> {
+/// The first line of every generated file: [`GENERATED_MARK`] and where it came from.
+pub(crate) fn header(opts: &RenderOptions) -> Result<String, RenderError> {
     let name = setting_value(&opts.source_name).map_err(|source| RenderError {
         field: FieldPath::root(),
         source,
@@ -308,6 +309,9 @@ pub enum PlatformTarget<'a> {
         name: &'a str,
         /// Its address (presence's `--advertise-ip`).
         address: Option<IpAddr>,
+        /// The containers run under Podman (`--format quadlet`): presence watches Podman's
+        /// Docker-compatible API (`podman.socket`) instead of `docker.service`.
+        podman: bool,
     },
 }
 
@@ -327,7 +331,12 @@ pub fn platform_unit(
         out.push_str(&format!("# For host {name}.\n"));
     }
     out.push_str("[Unit]\n");
+    let podman = matches!(target, PlatformTarget::Host { podman: true, .. });
     let (description, deps) = match d.name {
+        "presence" if podman => (
+            "Flotilla presence: registers this host's containers in etcd",
+            "network-online.target podman.socket",
+        ),
         "presence" => (
             "Flotilla presence: registers this host's containers in etcd",
             "network-online.target docker.service",
@@ -355,7 +364,7 @@ pub fn platform_unit(
                 argv.push("--node ${FLOTILLA_NODE}".into());
                 argv.push("--advertise-ip ${FLOTILLA_ADVERTISE_IP}".into());
             }
-            PlatformTarget::Host { name, address } => {
+            PlatformTarget::Host { name, address, .. } => {
                 argv.push(format!(
                     "--node {}",
                     words.w(&FieldPath::keys(&["hosts", name]), name)?

@@ -1,4 +1,4 @@
-//! Golden files for both output formats, plus determinism and stability of the written tree.
+//! Golden files for the three output formats, plus determinism and stability of the written tree.
 //! `UPDATE_GOLDEN=1 cargo test -p fleet-units --test golden` regenerates the golden trees.
 
 mod common;
@@ -49,6 +49,30 @@ fn systemd_format_matches_golden_files() {
     let tree = read_tree(tmp.path());
     assert!(tree.contains_key("placement.lock"));
     assert_golden_tree(&golden_dir("example/systemd"), &tree);
+}
+
+#[test]
+fn quadlet_format_matches_golden_files() {
+    // The example with `platform.presence.docker_host` on Podman's socket, which --format
+    // quadlet requires; the header names the file, so it keeps the name services.yaml.
+    let tmp = tempfile::tempdir().unwrap();
+    let services = example_for_podman(tmp.path());
+    let out = tmp.path().join("out");
+    unitgen_ok(
+        &[
+            &services.display().to_string(),
+            "--format",
+            "quadlet",
+            "--hosts",
+            &example("hosts.yaml"),
+            "-o",
+            &out.display().to_string(),
+        ],
+        tmp.path(),
+    );
+    let tree = read_tree(&out);
+    assert!(tree.contains_key("node-6/api@1.container"));
+    assert_golden_tree(&golden_dir("example/quadlet"), &tree);
 }
 
 #[test]

@@ -223,8 +223,8 @@ pub fn expand_specifiers(value: &str, instance: Option<&str>) -> String {
 }
 
 /// Splits a command line into words following systemd.service(5) "Command lines": whitespace
-/// separates words; double or single quotes group; backslash escapes `\\ \" \' \n \t \s` apply
-/// inside and outside quotes; `$$` is a literal `$`, and any other `$` (a variable) is refused
+/// separates words; double or single quotes group; backslash escapes `\\ \" \' \n \t \s` and
+/// `\xNN` (ASCII; Quadlet writes spaces as `\x20`) apply inside and outside quotes; `$$` is a literal `$`, and any other `$` (a variable) is refused
 /// here because unitgen never emits one in a service unit.
 pub fn split_command(value: &str) -> Vec<String> {
     let chars: Vec<char> = value.chars().collect();
@@ -256,6 +256,10 @@ pub fn split_command(value: &str) -> Vec<String> {
                         i += 1;
                         break;
                     }
+                    '\\' if chars[i + 1] == 'x' => {
+                        word.push(hex_escape(&chars[i + 2..i + 4], value));
+                        i += 4;
+                    }
                     '\\' => {
                         word.push(escape(chars[i + 1]));
                         i += 2;
@@ -275,7 +279,10 @@ pub fn split_command(value: &str) -> Vec<String> {
                 panic!("unquoted `;` (command separator) in {value:?}");
             }
             while i < chars.len() && !chars[i].is_whitespace() {
-                if chars[i] == '\\' {
+                if chars[i] == '\\' && chars[i + 1] == 'x' {
+                    word.push(hex_escape(&chars[i + 2..i + 4], value));
+                    i += 4;
+                } else if chars[i] == '\\' {
                     word.push(escape(chars[i + 1]));
                     i += 2;
                 } else {
@@ -287,6 +294,14 @@ pub fn split_command(value: &str) -> Vec<String> {
         words.push(resolve_dollars(&word, value));
     }
     words
+}
+
+fn hex_escape(digits: &[char], line: &str) -> char {
+    let text: String = digits.iter().collect();
+    let byte = u8::from_str_radix(&text, 16)
+        .unwrap_or_else(|_| panic!("bad \\x escape \\x{text} in {line:?}"));
+    assert!(byte.is_ascii(), "non-ASCII \\x{text} in {line:?}");
+    char::from(byte)
 }
 
 fn resolve_dollars(word: &str, line: &str) -> String {
@@ -344,4 +359,18 @@ pub fn systemd_verify(unit: &Path) -> (bool, String) {
         String::from_utf8_lossy(&out.stderr)
     );
     (out.status.success(), text)
+}
+
+/// The example services file with presence watching Podman's socket (what `--format quadlet`
+/// requires), written to `dir/services.yaml`.
+pub fn example_for_podman(dir: &Path) -> PathBuf {
+    let mut doc: serde_norway::Value = serde_norway::from_str(
+        &fs::read_to_string(golden_dir("example").join("services.yaml")).unwrap(),
+    )
+    .unwrap();
+    doc["platform"]["presence"]["docker_host"] =
+        serde_norway::Value::String("unix:///run/podman/podman.sock".into());
+    let path = dir.join("services.yaml");
+    fs::write(&path, serde_norway::to_string(&doc).unwrap()).unwrap();
+    path
 }
