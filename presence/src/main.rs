@@ -39,6 +39,9 @@ use crate::writer::{Writer, WriterConfig};
 const GRACE: Duration = Duration::from_secs(10);
 
 fn main() -> ExitCode {
+    if let Some(code) = flotilla_clidoc::intercept(<Cli as clap::CommandFactory>::command) {
+        return code;
+    }
     let cli = Cli::parse();
     daemon::init_logging(cli.obs.log_format);
     let cfg = match cli.validate() {
@@ -340,6 +343,14 @@ mod cli_tests {
             "presence",
             "FLOTILLA_",
             doc,
+        );
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
+
+    #[test]
+    fn completions_and_man_pages_mention_every_subcommand_and_flag() {
+        let problems = flotilla_clidoc::missing_mentions(
+            &<crate::cli::Cli as clap::CommandFactory>::command(),
         );
         assert!(problems.is_empty(), "{}", problems.join("\n"));
     }

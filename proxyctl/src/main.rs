@@ -55,6 +55,8 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    #[command(flatten)]
+    Doc(flotilla_clidoc::DocCommand),
     /// Validate a configuration (haproxy -c / nginx -t) and print its messages with file and line.
     #[command(after_help = EXIT_CODES)]
     Check(CheckArgs),
@@ -222,6 +224,7 @@ fn init_tracing(format: LogFormat) {
 
 async fn run(command: Command) -> ExitCode {
     let (result, flags) = match command {
+        Command::Doc(d) => return d.run(<Cli as clap::CommandFactory>::command()),
         Command::Check(args) => (check(args.proxy).await, Flags::stats()),
         Command::Reload(args) => {
             let flags = Flags {
@@ -574,6 +577,13 @@ mod cli_tests {
             "FLOTILLA_",
             doc,
         );
+        assert!(problems.is_empty(), "{}", problems.join("\n"));
+    }
+
+    #[test]
+    fn completions_and_man_pages_mention_every_subcommand_and_flag() {
+        let problems =
+            flotilla_clidoc::missing_mentions(&<super::Cli as clap::CommandFactory>::command());
         assert!(problems.is_empty(), "{}", problems.join("\n"));
     }
 }
