@@ -342,10 +342,7 @@ pub fn load_resource(confdir: &Path, file: &Path) -> Result<Resource, Vec<Resour
         message,
     };
     let text = std::fs::read_to_string(file).map_err(|e| vec![err(format!("cannot read: {e}"))])?;
-    let raw: File = toml::from_str(&text).map_err(|e| {
-        // toml's message: "TOML parse error at line L, column C\n  |\nL | …\n  | ^\nwhat".
-        vec![err(one_line_toml_error(&e))]
-    })?;
+    let raw: File = toml::from_str(&text).map_err(|e| vec![err(one_line_toml_error(&text, &e))])?;
     let raw = raw.template;
     let mut errors = Vec::new();
     let mut field = |name: &str, msg: String| errors.push(err(format!("field `{name}`: {msg}")));
@@ -500,24 +497,45 @@ pub fn load_resource(confdir: &Path, file: &Path) -> Result<Resource, Vec<Resour
     })
 }
 
-/// Turns toml's multi-line message into one line: `line L, column C: what`.
-fn one_line_toml_error(e: &toml::de::Error) -> String {
-    let what = e.message().trim().to_string();
-    match (e.span(), e.to_string().lines().next()) {
-        (Some(_), Some(first)) if first.contains("line") => {
-            let at = first
-                .trim_start_matches("TOML parse error at ")
-                .trim()
-                .to_string();
-            format!("{at}: {what}")
+/// One line for a TOML error: `line L, column C: what`, the place from the error's span (1-based,
+/// columns in characters), not from toml's multi-line display text.
+fn one_line_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let what = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let (line, column) = line_column(text, span.start);
+            format!("line {line}, column {column}: {what}")
         }
-        _ => what,
+        None => what,
     }
+}
+
+/// The 1-based line and column (in characters) of byte `offset` of `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[start..].chars().count() + 1)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn toml_errors_are_one_line_placed_by_their_span() {
+        let text = "[template]\n# é è\nsrc = \"a\"\nkeys = [1, \"é\", ]]\n";
+        let e = toml::from_str::<toml::Value>(text).unwrap_err();
+        let line = one_line_toml_error(text, &e);
+        assert!(line.starts_with("line 4, column "), "{line}");
+        assert!(!line.contains('\n'), "{line}");
+        assert_eq!(line_column("ab\néé x", 7), (2, 3));
+        assert_eq!(line_column("x", 99), (1, 2));
+    }
 
     fn confdir(resources: &[(&str, &str)]) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();

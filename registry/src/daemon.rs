@@ -338,12 +338,12 @@ pub async fn spawn_observability(
 
 /// Tells systemd the daemon is ready (no-op outside systemd).
 pub fn notify_ready() {
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
 }
 
 /// Tells systemd the daemon is stopping (no-op outside systemd).
 pub fn notify_stopping() {
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
 }
 
 /// If systemd set `WatchdogSec`, pings WATCHDOG=1 at half the interval while `alive()` holds;
@@ -351,17 +351,14 @@ pub fn notify_stopping() {
 pub fn spawn_watchdog(
     alive: Arc<dyn Fn() -> bool + Send + Sync>,
 ) -> Option<tokio::task::JoinHandle<()>> {
-    let mut usec = 0u64;
-    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
-        return None;
-    }
-    let period = Duration::from_micros(usec) / 2;
+    let interval = sd_notify::watchdog_enabled().filter(|d| !d.is_zero())?;
+    let period = interval / 2;
     Some(tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);
         loop {
             tick.tick().await;
             if alive() {
-                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
             }
         }
     }))
