@@ -30,7 +30,7 @@ use flotilla_registry::backoff::Backoff;
 use flotilla_registry::daemon;
 use flotilla_registry::etcd::error_chain;
 use flotilla_registry::record::now_rfc3339;
-use flotilla_registry::{Endpoint, Keys, Node};
+use flotilla_registry::{Endpoint, Keys, Node, StoreError};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
@@ -85,20 +85,6 @@ pub struct Refusal {
     /// Estimated bytes of its put.
     pub bytes: usize,
     pub reason: String,
-}
-
-/// Why a transaction failed.
-enum TxnFailure {
-    /// etcd refused it as too large (or as too many operations): smaller ones may pass.
-    TooLarge(String),
-    /// Anything else (etcd away, timeout, permission): retried with backoff as a whole.
-    Other(String),
-}
-
-fn too_large(e: &str) -> bool {
-    e.contains("request is too large")
-        || e.contains("larger than max")
-        || e.contains("too many operations in txn request")
 }
 
 /// Fixed settings of the writer.
@@ -236,10 +222,23 @@ pub struct Writer {
     pending: Vec<Instant>,
     need_full: bool,
     ready: bool,
-    fault: Option<String>,
+    fault: Option<WriterError>,
 }
 
-type EtcdResult<T> = Result<T, String>;
+type EtcdResult<T> = Result<T, WriterError>;
+
+/// Why a round of the writer failed; either way it is retried with backoff.
+#[derive(Debug, thiserror::Error)]
+enum WriterError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A record that does not encode: a bug upstream of the writer, never sent to etcd.
+    #[error("refusing to write an invalid {what}: {source}")]
+    Invalid {
+        what: &'static str,
+        source: flotilla_registry::RecordError,
+    },
+}
 
 impl Writer {
     pub fn new(client: Client, cfg: WriterConfig, metrics: Metrics, status: SharedStatus) -> Self {
@@ -308,7 +307,7 @@ impl Writer {
         all
     }
 
-    async fn call<T, F>(&self, what: &str, fut: F) -> EtcdResult<T>
+    async fn call<T, F>(&self, what: &'static str, fut: F) -> Result<T, StoreError>
     where
         F: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
@@ -318,22 +317,22 @@ impl Writer {
         self.metrics.pulse.beat(Loop::Writer);
         match r {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(format!("{what}: {}", error_chain(&e))),
-            Err(_) => Err(format!(
-                "{what}: no answer within {}",
-                humantime::format_duration(self.op_timeout)
-            )),
+            Ok(Err(e)) => Err(StoreError::from_etcd(what, &e)),
+            Err(_) => Err(StoreError::Timeout {
+                what,
+                after: self.op_timeout,
+            }),
         }
     }
 
-    fn etcd_failed(&mut self, e: String) {
+    fn etcd_failed(&mut self, e: WriterError) {
         self.metrics.etcd_errors.inc();
         if self.fault.is_none() {
             warn!(error = %e, "etcd request failed; retrying with backoff (entries stay on the lease meanwhile)");
         } else {
             debug!(error = %e, "etcd still failing");
         }
-        self.status.lock().expect("status").etcd = Err(e.clone());
+        self.status.lock().expect("status").etcd = Err(e.to_string());
         self.fault = Some(e);
         self.need_full = true;
     }
@@ -486,7 +485,7 @@ impl Writer {
                 self.deadline = Some(at + self.cfg.ttl);
                 self.etcd_ok();
             }
-            Err(e) if e.contains("lease not found") => {
+            Err(e) if e.is_lease_gone() => {
                 warn!(lease = %format!("{id:x}"), "etcd says the lease is gone; granting a new one and re-putting everything");
                 self.lease_lost();
             }
@@ -495,8 +494,8 @@ impl Writer {
                 self.metrics.etcd_errors.inc();
                 if self.fault.is_none() {
                     warn!(error = %e, "cannot renew the lease; retrying every TTL/3 until the deadline");
-                    self.status.lock().expect("status").etcd = Err(e.clone());
-                    self.fault = Some(e);
+                    self.status.lock().expect("status").etcd = Err(e.to_string());
+                    self.fault = Some(e.into());
                 }
             }
         }
@@ -539,7 +538,10 @@ impl Writer {
     }
 
     /// Sends one transaction.
-    async fn txn(&self, ops: &[Op], lease: i64) -> Result<(), TxnFailure> {
+    /// etcd refusing it as too large (or as too many operations) is `StoreError::TooLarge`:
+    /// smaller ones may pass; anything else (etcd away, timeout, permission) is retried with
+    /// backoff as a whole.
+    async fn txn(&self, ops: &[Op], lease: i64) -> Result<(), StoreError> {
         let txn_ops: Vec<TxnOp> = ops
             .iter()
             .map(|op| match &op.value {
@@ -558,13 +560,6 @@ impl Writer {
         })
         .await
         .map(|_| ())
-        .map_err(|e| {
-            if too_large(&e) {
-                TxnFailure::TooLarge(e)
-            } else {
-                TxnFailure::Other(e)
-            }
-        })
     }
 
     /// Applies `plan` in bounded transactions (deletes first). Returns the puts that were
@@ -584,7 +579,10 @@ impl Writer {
         for (key, ep) in &plan.puts {
             let value = ep
                 .encode(&self.cfg.keys)
-                .map_err(|e| format!("refusing to write an invalid record: {e}"))?;
+                .map_err(|source| WriterError::Invalid {
+                    what: "record",
+                    source,
+                })?;
             let bytes = key.len() + value.len() + OP_OVERHEAD;
             if bytes > max {
                 refused.push(Refusal {
@@ -607,14 +605,14 @@ impl Writer {
         while let Some(range) = queue.pop_front() {
             match self.txn(&ops[range.clone()], lease).await {
                 Ok(()) => {}
-                Err(TxnFailure::TooLarge(e)) if range.len() > 1 => {
+                Err(e @ StoreError::TooLarge { .. }) if range.len() > 1 => {
                     self.metrics.txn_splits.inc();
                     let mid = range.start + range.len() / 2;
                     debug!(error = %e, ops = range.len(), "etcd refused a transaction as too large; splitting it");
                     queue.push_front(mid..range.end);
                     queue.push_front(range.start..mid);
                 }
-                Err(TxnFailure::TooLarge(e)) => {
+                Err(e @ StoreError::TooLarge { .. }) => {
                     let op = &ops[range.start];
                     match endpoints.get(op.key.as_str()) {
                         Some(ep) => refused.push(Refusal {
@@ -623,10 +621,10 @@ impl Writer {
                             bytes: op.bytes,
                             reason: format!("etcd refused it alone: {e}"),
                         }),
-                        None => return Err(e),
+                        None => return Err(e.into()),
                     }
                 }
-                Err(TxnFailure::Other(e)) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
         }
         Ok(refused)
@@ -677,7 +675,11 @@ impl Writer {
     /// Writes the difference between the desired state and what was written.
     async fn apply(&mut self) -> EtcdResult<()> {
         let Some(lease) = self.lease else {
-            return Err("no lease".into());
+            return Err(StoreError::LeaseGone {
+                what: "write",
+                detail: "no lease held yet".into(),
+            }
+            .into());
         };
         let desired = self.desired_map();
         let plan = plan_incremental(&desired, &self.written, &now_rfc3339());
@@ -730,11 +732,11 @@ impl Writer {
                     self.deadline = Some(sent + self.cfg.ttl);
                     self.keepalive = Some(pair);
                 }
-                Err(e) if e.contains("lease not found") => {
+                Err(e) if e.is_lease_gone() => {
                     warn!(lease = %format!("{id:x}"), "the lease expired; granting a new one and re-putting everything");
                     self.lease = None;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
         }
         if self.lease.is_none() {
@@ -803,11 +805,14 @@ impl Writer {
         let desired = self.desired_map();
         let plan = plan_full(&self.cfg.keys, &desired, &actual, lease, &now_rfc3339());
         if !node_ok {
-            let value = self
-                .cfg
-                .node
-                .encode(&self.cfg.keys)
-                .map_err(|e| format!("refusing to write an invalid node record: {e}"))?;
+            let value =
+                self.cfg
+                    .node
+                    .encode(&self.cfg.keys)
+                    .map_err(|source| WriterError::Invalid {
+                        what: "node record",
+                        source,
+                    })?;
             let client = self.client.clone();
             let nk = node_key.clone();
             self.call("write the node record", async move {
@@ -850,7 +855,7 @@ impl Writer {
                 .await
             {
                 Ok(_) => info!(lease = %format!("{old:x}"), "revoked the predecessor's lease"),
-                Err(e) if e.contains("not found") => {
+                Err(e) if e.is_lease_gone() => {
                     debug!(lease = %format!("{old:x}"), "predecessor's lease already gone")
                 }
                 Err(e) => {
@@ -897,7 +902,7 @@ impl Writer {
                     }
                 }
             }
-            Ok(Err(e)) if error_chain(&e).contains("not found") => {
+            Ok(Err(e)) if StoreError::from_etcd("revoke", &e).is_lease_gone() => {
                 info!("lease already gone");
             }
             Ok(Err(e)) => {
@@ -1011,21 +1016,6 @@ mod tests {
                 "{r:?}"
             );
         }
-    }
-
-    #[test]
-    fn etcd_size_refusals_are_recognised() {
-        assert!(too_large(
-            "write: status: InvalidArgument, message: \"etcdserver: request is too large\""
-        ));
-        assert!(too_large(
-            "write: grpc: received message larger than max (600000 vs. 557056)"
-        ));
-        assert!(too_large(
-            "write: etcdserver: too many operations in txn request"
-        ));
-        assert!(!too_large("write: no answer within 1s"));
-        assert!(!too_large("write: etcdserver: permission denied"));
     }
 
     #[test]

@@ -354,6 +354,105 @@ impl EtcdArgs {
     }
 }
 
+/// How an etcd request failed, by what it means to the caller rather than by its text: a caller
+/// matches on the variant (a lease gone is granted again; anything else is retried with
+/// backoff), and the message names the request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The lease the request names no longer exists (expired or revoked): etcd's `NotFound`
+    /// status, or a keep-alive answered with TTL 0.
+    #[error("{what}: etcd says the lease is gone ({detail})")]
+    LeaseGone {
+        /// The request, as a log line names it.
+        what: &'static str,
+        /// etcd-client's error and its sources, in one line.
+        detail: String,
+    },
+    /// No answer within the caller's bound.
+    #[error("{what}: no answer within {}", humantime::format_duration(*.after))]
+    Timeout {
+        /// The request, as a log line names it.
+        what: &'static str,
+        /// The bound that passed.
+        after: Duration,
+    },
+    /// No member could be reached, or the connection or stream broke: retrying may help.
+    #[error("{what}: etcd unreachable: {detail}")]
+    Unreachable {
+        /// The request, as a log line names it.
+        what: &'static str,
+        /// etcd-client's error and its sources, in one line.
+        detail: String,
+    },
+    /// etcd refused the request's size: more bytes than `--max-request-bytes` or more
+    /// operations than `--max-txn-ops` (`InvalidArgument`, which etcd also answers for a
+    /// malformed request: an empty or duplicated key in one transaction), or a message larger
+    /// than gRPC's limit (`ResourceExhausted` from the server, `OutOfRange` from tonic when
+    /// encoding).
+    #[error("{what}: etcd refused the request as too large ({detail})")]
+    TooLarge {
+        /// The request, as a log line names it.
+        what: &'static str,
+        /// etcd-client's error and its sources, in one line.
+        detail: String,
+    },
+    /// etcd answered with another error (permission denied, no leader, ...).
+    #[error("{what}: {detail}")]
+    Failed {
+        /// The request, as a log line names it.
+        what: &'static str,
+        /// etcd-client's error and its sources, in one line.
+        detail: String,
+    },
+}
+
+impl StoreError {
+    /// Classifies an etcd-client error of the request `what`.
+    pub fn from_etcd(what: &'static str, e: &etcd_client::Error) -> Self {
+        use etcd_client::Error as E;
+        let detail = error_chain(e);
+        match e {
+            // etcd's ErrGRPCLeaseNotFound; no other lease or KV call answers NotFound.
+            E::GRpcStatus(status) if status.code() == tonic::Code::NotFound => {
+                StoreError::LeaseGone { what, detail }
+            }
+            E::GRpcStatus(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+                ) =>
+            {
+                StoreError::Unreachable { what, detail }
+            }
+            E::GRpcStatus(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::InvalidArgument
+                        | tonic::Code::ResourceExhausted
+                        | tonic::Code::OutOfRange
+                ) =>
+            {
+                StoreError::TooLarge { what, detail }
+            }
+            E::GRpcStatus(status) if status.code() == tonic::Code::DeadlineExceeded => {
+                StoreError::Unreachable { what, detail }
+            }
+            // Opening a keep-alive stream: etcd-client sends the first request on a fresh
+            // channel (which cannot fail) and turns an answer with TTL <= 0 into this variant.
+            E::LeaseKeepAliveError(_) => StoreError::LeaseGone { what, detail },
+            E::TransportError(_) | E::IoError(_) | E::WatchError(_) => {
+                StoreError::Unreachable { what, detail }
+            }
+            _ => StoreError::Failed { what, detail },
+        }
+    }
+
+    /// The lease the request named is gone.
+    pub fn is_lease_gone(&self) -> bool {
+        matches!(self, StoreError::LeaseGone { .. })
+    }
+}
+
 /// Flattens an error and its sources into one line (`a: b: c`), without repeats.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = vec![e.to_string()];
@@ -372,6 +471,65 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn store_errors_are_classified_by_status_code_and_variant_not_by_text() {
+        use etcd_client::Error as E;
+        use tonic::Status;
+        let class = |e: E| StoreError::from_etcd("write", &e);
+        // The code decides, whatever the text says.
+        assert!(class(E::GRpcStatus(Status::not_found("anything at all"))).is_lease_gone());
+        assert!(class(E::LeaseKeepAliveError("lease not found".into())).is_lease_gone());
+        assert!(matches!(
+            class(E::GRpcStatus(Status::unavailable("lease not found"))),
+            StoreError::Unreachable { what: "write", .. }
+        ));
+        assert!(matches!(
+            class(E::GRpcStatus(Status::permission_denied(
+                "etcdserver: permission denied"
+            ))),
+            StoreError::Failed { .. }
+        ));
+        assert!(matches!(
+            class(E::GRpcStatus(Status::invalid_argument(
+                "etcdserver: request is too large"
+            ))),
+            StoreError::TooLarge { .. }
+        ));
+        assert!(matches!(
+            class(E::GRpcStatus(Status::resource_exhausted(
+                "grpc: received message larger than max (600000 vs. 557056)"
+            ))),
+            StoreError::TooLarge { .. }
+        ));
+        assert!(matches!(
+            class(E::GRpcStatus(Status::out_of_range(
+                "Error, encoded message length too large"
+            ))),
+            StoreError::TooLarge { .. }
+        ));
+        assert!(matches!(
+            class(E::WatchError("stream closed".into())),
+            StoreError::Unreachable { .. }
+        ));
+        let e = class(E::GRpcStatus(Status::not_found(
+            "etcdserver: requested lease not found",
+        )));
+        let text = e.to_string();
+        assert!(
+            text.starts_with("write: etcd says the lease is gone ("),
+            "{text}"
+        );
+        assert!(
+            text.contains("etcdserver: requested lease not found"),
+            "{text}"
+        );
+        let t = StoreError::Timeout {
+            what: "lease grant",
+            after: Duration::from_millis(1500),
+        };
+        assert_eq!(t.to_string(), "lease grant: no answer within 1s 500ms");
+    }
 
     fn with_user() -> EtcdArgs {
         EtcdArgs {

@@ -26,6 +26,6 @@ pub mod record;
 pub use cache::{
     fetch_snapshot, Bytes, CacheState, CacheStatus, Snapshot, Tuning, Update, Updates, WatchCache,
 };
-pub use etcd::{EtcdArgs, EtcdError};
+pub use etcd::{EtcdArgs, EtcdError, StoreError};
 pub use keys::{KeyKind, Keys};
 pub use record::{Endpoint, Health, Node, Proto, RecordError};

@@ -601,3 +601,52 @@ async fn each_role_writes_only_its_own_prefix() {
         }
     }
 }
+
+/// What the classification meets against a real etcd: a put on a revoked lease and a keep-alive
+/// of a revoked lease are `LeaseGone`; a put with no lease trouble is not an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_lease_is_lease_gone_for_puts_and_keep_alives() {
+    use flotilla_registry::StoreError;
+    let etcd = Etcd::start();
+    let mut client = args(vec![etcd.endpoint()])
+        .connect()
+        .await
+        .expect("connect");
+    let lease = client.lease_grant(30, None).await.unwrap().id();
+    client
+        .put(
+            "/flotilla/x",
+            "1",
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .expect("put on a live lease");
+    client.lease_revoke(lease).await.unwrap();
+
+    let put = client
+        .put(
+            "/flotilla/x",
+            "2",
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .expect_err("put on a revoked lease");
+    let put = StoreError::from_etcd("write", &put);
+    assert!(put.is_lease_gone(), "{put:?}");
+
+    let keep = client
+        .lease_keep_alive(lease)
+        .await
+        .expect_err("keep-alive of a revoked lease");
+    let keep = StoreError::from_etcd("lease keepalive", &keep);
+    assert!(keep.is_lease_gone(), "{keep:?}");
+
+    // A stopped etcd is not a lost lease.
+    drop(etcd);
+    let gone = tokio::time::timeout(DEADLINE, client.get("/flotilla/x", None))
+        .await
+        .expect("etcd-client answers within the deadline")
+        .expect_err("get against a stopped etcd");
+    let gone = StoreError::from_etcd("read", &gone);
+    assert!(matches!(gone, StoreError::Unreachable { .. }), "{gone:?}");
+}
