@@ -262,7 +262,18 @@ pub struct Daemon {
     heartbeat: Arc<AtomicU64>,
     ready_sent: bool,
     writable: bool,
+    /// Asks the registry cache to mirror a new set of prefixes (see
+    /// [`Daemon::follow_prefixes`]); `None` in tests that feed updates by hand.
+    set_prefixes: Option<PrefixSetter>,
+    /// The prefixes the cache was last asked to mirror, and those the view holds: files are
+    /// written only when the two agree, so a resource added at SIGHUP with keys outside the
+    /// watched set never renders before they are listed.
+    wanted_prefixes: Option<Vec<String>>,
+    view_prefixes: Arc<Vec<String>>,
 }
+
+/// Hands the registry cache a new set of prefixes to mirror; true if the set changed.
+pub type PrefixSetter = Box<dyn Fn(Vec<String>) -> bool + Send>;
 
 /// How a run ended (for `--onetime`'s exit code).
 #[derive(Debug, PartialEq, Eq)]
@@ -295,7 +306,6 @@ impl Daemon {
         health: Arc<Mutex<Health>>,
     ) -> Result<Daemon, resource::ConfigErrors> {
         let resources = resource::load_confdir(confdir)?;
-        check_keys_under_prefix(&resources, keys)?;
         let view = View::new(keys.clone(), admit);
         let mut slots = Vec::new();
         for r in resources {
@@ -330,7 +340,24 @@ impl Daemon {
             heartbeat: Arc::new(AtomicU64::new(now_secs())),
             ready_sent: false,
             writable: false,
+            set_prefixes: None,
+            wanted_prefixes: None,
+            view_prefixes: Arc::default(),
         })
+    }
+
+    /// The etcd prefixes the resources need: `--prefix`'s root, and every resource key outside
+    /// it, watched as given (confd's absolute keys), reduced to their cover.
+    pub fn watch_prefixes(&self) -> Vec<String> {
+        watch_prefixes(self.view.keys(), self.slots.iter().map(|s| &s.res))
+    }
+
+    /// From now on, a configuration re-read that changes [`Daemon::watch_prefixes`] hands the
+    /// new set to `set` (the registry cache's `set_prefixes`), and files wait until the view
+    /// mirrors it. Call it with the cache built from [`Daemon::watch_prefixes`].
+    pub fn follow_prefixes(&mut self, set: PrefixSetter) {
+        self.wanted_prefixes = Some(self.watch_prefixes());
+        self.set_prefixes = Some(set);
     }
 
     /// Seconds-since-epoch of the loop's last turn (for the systemd watchdog).
@@ -433,7 +460,11 @@ impl Daemon {
 
     fn update_writable(&mut self) {
         let state = self.health.lock().expect("health lock").cache.clone();
-        let writable = self.view.complete() && state == Some(CacheState::Watching);
+        let covered = self
+            .wanted_prefixes
+            .as_ref()
+            .is_none_or(|w| *w == *self.view_prefixes);
+        let writable = self.view.complete() && state == Some(CacheState::Watching) && covered;
         if writable != self.writable {
             if writable {
                 info!(
@@ -459,6 +490,7 @@ impl Daemon {
 
     fn on_update(&mut self, update: &Update) {
         let was_complete = self.view.complete();
+        self.view_prefixes = update.snapshot.prefixes.clone();
         let changes = self.view.sync(update);
         let now = Instant::now();
         let first = !was_complete && self.view.complete();
@@ -512,9 +544,7 @@ impl Daemon {
     /// Re-reads conf.d and every template. A bad resource file keeps the old configuration; a
     /// broken template is reported by its resource.
     fn reload_config(&mut self) {
-        let resources = match resource::load_confdir(&self.confdir)
-            .and_then(|r| check_keys_under_prefix(&r, self.view.keys()).map(|_| r))
-        {
+        let resources = match resource::load_confdir(&self.confdir) {
             Ok(r) => r,
             Err(e) => {
                 // One log line: every problem, each naming its file and field.
@@ -571,6 +601,14 @@ impl Daemon {
         }
         for name in old.keys() {
             info!(resource = %name, "resource removed");
+        }
+        if let Some(set) = &self.set_prefixes {
+            let next = self.watch_prefixes();
+            if set(next.clone()) {
+                info!(prefixes = %next.join(","), "the resources need other keys; relisting the registry before writing");
+                self.wanted_prefixes = Some(next);
+                self.update_writable();
+            }
         }
     }
 
@@ -1275,32 +1313,12 @@ fn remove_reload_marker(dest: &Path) {
     }
 }
 
-fn check_keys_under_prefix(
-    resources: &[Resource],
-    keys: &Keys,
-) -> Result<(), resource::ConfigErrors> {
-    let root = keys.root();
-    let errors: Vec<resource::ResourceError> = resources
-        .iter()
-        .flat_map(|r| {
-            r.keys
-                .iter()
-                .filter(|k| !k.starts_with(&root) && root.trim_end_matches('/') != k.as_str())
-                .map(|k| resource::ResourceError {
-                    file: r.file.clone(),
-                    message: format!(
-                        "field `keys`: {k:?} is outside --prefix {}; confgen watches only keys under it",
-                        keys.prefix()
-                    ),
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(resource::ConfigErrors(errors))
-    }
+/// `keys`' root and every key of `resources` outside it, reduced to their cover (see
+/// [`flotilla_registry::cache::cover`]).
+fn watch_prefixes<'a>(keys: &Keys, resources: impl Iterator<Item = &'a Resource>) -> Vec<String> {
+    let mut all = vec![keys.root()];
+    all.extend(resources.flat_map(|r| r.keys.iter().cloned()));
+    flotilla_registry::cache::cover(all)
 }
 
 fn now_secs() -> u64 {

@@ -243,7 +243,7 @@ async fn run(a: RunArgs) -> anyhow::Result<u8> {
         no_reload: a.no_reload,
         allow_drop: a.allow_drop,
     };
-    let daemon = match daemon::Daemon::new(
+    let mut daemon = match daemon::Daemon::new(
         &a.confdir,
         &keys,
         a.admit.clone(),
@@ -270,8 +270,15 @@ async fn run(a: RunArgs) -> anyhow::Result<u8> {
         let f: plumbing::HealthFn = Arc::new(move || h.lock().expect("health lock").report());
         plumbing::spawn_observability(addr, registry, f).await?;
     }
-    let cache = WatchCache::spawn(a.etcd.clone(), keys.clone(), keys.root());
+    // --prefix's root and every resource key outside it (confd's absolute keys), in one view.
+    let cache = Arc::new(WatchCache::spawn_prefixes(
+        a.etcd.clone(),
+        keys.clone(),
+        daemon.watch_prefixes(),
+    ));
     let updates = cache.updates();
+    let follower = cache.clone();
+    daemon.follow_prefixes(Box::new(move |p| follower.set_prefixes(p)));
     if a.onetime {
         let mut status = cache.status();
         let mut snaps = cache.subscribe();

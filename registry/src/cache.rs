@@ -1,4 +1,4 @@
-//! The watch cache: an exact in-memory mirror of one etcd prefix.
+//! The watch cache: an exact in-memory mirror of one or more etcd prefixes.
 //!
 //! A state machine (`Connect → List → Watch`, with `Backoff` on faults):
 //!
@@ -7,6 +7,12 @@
 //!   half-listed view.
 //! - **Watch** starts at `R + 1`, so nothing between the list and the watch is lost, and applies
 //!   each response's events in order (a put replaces, a delete removes).
+//! - More than one prefix (confgen's `--prefix` plus confd resource keys outside it): every
+//!   prefix is listed at the same revision `R` into the one map, and watched from `R + 1` by one
+//!   watcher each on one gRPC stream. etcd sends a stream's events in revision order, so the
+//!   view never goes back; a transaction that writes under two prefixes arrives as one response
+//!   per prefix, so for a moment the view holds the first part only. The set can be changed
+//!   while running ([`WatchCache::set_prefixes`]: confgen after a SIGHUP); the cache relists.
 //! - A compacted revision, a cancelled watch (e.g. the member lost its leader: connections use
 //!   `require_leader`), a stream error or an ended stream all lead back to **List**, after a
 //!   jittered, capped backoff for faults. Relisting swaps the whole map atomically, so entries
@@ -73,6 +79,8 @@ pub struct Snapshot {
     pub nodes: OrdMap<String, Arc<Node>>,
     /// Keys whose value failed validation, with the reason.
     pub rejected: OrdMap<String, String>,
+    /// The prefixes this view mirrors (a [`cover`]; empty before the first list).
+    pub prefixes: Arc<Vec<String>>,
 }
 
 impl Snapshot {
@@ -217,7 +225,26 @@ pub struct WatchCache {
     snapshot: watch::Receiver<Snapshot>,
     status: watch::Receiver<CacheStatus>,
     subscribers: Subscribers,
+    prefixes: watch::Sender<Vec<String>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// The smallest set of prefixes that covers every key any of `prefixes` covers: sorted, without
+/// repeats or prefixes that another one in the set already covers (`/a` covers `/ab/c`: etcd
+/// prefixes are byte prefixes, not paths). Empty prefixes are dropped.
+pub fn cover(mut prefixes: Vec<String>) -> Vec<String> {
+    prefixes.retain(|p| !p.is_empty());
+    prefixes.sort();
+    prefixes.dedup();
+    let mut out: Vec<String> = Vec::with_capacity(prefixes.len());
+    for p in prefixes {
+        // Sorted: a covering prefix sorts before everything it covers, and right before them.
+        if out.last().is_some_and(|c| p.starts_with(c.as_str())) {
+            continue;
+        }
+        out.push(p);
+    }
+    out
 }
 
 impl Drop for WatchCache {
@@ -240,16 +267,24 @@ pub struct Tuning {
 impl WatchCache {
     /// Starts mirroring `watch_prefix` (normally `keys.root()`), connecting with `args`.
     pub fn spawn(args: EtcdArgs, keys: Keys, watch_prefix: String) -> WatchCache {
-        Self::spawn_tuned(args, keys, watch_prefix, Tuning::default())
+        Self::spawn_tuned(args, keys, vec![watch_prefix], Tuning::default())
     }
 
-    /// [`WatchCache::spawn`] with test knobs.
+    /// Starts mirroring every key under any of `prefixes` into one view (reduced to their
+    /// [`cover`] first; records are still decoded by `keys`' schema, so keys outside it are
+    /// kept as raw values only).
+    pub fn spawn_prefixes(args: EtcdArgs, keys: Keys, prefixes: Vec<String>) -> WatchCache {
+        Self::spawn_tuned(args, keys, prefixes, Tuning::default())
+    }
+
+    /// [`WatchCache::spawn_prefixes`] with test knobs.
     pub fn spawn_tuned(
         args: EtcdArgs,
         keys: Keys,
-        watch_prefix: String,
+        prefixes: Vec<String>,
         tuning: Tuning,
     ) -> WatchCache {
+        let (prefixes_tx, prefixes_rx) = watch::channel(cover(prefixes));
         let (snap_tx, snap_rx) = watch::channel(Snapshot::default());
         let (status_tx, status_rx) = watch::channel(CacheStatus {
             state: CacheState::Syncing,
@@ -261,7 +296,7 @@ impl WatchCache {
         let worker = Worker {
             args,
             keys,
-            prefix: watch_prefix,
+            prefixes: prefixes_rx,
             snap: snap_tx,
             status: status_tx,
             subscribers: subscribers.clone(),
@@ -272,8 +307,28 @@ impl WatchCache {
             snapshot: snap_rx,
             status: status_rx,
             subscribers,
+            prefixes: prefixes_tx,
             task,
         }
+    }
+
+    /// Mirrors `prefixes` from now on (reduced to their [`cover`]). If that differs from the
+    /// current set the cache relists at once: keys no longer covered leave the view, new ones
+    /// arrive, in one update. Returns whether the set changed.
+    pub fn set_prefixes(&self, prefixes: Vec<String>) -> bool {
+        let next = cover(prefixes);
+        self.prefixes.send_if_modified(|cur| {
+            if *cur == next {
+                return false;
+            }
+            *cur = next;
+            true
+        })
+    }
+
+    /// The prefixes mirrored (a [`cover`]).
+    pub fn prefixes(&self) -> Vec<String> {
+        self.prefixes.borrow().clone()
     }
 
     /// Every change from now on, in order. If a complete snapshot exists already, the first
@@ -333,6 +388,8 @@ enum WatchEnd {
     Compacted(i64),
     /// Everyone stopped listening: end the task.
     Closed,
+    /// The set of prefixes changed: relist at once.
+    Rewatch,
     /// A fault: back off, then reconnect and relist.
     Fault(String),
 }
@@ -340,7 +397,8 @@ enum WatchEnd {
 struct Worker {
     args: EtcdArgs,
     keys: Keys,
-    prefix: String,
+    /// The prefixes to mirror, always a [`cover`]; a change makes the worker relist.
+    prefixes: watch::Receiver<Vec<String>>,
     snap: watch::Sender<Snapshot>,
     status: watch::Sender<CacheStatus>,
     subscribers: Subscribers,
@@ -348,13 +406,15 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(self) {
+    async fn run(mut self) {
         let mut backoff = Backoff::default();
         let mut client: Option<Client> = None;
         loop {
             if self.snap.is_closed() {
                 return;
             }
+            let prefixes = self.prefixes.borrow_and_update().clone();
+            let shown = prefixes.join(",");
             let mut c = match client.take() {
                 Some(c) => c,
                 None => match self.args.connect().await {
@@ -365,11 +425,11 @@ impl Worker {
                     }
                 },
             };
-            let revision = match self.list(&mut c).await {
+            let revision = match self.list(&mut c, &prefixes).await {
                 Ok(rev) => rev,
                 Err(e) => {
                     self.fault(
-                        format!("listing {}: {}", self.prefix, error_chain(&e)),
+                        format!("listing {shown}: {}", error_chain(&e)),
                         &mut backoff,
                     )
                     .await;
@@ -380,16 +440,21 @@ impl Worker {
             if !self.tuning.pause_before_watch.is_zero() {
                 tokio::time::sleep(self.tuning.pause_before_watch).await;
             }
-            self.set_state(CacheState::Watching);
-            match self.watch(&mut c, revision).await {
+            self.set_state(CacheState::Watching, &shown);
+            match self.watch(&mut c, revision, &prefixes).await {
                 WatchEnd::Closed => return,
                 WatchEnd::Compacted(compact) => {
-                    info!(prefix = %self.prefix, revision, compact, "watch revision compacted; relisting");
+                    info!(prefix = %shown, revision, compact, "watch revision compacted; relisting");
                     self.status.send_modify(|s| s.compactions += 1);
                     client = Some(c);
                 }
+                WatchEnd::Rewatch => {
+                    let next = self.prefixes.borrow().join(",");
+                    info!(from = %shown, to = %next, "watched prefixes changed; relisting");
+                    client = Some(c);
+                }
                 WatchEnd::Fault(error) => {
-                    self.fault(format!("watching {}: {error}", self.prefix), &mut backoff)
+                    self.fault(format!("watching {shown}: {error}"), &mut backoff)
                         .await;
                 }
             }
@@ -409,14 +474,14 @@ impl Worker {
         self.snap.send_replace(next);
     }
 
-    fn set_state(&self, state: CacheState) {
+    fn set_state(&self, state: CacheState, shown: &str) {
         self.status.send_if_modified(|s| {
             if s.state == state {
                 return false;
             }
             match &state {
-                CacheState::Watching => info!(prefix = %self.prefix, "registry watch is current"),
-                CacheState::Degraded { error } => warn!(prefix = %self.prefix, %error, "registry watch degraded; the last view is kept and retried"),
+                CacheState::Watching => info!(prefix = %shown, "registry watch is current"),
+                CacheState::Degraded { error } => warn!(prefix = %shown, %error, "registry watch degraded; the last view is kept and retried"),
                 CacheState::Syncing => {}
             }
             s.state = state;
@@ -425,9 +490,10 @@ impl Worker {
     }
 
     async fn fault(&self, error: String, backoff: &mut Backoff) {
-        debug!(prefix = %self.prefix, %error, "registry watch fault");
+        let shown = self.prefixes.borrow().join(",");
+        debug!(prefix = %shown, %error, "registry watch fault");
         self.status.send_modify(|s| s.faults += 1);
-        self.set_state(CacheState::Degraded { error });
+        self.set_state(CacheState::Degraded { error }, &shown);
         let delay = backoff.next_delay();
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
@@ -435,13 +501,15 @@ impl Worker {
         }
     }
 
-    /// Lists the prefix (see [`fetch_snapshot`]), then swaps the result in.
-    async fn list(&self, client: &mut Client) -> Result<i64, etcd_client::Error> {
+    /// Lists the prefixes (see [`fetch_snapshot`]), then swaps the result in.
+    async fn list(
+        &self,
+        client: &mut Client,
+        prefixes: &[String],
+    ) -> Result<i64, etcd_client::Error> {
         let known_bad = self.snap.borrow().rejected.clone();
-        let fresh = list_prefix(client, &self.keys, &self.prefix, |k| {
-            !known_bad.contains_key(k)
-        })
-        .await?;
+        let fresh =
+            list_prefixes(client, &self.keys, prefixes, |k| !known_bad.contains_key(k)).await?;
         let revision = fresh.revision;
         let count = fresh.kvs.len();
         let changed = {
@@ -450,25 +518,44 @@ impl Worker {
         };
         self.publish(fresh, changed, true);
         self.status.send_modify(|s| s.lists += 1);
-        debug!(prefix = %self.prefix, revision, keys = count, "listed");
+        debug!(prefix = %prefixes.join(","), revision, keys = count, "listed");
         Ok(revision)
     }
 
-    /// Watches from `revision + 1`, applying events until the watch ends.
-    async fn watch(&self, client: &mut Client, revision: i64) -> WatchEnd {
-        let opts = WatchOptions::new()
-            .with_range(prefix_end(&self.prefix))
-            .with_start_revision(revision + 1)
-            .with_progress_notify();
+    /// Watches every prefix from `revision + 1` (one watcher each, on one stream), applying
+    /// events until the watch ends or the set of prefixes changes.
+    async fn watch(&mut self, client: &mut Client, revision: i64, prefixes: &[String]) -> WatchEnd {
+        let opts = |p: &str| {
+            WatchOptions::new()
+                .with_range(prefix_end(p))
+                .with_start_revision(revision + 1)
+                .with_progress_notify()
+        };
+        let Some((first, rest)) = prefixes.split_first() else {
+            // Nothing to watch: wait for a set that has something.
+            return match self.prefixes.changed().await {
+                Ok(()) => WatchEnd::Rewatch,
+                Err(_) => WatchEnd::Closed,
+            };
+        };
         let mut wc = client.watch_client().max_decoding_message_size(MAX_MESSAGE);
-        let mut stream = match wc.watch(self.prefix.clone(), Some(opts)).await {
+        let mut stream = match wc.watch(first.clone(), Some(opts(first))).await {
             Ok(s) => s,
             Err(e) => return WatchEnd::Fault(error_chain(&e)),
         };
+        for p in rest {
+            if let Err(e) = stream.watch(p.clone(), Some(opts(p))).await {
+                return WatchEnd::Fault(format!("adding a watch on {p}: {}", error_chain(&e)));
+            }
+        }
         loop {
             let msg = tokio::select! {
                 m = stream.message() => m,
                 _ = self.snap.closed() => return WatchEnd::Closed,
+                c = self.prefixes.changed() => match c {
+                    Ok(()) => return WatchEnd::Rewatch,
+                    Err(_) => return WatchEnd::Closed,
+                },
             };
             let resp = match msg {
                 Ok(Some(r)) => r,
@@ -508,7 +595,10 @@ impl Worker {
                 .map(|kv| kv.mod_revision())
                 .max()
                 .unwrap_or(0);
-            let mut m = Mirror::of(&self.snap.borrow());
+            let (mut m, covered) = {
+                let cur = self.snap.borrow();
+                (Mirror::of(&cur), cur.prefixes.clone())
+            };
             let mut changed = Vec::with_capacity(resp.events().len());
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };
@@ -521,6 +611,7 @@ impl Worker {
             changed.sort_unstable();
             changed.dedup();
             let mut next = m.into_snapshot(0, true);
+            next.prefixes = covered;
             next.revision = self.snap.borrow().revision.max(last_rev);
             self.publish(next, changed, false);
         }
@@ -535,20 +626,52 @@ pub async fn fetch_snapshot(
     keys: &Keys,
     prefix: &str,
 ) -> Result<Snapshot, etcd_client::Error> {
-    list_prefix(client, keys, prefix, |_| true).await
+    list_prefixes(client, keys, &[prefix.to_owned()], |_| true).await
 }
 
-async fn list_prefix(
+/// [`fetch_snapshot`] of several prefixes into one snapshot, every one at the same revision
+/// (`prefixes` should be a [`cover`], or keys are read twice).
+pub async fn fetch_snapshot_of(
     client: &mut Client,
     keys: &Keys,
-    prefix: &str,
+    prefixes: &[String],
+) -> Result<Snapshot, etcd_client::Error> {
+    list_prefixes(client, keys, prefixes, |_| true).await
+}
+
+async fn list_prefixes(
+    client: &mut Client,
+    keys: &Keys,
+    prefixes: &[String],
     warn_bad: impl Fn(&str) -> bool,
 ) -> Result<Snapshot, etcd_client::Error> {
-    let end = prefix_end(prefix);
     let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
-    let mut from = prefix.as_bytes().to_vec();
     let mut revision = 0i64;
     let mut fresh = Mirror::default();
+    for prefix in prefixes {
+        revision = list_into(&mut kv, keys, prefix, revision, &mut fresh, &warn_bad).await?;
+    }
+    if revision == 0 {
+        // No prefix at all: the store's revision still dates the (empty) view.
+        let resp = kv.get("\0", None).await?;
+        revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+    }
+    let mut snap = fresh.into_snapshot(revision, true);
+    snap.prefixes = Arc::new(prefixes.to_vec());
+    Ok(snap)
+}
+
+/// Lists one prefix into `fresh` at `revision` (0: the current one, returned for the next).
+async fn list_into(
+    kv: &mut etcd_client::KvClient,
+    keys: &Keys,
+    prefix: &str,
+    mut revision: i64,
+    fresh: &mut Mirror,
+    warn_bad: &impl Fn(&str) -> bool,
+) -> Result<i64, etcd_client::Error> {
+    let end = prefix_end(prefix);
+    let mut from = prefix.as_bytes().to_vec();
     loop {
         let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
         if revision > 0 {
@@ -559,7 +682,7 @@ async fn list_prefix(
             revision = resp.header().map(|h| h.revision()).unwrap_or(0);
         }
         for (item, decoded) in resp.kvs().iter().zip(decode_page(keys, resp.kvs())) {
-            let warn = std::str::from_utf8(item.key()).is_ok_and(&warn_bad);
+            let warn = std::str::from_utf8(item.key()).is_ok_and(warn_bad);
             fresh.store(item.key(), item.value(), decoded, warn);
         }
         match resp.kvs().last() {
@@ -570,7 +693,7 @@ async fn list_prefix(
             _ => break,
         }
     }
-    Ok(fresh.into_snapshot(revision, true))
+    Ok(revision)
 }
 
 /// Keys whose value or validity differs between two snapshots (one ordered merge of each pair
@@ -621,6 +744,7 @@ impl Mirror {
             endpoints: self.endpoints,
             nodes: self.nodes,
             rejected: self.rejected,
+            prefixes: Arc::default(),
         }
     }
 
@@ -773,6 +897,27 @@ mod tests {
 
     fn keys() -> Keys {
         Keys::new("/flotilla").unwrap()
+    }
+
+    #[test]
+    fn cover_keeps_only_prefixes_no_other_one_covers() {
+        let c = |v: &[&str]| cover(v.iter().map(|s| s.to_string()).collect());
+        assert_eq!(
+            c(&[
+                "/myapp/db/url",
+                "/flotilla/",
+                "/myapp/db",
+                "/myapp/db/user",
+                "/flotilla/"
+            ]),
+            vec!["/flotilla/", "/myapp/db"]
+        );
+        // Byte prefixes, not paths: "/a" covers "/ab".
+        assert_eq!(c(&["/ab/c", "/a"]), vec!["/a"]);
+        assert_eq!(c(&["/a/", "/ab/"]), vec!["/a/", "/ab/"]);
+        assert_eq!(c(&["/", "/flotilla/", "/x"]), vec!["/"]);
+        assert_eq!(c(&["", "/x"]), vec!["/x"]);
+        assert!(c(&[]).is_empty());
     }
 
     fn ep(node: &str, service: &str, n: u16) -> (String, Vec<u8>) {

@@ -286,7 +286,7 @@ async fn watch_cache_stays_exact_across_compaction() {
     let tuning = Tuning {
         pause_before_watch: Duration::from_secs(2),
     };
-    let cache = WatchCache::spawn_tuned(a.clone(), keys(), keys().root(), tuning);
+    let cache = WatchCache::spawn_tuned(a.clone(), keys(), vec![keys().root()], tuning);
     let mut follower = Follower::new(&cache);
     let mut status = cache.status();
     tokio::time::timeout(DEADLINE, status.wait_for(|s| s.lists >= 1))
@@ -649,4 +649,139 @@ async fn a_revoked_lease_is_lease_gone_for_puts_and_keep_alives() {
         .expect_err("get against a stopped etcd");
     let gone = StoreError::from_etcd("read", &gone);
     assert!(matches!(gone, StoreError::Unreachable { .. }), "{gone:?}");
+}
+
+/// Every key under any of `prefixes` in etcd now, and the revision read at (one read per
+/// prefix, pinned to the first one's revision).
+async fn etcd_under(client: &mut Client, prefixes: &[&str]) -> (i64, BTreeMap<String, Vec<u8>>) {
+    let mut rev = 0;
+    let mut map = BTreeMap::new();
+    for p in prefixes {
+        let mut opts = GetOptions::new().with_prefix();
+        if rev > 0 {
+            opts = opts.with_revision(rev);
+        }
+        let resp = client.get(*p, Some(opts)).await.expect("get");
+        if rev == 0 {
+            rev = resp.header().unwrap().revision();
+        }
+        for kv in resp.kvs() {
+            map.insert(kv.key_str().unwrap().to_owned(), kv.value().to_vec());
+        }
+    }
+    (rev, map)
+}
+
+async fn assert_mirrors(cache: &WatchCache, client: &mut Client, prefixes: &[&str], what: &str) {
+    let (rev, want) = etcd_under(client, prefixes).await;
+    let snap = tokio::time::timeout(DEADLINE, cache.wait_for_revision(rev))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: cache did not reach revision {rev}"));
+    let got: BTreeMap<String, Vec<u8>> = snap
+        .kvs
+        .iter()
+        .map(|(k, v)| (k.clone(), v.to_vec()))
+        .collect();
+    assert_eq!(got, want, "{what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_cache_mirrors_keys_outside_the_prefix_and_follows_a_changed_set() {
+    let etcd = Etcd::start();
+    let a = args(vec![etcd.endpoint()]);
+    let mut client = a.connect().await.unwrap();
+    put(&mut client, &endpoint("node-a", "web", 1)).await;
+    client
+        .put("/myapp/database/url", "db:5432", None)
+        .await
+        .unwrap();
+    client
+        .put("/myapp/database/user", "rob", None)
+        .await
+        .unwrap();
+    client.put("/myapp/upstream/x", "1", None).await.unwrap();
+    client.put("/other/x", "o", None).await.unwrap();
+
+    // Given nested and repeated prefixes, the cache watches their cover.
+    let cache = WatchCache::spawn_prefixes(
+        a.clone(),
+        keys(),
+        vec![
+            keys().root(),
+            "/myapp/database/".into(),
+            "/myapp/database/url".into(),
+            "/myapp/database/".into(),
+        ],
+    );
+    assert_eq!(cache.prefixes(), vec!["/flotilla/", "/myapp/database/"]);
+    let mut updates = cache.updates();
+    let want = ["/flotilla/", "/myapp/database/"];
+    assert_mirrors(&cache, &mut client, &want, "first list").await;
+    let snap = cache.current();
+    assert_eq!(snap.endpoints.len(), 1, "records are still decoded");
+    assert!(!snap.kvs.contains_key("/other/x") && !snap.kvs.contains_key("/myapp/upstream/x"));
+
+    // Puts and deletes outside the prefix arrive as changes, as do both halves of a
+    // transaction that writes under both prefixes.
+    client
+        .put("/myapp/database/url", "db2:5432", None)
+        .await
+        .unwrap();
+    client.delete("/myapp/database/user", None).await.unwrap();
+    client.put("/other/y", "not watched", None).await.unwrap();
+    let ep = endpoint("node-a", "web", 2);
+    client
+        .txn(etcd_client::Txn::new().and_then(vec![
+            etcd_client::TxnOp::put(ep.key(&keys()), ep.encode(&keys()).unwrap(), None),
+            etcd_client::TxnOp::put("/myapp/database/pool", "10", None),
+        ]))
+        .await
+        .unwrap();
+    assert_mirrors(&cache, &mut client, &want, "after changes").await;
+    let mut seen = std::collections::BTreeSet::new();
+    tokio::time::timeout(DEADLINE, async {
+        while !seen.contains("/myapp/database/pool") || !seen.contains(&ep.key(&keys())) {
+            let u = updates.recv().await.expect("update");
+            seen.extend(u.changed.iter().cloned());
+        }
+    })
+    .await
+    .expect("the transaction's keys arrive as changes");
+    for k in ["/myapp/database/url", "/myapp/database/user"] {
+        assert!(seen.contains(k), "{k} changed: {seen:?}");
+    }
+    assert!(!seen.contains("/other/y"), "{seen:?}");
+
+    // A new set: relisted at once; keys it no longer covers leave, new ones arrive.
+    assert!(cache.set_prefixes(vec![keys().root(), "/other/".into()]));
+    assert!(!cache.set_prefixes(vec!["/other/".into(), keys().root()]));
+    let want = ["/flotilla/", "/other/"];
+    let (rev, _) = etcd_under(&mut client, &want).await;
+    let snap = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let s = cache.wait_for_revision(rev).await;
+            if s.kvs.contains_key("/other/x") {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the new set is listed");
+    assert!(
+        !snap.kvs.keys().any(|k| k.starts_with("/myapp/")),
+        "{:?}",
+        snap.kvs.keys().collect::<Vec<_>>()
+    );
+    client.put("/other/z", "watched now", None).await.unwrap();
+    assert_mirrors(&cache, &mut client, &want, "after the change of set").await;
+    let mut left = std::collections::BTreeSet::new();
+    tokio::time::timeout(DEADLINE, async {
+        while !left.contains("/myapp/database/url") || !left.contains("/other/z") {
+            let u = updates.recv().await.expect("update");
+            left.extend(u.changed.iter().cloned());
+        }
+    })
+    .await
+    .expect("keys that left the set and new ones are listed as changed");
 }
