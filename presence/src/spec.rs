@@ -16,8 +16,11 @@
 //! - `SERVICE_ID` / `SERVICE_<port>_ID` become meta `service_id` (the instance, and so the
 //!   key, stays `<node>-<container12>-<port>`);
 //! - every other `SERVICE_<attr>` / `SERVICE_<port>_<attr>` becomes meta `<attr>` lowercased
-//!   (bridge/util.go `serviceMetaData`), except `CHECK_*` (Registrator's health checks, not
-//!   read); an empty value sets nothing.
+//!   (bridge/util.go `serviceMetaData`), except `CHECK_*`, Registrator's health checks
+//!   (consul/consul.go `buildCheck`): `CHECK_HTTP` (a path) becomes meta `check_path`, the
+//!   proxy's HTTP check; `CHECK_TCP` is the proxy's default check and sets nothing; the others
+//!   (script, TTL, interval, ...) have no proxy-side equivalent and are not read. An empty value
+//!   sets nothing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -226,9 +229,13 @@ enum Attr {
     Setting(Which),
     /// A meta key (`id` is stored as `service_id`).
     Meta(String),
-    /// `check_*`: Registrator's health-check attributes, not read.
+    /// `check_*` other than `check_http`: Registrator's health-check attributes with no
+    /// equivalent here (`check_tcp` is the proxy's default check), not read.
     NotOurs,
 }
+
+/// The meta key `SERVICE_CHECK_HTTP` sets: the path the shipped templates health-check.
+const CHECK_PATH: &str = "check_path";
 
 fn classify(what: &str) -> Attr {
     match what {
@@ -236,6 +243,7 @@ fn classify(what: &str) -> Attr {
         "tags" => Attr::Setting(Which::Tags),
         "ignore" => Attr::Setting(Which::Ignore),
         "id" => Attr::Meta("service_id".to_owned()),
+        "check_http" => Attr::Meta(CHECK_PATH.to_owned()),
         w if w.starts_with("check_") => Attr::NotOurs,
         w => Attr::Meta(w.to_owned()),
     }
@@ -368,6 +376,16 @@ fn read_meta(c: &ContainerInfo) -> Result<Meta, SpecError> {
             Attr::Meta(meta_key) => {
                 if !value.is_empty() {
                     check_meta_key(c, &sourced.field, &meta_key)?;
+                }
+                if meta_key == CHECK_PATH && !value.is_empty() && !value.starts_with('/') {
+                    return Err(c.err(
+                        &sourced.field,
+                        format!(
+                            "{} must be a path starting with '/' (Registrator's SERVICE_CHECK_HTTP \
+                             is the path of an HTTP check, e.g. /health)",
+                            escaped(value)
+                        ),
+                    ));
                 }
                 settings.meta.insert(
                     meta_key,
@@ -1222,11 +1240,72 @@ mod tests {
         let mut c = web();
         c.env
             .push("SERVICE_CHECK_SCRIPT=curl -f http://x/ || exit 1".into());
-        c.env.push("SERVICE_8080_CHECK_HTTP=/health check".into());
+        c.env.push("SERVICE_8080_CHECK_INTERVAL=15 s".into());
+        c.env.push("SERVICE_CHECK_TCP=true".into());
         c.labels.insert("flotilla.future".into(), "x\ny".into());
         let eps = register(&c, &cfg());
         assert_eq!(eps.len(), 1);
         assert_eq!(eps[0].meta.keys().collect::<Vec<_>>(), ["container_name"]);
+    }
+
+    #[test]
+    fn registrator_check_http_is_the_proxys_check_path_and_the_other_checks_are_not_read() {
+        // consul/consul.go buildCheck: SERVICE_CHECK_HTTP is the path of an HTTP check on the
+        // service's address; here the proxy runs it (meta check_path, the shipped templates'
+        // `option httpchk`). Per port beats container-wide; flotilla.meta.check_path beats both
+        // sources of the same scope, as for every meta key.
+        let mut c = two_ports();
+        c.env.push("SERVICE_CHECK_HTTP=/health".into());
+        c.env
+            .push("SERVICE_8443_CHECK_HTTP=/tls-health?deep=1".into());
+        c.env.push("SERVICE_CHECK_INTERVAL=15s".into());
+        c.env.push("SERVICE_CHECK_SCRIPT=exit 0".into());
+        let eps = register(&c, &cfg());
+        let path = |eps: &[Endpoint], port: &str| {
+            eps.iter()
+                .find(|e| e.instance.ends_with(&format!("-{port}")))
+                .unwrap()
+                .meta
+                .get("check_path")
+                .cloned()
+        };
+        assert_eq!(path(&eps, "8080").as_deref(), Some("/health"));
+        assert_eq!(path(&eps, "8443").as_deref(), Some("/tls-health?deep=1"));
+        for e in &eps {
+            assert!(
+                !e.meta
+                    .keys()
+                    .any(|k| k.starts_with("check_") && k != "check_path"),
+                "{:?}",
+                e.meta
+            );
+        }
+        c.labels
+            .insert("flotilla.meta.check_path".into(), "/ready".into());
+        assert_eq!(
+            path(&register(&c, &cfg()), "8080").as_deref(),
+            Some("/ready")
+        );
+        // An empty one sets nothing (and clears a weaker source).
+        let mut c = web();
+        c.env.push("SERVICE_CHECK_HTTP=".into());
+        assert_eq!(path(&register(&c, &cfg()), "8080"), None);
+        // Not a path, or not a valid meta value: the container is refused, naming the variable.
+        for (var, field) in [
+            ("SERVICE_CHECK_HTTP=health", "env SERVICE_CHECK_HTTP"),
+            (
+                "SERVICE_8080_CHECK_HTTP=/a b",
+                "env SERVICE_8080_CHECK_HTTP",
+            ),
+        ] {
+            let mut c = web();
+            c.env.push(var.into());
+            let e = error(&c);
+            assert_eq!(e.field, field, "{var}: {e}");
+        }
+        let mut c = web();
+        c.env.push("SERVICE_CHECK_HTTP=health".into());
+        assert!(error(&c).reason.contains("starting with '/'"));
     }
 
     /// `web()` publishing a second port, 8443.
@@ -1456,7 +1535,7 @@ mod tests {
         c.env.push("SERVICE_8443_SNI=enabled".into());
         c.env.push("SERVICE_DB_NAME=orders".into());
         c.env.push("SERVICE_TAGS=www".into());
-        c.env.push("SERVICE_CHECK_HTTP=/health".into());
+        c.env.push("SERVICE_CHECK_TTL=30s".into());
         c.labels.insert("SERVICE_Owner".into(), "team-a".into());
         let eps = register(&c, &cfg());
         let meta = |port: &str| -> Vec<(String, String)> {

@@ -1532,7 +1532,9 @@ fn registrator_multi_port_names_service_id_and_attributes_reach_etcd() {
             "-l",
             "SERVICE_443_SNI=enabled",
             "-e",
-            "SERVICE_443_CHECK_HTTP=/health check",
+            "SERVICE_443_CHECK_HTTP=/health",
+            "-e",
+            "SERVICE_CHECK_SCRIPT=curl -f http://localhost/ || exit 1",
             image,
             "httpd",
             "-f",
@@ -1580,6 +1582,7 @@ fn registrator_multi_port_names_service_id_and_attributes_reach_etcd() {
     assert_eq!(
         meta(b),
         own(&[
+            ("check_path", "/health"),
             ("container_name", &c.name),
             ("region", "us"),
             ("service_id", "https.12345"),
