@@ -19,15 +19,90 @@ use crate::spec::{ContainerInfo, HealthState, PortBindings};
 /// Seconds bollard waits for a response header (not for a whole event stream).
 const REQUEST_TIMEOUT_SECS: u64 = 30;
 
+/// How a request to the Docker engine failed, by what it means to the caller: every kind is
+/// retried (the loops list again with backoff) and reported on `/healthz`; the message names
+/// the request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DockerError {
+    /// No answer within the caller's bound ([`DOCKER_TIMEOUT`], or the full list's).
+    #[error("{what}: no answer from the Docker engine within {}", humantime::format_duration(*.after))]
+    Timeout {
+        /// The request, as a log line names it.
+        what: String,
+        /// The bound that passed.
+        after: Duration,
+    },
+    /// The engine could not be reached, or the connection or stream broke.
+    #[error("{what}: Docker engine unreachable: {detail}")]
+    Unreachable {
+        /// The request, as a log line names it.
+        what: String,
+        /// bollard's error, one line.
+        detail: String,
+    },
+    /// The engine answered with an error status.
+    #[error("{what}: the Docker engine answered {status}: {message}")]
+    Refused {
+        /// The request, as a log line names it.
+        what: String,
+        /// The HTTP status.
+        status: u16,
+        /// The engine's message.
+        message: String,
+    },
+    /// Anything else: a setting presence cannot use (an unsupported `--docker-host` scheme), an
+    /// answer presence could not read.
+    #[error("{what}: {detail}")]
+    Failed {
+        /// The request, as a log line names it.
+        what: String,
+        /// What went wrong, one line.
+        detail: String,
+    },
+}
+
+impl DockerError {
+    /// Classifies bollard's error of the request `what`.
+    pub fn from_bollard(what: impl Into<String>, e: bollard::errors::Error) -> DockerError {
+        use bollard::errors::Error as E;
+        let what = what.into();
+        match e {
+            E::DockerResponseServerError {
+                status_code,
+                message,
+            } => DockerError::Refused {
+                what,
+                status: status_code,
+                message,
+            },
+            E::RequestTimeoutError => DockerError::Timeout {
+                what,
+                after: Duration::from_secs(REQUEST_TIMEOUT_SECS),
+            },
+            e @ (E::IOError { .. }
+            | E::HyperResponseError { .. }
+            | E::HyperLegacyError { .. }
+            | E::SocketNotFoundError(_)) => DockerError::Unreachable {
+                what,
+                detail: e.to_string(),
+            },
+            e => DockerError::Failed {
+                what,
+                detail: e.to_string(),
+            },
+        }
+    }
+}
+
 /// What the reconciler needs from Docker. The real one is [`Engine`].
 pub trait DockerApi: Send + Sync + 'static {
     /// Ids of the running (and paused) containers that match the label filters.
-    fn list(&self) -> impl Future<Output = Result<Vec<String>, String>> + Send;
+    fn list(&self) -> impl Future<Output = Result<Vec<String>, DockerError>> + Send;
     /// The container, or `None` if it no longer exists.
     fn inspect(
         &self,
         id: &str,
-    ) -> impl Future<Output = Result<Option<ContainerInfo>, String>> + Send;
+    ) -> impl Future<Output = Result<Option<ContainerInfo>, DockerError>> + Send;
 }
 
 /// A connection to the Docker engine.
@@ -37,20 +112,23 @@ pub struct Engine {
     label_filter: Vec<String>,
 }
 
-fn connect_once(host: &str) -> Result<Docker, String> {
+fn connect_once(host: &str) -> Result<Docker, DockerError> {
     let client_version = bollard::API_DEFAULT_VERSION;
     if let Some(path) = host.strip_prefix("unix://") {
         Docker::connect_with_unix(path, REQUEST_TIMEOUT_SECS, client_version)
-            .map_err(|e| format!("{host}: {e}"))
+            .map_err(|e| DockerError::from_bollard(host, e))
     } else if let Some(addr) = host.strip_prefix("tcp://") {
         Docker::connect_with_http(
             &format!("http://{addr}"),
             REQUEST_TIMEOUT_SECS,
             client_version,
         )
-        .map_err(|e| format!("{host}: {e}"))
+        .map_err(|e| DockerError::from_bollard(host, e))
     } else {
-        Err(format!("{host}: unsupported scheme"))
+        Err(DockerError::Failed {
+            what: host.to_owned(),
+            detail: "unsupported scheme (unix:// or tcp://)".into(),
+        })
     }
 }
 
@@ -70,7 +148,7 @@ impl Engine {
                 docker
                     .negotiate_version()
                     .await
-                    .map_err(|e| format!("{host}: {e}"))
+                    .map_err(|e| DockerError::from_bollard(host, e))
             };
             match attempt.await {
                 Ok(docker) => {
@@ -108,22 +186,22 @@ impl Engine {
 /// (bollard's own limit is 120 s).
 pub const DOCKER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `fut`, or an error naming `what` after [`DOCKER_TIMEOUT`].
+/// `fut`, or [`DockerError::Timeout`] naming `what` after [`DOCKER_TIMEOUT`].
 pub async fn bounded<T>(
-    what: impl std::fmt::Display,
-    fut: impl Future<Output = Result<T, String>>,
-) -> Result<T, String> {
+    what: impl Into<String>,
+    fut: impl Future<Output = Result<T, DockerError>>,
+) -> Result<T, DockerError> {
     match tokio::time::timeout(DOCKER_TIMEOUT, fut).await {
         Ok(r) => r,
-        Err(_) => Err(format!(
-            "{what}: no answer from the Docker engine within {}",
-            humantime::format_duration(DOCKER_TIMEOUT)
-        )),
+        Err(_) => Err(DockerError::Timeout {
+            what: what.into(),
+            after: DOCKER_TIMEOUT,
+        }),
     }
 }
 
 impl DockerApi for Engine {
-    fn list(&self) -> impl Future<Output = Result<Vec<String>, String>> + Send {
+    fn list(&self) -> impl Future<Output = Result<Vec<String>, DockerError>> + Send {
         let docker = self.docker.clone();
         let filters = self.label_filters();
         bounded("listing containers", async move {
@@ -134,7 +212,7 @@ impl DockerApi for Engine {
             let list = docker
                 .list_containers(Some(opts))
                 .await
-                .map_err(|e| format!("listing containers: {e}"))?;
+                .map_err(|e| DockerError::from_bollard("listing containers", e))?;
             Ok(list.into_iter().filter_map(|c| c.id).collect())
         })
     }
@@ -142,7 +220,7 @@ impl DockerApi for Engine {
     fn inspect(
         &self,
         id: &str,
-    ) -> impl Future<Output = Result<Option<ContainerInfo>, String>> + Send {
+    ) -> impl Future<Output = Result<Option<ContainerInfo>, DockerError>> + Send {
         let docker = self.docker.clone();
         let id = id.to_owned();
         bounded(format!("inspecting container {id}"), async move {
@@ -151,23 +229,26 @@ impl DockerApi for Engine {
                 Err(bollard::errors::Error::DockerResponseServerError {
                     status_code: 404, ..
                 }) => Ok(None),
-                Err(e) => Err(format!("inspecting container {id}: {e}")),
+                Err(e) => Err(DockerError::from_bollard(
+                    format!("inspecting container {id}"),
+                    e,
+                )),
             }
         })
     }
 }
 
 impl EventSource for Engine {
-    type Stream = futures::stream::BoxStream<'static, Result<ContainerEvent, String>>;
+    type Stream = futures::stream::BoxStream<'static, Result<ContainerEvent, DockerError>>;
 
-    fn ping(&self) -> impl Future<Output = Result<(), String>> + Send {
+    fn ping(&self) -> impl Future<Output = Result<(), DockerError>> + Send {
         let docker = self.docker.clone();
         async move {
             docker
                 .ping()
                 .await
                 .map(|_| ())
-                .map_err(|e| format!("ping: {e}"))
+                .map_err(|e| DockerError::from_bollard("ping", e))
         }
     }
 
@@ -204,7 +285,7 @@ impl EventSource for Engine {
                             attributes: actor.attributes.unwrap_or_default(),
                         }))
                     }
-                    Err(e) => Some(Err(e.to_string())),
+                    Err(e) => Some(Err(DockerError::from_bollard("event stream", e))),
                 }
             })
             .boxed()
@@ -288,5 +369,56 @@ pub fn container_info(r: ContainerInspectResponse) -> ContainerInfo {
         exposed,
         networks,
         stop_signal: config.stop_signal,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bollard::errors::Error as E;
+
+    #[test]
+    fn docker_errors_are_classified_by_bollard_variant_and_name_the_request() {
+        let refused = DockerError::from_bollard(
+            "inspecting container abc",
+            E::DockerResponseServerError {
+                status_code: 500,
+                message: "driver failed".into(),
+            },
+        );
+        assert_eq!(
+            refused,
+            DockerError::Refused {
+                what: "inspecting container abc".into(),
+                status: 500,
+                message: "driver failed".into(),
+            }
+        );
+        assert_eq!(
+            refused.to_string(),
+            "inspecting container abc: the Docker engine answered 500: driver failed"
+        );
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert!(matches!(
+            DockerError::from_bollard("ping", E::from(io)),
+            DockerError::Unreachable { ref what, .. } if what == "ping"
+        ));
+        assert!(matches!(
+            DockerError::from_bollard("ping", E::SocketNotFoundError("/x.sock".into())),
+            DockerError::Unreachable { .. }
+        ));
+        assert!(matches!(
+            DockerError::from_bollard("listing containers", E::RequestTimeoutError),
+            DockerError::Timeout { .. }
+        ));
+        let t = DockerError::Timeout {
+            what: "listing containers".into(),
+            after: DOCKER_TIMEOUT,
+        };
+        assert_eq!(
+            t.to_string(),
+            "listing containers: no answer from the Docker engine within 10s"
+        );
+        assert!(connect_once("ssh://host").is_err_and(|e| matches!(e, DockerError::Failed { .. })));
     }
 }

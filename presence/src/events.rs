@@ -21,7 +21,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::docker::bounded;
+use crate::docker::{bounded, DockerError};
 use crate::liveness::{beat_interval, Loop, Pulse};
 
 /// A container event as presence needs it.
@@ -212,9 +212,9 @@ pub enum ReaderMsg {
 
 /// Opens event streams. The real one is Docker's `/events`; tests use in-memory ones.
 pub trait EventSource: Send + 'static {
-    type Stream: Stream<Item = Result<ContainerEvent, String>> + Send + Unpin;
+    type Stream: Stream<Item = Result<ContainerEvent, DockerError>> + Send + Unpin;
     /// Checks that the engine answers (so that a subscription is real before saying so).
-    fn ping(&self) -> impl Future<Output = Result<(), String>> + Send;
+    fn ping(&self) -> impl Future<Output = Result<(), DockerError>> + Send;
     /// Subscribes to container events since `since_nano` (ns since the epoch).
     fn subscribe(&self, since_nano: i64) -> Self::Stream;
 }
@@ -264,7 +264,7 @@ pub async fn run_reader<S: EventSource>(
                     } else {
                         debug!(error = %e, "Docker engine still does not answer");
                     }
-                    if tx.send(ReaderMsg::Down(e)).is_err() {
+                    if tx.send(ReaderMsg::Down(e.to_string())).is_err() {
                         return;
                     }
                     tokio::time::sleep(backoff.next_delay()).await;
@@ -427,7 +427,14 @@ mod tests {
         assert!(d.seen.len() == 1);
     }
 
-    type ScriptItem = Option<Result<ContainerEvent, String>>;
+    type ScriptItem = Option<Result<ContainerEvent, DockerError>>;
+
+    fn away(detail: &str) -> DockerError {
+        DockerError::Unreachable {
+            what: "script".into(),
+            detail: detail.into(),
+        }
+    }
 
     /// An in-memory event source: each subscription pops the next scripted stream and records
     /// the `since` it was asked for. A scripted `Err` at ping simulates an engine that is away.
@@ -435,13 +442,13 @@ mod tests {
     struct Script {
         /// Items of each stream; `None` ends the stream, otherwise it stays open and quiet.
         streams: Arc<Mutex<VecDeque<Vec<ScriptItem>>>>,
-        pings: Arc<Mutex<VecDeque<Result<(), String>>>>,
+        pings: Arc<Mutex<VecDeque<Result<(), DockerError>>>>,
         sinces: Arc<Mutex<Vec<i64>>>,
     }
 
     impl EventSource for Script {
-        type Stream = futures::stream::BoxStream<'static, Result<ContainerEvent, String>>;
-        fn ping(&self) -> impl Future<Output = Result<(), String>> + Send {
+        type Stream = futures::stream::BoxStream<'static, Result<ContainerEvent, DockerError>>;
+        fn ping(&self) -> impl Future<Output = Result<(), DockerError>> + Send {
             let r = self.pings.lock().unwrap().pop_front().unwrap_or(Ok(()));
             async move { r }
         }
@@ -493,7 +500,7 @@ mod tests {
             s.push_back(vec![
                 Some(Ok(ev("b", "start", t0 + 10))),
                 Some(Ok(ev("a", "kill", t0 + 20))),
-                Some(Err("connection reset".into())),
+                Some(Err(away("connection reset"))),
             ]);
             // Third: replays a's kill, then new events.
             s.push_back(vec![
@@ -508,8 +515,8 @@ mod tests {
             p.extend([
                 Ok(()),
                 Ok(()),
-                Err("no socket".into()),
-                Err("no socket".into()),
+                Err(away("no socket")),
+                Err(away("no socket")),
             ]);
         }
         let reconnects = Arc::new(Mutex::new(0));
@@ -578,7 +585,7 @@ mod tests {
             .pings
             .lock()
             .unwrap()
-            .extend((0..20).map(|_| Err("connection refused".to_string())));
+            .extend((0..20).map(|_| Err(away("connection refused"))));
         let (tx, mut rx) = mpsc::unbounded_channel();
         let started = Instant::now();
         let task = tokio::spawn(run_reader(
@@ -589,9 +596,9 @@ mod tests {
             || {},
         ));
         let msgs = collect(&mut rx, 21).await;
-        assert!(msgs[..20]
-            .iter()
-            .all(|m| matches!(m, ReaderMsg::Down(e) if e == "connection refused")));
+        assert!(msgs[..20].iter().all(
+            |m| matches!(m, ReaderMsg::Down(e) if e == &away("connection refused").to_string())
+        ));
         assert_eq!(msgs[20], ReaderMsg::Subscribed { reconnect: false });
         // 20 retries at 100 ms doubling to a 2 s cap (jittered to half at least):
         // never a tight loop, never longer than the cap.

@@ -21,7 +21,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::docker::DockerApi;
+use crate::docker::{DockerApi, DockerError};
 use crate::events::{kill_stops, ContainerEvent, Effect, ReaderMsg};
 use crate::liveness::{beat_interval, Loop};
 use crate::metrics::{ActionLabel, Metrics, SharedStatus};
@@ -158,7 +158,7 @@ impl<D: DockerApi> Reconciler<D> {
                         .full_list(&mut from_reader)
                         .await
                         .err()
-                        .map(|()| Instant::now() + backoff.next_delay());
+                        .map(|_| Instant::now() + backoff.next_delay());
                     if retry_at.is_none() {
                         backoff.success();
                     }
@@ -180,7 +180,7 @@ impl<D: DockerApi> Reconciler<D> {
                         .full_list(&mut from_reader)
                         .await
                         .err()
-                        .map(|()| Instant::now() + backoff.next_delay());
+                        .map(|_| Instant::now() + backoff.next_delay());
                     if retry_at.is_none() {
                         backoff.success();
                     }
@@ -209,8 +209,13 @@ impl<D: DockerApi> Reconciler<D> {
         }
     }
 
-    /// Handles one event. `Err` when Docker could not be asked (a full list will follow).
-    pub async fn handle_event(&mut self, ev: &ContainerEvent, at: Instant) -> Result<(), ()> {
+    /// Handles one event. `Err` when Docker could not be asked (logged here; a full list will
+    /// follow).
+    pub async fn handle_event(
+        &mut self,
+        ev: &ContainerEvent,
+        at: Instant,
+    ) -> Result<(), DockerError> {
         self.metrics
             .events
             .get_or_create(&ActionLabel {
@@ -235,7 +240,7 @@ impl<D: DockerApi> Reconciler<D> {
                     }
                     Err(e) => {
                         warn!(error = %e, "cannot inspect a container after an event; will list all");
-                        Err(())
+                        Err(e)
                     }
                 }
             }
@@ -351,14 +356,14 @@ impl<D: DockerApi> Reconciler<D> {
     async fn full_list(
         &mut self,
         from_reader: &mut UnboundedReceiver<ReaderMsg>,
-    ) -> Result<(), ()> {
+    ) -> Result<(), DockerError> {
         let started = Instant::now();
         let pulse = self.metrics.pulse.clone();
         let ids = match self.api.list().await {
             Ok(ids) => ids,
             Err(e) => {
                 warn!(error = %e, "cannot list containers; retrying");
-                return Err(());
+                return Err(e);
             }
         };
         let api = self.api.clone();
@@ -372,15 +377,16 @@ impl<D: DockerApi> Reconciler<D> {
             })
             .buffer_unordered(INSPECT_CONCURRENCY)
             .inspect(|_| pulse.beat(Loop::Reconciler))
-            .collect::<Vec<Result<Option<ContainerInfo>, String>>>();
+            .collect::<Vec<Result<Option<ContainerInfo>, DockerError>>>();
         let results = match tokio::time::timeout(FULL_LIST_TIMEOUT, inspects).await {
             Ok(r) => r,
             Err(_) => {
-                warn!(
-                    "cannot inspect every container within {}; retrying the full list",
-                    humantime::format_duration(FULL_LIST_TIMEOUT)
-                );
-                return Err(());
+                let e = DockerError::Timeout {
+                    what: "inspecting every container".into(),
+                    after: FULL_LIST_TIMEOUT,
+                };
+                warn!(error = %e, "retrying the full list");
+                return Err(e);
             }
         };
         let mut infos = Vec::with_capacity(results.len());
@@ -390,7 +396,7 @@ impl<D: DockerApi> Reconciler<D> {
                 Ok(None) => {} // gone between list and inspect
                 Err(e) => {
                     warn!(error = %e, "cannot inspect containers; retrying the full list");
-                    return Err(());
+                    return Err(e);
                 }
             }
         }
@@ -471,9 +477,12 @@ mod tests {
     }
 
     impl DockerApi for FakeDocker {
-        fn list(&self) -> impl Future<Output = Result<Vec<String>, String>> + Send {
+        fn list(&self) -> impl Future<Output = Result<Vec<String>, DockerError>> + Send {
             let r = if *self.fail.lock().unwrap() {
-                Err("engine away".to_string())
+                Err(DockerError::Unreachable {
+                    what: "fake".into(),
+                    detail: "engine away".into(),
+                })
             } else {
                 let mut ids: Vec<String> =
                     self.containers.lock().unwrap().keys().cloned().collect();
@@ -485,9 +494,12 @@ mod tests {
         fn inspect(
             &self,
             id: &str,
-        ) -> impl Future<Output = Result<Option<ContainerInfo>, String>> + Send {
+        ) -> impl Future<Output = Result<Option<ContainerInfo>, DockerError>> + Send {
             let r = if *self.fail.lock().unwrap() {
-                Err("engine away".to_string())
+                Err(DockerError::Unreachable {
+                    what: "fake".into(),
+                    detail: "engine away".into(),
+                })
             } else {
                 Ok(self.containers.lock().unwrap().get(id).cloned())
             };
