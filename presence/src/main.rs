@@ -290,7 +290,7 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
         labels: cfg.node_labels.clone(),
     };
     let writer = Writer::new(
-        client,
+        flotilla_registry::store::EtcdStore::new(client),
         WriterConfig {
             keys: cfg.keys.clone(),
             node,

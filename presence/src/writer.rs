@@ -25,11 +25,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::liveness::{beat_interval, Loop};
-use etcd_client::{Client, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp};
 use flotilla_registry::backoff::Backoff;
 use flotilla_registry::daemon;
-use flotilla_registry::etcd::error_chain;
 use flotilla_registry::record::now_rfc3339;
+use flotilla_registry::store::{KeepAlive, Store, Write};
 use flotilla_registry::{Endpoint, Keys, Node, StoreError};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::watch;
@@ -203,8 +202,10 @@ pub fn plan_incremental(
     plan
 }
 
-pub struct Writer {
-    client: Client,
+/// The writer over a [`Store`]: etcd in the daemon (`flotilla_registry::store::EtcdStore`),
+/// the in-memory store in unit tests.
+pub struct Writer<S: Store> {
+    store: S,
     cfg: WriterConfig,
     metrics: Metrics,
     status: SharedStatus,
@@ -214,7 +215,7 @@ pub struct Writer {
     /// Records refused as too large, by key; left out of every plan until their content changes.
     refused: BTreeMap<String, Refusal>,
     lease: Option<i64>,
-    keepalive: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+    keepalive: Option<S::KeepAlive>,
     /// Send times of keepalive requests not yet answered.
     sent: VecDeque<Instant>,
     deadline: Option<Instant>,
@@ -240,12 +241,12 @@ enum WriterError {
     },
 }
 
-impl Writer {
-    pub fn new(client: Client, cfg: WriterConfig, metrics: Metrics, status: SharedStatus) -> Self {
+impl<S: Store> Writer<S> {
+    pub fn new(store: S, cfg: WriterConfig, metrics: Metrics, status: SharedStatus) -> Self {
         let op_timeout = (cfg.ttl / 3).clamp(Duration::from_secs(1), Duration::from_secs(5));
         let to_revoke = cfg.predecessor.into_iter().collect();
         Writer {
-            client,
+            store,
             cfg,
             metrics,
             status,
@@ -309,7 +310,7 @@ impl Writer {
 
     async fn call<T, F>(&self, what: &'static str, fut: F) -> Result<T, StoreError>
     where
-        F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+        F: std::future::Future<Output = Result<T, StoreError>>,
     {
         // Several calls make one reconciliation: each answer (or timeout) says the loop is
         // alive.
@@ -317,7 +318,7 @@ impl Writer {
         self.metrics.pulse.beat(Loop::Writer);
         match r {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(StoreError::from_etcd(what, &e)),
+            Ok(Err(e)) => Err(e.named(what)),
             Err(_) => Err(StoreError::Timeout {
                 what,
                 after: self.op_timeout,
@@ -377,6 +378,12 @@ impl Writer {
         let mut retry_at: Option<Instant> = Some(Instant::now());
         loop {
             pulse.round(Loop::Writer).await;
+            // A lease found gone (a keep-alive answered TTL 0, or etcd said so when the stream
+            // was reopened) needs a recovery now: without this it waited for the next full
+            // Docker list (--resync, 30 s) with every record of this node out of etcd.
+            if self.need_full && retry_at.is_none() {
+                retry_at = Some(Instant::now());
+            }
             if self.need_full && retry_at.is_some_and(|t| t <= Instant::now()) {
                 match self.recover().await {
                     Ok(()) => {
@@ -396,7 +403,7 @@ impl Writer {
             let ka = &mut self.keepalive;
             let ka_answer = async {
                 match ka.as_mut() {
-                    Some((_, stream)) => stream.message().await,
+                    Some(stream) => stream.answer().await,
                     None => std::future::pending().await,
                 }
             };
@@ -457,8 +464,8 @@ impl Writer {
             self.keepalive = None;
             self.sent.clear();
         }
-        if let Some((keeper, _)) = self.keepalive.as_mut() {
-            match timeout(self.op_timeout, keeper.keep_alive()).await {
+        if let Some(keeper) = self.keepalive.as_mut() {
+            match timeout(self.op_timeout, keeper.send()).await {
                 Ok(Ok(())) => {
                     self.sent.push_back(Instant::now());
                     return;
@@ -470,18 +477,13 @@ impl Writer {
             }
         }
         let at = Instant::now();
-        let client = self.client.clone();
-        // Opening the stream renews once: etcd-client sends a request and reads its answer,
-        // failing with "lease not found" when the lease is gone.
+        // Opening the stream renews once, failing with LeaseGone when the lease is gone.
         match self
-            .call("lease keepalive", async move {
-                let mut c = client;
-                c.lease_keep_alive(id).await
-            })
+            .call("lease keepalive", self.store.lease_keep_alive(id))
             .await
         {
-            Ok(pair) => {
-                self.keepalive = Some(pair);
+            Ok(stream) => {
+                self.keepalive = Some(stream);
                 self.deadline = Some(at + self.cfg.ttl);
                 self.etcd_ok();
             }
@@ -509,25 +511,22 @@ impl Writer {
         self.need_full = true;
     }
 
-    fn keepalive_answer(
-        &mut self,
-        r: Result<Option<etcd_client::LeaseKeepAliveResponse>, etcd_client::Error>,
-    ) {
+    fn keepalive_answer(&mut self, r: Result<Option<i64>, StoreError>) {
         match r {
-            Ok(Some(resp)) => {
+            Ok(Some(ttl)) => {
                 let sent = self.sent.pop_front().unwrap_or_else(Instant::now);
-                if resp.ttl() > 0 {
-                    self.deadline = Some(sent + Duration::from_secs(resp.ttl() as u64));
+                if ttl > 0 {
+                    self.deadline = Some(sent + Duration::from_secs(ttl as u64));
                     self.etcd_ok();
                 } else {
-                    warn!(lease = %format!("{:x}", resp.id()), "etcd says the lease is gone; granting a new one and re-putting everything");
+                    warn!(lease = %format!("{:x}", self.lease.unwrap_or(0)), "etcd says the lease is gone; granting a new one and re-putting everything");
                     self.lease_lost();
                 }
             }
             Ok(None) | Err(_) => {
                 self.metrics.lease_renew_failures.inc();
                 let why = match r {
-                    Err(e) => error_chain(&e),
+                    Err(e) => e.to_string(),
                     _ => "stream closed".into(),
                 };
                 debug!(error = %why, "keepalive stream lost; re-opening at the next tick");
@@ -542,24 +541,20 @@ impl Writer {
     /// smaller ones may pass; anything else (etcd away, timeout, permission) is retried with
     /// backoff as a whole.
     async fn txn(&self, ops: &[Op], lease: i64) -> Result<(), StoreError> {
-        let txn_ops: Vec<TxnOp> = ops
+        let writes: Vec<Write> = ops
             .iter()
             .map(|op| match &op.value {
-                Some(v) => TxnOp::put(
-                    op.key.as_str(),
-                    v.clone(),
-                    Some(PutOptions::new().with_lease(lease)),
-                ),
-                None => TxnOp::delete(op.key.as_str(), None),
+                Some(v) => Write::Put {
+                    key: op.key.clone(),
+                    value: v.clone(),
+                    lease,
+                },
+                None => Write::Delete {
+                    key: op.key.clone(),
+                },
             })
             .collect();
-        let client = self.client.clone();
-        self.call("write", async move {
-            let mut c = client;
-            c.txn(Txn::new().and_then(txn_ops)).await
-        })
-        .await
-        .map(|_| ())
+        self.call("write", self.store.txn(writes)).await
     }
 
     /// Applies `plan` in bounded transactions (deletes first). Returns the puts that were
@@ -719,18 +714,14 @@ impl Writer {
             // "lease not found".
             self.keepalive = None;
             self.sent.clear();
-            let client = self.client.clone();
             let sent = Instant::now();
             match self
-                .call("lease keepalive", async move {
-                    let mut c = client;
-                    c.lease_keep_alive(id).await
-                })
+                .call("lease keepalive", self.store.lease_keep_alive(id))
                 .await
             {
-                Ok(pair) => {
+                Ok(stream) => {
                     self.deadline = Some(sent + self.cfg.ttl);
-                    self.keepalive = Some(pair);
+                    self.keepalive = Some(stream);
                 }
                 Err(e) if e.is_lease_gone() => {
                     warn!(lease = %format!("{id:x}"), "the lease expired; granting a new one and re-putting everything");
@@ -741,19 +732,15 @@ impl Writer {
         }
         if self.lease.is_none() {
             let ttl = self.cfg.ttl.as_secs() as i64;
-            let client = self.client.clone();
-            let resp = self
-                .call("lease grant", async move {
-                    let mut c = client;
-                    c.lease_grant(ttl, None).await
-                })
+            let granted = self
+                .call("lease grant", self.store.lease_grant(ttl))
                 .await?;
-            let id = resp.id();
+            let id = granted.id;
             self.lease = Some(id);
             self.written.clear();
-            self.deadline = Some(Instant::now() + Duration::from_secs(resp.ttl().max(1) as u64));
+            self.deadline = Some(Instant::now() + Duration::from_secs(granted.ttl.max(1) as u64));
             self.metrics.lease_grants.inc();
-            info!(lease = %format!("{id:x}"), ttl = resp.ttl(), "lease granted");
+            info!(lease = %format!("{id:x}"), ttl = granted.ttl, "lease granted");
             if let Some(path) = &self.cfg.state_file {
                 let st = state_file::State {
                     lease: id,
@@ -770,34 +757,22 @@ impl Writer {
         // Compare with etcd.
         let prefix = self.cfg.keys.endpoints_of(&self.cfg.node.node);
         let node_key = self.cfg.keys.node(&self.cfg.node.node);
-        let client = self.client.clone();
-        let p = prefix.clone();
-        let resp = self
-            .call("read this node's endpoints", async move {
-                let mut c = client;
-                c.get(p, Some(GetOptions::new().with_prefix())).await
-            })
-            .await?;
-        let actual: Vec<ActualKv> = resp
-            .kvs()
-            .iter()
+        let actual: Vec<ActualKv> = self
+            .call("read this node's endpoints", self.store.get_prefix(&prefix))
+            .await?
+            .into_iter()
             .map(|kv| ActualKv {
-                key: String::from_utf8_lossy(kv.key()).into_owned(),
-                value: kv.value().to_vec(),
-                lease: kv.lease(),
+                key: kv.key,
+                value: kv.value,
+                lease: kv.lease,
             })
             .collect();
-        let client = self.client.clone();
-        let nk = node_key.clone();
-        let node_resp = self
-            .call("read the node record", async move {
-                let mut c = client;
-                c.get(nk, None).await
-            })
+        let node_kv = self
+            .call("read the node record", self.store.get(&node_key))
             .await?;
-        let node_ok = node_resp.kvs().first().is_some_and(|kv| {
-            kv.lease() == lease
-                && Node::decode(&self.cfg.keys, &node_key, kv.value())
+        let node_ok = node_kv.is_some_and(|kv| {
+            kv.lease == lease
+                && Node::decode(&self.cfg.keys, &node_key, &kv.value)
                     .ok()
                     .as_ref()
                     == Some(&self.cfg.node)
@@ -813,13 +788,10 @@ impl Writer {
                         what: "node record",
                         source,
                     })?;
-            let client = self.client.clone();
-            let nk = node_key.clone();
-            self.call("write the node record", async move {
-                let mut c = client;
-                c.put(nk, value, Some(PutOptions::new().with_lease(lease)))
-                    .await
-            })
+            self.call(
+                "write the node record",
+                self.store.put(&node_key, value, lease),
+            )
             .await?;
         }
         if !plan.is_empty() {
@@ -846,12 +818,11 @@ impl Writer {
             if old == lease {
                 continue;
             }
-            let client = self.client.clone();
             match self
-                .call("revoke the predecessor's lease", async move {
-                    let mut c = client;
-                    c.lease_revoke(old).await
-                })
+                .call(
+                    "revoke the predecessor's lease",
+                    self.store.lease_revoke(old),
+                )
                 .await
             {
                 Ok(_) => info!(lease = %format!("{old:x}"), "revoked the predecessor's lease"),
@@ -888,12 +859,7 @@ impl Writer {
             info!("shutting down (no lease held)");
             return;
         };
-        let client = self.client.clone();
-        let revoke = async move {
-            let mut c = client;
-            c.lease_revoke(id).await
-        };
-        match timeout(Duration::from_secs(5), revoke).await {
+        match timeout(Duration::from_secs(5), self.store.lease_revoke(id)).await {
             Ok(Ok(_)) => {
                 info!(lease = %format!("{id:x}"), "lease revoked: this node's entries are gone");
                 if let Some(path) = &self.cfg.state_file {
@@ -902,11 +868,11 @@ impl Writer {
                     }
                 }
             }
-            Ok(Err(e)) if StoreError::from_etcd("revoke", &e).is_lease_gone() => {
+            Ok(Err(e)) if e.is_lease_gone() => {
                 info!("lease already gone");
             }
             Ok(Err(e)) => {
-                warn!(error = %error_chain(&e), ttl = %humantime::format_duration(self.cfg.ttl),
+                warn!(error = %e, ttl = %humantime::format_duration(self.cfg.ttl),
                 "cannot revoke the lease; the entries expire within the TTL")
             }
             Err(_) => warn!(ttl = %humantime::format_duration(self.cfg.ttl),
@@ -991,6 +957,239 @@ mod tests {
         );
         assert_eq!(plan.result.len(), 3);
         assert_eq!(plan.result[&ep(1, T0).key(&keys())].registered_at, T0);
+    }
+
+    /// The writer's run loop over the in-memory store, on tokio's paused clock.
+    mod over_a_store {
+        use super::*;
+        use crate::metrics::Status;
+        use flotilla_registry::store::MemStore;
+        use std::sync::{Arc, Mutex};
+        use tokio::sync::mpsc;
+
+        const TTL: Duration = Duration::from_secs(6);
+
+        struct Rig {
+            tx: mpsc::UnboundedSender<WriterMsg>,
+            stop: watch::Sender<bool>,
+            task: tokio::task::JoinHandle<()>,
+            metrics: Metrics,
+            status: SharedStatus,
+        }
+
+        fn node() -> Node {
+            Node {
+                node: "n1".into(),
+                version: "test".into(),
+                started_at: T0.into(),
+                advertise_ip: "10.0.0.1".parse().unwrap(),
+                labels: Default::default(),
+            }
+        }
+
+        fn start(store: &MemStore) -> Rig {
+            let mut registry = prometheus_client::registry::Registry::default();
+            let metrics = Metrics::new(&mut registry);
+            let status: SharedStatus = Arc::new(Mutex::new(Status::default()));
+            let cfg = WriterConfig {
+                keys: keys(),
+                node: node(),
+                ttl: TTL,
+                state_file: None,
+                predecessor: None,
+                max_txn_bytes: 1 << 20,
+            };
+            let w = Writer::new(store.clone(), cfg, metrics.clone(), status.clone());
+            let (tx, rx) = mpsc::unbounded_channel();
+            let (stop, stop_rx) = watch::channel(false);
+            let task = tokio::spawn(w.run(rx, stop_rx));
+            Rig {
+                tx,
+                stop,
+                task,
+                metrics,
+                status,
+            }
+        }
+
+        fn eps(ns: std::ops::Range<u16>) -> Vec<Endpoint> {
+            ns.map(|n| ep(n, T0)).collect()
+        }
+
+        fn replace(rig: &Rig, containers: &[(&str, Vec<Endpoint>)]) {
+            let containers = containers
+                .iter()
+                .map(|(c, e)| (c.to_string(), e.clone()))
+                .collect();
+            rig.tx.send(WriterMsg::Replace { containers }).unwrap();
+        }
+
+        fn set(rig: &Rig, container: &str, endpoints: Vec<Endpoint>) {
+            rig.tx
+                .send(WriterMsg::Set {
+                    container: container.into(),
+                    endpoints,
+                    event_at: Some(Instant::now()),
+                })
+                .unwrap();
+        }
+
+        /// The endpoint keys in the store, and the leases the node's keys are on.
+        fn held(store: &MemStore) -> (Vec<String>, Vec<i64>) {
+            let all = store.dump();
+            let eps = all
+                .keys()
+                .filter(|k| k.starts_with("/flotilla/endpoints/n1/"))
+                .cloned()
+                .collect();
+            let mut leases: Vec<i64> = all.values().map(|kv| kv.lease).collect();
+            leases.sort_unstable();
+            leases.dedup();
+            (eps, leases)
+        }
+
+        fn keys_of(endpoints: &[Endpoint]) -> Vec<String> {
+            let mut k: Vec<String> = endpoints.iter().map(|e| e.key(&keys())).collect();
+            k.sort();
+            k
+        }
+
+        /// Polls `f` on the paused clock (time moves when every task waits) for up to `within`.
+        async fn until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+            let deadline = Instant::now() + within;
+            while !f() {
+                assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn records_go_on_one_lease_kept_alive_for_many_ttls_without_a_write() {
+            let store = MemStore::new();
+            let rig = start(&store);
+            replace(&rig, &[("c1", eps(1..4))]);
+            until("the first sync", TTL, || {
+                held(&store).0 == keys_of(&eps(1..4))
+            })
+            .await;
+            let (_, leases) = held(&store);
+            assert_eq!(leases.len(), 1, "node record and endpoints on one lease");
+            assert!(store.dump().contains_key("/flotilla/nodes/n1"));
+            let revision = store.revision();
+            tokio::time::sleep(TTL * 10).await;
+            assert_eq!(held(&store), (keys_of(&eps(1..4)), leases.clone()));
+            assert_eq!(store.revision(), revision, "keep-alives write no key");
+            assert_eq!(rig.metrics.lease_grants.get(), 1);
+            assert!(rig.status.lock().unwrap().etcd.is_ok());
+            // A change is one small write; a container gone takes its records along.
+            set(&rig, "c2", eps(10..11));
+            set(&rig, "c1", Vec::new());
+            until("the change", TTL, || {
+                held(&store).0 == keys_of(&eps(10..11))
+            })
+            .await;
+            rig.stop.send(true).unwrap();
+            rig.task.await.unwrap();
+            assert!(store.dump().is_empty(), "shutdown revokes the lease");
+            assert!(store.leases().is_empty());
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_lost_lease_is_granted_again_and_every_record_put_back() {
+            let store = MemStore::new();
+            let rig = start(&store);
+            replace(&rig, &[("c1", eps(1..3)), ("c2", eps(5..6))]);
+            let want = keys_of(&[eps(1..3), eps(5..6)].concat());
+            until("the first sync", TTL, || held(&store).0 == want).await;
+            let first = held(&store).1[0];
+            // etcd loses the lease (revoked by an operator, or expired while a member was
+            // away): the next keep-alive answers TTL 0.
+            assert!(store.revoke(first));
+            assert!(held(&store).0.is_empty());
+            until("records back on a new lease", TTL, || {
+                let (eps, leases) = held(&store);
+                eps == want && leases.len() == 1 && leases[0] != first
+            })
+            .await;
+            assert_eq!(rig.metrics.lease_grants.get(), 2);
+            assert!(store.dump().contains_key("/flotilla/nodes/n1"));
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn etcd_away_past_the_ttl_then_back_converges_to_the_desired_records() {
+            let store = MemStore::new();
+            let rig = start(&store);
+            replace(&rig, &[("c1", eps(1..3))]);
+            until("the first sync", TTL, || {
+                held(&store).0 == keys_of(&eps(1..3))
+            })
+            .await;
+            store.set_unreachable(true);
+            // Changes while etcd is away: kept, and written once it answers.
+            set(&rig, "c2", eps(7..9));
+            set(&rig, "c1", eps(1..2));
+            until("the fault reported", TTL, || {
+                rig.status.lock().unwrap().etcd.is_err()
+            })
+            .await;
+            let reported = rig.status.lock().unwrap().etcd.clone().unwrap_err();
+            assert!(reported.contains("unreachable"), "{reported}");
+            tokio::time::sleep(TTL * 2).await;
+            assert!(
+                held(&store).0.is_empty(),
+                "the lease expired meanwhile (etcd's side)"
+            );
+            let errors = rig.metrics.etcd_errors.get();
+            assert!(errors > 0);
+            store.set_unreachable(false);
+            let want = keys_of(&[eps(1..2), eps(7..9)].concat());
+            until("converged after the outage", TTL, || held(&store).0 == want).await;
+            assert_eq!(held(&store).1.len(), 1);
+            assert!(rig.status.lock().unwrap().etcd.is_ok());
+            // Retried with backoff (100 ms doubling to 1 s), not in a tight loop: over 12 s of
+            // outage, a few dozen failed requests at most.
+            assert!(
+                store.requests() < 200,
+                "{} requests during the outage",
+                store.requests()
+            );
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_transaction_etcd_refuses_as_too_large_is_split_until_it_fits() {
+            let store = MemStore::new();
+            store.set_max_txn_ops(3);
+            let rig = start(&store);
+            replace(&rig, &[("c1", eps(1..12))]);
+            until("every record written", TTL, || {
+                held(&store).0 == keys_of(&eps(1..12))
+            })
+            .await;
+            assert!(rig.metrics.txn_splits.get() > 0);
+            assert_eq!(rig.metrics.records_refused.get(), 0);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn one_failed_write_is_retried_and_other_errors_do_not_lose_the_lease() {
+            let store = MemStore::new();
+            let rig = start(&store);
+            replace(&rig, &[("c1", eps(1..2))]);
+            until("the first sync", TTL, || {
+                held(&store).0 == keys_of(&eps(1..2))
+            })
+            .await;
+            let lease = held(&store).1[0];
+            store.fail_next([StoreError::Failed {
+                what: "x",
+                detail: "etcdserver: permission denied".into(),
+            }]);
+            set(&rig, "c2", eps(4..5));
+            let want = keys_of(&[eps(1..2), eps(4..5)].concat());
+            until("written after the retry", TTL, || held(&store).0 == want).await;
+            assert_eq!(held(&store).1, vec![lease], "same lease: nothing was lost");
+            assert_eq!(rig.metrics.lease_grants.get(), 1);
+            assert!(rig.metrics.etcd_errors.get() >= 1);
+        }
     }
 
     #[test]

@@ -252,6 +252,53 @@ fn kill_9_entries_vanish_within_ttl_plus_2s() {
     );
 }
 
+/// A lease etcd drops while presence runs (an operator's `etcdctl lease revoke`, or a lease
+/// lost in etcd while presence kept its connection) is noticed at the next keep-alive (TTL 0)
+/// and every record is put back on a new lease at once, not at the next --resync. Before the
+/// fix the records stayed out of etcd until the resync (here 60 s).
+#[test]
+fn a_revoked_lease_is_replaced_and_every_record_put_back_within_the_ttl() {
+    let etcd = Etcd::start();
+    let view = EtcdView::plain(vec![etcd.endpoint()]);
+    let dir = tmp();
+    let (node, label) = (uniq("revoked"), uniq("revoked"));
+    let p = Presence::start(
+        &Args::new(&node, &label, vec![etcd.endpoint()])
+            .ttl("3s")
+            .arg("--resync=60s"),
+        dir.path(),
+    );
+    p.wait_ready(LONG);
+    let c = web("revoked", &label, &["flotilla.service=r"], &[]);
+    let want = [instance(&node, &c, 8080)];
+    wait_instances(&view, &node, &want, LONG);
+    let node_key = view.keys.node(&node);
+    let (_, lease) = view.get(&node_key).unwrap().expect("node record");
+    view.revoke(lease);
+    let t0 = Instant::now();
+    wait_for("the records back on a new lease", LONG, || {
+        let (_, now) = view.get(&node_key).ok()??;
+        let eps = view.endpoints(&node).ok()?;
+        (now != lease
+            && eps.len() == 1
+            && eps.values().all(|s| s.lease == now)
+            && eps.contains_key(&want[0]))
+        .then_some(())
+    });
+    let took = t0.elapsed();
+    eprintln!("records back {took:?} after the revoke (TTL 3 s, keep-alive every 1 s)");
+    assert!(
+        took <= Duration::from_secs(6),
+        "records back only after {took:?}: not at the keep-alive that saw the lease gone\n{}",
+        p.log()
+    );
+    assert!(
+        p.log().contains("etcd says the lease is gone"),
+        "{}",
+        p.log()
+    );
+}
+
 /// In steady state presence renews its lease and writes nothing: keep-alives touch no key, and a
 /// resync that finds nothing changed writes nothing either ("unchanged keys are never
 /// rewritten, so watchers are not woken", docs/PRESENCE.md).

@@ -447,6 +447,17 @@ impl StoreError {
         }
     }
 
+    /// The same error, for the request `what` (a caller's more precise name).
+    pub fn named(self, what: &'static str) -> Self {
+        match self {
+            StoreError::LeaseGone { detail, .. } => StoreError::LeaseGone { what, detail },
+            StoreError::Timeout { after, .. } => StoreError::Timeout { what, after },
+            StoreError::Unreachable { detail, .. } => StoreError::Unreachable { what, detail },
+            StoreError::TooLarge { detail, .. } => StoreError::TooLarge { what, detail },
+            StoreError::Failed { detail, .. } => StoreError::Failed { what, detail },
+        }
+    }
+
     /// The lease the request named is gone.
     pub fn is_lease_gone(&self) -> bool {
         matches!(self, StoreError::LeaseGone { .. })

@@ -9,6 +9,8 @@
 //! - [`backoff`]: jittered capped backoff.
 //! - [`daemon`]: plumbing every daemon shares (logging, `/metrics` + `/healthz`, sd_notify).
 //! - [`process`]: `flotilla_build_info` and the process metrics on every daemon's `/metrics`.
+//! - [`store`]: what a registry writer needs from etcd, as a trait: etcd, and an in-memory
+//!   store for unit tests.
 //! - [`atomic`]: replacing a file atomically (unique staged file, fsync, rename, directory fsync).
 #![warn(missing_docs)]
 
@@ -22,6 +24,7 @@ pub mod keys;
 pub mod policy;
 pub mod process;
 pub mod record;
+pub mod store;
 
 pub use cache::{
     fetch_snapshot, Bytes, CacheState, CacheStatus, Snapshot, Tuning, Update, Updates, WatchCache,

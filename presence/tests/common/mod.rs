@@ -366,6 +366,14 @@ impl EtcdView {
         self.endpoints(node).ok().map(|m| m.into_keys().collect())
     }
 
+    /// Revokes lease `id` (as an operator's `etcdctl lease revoke` would).
+    pub fn revoke(&self, id: i64) {
+        let mut c = self.client.clone();
+        self.rt
+            .block_on(async { c.lease_revoke(id).await })
+            .expect("lease revoke");
+    }
+
     /// Value and lease of one key.
     pub fn get(&self, key: &str) -> Result<Option<(Vec<u8>, i64)>, String> {
         let mut c = self.client.clone();
