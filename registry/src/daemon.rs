@@ -271,7 +271,9 @@ pub async fn serve_observability_with(
             match tokio::time::timeout(lifetime, conn).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => debug!(%peer, error = %e, "metrics listener: connection failed"),
-                Err(_) => debug!(%peer, ?lifetime, "metrics listener: connection outlived the head + write timeouts; dropped"),
+                Err(_) => {
+                    debug!(%peer, ?lifetime, "metrics listener: connection outlived the head + write timeouts; dropped")
+                }
             }
         });
     }

@@ -225,7 +225,10 @@ fn connections_are_bounded_per_peer_in_total_in_head_size_and_in_time() {
     big.write_all(format!("GET /metrics HTTP/1.1\r\nX-Pad: {pad}").as_bytes())
         .unwrap();
     let (closed, text) = read_until_closed(&mut big, Duration::from_secs(3));
-    assert!(closed && text.starts_with("HTTP/1.1 431"), "{closed} {text}");
+    assert!(
+        closed && text.starts_with("HTTP/1.1 431"),
+        "{closed} {text}"
+    );
 
     // The refusals are counted.
     let mut text = String::new();
@@ -314,7 +317,9 @@ fn metrics_healthz_and_other_paths_answer_as_before_over_http_1_0_and_1_1() {
     let (head, body) = m.split_once("\r\n\r\n").unwrap();
     let head = head.to_ascii_lowercase();
     assert!(
-        head.contains("\r\ncontent-type: application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        head.contains(
+            "\r\ncontent-type: application/openmetrics-text; version=1.0.0; charset=utf-8"
+        ),
         "{head}"
     );
     assert!(head.contains("\r\nconnection: close"), "{head}");
@@ -343,7 +348,10 @@ fn metrics_healthz_and_other_paths_answer_as_before_over_http_1_0_and_1_1() {
 
     let other = get_from(&rt, "127.0.0.1", port, "/");
     assert!(other.starts_with("HTTP/1.1 404 Not Found\r\n"), "{other}");
-    assert!(other.ends_with("\r\n\r\ntry /metrics or /healthz\n"), "{other}");
+    assert!(
+        other.ends_with("\r\n\r\ntry /metrics or /healthz\n"),
+        "{other}"
+    );
 
     // HTTP/1.0 (as scripts and the benches send it) is answered in HTTP/1.0, then closed.
     let old = healthz_from(&rt, "127.0.0.1", port);
@@ -356,13 +364,19 @@ fn metrics_healthz_and_other_paths_answer_as_before_over_http_1_0_and_1_1() {
         .unwrap();
     s.shutdown(std::net::Shutdown::Write).unwrap();
     let (closed, text) = read_until_closed(&mut s, Duration::from_secs(10));
-    assert!(closed && text.starts_with("HTTP/1.1 200"), "{closed} {text}");
+    assert!(
+        closed && text.starts_with("HTTP/1.1 200"),
+        "{closed} {text}"
+    );
 
     // Garbage is a 400 on its own connection; the listener serves the next one.
     let mut s = connect_from(&rt, "127.0.0.1", port);
     s.write_all(b"\x16\x03\x01 hello\r\n\r\n").unwrap();
     let (closed, text) = read_until_closed(&mut s, Duration::from_secs(10));
-    assert!(closed && text.starts_with("HTTP/1.1 400"), "{closed} {text}");
+    assert!(
+        closed && text.starts_with("HTTP/1.1 400"),
+        "{closed} {text}"
+    );
     let m = get_from(&rt, "127.0.0.1", port, "/metrics");
     assert_eq!(status(&m), Some(200), "{m}");
 }
@@ -386,7 +400,10 @@ fn an_oversized_head_is_refused_and_the_listener_serves_others() {
     let mut s = connect_from(&rt, "127.0.0.2", port);
     s.write_all(head(12 * 1024).as_bytes()).unwrap();
     let (closed, text) = read_until_closed(&mut s, Duration::from_secs(10));
-    assert!(closed && text.starts_with("HTTP/1.1 200"), "{closed} {text}");
+    assert!(
+        closed && text.starts_with("HTTP/1.1 200"),
+        "{closed} {text}"
+    );
 
     // Over it, complete or not: 431 and closed, never served.
     for oversized in [head(20 * 1024), head(64 * 1024)] {
@@ -422,18 +439,26 @@ fn a_client_that_stalls_in_its_request_head_is_dropped_within_the_head_timeout()
     // after the head timeout (counted from the accept, so never earlier than this connect).
     let started = Instant::now();
     let mut half = connect_from(&rt, "127.0.0.2", port);
-    half.write_all(b"GET /metrics HTTP/1.1\r\nHost: flot").unwrap();
+    half.write_all(b"GET /metrics HTTP/1.1\r\nHost: flot")
+        .unwrap();
     let (closed, text) = read_until_closed(&mut half, Duration::from_secs(10));
     let took = started.elapsed();
     assert!(closed, "a stalled client was not dropped: {text}");
-    assert!(took >= head_timeout, "dropped after {took:?}, before the timeout");
+    assert!(
+        took >= head_timeout,
+        "dropped after {took:?}, before the timeout"
+    );
     assert!(text.is_empty(), "{text}");
 
     // Its slot (the only one of its address) is free again.
-    let ok = poll_until("the stalled client's slot to be free", Duration::from_secs(10), || {
-        let text = get_from(&rt, "127.0.0.2", port, "/healthz");
-        (status(&text) == Some(200)).then_some(text)
-    });
+    let ok = poll_until(
+        "the stalled client's slot to be free",
+        Duration::from_secs(10),
+        || {
+            let text = get_from(&rt, "127.0.0.2", port, "/healthz");
+            (status(&text) == Some(200)).then_some(text)
+        },
+    );
     assert!(ok.ends_with("ok\n"), "{ok}");
 }
 
@@ -526,13 +551,17 @@ fn a_client_that_does_not_read_its_answer_is_dropped_after_the_write_timeout() {
 
     // While it holds its address's only slot, the address is refused; the connection is
     // dropped at the latest head + write timeout after its accept, and the slot is free.
-    poll_until("the stalled reader's slot to be free", Duration::from_secs(10), || {
-        let mut s = connect_from(&rt, "127.0.0.2", port);
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: flotilla\r\n\r\n")
-            .unwrap();
-        let (_, text) = read_until_closed(&mut s, Duration::from_secs(10));
-        (status(&text) == Some(200)).then_some(())
-    });
+    poll_until(
+        "the stalled reader's slot to be free",
+        Duration::from_secs(10),
+        || {
+            let mut s = connect_from(&rt, "127.0.0.2", port);
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: flotilla\r\n\r\n")
+                .unwrap();
+            let (_, text) = read_until_closed(&mut s, Duration::from_secs(10));
+            (status(&text) == Some(200)).then_some(())
+        },
+    );
     assert!(
         started.elapsed() >= Duration::from_millis(600),
         "freed after {:?}",
@@ -542,6 +571,14 @@ fn a_client_that_does_not_read_its_answer_is_dropped_after_the_write_timeout() {
     // The stalled client got the start of the answer, then the close: never all of it.
     let (closed, text) = read_until_closed(&mut stalled, Duration::from_secs(10));
     assert!(closed, "the stalled reader's connection is still open");
-    assert!(text.starts_with("HTTP/1.1 200"), "{}", &text[..text.len().min(200)]);
-    assert!(text.len() < BIG, "the whole answer was sent: {} bytes", text.len());
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "{}",
+        &text[..text.len().min(200)]
+    );
+    assert!(
+        text.len() < BIG,
+        "the whole answer was sent: {} bytes",
+        text.len()
+    );
 }
