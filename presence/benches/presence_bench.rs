@@ -130,7 +130,8 @@ impl Presence {
         let _ = s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n");
         let mut t = String::new();
         let _ = s.read_to_string(&mut t);
-        t.starts_with("HTTP/1.1 200")
+        // An HTTP/1.0 request is answered in HTTP/1.0 (hyper): look at the status code only.
+        t.split_whitespace().nth(1) == Some("200")
     }
 
     fn terminate(&mut self) {

@@ -2,13 +2,16 @@
 //! systemd notification. Kept small; a daemon's own logic lives in its crate.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Request, Response, StatusCode};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
@@ -106,6 +109,9 @@ where
 /// What `/healthz` reports: healthy (200) or not (503), with a one-line-per-check body.
 pub type HealthFn = Arc<dyn Fn() -> (bool, String) + Send + Sync>;
 
+/// Hyper's smallest read buffer: a [`ListenerLimits::max_head_bytes`] below it is raised to it.
+pub const MIN_HEAD_BYTES: usize = 8192;
+
 /// Bounds of the `/metrics` + `/healthz` listener, so a client (or many) cannot exhaust the
 /// daemon's tasks, memory or file descriptors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,11 +121,15 @@ pub struct ListenerLimits {
     /// Connections served at once for one peer address, so one client cannot starve a scraper
     /// elsewhere.
     pub max_per_peer: usize,
-    /// Largest request head (request line and headers); larger gets 431.
+    /// Largest request head (request line and headers): hyper's read buffer for the head
+    /// (`max_buf_size`). A larger head gets a 431 (no body) and the connection is closed. Hyper
+    /// accepts no buffer below [`MIN_HEAD_BYTES`] (8 KiB), so a smaller value is raised to it.
     pub max_head_bytes: usize,
-    /// Time for the whole request head to arrive (idle and slow clients are dropped).
+    /// Time for the whole request head to arrive, counted from the accept (hyper's
+    /// `header_read_timeout`): idle and slow clients are dropped without an answer.
     pub head_timeout: Duration,
-    /// Time to write the answer to a client that does not read.
+    /// Time to write the answer. A connection lives at most `head_timeout + write_timeout`, then
+    /// it is dropped whatever it is doing (a client that does not read its answer).
     pub write_timeout: Duration,
 }
 
@@ -128,7 +138,7 @@ impl Default for ListenerLimits {
         ListenerLimits {
             max_connections: 64,
             max_per_peer: 8,
-            max_head_bytes: 2048,
+            max_head_bytes: MIN_HEAD_BYTES,
             head_timeout: Duration::from_secs(5),
             write_timeout: Duration::from_secs(10),
         }
@@ -150,7 +160,7 @@ struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut o = self.open.lock().expect("listener slots");
+        let mut o = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         o.total -= 1;
         if let Some(n) = o.per_peer.get_mut(&self.peer) {
             *n -= 1;
@@ -161,8 +171,10 @@ impl Drop for Slot {
     }
 }
 
+/// A slot for a new connection from `peer`, or `None` when `limits` allow no more (in total or
+/// from that address).
 fn admit(open: &Arc<Mutex<Open>>, peer: IpAddr, limits: &ListenerLimits) -> Option<Slot> {
-    let mut o = open.lock().expect("listener slots");
+    let mut o = open.lock().unwrap_or_else(PoisonError::into_inner);
     let mine = o.per_peer.get(&peer).copied().unwrap_or(0);
     if o.total >= limits.max_connections || mine >= limits.max_per_peer {
         return None;
@@ -176,8 +188,8 @@ fn admit(open: &Arc<Mutex<Open>>, peer: IpAddr, limits: &ListenerLimits) -> Opti
 }
 
 /// Serves `/metrics` (Prometheus text from `registry`) and `/healthz` (from `health`) on
-/// `listener` until the task is dropped, within [`ListenerLimits::default`]. Minimal HTTP/1.0:
-/// one request per connection.
+/// `listener` until the task is dropped, within [`ListenerLimits::default`]. HTTP/1.0 and 1.1
+/// (hyper), one request per connection (`Connection: close`).
 pub async fn serve_observability(
     listener: TcpListener,
     registry: Arc<Mutex<Registry>>,
@@ -190,6 +202,11 @@ pub async fn serve_observability(
 /// counted in `metrics_listener_refused_connections_total` (registered in `registry`), with
 /// one warning per burst. Registers `flotilla_build_info` and the process metrics
 /// ([`crate::process`]) in `registry` too, so every daemon's `/metrics` has them.
+///
+/// Each admitted connection is its own task, served by hyper's HTTP/1 server: a client that
+/// sends garbage, too large a head or nothing at all ends its own connection (400, 431 or a
+/// close; logged at debug level), never the listener. Accept errors (e.g. out of descriptors)
+/// are logged and retried after 100 ms.
 pub async fn serve_observability_with(
     listener: TcpListener,
     registry: Arc<Mutex<Registry>>,
@@ -198,7 +215,7 @@ pub async fn serve_observability_with(
 ) {
     let refused = Counter::<u64>::default();
     {
-        let mut reg = registry.lock().expect("metrics registry lock");
+        let mut reg = registry.lock().unwrap_or_else(PoisonError::into_inner);
         reg.register(
             "metrics_listener_refused_connections",
             "Connections to the /metrics + /healthz listener closed because too many were open (in total or from one address)",
@@ -206,6 +223,17 @@ pub async fn serve_observability_with(
         );
         crate::process::register(&mut reg);
     }
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.head_timeout)
+        .max_buf_size(limits.max_head_bytes.max(MIN_HEAD_BYTES))
+        // One request per connection, as before hyper: the connection's lifetime is bounded by
+        // the head and write timeouts alone, with no idle keep-alive state to bound.
+        .keep_alive(false)
+        // A client may shut down its sending side once the request is out (`nc -N`); it still
+        // gets its answer.
+        .half_close(true);
+    let lifetime = limits.head_timeout.saturating_add(limits.write_timeout);
     let open: Arc<Mutex<Open>> = Arc::default();
     let mut warned_at: Option<tokio::time::Instant> = None;
     loop {
@@ -232,94 +260,60 @@ pub async fn serve_observability_with(
         };
         let registry = registry.clone();
         let health = health.clone();
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let resp = answer(req.uri().path(), &registry, &health);
+            debug!(%peer, method = %req.method(), uri = %req.uri(), status = resp.status().as_u16(), "served");
+            std::future::ready(Ok::<_, Infallible>(resp))
+        });
+        let conn = http.serve_connection(hyper_util::rt::TokioIo::new(sock), service);
         tokio::spawn(async move {
             let _slot = slot;
-            serve_one(sock, peer, &registry, &health, &limits).await;
+            match tokio::time::timeout(lifetime, conn).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(%peer, error = %e, "metrics listener: connection failed"),
+                Err(_) => {
+                    debug!(%peer, ?lifetime, "metrics listener: connection outlived the head + write timeouts; dropped")
+                }
+            }
         });
     }
 }
 
-async fn serve_one(
-    mut sock: tokio::net::TcpStream,
-    peer: SocketAddr,
-    registry: &Mutex<Registry>,
-    health: &HealthFn,
-    limits: &ListenerLimits,
-) {
-    // Read until the end of the request head (a client may send it in several segments), at
-    // most max_head_bytes, within head_timeout.
-    let mut buf = vec![0u8; limits.max_head_bytes];
-    let mut n = 0;
-    let mut complete = false;
-    let head = async {
-        while n < buf.len() {
-            match sock.read(&mut buf[n..]).await {
-                Ok(0) | Err(_) => break,
-                Ok(k) => n += k,
-            }
-            if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                complete = true;
-                break;
-            }
+/// The answer to a request for `path` (any method; hyper leaves out the body for `HEAD`):
+/// `/metrics`, `/healthz` or a 404. The query string plays no part.
+fn answer(path: &str, registry: &Mutex<Registry>, health: &HealthFn) -> Response<String> {
+    let (status, ctype, body) = match path {
+        "/metrics" => {
+            let mut text = String::new();
+            let reg = registry.lock().unwrap_or_else(PoisonError::into_inner);
+            // Writing to a String cannot fail; a metric that fails to encode is cut off.
+            let _ = prometheus_client::encoding::text::encode(&mut text, &reg);
+            (
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                text,
+            )
         }
-    };
-    if tokio::time::timeout(limits.head_timeout, head)
-        .await
-        .is_err()
-        || n == 0
-    {
-        return;
-    }
-    let (status, ctype, body) = if !complete && n == buf.len() {
-        (
-            "431 Request Header Fields Too Large",
+        "/healthz" => {
+            let (ok, text) = health();
+            let status = if ok {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            (status, "text/plain; charset=utf-8", text)
+        }
+        _ => (
+            StatusCode::NOT_FOUND,
             "text/plain",
-            format!("request head larger than {} bytes\n", limits.max_head_bytes),
-        )
-    } else {
-        let req = String::from_utf8_lossy(&buf[..n]);
-        let path = req.split_whitespace().nth(1).unwrap_or("/");
-        match path {
-            "/metrics" => {
-                let mut text = String::new();
-                let reg = registry.lock().expect("metrics registry lock");
-                let _ = prometheus_client::encoding::text::encode(&mut text, &reg);
-                (
-                    "200 OK",
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    text,
-                )
-            }
-            "/healthz" => {
-                let (ok, text) = health();
-                (
-                    if ok {
-                        "200 OK"
-                    } else {
-                        "503 Service Unavailable"
-                    },
-                    "text/plain; charset=utf-8",
-                    text,
-                )
-            }
-            _ => (
-                "404 Not Found",
-                "text/plain",
-                "try /metrics or /healthz\n".to_string(),
-            ),
-        }
+            "try /metrics or /healthz\n".to_string(),
+        ),
     };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    let write = async {
-        sock.write_all(head.as_bytes()).await?;
-        sock.write_all(body.as_bytes()).await?;
-        sock.shutdown().await
-    };
-    let _ = tokio::time::timeout(limits.write_timeout, write).await;
-    debug!(%peer, status, "served");
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(ctype));
+    resp
 }
 
 /// Binds `addr` and serves observability in a background task; errors name the flag.
