@@ -36,6 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use flotilla_registry::backoff::Backoff;
+use flotilla_registry::shutdown::Hangups;
 use flotilla_registry::{CacheState, CacheStatus, KeyKind, Keys, Update, Updates};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
@@ -376,11 +377,10 @@ impl Daemon {
         mut updates: Updates,
         mut status: watch::Receiver<CacheStatus>,
         mut files: mpsc::Receiver<()>,
+        mut hangups: Hangups,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> RunEnd {
         tokio::pin!(shutdown);
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            .expect("SIGHUP handler");
         // Resources are listed (not rendered yet) before the view can make /healthz current.
         self.publish_health();
         self.on_status(&status.borrow_and_update().clone());
@@ -428,7 +428,7 @@ impl Daemon {
                         self.drain_updates(&mut updates);
                     }
                 }
-                _ = hup.recv() => {
+                _ = hangups.next() => {
                     info!("SIGHUP: re-reading conf.d and templates");
                     self.reload_config();
                 }

@@ -26,6 +26,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{CommandFactory, Parser, Subcommand};
 use flotilla_registry::daemon::{self as plumbing, ObsArgs};
+use flotilla_registry::shutdown::{Hangups, Shutdown};
 use flotilla_registry::{CacheState, EtcdArgs, Keys, WatchCache};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info};
@@ -232,6 +233,9 @@ fn run_cli(cli: Cli) -> ExitCode {
 
 async fn run(a: RunArgs) -> anyhow::Result<u8> {
     plumbing::init_logging(a.obs.log_format);
+    // Before any work, so an early signal gets the clean shutdown, not the default action.
+    let signals = Shutdown::install().context("installing the SIGTERM/SIGINT handlers")?;
+    let hangups = Hangups::install().context("installing the SIGHUP handler")?;
     a.etcd.validate()?;
     let keys = a.etcd.keys()?;
     let (metrics, registry) = metrics::Metrics::new();
@@ -304,17 +308,15 @@ async fn run(a: RunArgs) -> anyhow::Result<u8> {
             .unwrap_or(0);
         now.saturating_sub(last) < 60
     }));
+    // A second signal forces the exit (a command may be running under its timeout).
+    let first_signal = signals.drain_then_force("confgen", 130);
     let shutdown = async {
-        plumbing::shutdown_signal().await;
+        first_signal.await;
         plumbing::notify_stopping();
-        // A second signal forces the exit (a command may be running under its timeout).
-        tokio::spawn(async {
-            plumbing::shutdown_signal().await;
-            eprintln!("confgen: second signal; exiting now");
-            std::process::exit(130);
-        });
     };
-    let end = daemon.run(updates, cache.status(), file_rx, shutdown).await;
+    let end = daemon
+        .run(updates, cache.status(), file_rx, hangups, shutdown)
+        .await;
     info!("stopped");
     Ok(match end {
         daemon::RunEnd::Ok => 0,

@@ -1218,3 +1218,53 @@ fn owner_uid_gid_and_mode_apply_to_every_write_for_users_other_than_root() {
     );
     assert!(!missing.exists());
 }
+
+/// One shutdown scheme (registry::shutdown): the first SIGTERM lets a running reload command
+/// finish under its timeout (the drain), a second ends confgen at once with 130, saying so.
+#[test]
+fn a_second_sigterm_during_a_slow_reload_exits_130_at_once() {
+    use std::os::unix::process::ExitStatusExt;
+    let etcd = Etcd::start();
+    let reg = Registry::connect(&etcd);
+    let confdir = Confdir::new();
+    confdir.template(
+        "a.tmpl",
+        "a={{ getv(key=\"/config/a/x\", default=\"-\") }}\n",
+    );
+    let started = confdir.path().join("reload.started");
+    confdir.resource(
+        "a",
+        &format!(
+            "[template]\nsrc = \"a.tmpl\"\ndest = \"{}\"\nprefix = \"/flotilla\"\n\
+             keys = [\"/config/\"]\nreload_cmd = \"touch {} && sleep 60\"\nreload_timeout = \"120s\"\n",
+            confdir.out("a").display(),
+            started.display()
+        ),
+    );
+    reg.put("/flotilla/config/a/x", "1");
+    let mut c = Confgen::start(&confdir, &etcd.endpoint(), &[]);
+    wait_for("the reload to be running", Duration::from_secs(30), || {
+        c.assert_running();
+        started.exists().then_some(())
+    });
+    c.signal(nix::sys::signal::Signal::SIGTERM);
+    c.wait_log("termination signal received", Duration::from_secs(10));
+    // The first signal drains: the reload (60 s) is still running, confgen with it (had it
+    // exited at the first signal, wait_exit below would see 0 or the signal, not 130).
+    c.assert_running();
+    let t0 = Instant::now();
+    c.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = c.wait_exit(Duration::from_secs(10));
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "{status:?} (signal {:?})",
+        status.signal()
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert!(
+        c.log().contains("second signal (SIGTERM); exiting now"),
+        "{}",
+        tail(&c.log(), 20)
+    );
+}

@@ -23,6 +23,7 @@ use clap::Parser;
 use flotilla_registry::backoff::Backoff;
 use flotilla_registry::daemon::{self, HealthFn};
 use flotilla_registry::record::now_rfc3339;
+use flotilla_registry::shutdown::{Hangups, Shutdown};
 use flotilla_registry::{EtcdError, Node};
 use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, watch};
@@ -194,10 +195,9 @@ async fn connect_etcd(cli: &Cli) -> anyhow::Result<etcd_client::Client> {
 }
 
 async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    // Before any work: the first SIGTERM/SIGINT starts a clean shutdown, a second forces exit.
+    let mut hup = Hangups::install().context("installing the SIGHUP handler")?;
+    let mut signals = Shutdown::install().context("installing the SIGTERM/SIGINT handlers")?;
 
     let status: SharedStatus = Arc::new(Mutex::new(Status::default()));
     let mut registry = Registry::default();
@@ -231,25 +231,11 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
         }
     };
 
-    // Signals arrive on a channel: the first starts a clean shutdown, a second forces exit.
-    let (sig_tx, mut signals) = mpsc::unbounded_channel::<&'static str>();
-    tokio::spawn(async move {
-        loop {
-            let sig = tokio::select! {
-                _ = term.recv() => "SIGTERM",
-                _ = int.recv() => "SIGINT",
-            };
-            if sig_tx.send(sig).is_err() {
-                return;
-            }
-        }
-    });
-
     // Docker first: events queue up while etcd is being reached.
     let engine = tokio::select! {
         e = Engine::connect(&cfg.docker_host, cfg.label_filter.clone()) => e,
-        sig = signals.recv() => {
-            info!(signal = sig.unwrap_or("?"), "shutting down before Docker answered");
+        sig = signals.next() => {
+            info!(signal = sig, "shutting down before Docker answered");
             return Ok(());
         }
     };
@@ -277,8 +263,8 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
 
     let client = tokio::select! {
         c = connect_etcd(&cli) => c?,
-        sig = signals.recv() => {
-            info!(signal = sig.unwrap_or("?"), "shutting down before etcd answered");
+        sig = signals.next() => {
+            info!(signal = sig, "shutting down before etcd answered");
             return Ok(());
         }
     };
@@ -308,11 +294,11 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
 
     loop {
         tokio::select! {
-            sig = signals.recv() => {
-                info!(signal = sig.unwrap_or("?"), "shutting down: revoking the lease");
+            sig = signals.next() => {
+                info!(signal = sig, "shutting down: revoking the lease");
                 break;
             }
-            _ = hup.recv() => {
+            _ = hup.next() => {
                 let _ = trigger_tx.send(Trigger::Reconcile);
             }
             r = &mut writer_task => {
@@ -326,7 +312,7 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
             r.context("the etcd writer failed while shutting down")?;
             Ok(())
         }
-        _ = signals.recv() => anyhow::bail!("second signal: exiting without waiting for the revoke"),
+        _ = signals.next() => anyhow::bail!("second signal: exiting without waiting for the revoke"),
         _ = tokio::time::sleep(GRACE) => anyhow::bail!("shutdown took longer than {GRACE:?}; exiting"),
     }
 }

@@ -7,6 +7,7 @@
 //! - [`etcd`]: the etcd options every binary flattens into its CLI, and connecting with them.
 //! - [`cache`]: the watch cache (list at R, watch from R+1, relist on compaction or fault).
 //! - [`backoff`]: jittered capped backoff.
+//! - [`shutdown`]: SIGTERM/SIGINT (first drains, second forces) and SIGHUP as a stream.
 //! - [`daemon`]: plumbing every daemon shares (logging, `/metrics` + `/healthz`, sd_notify).
 //! - [`process`]: `flotilla_build_info` and the process metrics on every daemon's `/metrics`.
 //! - [`store`]: what a registry writer needs from etcd, as a trait: etcd, and an in-memory
@@ -24,6 +25,7 @@ pub mod keys;
 pub mod policy;
 pub mod process;
 pub mod record;
+pub mod shutdown;
 pub mod store;
 
 pub use cache::{

@@ -223,6 +223,23 @@ impl Confgen {
         self.proc.signal(sig);
     }
 
+    /// Waits (polling, up to `timeout`) for confgen to exit; its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        let child = self.proc.0.as_mut().expect("confgen was started");
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "confgen still running after {timeout:?}; log tail:\n{}",
+                tail(&read(&self.log), 30)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Fails with the log if confgen has exited.
     pub fn assert_running(&mut self) {
         if let Some(child) = self.proc.0.as_mut() {
