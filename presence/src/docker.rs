@@ -9,9 +9,10 @@ use bollard::models::{ContainerInspectResponse, EventMessageTypeEnum, HealthStat
 use bollard::query_parameters::{EventsOptionsBuilder, ListContainersOptionsBuilder};
 use bollard::Docker;
 use flotilla_registry::backoff::Backoff;
+use flotilla_registry::retry::Retry;
 use flotilla_registry::Proto;
 use futures::StreamExt;
-use tracing::{debug, info, warn};
+use tracing::info;
 
 use crate::events::{ContainerEvent, EventSource};
 use crate::spec::{ContainerInfo, HealthState, PortBindings};
@@ -136,12 +137,14 @@ impl Engine {
     /// Connects and negotiates the API version, retrying with backoff until the engine answers
     /// (a daemon started before Docker must wait for it, not exit).
     pub async fn connect(host: &str, label_filter: Vec<String>) -> Engine {
-        let mut backoff = Backoff::new(
-            Duration::from_millis(100),
-            Duration::from_secs(2),
-            Duration::from_secs(10),
+        let mut retry = Retry::new(
+            "the Docker engine",
+            Backoff::new(
+                Duration::from_millis(100),
+                Duration::from_secs(2),
+                Duration::from_secs(10),
+            ),
         );
-        let mut warned = false;
         loop {
             let attempt = async {
                 let docker = connect_once(host)?;
@@ -152,6 +155,7 @@ impl Engine {
             };
             match attempt.await {
                 Ok(docker) => {
+                    retry.succeeded();
                     let v = docker.client_version();
                     info!(docker_host = %host, api_version = %format!("{}.{}", v.major_version, v.minor_version), "connected to the Docker engine");
                     return Engine {
@@ -159,15 +163,7 @@ impl Engine {
                         label_filter,
                     };
                 }
-                Err(e) => {
-                    if warned {
-                        debug!(error = %e, "Docker engine still unreachable");
-                    } else {
-                        warn!(error = %e, "cannot reach the Docker engine; retrying");
-                        warned = true;
-                    }
-                    tokio::time::sleep(backoff.next_delay()).await;
-                }
+                Err(e) => retry.failed_then_wait(&e).await,
             }
         }
     }

@@ -23,6 +23,7 @@ use clap::Parser;
 use flotilla_registry::backoff::Backoff;
 use flotilla_registry::daemon::{self, HealthFn};
 use flotilla_registry::record::now_rfc3339;
+use flotilla_registry::retry::Retry;
 use flotilla_registry::shutdown::{Hangups, Shutdown};
 use flotilla_registry::{EtcdError, Node};
 use prometheus_client::registry::Registry;
@@ -166,28 +167,22 @@ async fn dry_run(cfg: &Config) -> anyhow::Result<()> {
 
 /// Connects to etcd, retrying while it is unreachable; wrong credentials or files are fatal.
 async fn connect_etcd(cli: &Cli) -> anyhow::Result<etcd_client::Client> {
-    let mut backoff = Backoff::new(
-        Duration::from_millis(100),
-        Duration::from_secs(1),
-        Duration::from_secs(5),
+    let mut retry = Retry::new(
+        "etcd",
+        Backoff::new(
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+            Duration::from_secs(5),
+        ),
     );
-    let mut warned = false;
     loop {
         match cli.etcd.connect().await {
             Ok(c) => {
-                if warned {
-                    info!("etcd reachable");
-                }
+                retry.succeeded();
                 return Ok(c);
             }
             Err(e @ EtcdError::Unreachable { .. }) | Err(e @ EtcdError::Request { .. }) => {
-                if warned {
-                    debug!(error = %e, "etcd still unreachable");
-                } else {
-                    warn!(error = %e, "etcd unreachable; retrying");
-                    warned = true;
-                }
-                tokio::time::sleep(backoff.next_delay()).await;
+                retry.failed_then_wait(&e).await;
             }
             Err(e) => return Err(e.into()),
         }

@@ -6,7 +6,8 @@
 //! - [`policy`]: service claim policies (which nodes may announce a service).
 //! - [`etcd`]: the etcd options every binary flattens into its CLI, and connecting with them.
 //! - [`cache`]: the watch cache (list at R, watch from R+1, relist on compaction or fault).
-//! - [`backoff`]: jittered capped backoff.
+//! - [`backoff`]: jittered capped backoff; [`retry`]: a retry loop's sleeping and warn-once
+//!   logging.
 //! - [`shutdown`]: SIGTERM/SIGINT (first drains, second forces) and SIGHUP as a stream.
 //! - [`daemon`]: plumbing every daemon shares (logging, `/metrics` + `/healthz`, sd_notify).
 //! - [`process`]: `flotilla_build_info` and the process metrics on every daemon's `/metrics`.
@@ -25,6 +26,7 @@ pub mod keys;
 pub mod policy;
 pub mod process;
 pub mod record;
+pub mod retry;
 pub mod shutdown;
 pub mod store;
 
