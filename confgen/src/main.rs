@@ -2,19 +2,7 @@
 //!
 //! `main` parses flags and wires the parts; see docs/CONFGEN.md for the behaviour.
 
-mod admit;
-mod apply;
-mod convert;
-mod daemon;
-mod funcs;
-mod memo;
-mod metrics;
-mod resource;
-mod runtime;
-mod tagscan;
-mod template;
-mod view;
-
+use confgen::{admit, convert, daemon, metrics, template, view};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};

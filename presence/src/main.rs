@@ -3,17 +3,6 @@
 //! Wiring only: the event reader ([`events`]) feeds the reconciler ([`reconcile`]), which feeds
 //! the etcd writer ([`writer`]); none waits on the next. See docs/PRESENCE.md.
 
-mod cli;
-mod docker;
-mod events;
-mod liveness;
-mod metrics;
-mod reconcile;
-mod spec;
-mod state_file;
-mod state_lock;
-mod writer;
-
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,12 +19,13 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
-use crate::cli::{Cli, Config};
-use crate::docker::{DockerApi, Engine};
-use crate::metrics::{render_health, Metrics, SharedStatus, Status};
-use crate::reconcile::{Reconciler, Trigger};
-use crate::spec::{decide_noting, Decision, SpecConfig};
-use crate::writer::{Writer, WriterConfig};
+use presence::cli::{Cli, Config};
+use presence::docker::{DockerApi, Engine};
+use presence::metrics::{render_health, Metrics, SharedStatus, Status};
+use presence::reconcile::{Reconciler, Trigger};
+use presence::spec::{decide_noting, Decision, SpecConfig};
+use presence::writer::{Writer, WriterConfig};
+use presence::{events, state_file, state_lock};
 
 /// How long a clean shutdown may take before presence gives up on revoking.
 const GRACE: Duration = Duration::from_secs(10);
@@ -320,7 +310,7 @@ mod cli_tests {
     fn every_flag_reads_its_documented_environment_variable() {
         let doc = include_str!("../../docs/OPERATIONS.md");
         let problems = flotilla_registry::cli::env_var_mismatches_with_docs(
-            &crate::cli::Cli::command(),
+            &presence::cli::Cli::command(),
             "presence",
             "FLOTILLA_",
             doc,
@@ -331,7 +321,7 @@ mod cli_tests {
     #[test]
     fn completions_and_man_pages_mention_every_subcommand_and_flag() {
         let problems = flotilla_clidoc::missing_mentions(
-            &<crate::cli::Cli as clap::CommandFactory>::command(),
+            &<presence::cli::Cli as clap::CommandFactory>::command(),
         );
         assert!(problems.is_empty(), "{}", problems.join("\n"));
     }
