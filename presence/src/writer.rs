@@ -709,6 +709,27 @@ impl<S: Store> Writer<S> {
     }
 
     async fn reconcile_with_etcd(&mut self) -> EtcdResult<()> {
+        let lease = self.ensure_lease().await?;
+        self.sync_node_keys(lease).await?;
+        self.revoke_leftover_leases(lease).await;
+        self.need_full = false;
+        self.etcd_ok();
+        if !self.ready {
+            self.ready = true;
+            self.status.lock().expect("status").synced = true;
+            info!(
+                endpoints = self.written.len(),
+                lease = %format!("{lease:x}"),
+                "initial sync done; ready"
+            );
+            daemon::notify_ready();
+        }
+        Ok(())
+    }
+
+    /// A live lease: the one held if etcd still has it (checked by opening a keep-alive
+    /// stream, which renews it once), or a new one (recorded in the state file).
+    async fn ensure_lease(&mut self) -> EtcdResult<i64> {
         if let Some(id) = self.lease {
             // Is the lease alive? Opening a keepalive stream renews it once, or fails with
             // "lease not found".
@@ -752,9 +773,12 @@ impl<S: Store> Writer<S> {
                 }
             }
         }
-        let lease = self.lease.expect("lease held");
+        Ok(self.lease.expect("lease held"))
+    }
 
-        // Compare with etcd.
+    /// Brings this node's keys in etcd to the desired records and the node record, on `lease`,
+    /// writing only what differs.
+    async fn sync_node_keys(&mut self, lease: i64) -> EtcdResult<()> {
         let prefix = self.cfg.keys.endpoints_of(&self.cfg.node.node);
         let node_key = self.cfg.keys.node(&self.cfg.node.node);
         let actual: Vec<ActualKv> = self
@@ -811,8 +835,13 @@ impl<S: Store> Writer<S> {
             result.remove(&key);
         }
         self.written = result;
+        self.observe_pending(wrote);
+        Ok(())
+    }
 
-        // Revoke leftover leases (the predecessor's, or a lease of ours that was given up).
+    /// Revokes leftover leases (the predecessor's, or a lease of ours that was given up); one
+    /// that cannot be revoked yet is tried at the next recovery.
+    async fn revoke_leftover_leases(&mut self, lease: i64) {
         let mut keep = Vec::new();
         for old in std::mem::take(&mut self.to_revoke) {
             if old == lease {
@@ -836,21 +865,6 @@ impl<S: Store> Writer<S> {
             }
         }
         self.to_revoke = keep;
-
-        self.need_full = false;
-        self.etcd_ok();
-        self.observe_pending(wrote);
-        if !self.ready {
-            self.ready = true;
-            self.status.lock().expect("status").synced = true;
-            info!(
-                endpoints = self.written.len(),
-                lease = %format!("{lease:x}"),
-                "initial sync done; ready"
-            );
-            daemon::notify_ready();
-        }
-        Ok(())
     }
 
     async fn shutdown(&mut self) {
