@@ -241,23 +241,38 @@ pub fn parse_servers_state(text: &str) -> Result<Vec<ServerState>, String> {
                 .copied()
                 .ok_or_else(|| format!("short line {line:?}"))
         };
+        // Each number must fit the field's type: `as` would wrap an op_state of 258 to 2 (up)
+        // or a port of 70000 to 4464.
         let num = |i: usize| -> Result<u64, String> {
             let v = get(i)?;
             v.parse()
                 .map_err(|_| format!("field {} is not a number in {line:?}", idx[i] + 1))
         };
+        let fits = |i: usize, max: u64| -> Result<u64, String> {
+            let n = num(i)?;
+            if n <= max {
+                Ok(n)
+            } else {
+                Err(format!(
+                    "field {} is {n}, more than {max}, in {line:?}",
+                    idx[i] + 1
+                ))
+            }
+        };
+        let (u8_max, u16_max, u32_max) =
+            (u64::from(u8::MAX), u64::from(u16::MAX), u64::from(u32::MAX));
         out.push(ServerState {
-            backend_id: num(0)? as u32,
+            backend_id: fits(0, u32_max)? as u32,
             backend: get(1)?.to_string(),
-            id: num(2)? as u32,
+            id: fits(2, u32_max)? as u32,
             name: get(3)?.to_string(),
             addr: get(4)?.to_string(),
-            op_state: num(5)? as u8,
-            admin_state: num(6)? as u32,
-            weight: num(7)? as u32,
-            initial_weight: num(8)? as u32,
-            check_state: num(9)? as u32,
-            port: num(10)? as u16,
+            op_state: fits(5, u8_max)? as u8,
+            admin_state: fits(6, u32_max)? as u32,
+            weight: fits(7, u32_max)? as u32,
+            initial_weight: fits(8, u32_max)? as u32,
+            check_state: fits(9, u32_max)? as u32,
+            port: fits(10, u16_max)? as u16,
             line: line.trim().to_string(),
         });
     }
@@ -658,6 +673,30 @@ be,BACKEND,0,0,0,0,100,0,0,0,0,0,,0,0,0,0,DOWN,1,1,0,,0,0,0,,1,3,0,,0,,1,0,,0,,,
         );
         assert!(parse_servers_state("Can't find backend.\n").is_err());
         assert!(parse_servers_state("2\n# be_id\n").is_err());
+    }
+
+    /// Caught by the `haproxy_cli` fuzz target (its check that every number is the one in its
+    /// column of the line): numbers too large for their field were wrapped
+    /// (`as u8`, `as u16`), so an op_state of 258 read as 2 (up) and a port of 70000 as 4464.
+    #[test]
+    fn regression_servers_state_numbers_out_of_range_are_errors_not_wrapped() {
+        let header = SERVERS_STATE.lines().nth(1).unwrap();
+        let dump = |op: &str, port: &str, id: &str| {
+            format!("1\n{header}\n3 svc_web {id} a 127.0.0.1 {op} 8 1 1 1 6 3 4 6 0 0 0 - {port} - 0 0 - - 0\n")
+        };
+        let ok = parse_servers_state(&dump("255", "65535", "4294967295")).unwrap();
+        assert_eq!(
+            (ok[0].op_state, ok[0].port, ok[0].id),
+            (255, 65535, u32::MAX)
+        );
+        for (op, port, id) in [
+            ("258", "18101", "1"),
+            ("2", "70000", "1"),
+            ("2", "18101", "4294967297"),
+        ] {
+            let e = parse_servers_state(&dump(op, port, id)).unwrap_err();
+            assert!(e.contains("more than"), "{op} {port} {id}: {e}");
+        }
     }
 
     #[test]
