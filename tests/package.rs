@@ -67,7 +67,7 @@ fn packages() -> (PathBuf, Vec<PathBuf>) {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     let mut debs = Vec::new();
-    for (package, binary) in PACKAGES {
+    for (package, _) in PACKAGES {
         let found: Vec<&String> = listing
             .iter()
             .filter(|f| f.starts_with(&format!("{package}_")) && f.ends_with(".deb"))
@@ -78,24 +78,58 @@ fn packages() -> (PathBuf, Vec<PathBuf>) {
             dir.display()
         );
         let deb = dir.join(found[0]);
-        // Only for the dev packages (the default directory): a release package holds another
-        // build.
-        if std::env::var_os(DEB_DIR_ENV).is_none() {
-            let modified = |p: &Path| {
-                std::fs::metadata(p)
-                    .and_then(|m| m.modified())
-                    .unwrap_or(SystemTime::UNIX_EPOCH)
-            };
-            assert!(
-                modified(&deb) >= modified(&bin(binary)),
+        if let Some((source, _)) = newest_source().filter(|(_, t)| *t > modified(&deb)) {
+            panic!(
                 "{} is older than {}: the package holds an older build; {how}",
                 deb.display(),
-                bin(binary).display()
+                source.display()
             );
         }
         debs.push(deb);
     }
     (dir, debs)
+}
+
+fn modified(p: &Path) -> SystemTime {
+    std::fs::metadata(p)
+        .and_then(|m| m.modified())
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+/// The most recently modified file among what the packages are built from: the sources and
+/// manifests of the crates in the binaries, Cargo.lock, packaging/ and templates/. (Not the
+/// binaries: `cargo test` may relink them after `scripts/package --dev`, with the features of
+/// the tests' dependencies, from the same sources.)
+fn newest_source() -> Option<(PathBuf, SystemTime)> {
+    fn walk(p: &Path, newest: &mut Option<(PathBuf, SystemTime)>) {
+        if p.is_dir() {
+            for e in std::fs::read_dir(p).into_iter().flatten().flatten() {
+                walk(&e.path(), newest);
+            }
+        } else if p.is_file() {
+            let t = modified(p);
+            if newest.as_ref().is_none_or(|(_, n)| t > *n) {
+                *newest = Some((p.to_path_buf(), t));
+            }
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut newest = None;
+    for c in [
+        "registry",
+        "clidoc",
+        "presence",
+        "confgen",
+        "proxyctl",
+        "fleet-units",
+    ] {
+        walk(&root.join(c).join("src"), &mut newest);
+        walk(&root.join(c).join("Cargo.toml"), &mut newest);
+    }
+    for p in ["Cargo.toml", "Cargo.lock", "packaging", "templates"] {
+        walk(&root.join(p), &mut newest);
+    }
+    newest
 }
 
 /// The machine with its unit's journal and status, for failure messages.
@@ -250,7 +284,14 @@ fn the_debian_packages_install_with_dpkg_and_their_daemons_run_under_systemd() {
     // On a real host Docker's package has created the group docker that owns its socket; here
     // the socket is the test host's, so the group gets the socket's gid.
     let gid = host.ok(&["stat", "-c", "%g", "/var/run/docker.sock"]);
-    host.ok(&["groupadd", "--system", "--gid", gid.trim(), "docker"]);
+    let gid = gid.trim();
+    let taken = host.out(&["getent", "group", gid]);
+    assert!(
+        taken.is_empty(),
+        "the Docker socket's gid {gid} is the machine's group {taken:?}: the machine cannot \
+         have a group docker with that gid"
+    );
+    host.ok(&["groupadd", "--system", "--gid", gid, "docker"]);
 
     // --- dpkg -i
     let files: Vec<String> = debs
@@ -397,6 +438,36 @@ fn the_debian_packages_install_with_dpkg_and_their_daemons_run_under_systemd() {
     );
     host.ok(&["test", "-f", "/usr/lib/sysusers.d/flotilla-presence.conf"]);
 
+    // --- presence unconfigured (the shipped presence.env sets nothing): it fails at once,
+    // naming the missing setting, and systemd does not restart it (exit 2 is a usage error).
+    let unconfigured = host.machine.exec(&[
+        "timeout",
+        &LONG.as_secs().to_string(),
+        "systemctl",
+        "start",
+        "presence.service",
+    ]);
+    assert!(
+        unconfigured.is_err(),
+        "presence started without a node name"
+    );
+    host.wait_state("presence.service", "failed");
+    let journal = host.out(&["journalctl", "--no-pager", "-u", "presence.service"]);
+    assert!(journal.contains("--node"), "{journal}");
+    assert_eq!(
+        host.out(&[
+            "systemctl",
+            "show",
+            "-p",
+            "NRestarts",
+            "--value",
+            "presence.service"
+        ]),
+        "0",
+        "presence was restarted after a usage error{}",
+        host.diagnostics()
+    );
+
     // --- presence, configured through its environment file
     host.machine.write_file(
         "/etc/flotilla/presence.env",
@@ -423,7 +494,7 @@ fn the_debian_packages_install_with_dpkg_and_their_daemons_run_under_systemd() {
         "presence runs as uids {uids}, not flotilla-presence ({uid})"
     );
     assert!(
-        groups.split_whitespace().any(|g| g == gid.trim()),
+        groups.split_whitespace().any(|g| g == gid),
         "presence's groups {groups} lack docker ({gid})"
     );
     // Its state file, in the state directory the unit creates.
