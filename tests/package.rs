@@ -132,25 +132,33 @@ fn newest_source() -> Option<(PathBuf, SystemTime)> {
     newest
 }
 
-/// The machine with its unit's journal and status, for failure messages.
+/// The lease of `key` in etcd, if the key is there.
+fn lease_of(etcd: &Etcd, key: &str) -> Option<i64> {
+    let out = etcd.etcdctl(&["get", "-w", "json", key]).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+    v["kvs"][0]["lease"].as_i64()
+}
+
+/// The machine, with helpers that put both units' state and journals into failure messages.
 struct Host {
     machine: Machine,
 }
 
 impl Host {
-    /// Runs `args` inside the machine; panics with the output and `units`' journals.
+    /// Runs `args` inside the machine and returns stdout; panics with its output and the
+    /// [`Host::diagnostics`] if it fails.
     fn ok(&self, args: &[&str]) -> String {
         self.machine
             .exec(args)
             .unwrap_or_else(|e| panic!("{e}\n{}", self.diagnostics()))
     }
 
-    /// Runs a shell command inside the machine; panics with the output and the journals.
+    /// [`Host::ok`] of `sh -c script`.
     fn sh(&self, script: &str) -> String {
         self.ok(&["sh", "-c", script])
     }
 
-    /// stdout of `args`, whatever the exit status.
+    /// stdout of `args` inside the machine, trimmed, whatever the exit status.
     fn out(&self, args: &[&str]) -> String {
         let out = self
             .machine
@@ -160,6 +168,7 @@ impl Host {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// A file inside the machine.
     fn file(&self, path: &str) -> String {
         self.ok(&["cat", path])
     }
@@ -570,6 +579,44 @@ fn the_debian_packages_install_with_dpkg_and_their_daemons_run_under_systemd() {
     host.wait(&format!("{RENDERED} to route {line}"), || {
         host.out(&["cat", RENDERED]).lines().any(|l| l == line)
     });
+
+    // --- an upgrade (the same package again): the edited conffile is kept, the running
+    // presence is restarted (postinst's try-restart) and registers the container again.
+    let pid_before = host.ok(&[
+        "systemctl",
+        "show",
+        "-p",
+        "MainPID",
+        "--value",
+        "presence.service",
+    ]);
+    let lease_before = lease_of(&etcd, &endpoint_key);
+    let presence_deb = &files[0]; // in the order of PACKAGES
+    host.ok(&["dpkg", "-i", presence_deb]);
+    assert!(
+        host.file("/etc/flotilla/presence.env")
+            .contains(&format!("FLOTILLA_NODE={node}")),
+        "the upgrade replaced the edited /etc/flotilla/presence.env"
+    );
+    host.wait_state("presence.service", "active");
+    let pid_after = host.ok(&[
+        "systemctl",
+        "show",
+        "-p",
+        "MainPID",
+        "--value",
+        "presence.service",
+    ]);
+    assert_ne!(
+        pid_before, pid_after,
+        "the upgrade did not restart presence"
+    );
+    // Ready (systemctl returned) means registered again, under the new process's lease.
+    let lease_after = lease_of(&etcd, &endpoint_key);
+    assert!(
+        lease_after.is_some() && lease_after != lease_before,
+        "{endpoint_key} has lease {lease_after:?} after the upgrade, {lease_before:?} before"
+    );
 
     host.ok(&["systemctl", "reload", "confgen.service"]);
     host.wait("confgen to log the SIGHUP of systemctl reload", || {
