@@ -447,35 +447,34 @@ fn the_debian_packages_install_with_dpkg_and_their_daemons_run_under_systemd() {
     );
     host.ok(&["test", "-f", "/usr/lib/sysusers.d/flotilla-presence.conf"]);
 
-    // --- presence unconfigured (the shipped presence.env sets nothing): it fails at once,
-    // naming the missing setting, and systemd does not restart it (exit 2 is a usage error).
-    let unconfigured = host.machine.exec(&[
-        "timeout",
-        &LONG.as_secs().to_string(),
-        "systemctl",
-        "start",
-        "presence.service",
-    ]);
-    assert!(
-        unconfigured.is_err(),
-        "presence started without a node name"
-    );
-    host.wait_state("presence.service", "failed");
-    let journal = host.out(&["journalctl", "--no-pager", "-u", "presence.service"]);
-    assert!(journal.contains("--node"), "{journal}");
-    assert_eq!(
-        host.out(&[
+    // --- both unconfigured, as installed (presence.env sets nothing, conf.d has only
+    // examples): each fails at once, naming what is missing, and systemd does not restart it
+    // (exit 2 is a usage error).
+    for (unit, missing) in [
+        ("presence.service", "--node"),
+        ("confgen.service", "no *.toml template resources found"),
+    ] {
+        let unconfigured = host.machine.exec(&[
+            "timeout",
+            &LONG.as_secs().to_string(),
             "systemctl",
-            "show",
-            "-p",
-            "NRestarts",
-            "--value",
-            "presence.service"
-        ]),
-        "0",
-        "presence was restarted after a usage error{}",
-        host.diagnostics()
-    );
+            "start",
+            unit,
+        ]);
+        assert!(unconfigured.is_err(), "{unit} started unconfigured");
+        host.wait_state(unit, "failed");
+        let journal = host.out(&["journalctl", "--no-pager", "-u", unit]);
+        assert!(
+            journal.contains(missing),
+            "{unit}'s journal lacks {missing:?}: {journal}"
+        );
+        assert_eq!(
+            host.out(&["systemctl", "show", "-p", "NRestarts", "--value", unit]),
+            "0",
+            "{unit} was restarted after a usage error{}",
+            host.diagnostics()
+        );
+    }
 
     // --- presence, configured through its environment file
     host.machine.write_file(
