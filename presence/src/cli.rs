@@ -23,7 +23,7 @@ use flotilla_registry::{EtcdArgs, Keys};
 /// `SERVICE_IGNORE`. Without a name, the image's repository base name is used (unless
 /// --explicit). See docs/PRESENCE.md.
 #[derive(Debug, Parser)]
-#[command(name = "presence", version, about, long_about, verbatim_doc_comment)]
+#[command(name = "presence", version, long_about, verbatim_doc_comment)]
 pub struct Cli {
     /// This host's node name (a DNS label); keys go under `<prefix>/endpoints/<node>/`.
     #[arg(long, env = "FLOTILLA_NODE")]
