@@ -9,9 +9,11 @@
 //!   each response's events in order (a put replaces, a delete removes).
 //! - More than one prefix (confgen's `--prefix` plus confd resource keys outside it): every
 //!   prefix is listed at the same revision `R` into the one map, and watched from `R + 1` by one
-//!   watcher each on one gRPC stream. etcd sends a stream's events in revision order, so the
-//!   view never goes back; a transaction that writes under two prefixes arrives as one response
-//!   per prefix, so for a moment the view holds the first part only. The set can be changed
+//!   watcher each on one gRPC stream. etcd orders each watcher's events, not one watcher's
+//!   against another's, so the published revision follows the registry's watcher (the prefix
+//!   covering `keys.root()`) alone: [`WatchCache::wait_for_revision`] vouches for the registry;
+//!   keys outside it arrive as their watcher delivers them, and a transaction writing under two
+//!   prefixes may be seen in two steps. The set can be changed
 //!   while running ([`WatchCache::set_prefixes`]: confgen after a SIGHUP); the cache relists.
 //! - A compacted revision, a cancelled watch (e.g. the member lost its leader: connections use
 //!   `require_leader`), a stream error or an ended stream all lead back to **List**, after a
@@ -531,7 +533,17 @@ impl Worker {
                 .with_start_revision(revision + 1)
                 .with_progress_notify()
         };
-        let Some((first, rest)) = prefixes.split_first() else {
+        // The watcher of the prefix that covers the registry (`keys.root()`) is created first:
+        // its answers alone move the published revision (below).
+        let root = self.keys.root();
+        let mut ordered: Vec<&String> = prefixes.iter().collect();
+        if let Some(i) = ordered.iter().position(|p| root.starts_with(p.as_str())) {
+            let p = ordered.remove(i);
+            ordered.insert(0, p);
+        }
+        let multi = ordered.len() > 1;
+        let mut root_watch: Option<i64> = None;
+        let Some((first, rest)) = ordered.split_first() else {
             // Nothing to watch: wait for a set that has something.
             return match self.prefixes.changed().await {
                 Ok(()) => WatchEnd::Rewatch,
@@ -539,12 +551,12 @@ impl Worker {
             };
         };
         let mut wc = client.watch_client().max_decoding_message_size(MAX_MESSAGE);
-        let mut stream = match wc.watch(first.clone(), Some(opts(first))).await {
+        let mut stream = match wc.watch((*first).clone(), Some(opts(first))).await {
             Ok(s) => s,
             Err(e) => return WatchEnd::Fault(error_chain(&e)),
         };
         for p in rest {
-            if let Err(e) = stream.watch(p.clone(), Some(opts(p))).await {
+            if let Err(e) = stream.watch((*p).clone(), Some(opts(p))).await {
                 return WatchEnd::Fault(format!("adding a watch on {p}: {}", error_chain(&e)));
             }
         }
@@ -577,11 +589,21 @@ impl Worker {
                 ));
             }
             let header_rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+            // With several watchers on the stream, etcd orders each watcher's events but not
+            // one watcher's against another's (a watcher catching up can lag behind), so a
+            // revision seen by one says nothing of the others. The published revision follows
+            // the registry's watcher alone (its `created` answer comes first: it was created
+            // first): `wait_for_revision` vouches for the registry, and keys outside it arrive
+            // as their watcher delivers them.
+            if resp.created() && root_watch.is_none() {
+                root_watch = Some(resp.watch_id());
+            }
+            let moves_revision = !multi || root_watch == Some(resp.watch_id());
             if resp.events().is_empty() {
                 // A progress notification means every event up to its header revision has been
                 // delivered. The `created` response does not: its header is the store's revision
                 // at creation, while the events since `revision + 1` are still to come.
-                if !resp.created() && header_rev > self.snap.borrow().revision {
+                if moves_revision && !resp.created() && header_rev > self.snap.borrow().revision {
                     let mut next = self.snap.borrow().clone();
                     next.revision = header_rev;
                     self.publish(next, Vec::new(), false);
@@ -612,7 +634,12 @@ impl Worker {
             changed.dedup();
             let mut next = m.into_snapshot(0, true);
             next.prefixes = covered;
-            next.revision = self.snap.borrow().revision.max(last_rev);
+            let cur = self.snap.borrow().revision;
+            next.revision = if moves_revision {
+                cur.max(last_rev)
+            } else {
+                cur
+            };
             self.publish(next, changed, false);
         }
     }
