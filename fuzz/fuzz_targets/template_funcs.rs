@@ -16,7 +16,8 @@
 //! - `json` / `jsonArray` accept what serde_json accepts (arrays only) and give its value;
 //! - `add` … `mod` fail exactly on overflow or division by zero;
 //! - `ident` keeps the length and only identifier characters; `token` accepts exactly
-//!   `is_token`; `base` / `dir` never give an empty path;
+//!   `is_token`; `base` / `dir` never give an empty path, `dir`'s is clean (Go's `path.Clean`,
+//!   which is idempotent);
 //! - `healthy`, `with_tag`, `with_meta` keep a subsequence with the property filtered on;
 //!   `tcp_routes` never gives one port to two services without an error; `path_routes` paths
 //!   are absolute tokens, one per service;
@@ -179,8 +180,8 @@ const FUNCTIONS: &[&str] = &[
 
 /// Argument names the functions and filters above read.
 const ARGS: &[&str] = &[
-    "value", "sep", "list", "path", "key", "default", "first", "last", "suffix", "old", "new",
-    "n", "a", "b", "pairs", "tag",
+    "value", "sep", "list", "path", "key", "default", "first", "last", "suffix", "old", "new", "n",
+    "a", "b", "pairs", "tag",
 ];
 
 /// The engine, set up as confgen's renderer sets up each template's (autoescape off,
@@ -249,7 +250,10 @@ fuzz_target!(|c: Call| {
                 Ok(bytes) => {
                     let enc = funcs::base64_encode(bytes);
                     assert_eq!(funcs::base64_decode(&enc).as_ref(), Ok(bytes));
-                    assert_eq!(enc.len(), s.bytes().filter(|b| !b"\r\n".contains(b)).count());
+                    assert_eq!(
+                        enc.len(),
+                        s.bytes().filter(|b| !b"\r\n".contains(b)).count()
+                    );
                     match std::str::from_utf8(bytes) {
                         Ok(text) => assert_eq!(through.map(string).as_deref(), Ok(text)),
                         Err(_) => assert!(through.is_err()),
@@ -301,7 +305,10 @@ fuzz_target!(|c: Call| {
                     }
                 }
                 Ok(other) => panic!("seq gave {other}"),
-                Err(_) => assert!(len > i128::from(funcs::SEQ_MAX), "seq({first}, {last}) failed"),
+                Err(_) => assert!(
+                    len > i128::from(funcs::SEQ_MAX),
+                    "seq({first}, {last}) failed"
+                ),
             }
         }
         Call::SortByLength(list) => {
@@ -309,7 +316,10 @@ fuzz_target!(|c: Call| {
             want.sort_by_key(|s| s.chars().count());
             let got = call("sortByLength(list=x0)", &[json!(list)]).expect("sorts strings");
             assert_eq!(got, json!(want));
-            assert_eq!(call("x0 | sortByLength", &[json!(list)]).ok(), Some(json!(want)));
+            assert_eq!(
+                call("x0 | sortByLength", &[json!(list)]).ok(),
+                Some(json!(want))
+            );
         }
         Call::SortKvByLength(pairs) => {
             let list: Vec<Value> = pairs
@@ -323,8 +333,11 @@ fuzz_target!(|c: Call| {
         }
         Call::TrimSuffix(s, suffix) => {
             let got = string(
-                call("trimSuffix(value=x0, suffix=x1)", &[json!(s), json!(suffix)])
-                    .expect("trims"),
+                call(
+                    "trimSuffix(value=x0, suffix=x1)",
+                    &[json!(s), json!(suffix)],
+                )
+                .expect("trims"),
             );
             if s.ends_with(&suffix) {
                 assert_eq!(format!("{got}{suffix}"), s);
@@ -384,6 +397,9 @@ fuzz_target!(|c: Call| {
             }
         }
         Call::BaseDir(p) => {
+            let clean = funcs::clean(&p);
+            assert!(!clean.is_empty());
+            assert_eq!(funcs::clean(&clean), clean, "clean of {p:?} is not clean");
             for expr in ["base(path=x0)", "x0 | base", "dir(path=x0)", "x0 | dir"] {
                 let got = string(call(expr, &[json!(p)]).expect("a path"));
                 assert!(!got.is_empty(), "{expr} of {p:?} is empty");
@@ -392,6 +408,7 @@ fuzz_target!(|c: Call| {
                     assert_eq!(got, funcs::base(&p));
                 } else {
                     assert_eq!(got, funcs::dir(&p));
+                    assert_eq!(funcs::clean(&got), got, "dir of {p:?} is not clean");
                 }
             }
         }
@@ -511,9 +528,9 @@ fn endpoints(eps: &[Ep], tag: &str, key: &str, value: Option<String>) {
     let tagged = call("x0 | with_tag(tag=x1)", &[input.clone(), json!(tag)]).expect("with_tag");
     let tagged = tagged.as_array().expect("a list");
     assert!(is_subsequence(tagged));
-    assert!(tagged
-        .iter()
-        .all(|e| e["tags"].as_array().is_some_and(|t| t.contains(&json!(tag)))));
+    assert!(tagged.iter().all(|e| e["tags"]
+        .as_array()
+        .is_some_and(|t| t.contains(&json!(tag)))));
 
     let (expr, vars) = match &value {
         Some(v) => (
@@ -530,7 +547,10 @@ fn endpoints(eps: &[Ep], tag: &str, key: &str, value: Option<String>) {
         assert!(found.is_some() && value.as_deref().is_none_or(|v| Some(v) == found));
     }
 
-    let meta = call("x0 | meta(key=x1, default=x2)", &[input, json!(key), json!(-1)]);
+    let meta = call(
+        "x0 | meta(key=x1, default=x2)",
+        &[input, json!(key), json!(-1)],
+    );
     let want = list
         .iter()
         .find_map(|e| e["meta"].get(key).cloned())
@@ -542,7 +562,12 @@ fn endpoints(eps: &[Ep], tag: &str, key: &str, value: Option<String>) {
 fn routes(services: &[(String, Vec<Ep>)]) {
     let map: Map<String, Value> = services
         .iter()
-        .map(|(name, eps)| (name.clone(), Value::Array(eps.iter().map(Ep::value).collect())))
+        .map(|(name, eps)| {
+            (
+                name.clone(),
+                Value::Array(eps.iter().map(Ep::value).collect()),
+            )
+        })
         .collect();
     let input = Value::Object(map.clone());
 
@@ -573,7 +598,10 @@ fn routes(services: &[(String, Vec<Ep>)]) {
         assert!(map.contains_key(service), "{service} is not a service");
         assert!(named.insert(service), "{service} has two routes");
         let path = r["path"].as_str().expect("a path");
-        assert!(path.starts_with('/') && funcs::is_token(path), "{service}: {path:?}");
+        assert!(
+            path.starts_with('/') && funcs::is_token(path),
+            "{service}: {path:?}"
+        );
         assert!(path == "/" || !path.ends_with('/'), "{service}: {path:?}");
     }
 }
