@@ -57,15 +57,27 @@ enum Json {
 }
 
 impl Json {
+    /// The value, nested at most `MAX_DEPTH` deep (deeper is `null`): the rendered result is
+    /// read back with serde_json, whose parser stops at 128 levels.
     fn value(&self) -> Value {
+        self.at(0)
+    }
+
+    fn at(&self, depth: usize) -> Value {
+        const MAX_DEPTH: usize = 32;
         match self {
             Json::Null => Value::Null,
             Json::Bool(b) => json!(b),
             Json::Int(i) => json!(i),
             Json::Float(f) => json!(f),
             Json::Str(s) => json!(s),
-            Json::List(l) => Value::Array(l.iter().map(Json::value).collect()),
-            Json::Obj(o) => Value::Object(o.iter().map(|(k, v)| (k.clone(), v.value())).collect()),
+            _ if depth >= MAX_DEPTH => Value::Null,
+            Json::List(l) => Value::Array(l.iter().map(|v| v.at(depth + 1)).collect()),
+            Json::Obj(o) => Value::Object(
+                o.iter()
+                    .map(|(k, v)| (k.clone(), v.at(depth + 1)))
+                    .collect(),
+            ),
         }
     }
 }
