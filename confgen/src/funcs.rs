@@ -160,14 +160,52 @@ pub fn base(path: &str) -> String {
     trimmed.rsplit('/').next().unwrap_or(trimmed).to_string()
 }
 
-/// `path.Dir` of Go: everything but the last element, cleaned.
+/// `path.Dir` of Go: everything up to the last `/`, [`clean`]ed (`/a/b/` → `/a/b`, `a` → `.`).
 pub fn dir(path: &str) -> String {
-    let trimmed = path.trim_end_matches('/');
-    match trimmed.rfind('/') {
-        Some(0) => "/".into(),
-        Some(i) => trimmed[..i].trim_end_matches('/').to_string(),
-        None if path.starts_with('/') => "/".into(),
-        None => ".".into(),
+    clean(path.rfind('/').map_or("", |i| &path[..=i]))
+}
+
+/// `path.Clean` of Go: one `/` between elements, no `.` elements, `..` eating the element before
+/// it (and dropped right after the root), no trailing `/` except the root's; `.` for nothing.
+pub fn clean(path: &str) -> String {
+    if path.is_empty() {
+        return ".".into();
+    }
+    let rooted = path.starts_with('/');
+    let mut out = String::with_capacity(path.len());
+    // `..` backtracks no further than this: the root, or the leading `..` elements.
+    let mut floor = 0;
+    if rooted {
+        out.push('/');
+        floor = 1;
+    }
+    for elem in path.split('/') {
+        match elem {
+            "" | "." => {}
+            ".." => {
+                if out.len() > floor {
+                    let cut = out[floor..].rfind('/').map_or(floor, |i| floor + i);
+                    out.truncate(cut);
+                } else if !rooted {
+                    if !out.is_empty() {
+                        out.push('/');
+                    }
+                    out.push_str("..");
+                    floor = out.len();
+                }
+            }
+            elem => {
+                if out.len() > usize::from(rooted) {
+                    out.push('/');
+                }
+                out.push_str(elem);
+            }
+        }
+    }
+    if out.is_empty() {
+        ".".into()
+    } else {
+        out
     }
 }
 
@@ -1645,6 +1683,43 @@ mod tests {
             (base("/"), dir("/a"), dir("a"), base("")),
             ("/".into(), "/".into(), ".".into(), ".".into())
         );
+    }
+
+    /// Found by the `template_funcs` fuzz target (on `"//\u{1}>//"`): `dir("//x")` was empty
+    /// (the parent `//` lost all its slashes), where Go's `path.Dir` gives `/`. `dir` now is
+    /// Go's: the part up to the last slash, cleaned, so also `dir("/a/")` is `/a` (it was `/`)
+    /// and `dir("/a/../b")` is `/` (it was `/a/..`).
+    #[test]
+    fn regression_dir_of_a_path_under_slashes_only_is_the_root_not_empty() {
+        assert_eq!(dir("//x"), "/");
+        assert_eq!(dir("//\u{1}>//"), "/\u{1}>");
+        assert_eq!(dir("//x//"), "/x");
+        // Go's documented examples (path.Dir, path.Clean).
+        for (p, want) in [
+            ("/a/b/c", "/a/b"),
+            ("a/b/c", "a/b"),
+            ("/a/", "/a"),
+            ("a/", "a"),
+            ("/", "/"),
+            ("", "."),
+            ("a", "."),
+            ("/a/../b", "/"),
+        ] {
+            assert_eq!(dir(p), want, "dir({p:?})");
+        }
+        for (p, want) in [
+            ("a/c", "a/c"),
+            ("a//c", "a/c"),
+            ("a/c/.", "a/c"),
+            ("a/c/b/..", "a/c"),
+            ("/../a/c", "/a/c"),
+            ("/../a/b/../././/c", "/a/c"),
+            ("", "."),
+            ("../../a/..", "../.."),
+            ("./..//x/", "../x"),
+        ] {
+            assert_eq!(clean(p), want, "clean({p:?})");
+        }
     }
 
     #[test]

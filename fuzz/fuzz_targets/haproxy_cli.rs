@@ -67,7 +67,8 @@ fn show_stat(text: &str) {
 
 /// `show stat` CSV as HAProxy writes it (only the columns `StatRow` keeps, in another order).
 fn render_show_stat(rows: &[StatRow]) -> String {
-    let mut out = String::from("# pxname,svname,status,scur,stot,type,weight,check_status,lastchg,addr\n");
+    let mut out =
+        String::from("# pxname,svname,status,scur,stot,type,weight,check_status,lastchg,addr\n");
     for r in rows {
         let kind = match r.kind {
             StatKind::Frontend => "0",
@@ -239,7 +240,10 @@ fn config(text: &str) {
     });
     match c.server_changes(&c) {
         Ok(ch) => assert!(ch.is_empty(), "a configuration differs from itself"),
-        Err(e) => assert!(twice, "a configuration is structurally different from itself: {e}"),
+        Err(e) => assert!(
+            twice,
+            "a configuration is structurally different from itself: {e}"
+        ),
     }
 }
 
@@ -343,7 +347,11 @@ fn server_changes(old: &str, new: &str) {
             assert!(b.old.contains_key(gone));
             assert!(!b.servers.iter().any(|s| &s.name == gone));
         }
-        assert_eq!(b.changed, differs, "backend {}: changed is wrong", b.backend);
+        assert_eq!(
+            b.changed, differs,
+            "backend {}: changed is wrong",
+            b.backend
+        );
         assert!(b.added().all(|s| !b.old.contains_key(&s.name)));
         let names: BTreeSet<&String> = o.servers.iter().map(|s| &s.name).collect();
         assert_eq!(b.old.len(), names.len());
@@ -370,12 +378,21 @@ fn state_rewrite(config: &str, state: &str) {
             b.servers.iter().map(move |s| (be.clone(), s.name.clone()))
         })
         .collect();
-    let header: Vec<&str> = lines[1].trim_start_matches('#').split_whitespace().collect();
+    let header: Vec<&str> = lines[1]
+        .trim_start_matches('#')
+        .split_whitespace()
+        .collect();
     let col = |n: &str| header.iter().position(|c| *c == n).expect("column");
     for l in &lines[2..] {
         let f: Vec<&str> = l.split_whitespace().collect();
-        let key = (f[col("be_name")].to_string(), f[col("srv_name")].to_string());
-        assert!(names.contains(&key), "{key:?} is not a server of the configuration");
+        let key = (
+            f[col("be_name")].to_string(),
+            f[col("srv_name")].to_string(),
+        );
+        assert!(
+            names.contains(&key),
+            "{key:?} is not a server of the configuration"
+        );
     }
     let again = proxyctl::state::rewrite(&out, &config).expect("the rewritten state rewrites");
     assert_eq!(again, (out.clone(), kept), "rewriting twice changed it");

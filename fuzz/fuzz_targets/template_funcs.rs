@@ -16,7 +16,8 @@
 //! - `json` / `jsonArray` accept what serde_json accepts (arrays only) and give its value;
 //! - `add` … `mod` fail exactly on overflow or division by zero;
 //! - `ident` keeps the length and only identifier characters; `token` accepts exactly
-//!   `is_token`; `base` / `dir` never give an empty path;
+//!   `is_token`; `base` / `dir` never give an empty path, `dir`'s is clean (Go's `path.Clean`,
+//!   which is idempotent);
 //! - `healthy`, `with_tag`, `with_meta` keep a subsequence with the property filtered on;
 //!   `tcp_routes` never gives one port to two services without an error; `path_routes` paths
 //!   are absolute tokens, one per service;
@@ -56,15 +57,27 @@ enum Json {
 }
 
 impl Json {
+    /// The value, nested at most `MAX_DEPTH` deep (deeper is `null`): the rendered result is
+    /// read back with serde_json, whose parser stops at 128 levels.
     fn value(&self) -> Value {
+        self.at(0)
+    }
+
+    fn at(&self, depth: usize) -> Value {
+        const MAX_DEPTH: usize = 32;
         match self {
             Json::Null => Value::Null,
             Json::Bool(b) => json!(b),
             Json::Int(i) => json!(i),
             Json::Float(f) => json!(f),
             Json::Str(s) => json!(s),
-            Json::List(l) => Value::Array(l.iter().map(Json::value).collect()),
-            Json::Obj(o) => Value::Object(o.iter().map(|(k, v)| (k.clone(), v.value())).collect()),
+            _ if depth >= MAX_DEPTH => Value::Null,
+            Json::List(l) => Value::Array(l.iter().map(|v| v.at(depth + 1)).collect()),
+            Json::Obj(o) => Value::Object(
+                o.iter()
+                    .map(|(k, v)| (k.clone(), v.at(depth + 1)))
+                    .collect(),
+            ),
         }
     }
 }
@@ -179,8 +192,8 @@ const FUNCTIONS: &[&str] = &[
 
 /// Argument names the functions and filters above read.
 const ARGS: &[&str] = &[
-    "value", "sep", "list", "path", "key", "default", "first", "last", "suffix", "old", "new",
-    "n", "a", "b", "pairs", "tag",
+    "value", "sep", "list", "path", "key", "default", "first", "last", "suffix", "old", "new", "n",
+    "a", "b", "pairs", "tag",
 ];
 
 /// The engine, set up as confgen's renderer sets up each template's (autoescape off,
@@ -249,7 +262,10 @@ fuzz_target!(|c: Call| {
                 Ok(bytes) => {
                     let enc = funcs::base64_encode(bytes);
                     assert_eq!(funcs::base64_decode(&enc).as_ref(), Ok(bytes));
-                    assert_eq!(enc.len(), s.bytes().filter(|b| !b"\r\n".contains(b)).count());
+                    assert_eq!(
+                        enc.len(),
+                        s.bytes().filter(|b| !b"\r\n".contains(b)).count()
+                    );
                     match std::str::from_utf8(bytes) {
                         Ok(text) => assert_eq!(through.map(string).as_deref(), Ok(text)),
                         Err(_) => assert!(through.is_err()),
@@ -301,7 +317,10 @@ fuzz_target!(|c: Call| {
                     }
                 }
                 Ok(other) => panic!("seq gave {other}"),
-                Err(_) => assert!(len > i128::from(funcs::SEQ_MAX), "seq({first}, {last}) failed"),
+                Err(_) => assert!(
+                    len > i128::from(funcs::SEQ_MAX),
+                    "seq({first}, {last}) failed"
+                ),
             }
         }
         Call::SortByLength(list) => {
@@ -309,7 +328,10 @@ fuzz_target!(|c: Call| {
             want.sort_by_key(|s| s.chars().count());
             let got = call("sortByLength(list=x0)", &[json!(list)]).expect("sorts strings");
             assert_eq!(got, json!(want));
-            assert_eq!(call("x0 | sortByLength", &[json!(list)]).ok(), Some(json!(want)));
+            assert_eq!(
+                call("x0 | sortByLength", &[json!(list)]).ok(),
+                Some(json!(want))
+            );
         }
         Call::SortKvByLength(pairs) => {
             let list: Vec<Value> = pairs
@@ -323,8 +345,11 @@ fuzz_target!(|c: Call| {
         }
         Call::TrimSuffix(s, suffix) => {
             let got = string(
-                call("trimSuffix(value=x0, suffix=x1)", &[json!(s), json!(suffix)])
-                    .expect("trims"),
+                call(
+                    "trimSuffix(value=x0, suffix=x1)",
+                    &[json!(s), json!(suffix)],
+                )
+                .expect("trims"),
             );
             if s.ends_with(&suffix) {
                 assert_eq!(format!("{got}{suffix}"), s);
@@ -384,6 +409,9 @@ fuzz_target!(|c: Call| {
             }
         }
         Call::BaseDir(p) => {
+            let clean = funcs::clean(&p);
+            assert!(!clean.is_empty());
+            assert_eq!(funcs::clean(&clean), clean, "clean of {p:?} is not clean");
             for expr in ["base(path=x0)", "x0 | base", "dir(path=x0)", "x0 | dir"] {
                 let got = string(call(expr, &[json!(p)]).expect("a path"));
                 assert!(!got.is_empty(), "{expr} of {p:?} is empty");
@@ -392,6 +420,7 @@ fuzz_target!(|c: Call| {
                     assert_eq!(got, funcs::base(&p));
                 } else {
                     assert_eq!(got, funcs::dir(&p));
+                    assert_eq!(funcs::clean(&got), got, "dir of {p:?} is not clean");
                 }
             }
         }
@@ -440,12 +469,17 @@ fuzz_target!(|c: Call| {
 });
 
 /// JSON values equal but for the last bits of floats: serde_json's default float parser (no
-/// `float_roundtrip`, as in confgen) may read a float it printed one unit in the last place off.
+/// `float_roundtrip`, as in confgen) may read a float it printed a little off.
 fn same(a: &Value, b: &Value) -> bool {
     match (a, b) {
         (Value::Number(x), Value::Number(y)) if x.is_f64() || y.is_f64() => {
             match (x.as_f64(), y.as_f64()) {
-                (Some(x), Some(y)) => x == y || ((x - y) / x.abs().max(y.abs())).abs() < 1e-15,
+                // Relative to the larger, or absolute among subnormals (whose last bits are a
+                // large share of them).
+                (Some(x), Some(y)) => {
+                    let d = (x - y).abs();
+                    x == y || d <= 1e-15 * x.abs().max(y.abs()) || d < 1e-300
+                }
                 _ => false,
             }
         }
@@ -511,9 +545,9 @@ fn endpoints(eps: &[Ep], tag: &str, key: &str, value: Option<String>) {
     let tagged = call("x0 | with_tag(tag=x1)", &[input.clone(), json!(tag)]).expect("with_tag");
     let tagged = tagged.as_array().expect("a list");
     assert!(is_subsequence(tagged));
-    assert!(tagged
-        .iter()
-        .all(|e| e["tags"].as_array().is_some_and(|t| t.contains(&json!(tag)))));
+    assert!(tagged.iter().all(|e| e["tags"]
+        .as_array()
+        .is_some_and(|t| t.contains(&json!(tag)))));
 
     let (expr, vars) = match &value {
         Some(v) => (
@@ -530,7 +564,10 @@ fn endpoints(eps: &[Ep], tag: &str, key: &str, value: Option<String>) {
         assert!(found.is_some() && value.as_deref().is_none_or(|v| Some(v) == found));
     }
 
-    let meta = call("x0 | meta(key=x1, default=x2)", &[input, json!(key), json!(-1)]);
+    let meta = call(
+        "x0 | meta(key=x1, default=x2)",
+        &[input, json!(key), json!(-1)],
+    );
     let want = list
         .iter()
         .find_map(|e| e["meta"].get(key).cloned())
@@ -542,7 +579,12 @@ fn endpoints(eps: &[Ep], tag: &str, key: &str, value: Option<String>) {
 fn routes(services: &[(String, Vec<Ep>)]) {
     let map: Map<String, Value> = services
         .iter()
-        .map(|(name, eps)| (name.clone(), Value::Array(eps.iter().map(Ep::value).collect())))
+        .map(|(name, eps)| {
+            (
+                name.clone(),
+                Value::Array(eps.iter().map(Ep::value).collect()),
+            )
+        })
         .collect();
     let input = Value::Object(map.clone());
 
@@ -573,7 +615,10 @@ fn routes(services: &[(String, Vec<Ep>)]) {
         assert!(map.contains_key(service), "{service} is not a service");
         assert!(named.insert(service), "{service} has two routes");
         let path = r["path"].as_str().expect("a path");
-        assert!(path.starts_with('/') && funcs::is_token(path), "{service}: {path:?}");
+        assert!(
+            path.starts_with('/') && funcs::is_token(path),
+            "{service}: {path:?}"
+        );
         assert!(path == "/" || !path.ends_with('/'), "{service}: {path:?}");
     }
 }
