@@ -73,12 +73,11 @@ async fn etcd_state(client: &mut Client) -> (i64, BTreeMap<String, Vec<u8>>) {
 async fn assert_exact(cache: &WatchCache, client: &mut Client, what: &str) {
     let (rev, want) = tokio::time::timeout(DEADLINE, async {
         loop {
-            // etcd may be electing a leader: retry reads until one succeeds
-            match client
-                .get("/flotilla/", Some(GetOptions::new().with_prefix()))
-                .await
-            {
-                Ok(resp) => {
+            // etcd may be electing a leader: retry reads until one succeeds (each bounded: a
+            // request sent to a killed member can hang rather than fail)
+            let get = client.get("/flotilla/", Some(GetOptions::new().with_prefix()));
+            match tokio::time::timeout(Duration::from_secs(2), get).await {
+                Ok(Ok(resp)) => {
                     let rev = resp.header().unwrap().revision();
                     let map: BTreeMap<_, _> = resp
                         .kvs()
@@ -87,7 +86,7 @@ async fn assert_exact(cache: &WatchCache, client: &mut Client, what: &str) {
                         .collect();
                     return (rev, map);
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
     })
@@ -425,20 +424,23 @@ async fn watch_cache_survives_losing_each_member_of_a_3_member_cluster() {
     let mut next = 100;
     for (round, victim) in order.into_iter().enumerate() {
         cluster.members[victim].kill();
-        // Writes go on through the surviving quorum (retry while a new leader is elected).
+        // Writes go on through the surviving quorum (retry while a new leader is elected). Each
+        // attempt is bounded: a request the client sent to the killed member can hang rather
+        // than fail (seen once in CI: one put outlived the whole 30 s deadline).
+        const ATTEMPT: Duration = Duration::from_secs(2);
         for _ in 0..10 {
             let ep = endpoint("node-b", "api", next);
             next += 1;
             tokio::time::timeout(DEADLINE, async {
-                while writer
-                    .put(
+                loop {
+                    let put = writer.put(
                         ep.key(&keys()),
                         ep.encode(&keys()).unwrap(),
                         Some(PutOptions::new()),
-                    )
-                    .await
-                    .is_err()
-                {
+                    );
+                    if let Ok(Ok(_)) = tokio::time::timeout(ATTEMPT, put).await {
+                        break;
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             })
@@ -447,7 +449,11 @@ async fn watch_cache_survives_losing_each_member_of_a_3_member_cluster() {
         }
         let gone = endpoint("node-a", "web", round as u32).key(&keys());
         tokio::time::timeout(DEADLINE, async {
-            while writer.delete(gone.clone(), None).await.is_err() {
+            loop {
+                let del = writer.delete(gone.clone(), None);
+                if let Ok(Ok(_)) = tokio::time::timeout(ATTEMPT, del).await {
+                    break;
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
