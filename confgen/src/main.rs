@@ -152,6 +152,8 @@ struct SnapshotFile {
 }
 
 fn main() -> ExitCode {
+    // First, before any thread: one malloc arena (re-executes once; see the module's doc).
+    flotilla_registry::malloc::use_one_arena();
     // confd's flags (`-onetime`, `-node URL`, …) for `run`: see convert::confd_run_args.
     let own: convert::OwnFlags = Cli::command()
         .find_subcommand("run")

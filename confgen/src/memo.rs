@@ -23,8 +23,9 @@
 //! How: the loop's source is cut out of the template and becomes a template of its own (the
 //! fragment, with the template's imports), and the loop is replaced by
 //! `{{ __confgen_memo(id=N, var=var, …) }}`, which passes the outer variables the body uses. That
-//! function walks the services in order and returns the concatenated fragment texts, rendering
-//! only those whose service, epoch or variables changed.
+//! function walks the services in order, rendering only those whose service, epoch or variables
+//! changed, and returns a marker; after Tera's render the markers are replaced by the fragment
+//! texts in one buffer of the final size ([`Memo::splice`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
@@ -529,6 +530,11 @@ pub struct Memo {
     cache: Mutex<Cache>,
     /// Fragment renders (cache misses).
     pub renders: AtomicU64,
+    /// The texts each memo call of the render in progress returned, in call order: the call
+    /// itself returns a marker, which [`Memo::splice`] replaces with these.
+    spliced: Mutex<Vec<Vec<Arc<str>>>>,
+    /// Makes the markers of this engine unlike any text a template writes.
+    nonce: u64,
 }
 
 impl std::fmt::Debug for Memo {
@@ -546,7 +552,46 @@ impl Memo {
             input: Mutex::new(RenderInput::default()),
             cache: Mutex::new(HashMap::new()),
             renders: AtomicU64::new(0),
+            spliced: Mutex::new(Vec::new()),
+            nonce: fastrand::u64(..),
         }
+    }
+
+    /// The marker that memo call `k` of a render leaves in Tera's output.
+    fn marker(&self, k: usize) -> String {
+        format!("\u{0}confgen-memo-{:016x}-{k}\u{0}", self.nonce)
+    }
+
+    /// Forgets the texts of an earlier render (call before each render).
+    pub fn begin(&self) {
+        self.spliced.lock().expect("memo splice lock").clear();
+    }
+
+    /// Tera's output with each call's marker replaced by the texts it stands for, written once
+    /// into a buffer of the exact size: the loops' output (most of a large file) is never
+    /// copied into an intermediate string, nor into a buffer that grows by doubling. `None`
+    /// if a marker is missing (the caller renders the template as written).
+    pub fn splice(&self, rendered: &[u8]) -> Option<Vec<u8>> {
+        let calls = std::mem::take(&mut *self.spliced.lock().expect("memo splice lock"));
+        if calls.is_empty() {
+            return Some(rendered.to_vec());
+        }
+        let text = std::str::from_utf8(rendered).ok()?;
+        let markers: Vec<String> = (0..calls.len()).map(|k| self.marker(k)).collect();
+        let size = rendered.len() + calls.iter().flatten().map(|t| t.len()).sum::<usize>()
+            - markers.iter().map(String::len).sum::<usize>();
+        let mut out = Vec::with_capacity(size);
+        let mut rest = text;
+        for (marker, texts) in markers.iter().zip(&calls) {
+            let at = rest.find(marker.as_str())?;
+            out.extend_from_slice(rest[..at].as_bytes());
+            for t in texts {
+                out.extend_from_slice(t.as_bytes());
+            }
+            rest = &rest[at + marker.len()..];
+        }
+        out.extend_from_slice(rest.as_bytes());
+        Some(out)
     }
 
     /// The memo function's body: the loop `id` rendered over every service.
@@ -634,7 +679,7 @@ impl Memo {
             self.renders.fetch_add(1, Ordering::Relaxed);
             fresh.insert(*name, text);
         }
-        let mut out = String::new();
+        let mut out: Vec<Arc<str>> = Vec::with_capacity(services.len());
         for name in services.keys() {
             let version = input.versions.get(name).copied().unwrap_or(0);
             // Not rendered now: its cache entry is current (checked when the misses were found).
@@ -656,13 +701,15 @@ impl Memo {
                     text
                 }
             };
-            out.push_str(&text);
+            out.push(text);
         }
         // Forget services that are gone.
         if cache.len() > services.len() * self.loops.len() {
             cache.retain(|(_, name), _| services.contains_key(name));
         }
-        Ok(Value::String(out))
+        let mut spliced = self.spliced.lock().expect("memo splice lock");
+        spliced.push(out);
+        Ok(Value::String(self.marker(spliced.len() - 1)))
     }
 }
 

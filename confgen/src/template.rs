@@ -224,6 +224,7 @@ impl Engine {
             epoch: data.epoch(),
         };
         let ctx = Context::from_value(Value::Object(root)).expect("an object is a context");
+        memo.begin();
         let result = fast.render_to(&self.name, &ctx, &mut *out);
         let root = match ctx.into_json() {
             Value::Object(m) => m,
@@ -231,7 +232,9 @@ impl Engine {
         };
         memo.input.lock().expect("memo input lock").services = None;
         data.restore(root);
-        result.map_err(|_| ())
+        result.map_err(|_| ())?;
+        *out = memo.splice(out).ok_or(())?;
+        Ok(())
     }
 
     fn render_plain(

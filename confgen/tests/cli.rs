@@ -550,3 +550,48 @@ fn logs_are_plain_in_a_pipe_and_carry_priorities_on_the_journal() {
         "{journal}"
     );
 }
+
+/// confgen runs with one malloc arena (it re-executes itself once with `MALLOC_ARENA_MAX=1`;
+/// registry/src/malloc.rs), and the commands it runs do not inherit that setting.
+#[test]
+fn confgen_runs_with_one_malloc_arena_and_its_commands_keep_glibc_defaults() {
+    let etcd = Etcd::start();
+    let ep = etcd.endpoint();
+    let confdir = Confdir::new();
+    confdir.template("plain.tmpl", "hello\n");
+    let seen = confdir.out("seen");
+    // The check command (run by `/bin/sh -c`, confgen's child) records its own environment and
+    // its parent's, confgen's, as the kernel kept it from the exec (NUL-separated).
+    confdir.resource(
+        "plain",
+        &format!(
+            r#"[template]
+src = "plain.tmpl"
+dest = "{dest}"
+prefix = "/flotilla"
+keys = ["/endpoints/"]
+check_cmd = "test -f {{{{src}}}} && env > {seen}.own && cat /proc/$PPID/environ > {seen}.parent"
+"#,
+            dest = confdir.out("plain").display(),
+            seen = seen.display(),
+        ),
+    );
+    let d = confdir.path().display().to_string();
+    let o = confgen(&["run", "--confdir", &d, "--onetime", "--etcd-endpoints", &ep]);
+    assert_eq!(o.status.code(), Some(0), "{}", show(&o));
+    assert_eq!(read(&confdir.out("plain")), "hello\n");
+    let parent = std::fs::read(seen.with_extension("parent")).expect("confgen's environment");
+    let parent: Vec<String> = parent
+        .split(|b| *b == 0)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .collect();
+    assert!(
+        parent.iter().any(|v| v == "MALLOC_ARENA_MAX=1"),
+        "confgen was not re-executed with one arena: {parent:?}"
+    );
+    let own = read(&seen.with_extension("own"));
+    assert!(
+        !own.contains("MALLOC_ARENA_MAX") && !own.contains("FLOTILLA_MALLOC_ARENA_SET"),
+        "the check command inherited confgen's malloc setting:\n{own}"
+    );
+}
