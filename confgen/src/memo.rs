@@ -584,7 +584,7 @@ impl Memo {
         let mut rest = text;
         for (marker, texts) in markers.iter().zip(&calls) {
             let at = rest.find(marker.as_str())?;
-            out.extend_from_slice(rest[..at].as_bytes());
+            out.extend_from_slice(&rest.as_bytes()[..at]);
             for t in texts {
                 out.extend_from_slice(t.as_bytes());
             }
