@@ -533,11 +533,14 @@ impl Daemon {
             }
             self.flush(false).await;
             self.publish_health();
+            // While the view is not writable nothing can be flushed, however due: wait for an
+            // update or a status change (a due time in the past would make the loop spin).
             let next = self
                 .slots
                 .iter()
                 .filter_map(Slot::due)
                 .min()
+                .filter(|_| self.writable)
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             // Wake at least every 10 s so the watchdog heartbeat keeps moving.
             let next = next.min(Instant::now() + Duration::from_secs(10));
@@ -2138,6 +2141,43 @@ mod tests {
                 .get_or_create(&metrics::resource("a"))
                 .get(),
             1
+        );
+        rig.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_is_applied_while_the_view_is_stale() {
+        let mut rig = Rig::new(&[("a", "reload_cmd = \"reload a\"")]);
+        rig.start(Modes::default(), &[("web", 0)]);
+        rig.until(Duration::from_secs(1)).await;
+        // A change that becomes due while the cache is degraded (etcd unreachable).
+        rig.status
+            .as_ref()
+            .unwrap()
+            .send(CacheStatus {
+                state: CacheState::Degraded {
+                    error: "etcd unreachable".into(),
+                },
+                ..watching()
+            })
+            .unwrap();
+        rig.until(ms(1001)).await;
+        rig.txn(&[("web", 1)], &[]);
+        // On the paused clock, a loop that spun on the past due time would never let the
+        // clock reach 5 s: this test would hang.
+        rig.until(Duration::from_secs(5)).await;
+        assert_eq!(rig.calls().len(), 2, "{:?}", rig.log());
+        let body = rig.healthz().1;
+        assert!(body.contains("registry: stale"), "{body}");
+        assert!(
+            body.contains("a change waits for a current registry view"),
+            "{body}"
+        );
+        rig.status.as_ref().unwrap().send(watching()).unwrap();
+        rig.until(Duration::from_secs(6)).await;
+        assert_eq!(
+            rig.log()[2..],
+            ["5000ms check a (2 servers)", "5000ms reload a"]
         );
         rig.stop().await;
     }
