@@ -983,7 +983,7 @@ impl Daemon {
         }
         let started = Instant::now();
         let mut out: BTreeSet<String> = base.iter().chain(&suspects).cloned().collect();
-        if !passes_check(slot, &*commands, view, out.clone()).await {
+        if !passes_check(slot, &*commands, view, out.clone(), true).await {
             slot.data.set_quarantine(base, view);
             return false;
         }
@@ -996,7 +996,7 @@ impl Daemon {
             checks += 1;
             let without: BTreeSet<String> =
                 out.iter().filter(|k| !g.contains(k)).cloned().collect();
-            if passes_check(slot, &*commands, view, without.clone()).await {
+            if passes_check(slot, &*commands, view, without.clone(), false).await {
                 out = without;
             } else if g.len() > 1 {
                 let (a, b) = g.split_at(g.len() / 2);
@@ -1147,12 +1147,16 @@ impl Daemon {
 /// Most checks [`Daemon::isolate`] runs for one failure.
 const MAX_ISOLATION_CHECKS: usize = 48;
 
-/// Renders `slot` with `quarantine` left out and runs its check (nothing is written).
+/// Renders `slot` with `quarantine` left out and runs its check (nothing is written). A render
+/// equal to the destination passes without a check, unless `even_current`: the first check of
+/// [`Daemon::isolate`] must show that the check can pass at all (it may fail for the current
+/// file too, e.g. a file it needs went missing), or every new endpoint would be left out.
 async fn passes_check(
     slot: &mut Slot,
     commands: &dyn Commands,
     view: &View,
     quarantine: BTreeSet<String>,
+    even_current: bool,
 ) -> bool {
     slot.data.set_quarantine(quarantine, view);
     let Ok(engine) = &slot.engine else {
@@ -1160,6 +1164,14 @@ async fn passes_check(
     };
     if engine.render(&mut slot.data, &mut slot.buf).is_err() {
         return false;
+    }
+    if even_current {
+        return match apply::stage(&slot.res, &slot.buf) {
+            Ok(staged) => apply::check_staged(commands, &slot.res, staged.path())
+                .await
+                .is_ok(),
+            Err(_) => false,
+        };
     }
     let (outcome, _) = apply::write_checked(commands, &slot.res, &slot.buf, true, false).await;
     outcome.is_success()
@@ -2123,10 +2135,11 @@ mod tests {
             [
                 "0ms check a (1 servers)",
                 "0ms reload a",
-                // The render with `bad` fails. Without both new endpoints it is the current
-                // file (not checked again); the halves: both back fails, `bad` alone back
-                // fails, `web` 1 alone back passes; the render without `bad` is written.
+                // The render with `bad` fails; without both new endpoints it passes; the
+                // halves: both back fails, `bad` alone back fails, `web` 1 alone back passes;
+                // the render without `bad` is written.
                 "1000ms check a (3 servers)",
+                "1000ms check a (1 servers)",
                 "1000ms check a (3 servers)",
                 "1000ms check a (2 servers)",
                 "1000ms check a (2 servers)",
@@ -2142,6 +2155,34 @@ mod tests {
                 .get(),
             1
         );
+        rig.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_check_that_fails_for_every_file_fails_the_resource_and_leaves_nothing_out() {
+        let mut rig = Rig::new(&[("a", "reload_cmd = \"reload a\"")]);
+        rig.start(Modes::default(), &[("web", 0)]);
+        rig.until(Duration::from_secs(1)).await;
+        // The check breaks (a certificate it needs went missing): it fails for the current
+        // file too, so the new endpoint is not what it fails with.
+        rig.fake.fail_checks.store(true, Ordering::SeqCst);
+        rig.txn(&[("web", 1)], &[]);
+        rig.until(ms(1100)).await;
+        let (healthy, body) = rig.healthz();
+        assert!(!healthy, "{body}");
+        assert!(body.contains("resource a: failing (check)"), "{body}");
+        assert_eq!(
+            rig.metrics
+                .quarantined
+                .get_or_create(&metrics::resource("a"))
+                .get(),
+            0
+        );
+        // Once the check works again, the retry applies every endpoint.
+        rig.fake.fail_checks.store(false, Ordering::SeqCst);
+        rig.until(Duration::from_secs(3)).await;
+        assert_eq!(rig.servers("a"), 2);
+        assert!(rig.log().last().unwrap().ends_with("reload a"));
         rig.stop().await;
     }
 
