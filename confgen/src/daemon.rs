@@ -1524,6 +1524,8 @@ mod tests {
         health: Arc<Mutex<Health>>,
         feed: Option<mpsc::UnboundedSender<Update>>,
         status: Option<watch::Sender<CacheStatus>>,
+        /// Template and conf.d file events.
+        files: Option<mpsc::Sender<()>>,
         stop: Option<oneshot::Sender<()>>,
         task: Option<tokio::task::JoinHandle<RunEnd>>,
         kvs: BTreeMap<String, Vec<u8>>,
@@ -1586,6 +1588,7 @@ mod tests {
                 health: Arc::default(),
                 feed: None,
                 status: None,
+                files: None,
                 stop: None,
                 task: None,
                 kvs,
@@ -1621,11 +1624,10 @@ mod tests {
             daemon.commands = self.fake.clone();
             let (feed, updates) = mpsc::unbounded_channel();
             let (status_tx, status) = watch::channel(watching());
-            let (files_tx, files) = mpsc::channel(1);
+            let (files_tx, files) = mpsc::channel(16);
             let (stop, stopped) = oneshot::channel::<()>();
             let hangups = Hangups::install().unwrap();
             self.task = Some(tokio::spawn(async move {
-                let _files = files_tx;
                 daemon
                     .run(updates, status, files, hangups, async {
                         let _ = stopped.await;
@@ -1634,6 +1636,7 @@ mod tests {
             }));
             self.feed = Some(feed);
             self.status = Some(status_tx);
+            self.files = Some(files_tx);
             self.stop = Some(stop);
             self.send();
         }
@@ -2219,6 +2222,113 @@ mod tests {
         assert_eq!(
             rig.log()[2..],
             ["5000ms check a (2 servers)", "5000ms reload a"]
+        );
+        rig.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_a_killed_run_did_not_finish_runs_at_the_first_apply_of_a_current_file() {
+        let mut rig = Rig::new(&[("a", "reload_cmd = \"reload a\"")]);
+        // The file is already what the registry renders, but its reload never ran.
+        std::fs::write(rig.out("a"), "# x=\nserver web 10.0.0.1:8000\n").unwrap();
+        std::fs::write(reload_marker(&rig.out("a")), "").unwrap();
+        rig.start(Modes::default(), &[("web", 0)]);
+        rig.until(ms(100)).await;
+        // Nothing to check or write: only the reload.
+        assert_eq!(rig.log(), ["0ms reload a"]);
+        assert!(!reload_marker(&rig.out("a")).exists());
+        // A current file without the marker reloads nothing.
+        rig.put_config("unused", "1");
+        rig.until(ms(200)).await;
+        assert_eq!(rig.log(), ["0ms reload a"]);
+        rig.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resource_in_failure_backoff_does_not_join_its_siblings_batch() {
+        let mut rig = Rig::new(&[]);
+        // `a` sees the configuration only and has no check; `b` sees the endpoints only.
+        std::fs::write(
+            rig.dir.path().join("templates/eps.tmpl"),
+            "{% for name, eps in services %}{% for ep in eps %}server {{ name }} {{ ep.addr }}\n{% endfor %}{% endfor %}",
+        )
+        .unwrap();
+        for (name, src, keys, check) in [
+            ("a", "list.tmpl", "/config/", ""),
+            (
+                "b",
+                "eps.tmpl",
+                "/endpoints/",
+                "check_cmd = \"check b {{src}}\"\n",
+            ),
+        ] {
+            std::fs::write(
+                rig.dir.path().join(format!("conf.d/{name}.toml")),
+                format!(
+                    "[template]\nsrc = \"{src}\"\ndest = \"{}\"\nprefix = \"/flotilla\"\n\
+                     keys = [\"{keys}\"]\nreload_cmd = \"reload shared\"\n{check}",
+                    rig.out(name).display()
+                ),
+            )
+            .unwrap();
+        }
+        rig.start(Modes::default(), &[("web", 0)]);
+        // `b`'s check breaks: it fails for the current file too, so `b` fails as a whole.
+        rig.until(Duration::from_secs(1)).await;
+        rig.fake.fail_checks.store(true, Ordering::SeqCst);
+        rig.txn(&[("web", 1)], &[]);
+        rig.until(ms(1100)).await;
+        assert!(rig.healthz().1.contains("resource b: failing (check)"));
+        rig.fake.fail_checks.store(false, Ordering::SeqCst);
+        let before = rig.calls().len();
+        // Within `b`'s backoff (0.5-1 s), `a` is due at once: `b` keeps its backoff.
+        rig.put_config("x", "1");
+        rig.until(ms(1150)).await;
+        assert_eq!(rig.log()[before..], ["1100ms reload shared"]);
+        // `b`'s retry comes on its own.
+        rig.until(Duration::from_secs(3)).await;
+        let log = rig.log();
+        assert_eq!(log.len(), before + 3, "{log:?}");
+        assert!(log[before + 1].ends_with("check b (2 servers)"), "{log:?}");
+        assert!(log[before + 2].ends_with("reload shared"), "{log:?}");
+        rig.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn template_edits_are_read_once_the_file_events_settle() {
+        let mut rig = Rig::new(&[("a", "reload_cmd = \"reload a\"")]);
+        rig.start(Modes::default(), &[("web", 0)]);
+        rig.until(Duration::from_secs(1)).await;
+        std::fs::write(
+            rig.dir.path().join("templates/list.tmpl"),
+            format!("# edited\n{LIST}"),
+        )
+        .unwrap();
+        // An editor's save: three events within 15 ms; read 20 ms after the last.
+        for t in [1000, 1010, 1015] {
+            rig.until(ms(t)).await;
+            rig.files.as_ref().unwrap().try_send(()).unwrap();
+        }
+        rig.until(ms(1100)).await;
+        assert_eq!(
+            rig.log()[2..],
+            ["1035ms check a (1 servers)", "1035ms reload a"]
+        );
+        // Events every 10 ms without a pause: read 60 ms after the first.
+        std::fs::write(
+            rig.dir.path().join("templates/list.tmpl"),
+            format!("# edited again\n{LIST}"),
+        )
+        .unwrap();
+        for t in (2000..2200).step_by(10) {
+            rig.until(ms(t)).await;
+            let _ = rig.files.as_ref().unwrap().try_send(());
+        }
+        let edits: Vec<String> = rig.log()[4..].to_vec();
+        assert_eq!(
+            edits.first().map(String::as_str),
+            Some("2060ms check a (1 servers)"),
+            "{edits:?}"
         );
         rig.stop().await;
     }
