@@ -6,8 +6,10 @@
 //! by a path confgen generated and shell-quoted; nothing from the registry reaches a shell.
 
 use std::fmt;
+use std::future::Future;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -171,6 +173,28 @@ impl fmt::Display for Outcome {
 #[derive(Debug, Clone)]
 pub struct CommandFailure(pub String);
 
+/// Runs `check_cmd` and `reload_cmd` (already substituted). The daemon holds one: [`Shell`]
+/// ([`run_command`]). Its unit tests hold one that records each command and answers at once:
+/// on tokio's paused clock, a real child's timeout would fire while the runtime waits for it.
+pub trait Commands: Send + Sync {
+    /// Runs `cmd` within `timeout`: its output, or why it failed.
+    fn run<'a>(&'a self, cmd: &'a str, timeout: Duration) -> CommandFuture<'a>;
+}
+
+/// What [`Commands::run`] returns.
+pub type CommandFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<String, CommandFailure>> + Send + 'a>>;
+
+/// The [`Commands`] of the daemon: `/bin/sh -c` through [`run_command`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Shell;
+
+impl Commands for Shell {
+    fn run<'a>(&'a self, cmd: &'a str, timeout: Duration) -> CommandFuture<'a> {
+        Box::pin(run_command(cmd, timeout))
+    }
+}
+
 /// True for the variables a command must not inherit: `FLOTILLA_ETCD_*` (the etcd password,
 /// user, password file, client key and certificate, endpoints). A command that needs etcd is
 /// given its own credentials.
@@ -273,11 +297,15 @@ pub fn read_dest(resource: &Resource) -> Result<Option<Vec<u8>>, String> {
 }
 
 /// Runs the resource's `check_cmd` (if any) on a staged file; `Err` carries its output.
-pub async fn check_staged(resource: &Resource, staged: &Path) -> Result<(), String> {
+pub async fn check_staged(
+    cmds: &dyn Commands,
+    resource: &Resource,
+    staged: &Path,
+) -> Result<(), String> {
     match &resource.check_cmd {
         Some(check) => {
             let cmd = substitute_src(check, staged);
-            run_command(&cmd, resource.check_timeout)
+            cmds.run(&cmd, resource.check_timeout)
                 .await
                 .map(|_| ())
                 .map_err(|CommandFailure(output)| output)
@@ -306,6 +334,7 @@ pub fn commit(
 /// Phase 1 for one resource: compare, stage, check, commit. Returns the outcome and, for a
 /// written file, what is needed to roll it back.
 pub async fn write_checked(
+    cmds: &dyn Commands,
     resource: &Resource,
     rendered: &[u8],
     noop: bool,
@@ -323,7 +352,7 @@ pub async fn write_checked(
         Ok(s) => s,
         Err(error) => return (Outcome::WriteFailed { error }, None),
     };
-    if let Err(output) = check_staged(resource, staged.path()).await {
+    if let Err(output) = check_staged(cmds, resource, staged.path()).await {
         return (Outcome::CheckFailed { output }, None);
     }
     if noop {
@@ -466,12 +495,13 @@ pub fn unified_diff(dest: &Path, old: Option<&[u8]>, new: &[u8]) -> String {
 /// Runs a reload command; on failure rolls back every destination written in this batch for it,
 /// runs the command again, and reports.
 pub async fn reload_group(
+    cmds: &dyn Commands,
     cmd: &str,
     timeout: Duration,
     committed: &[Committed],
 ) -> Result<Duration, (String, bool)> {
     let started = Instant::now();
-    match run_command(cmd, timeout).await {
+    match cmds.run(cmd, timeout).await {
         Ok(_) => Ok(started.elapsed()),
         Err(CommandFailure(output)) => {
             let mut rolled_back = true;
@@ -482,7 +512,7 @@ pub async fn reload_group(
                     notes.push(e);
                 }
             }
-            let again = run_command(cmd, timeout).await;
+            let again = cmds.run(cmd, timeout).await;
             let mut output = output;
             if !notes.is_empty() {
                 output.push_str(&format!("; rollback failed: {}", notes.join("; ")));
@@ -529,7 +559,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let r = resource(dir.path(), Some("grep -q new {{src}}"));
         std::fs::write(&r.dest, "old\n").unwrap();
-        let (o, c) = write_checked(&r, b"new\n", false, false).await;
+        let (o, c) = write_checked(&Shell, &r, b"new\n", false, false).await;
         assert_eq!(o, Outcome::Written);
         assert_eq!(std::fs::read_to_string(&r.dest).unwrap(), "new\n");
         assert_eq!(std::fs::read_to_string(bak_path(&r.dest)).unwrap(), "old\n");
@@ -538,7 +568,7 @@ mod tests {
             0o640
         );
         assert_eq!(c.unwrap().previous.as_deref(), Some(&b"old\n"[..]));
-        let (o, c) = write_checked(&r, b"new\n", false, false).await;
+        let (o, c) = write_checked(&Shell, &r, b"new\n", false, false).await;
         assert_eq!(o, Outcome::Unchanged);
         assert!(c.is_none());
         // No staged file is left behind.
@@ -554,7 +584,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let r = resource(dir.path(), Some("echo bad config >&2; exit 3 # {{src}}"));
         std::fs::write(&r.dest, "old\n").unwrap();
-        let (o, c) = write_checked(&r, b"new\n", false, false).await;
+        let (o, c) = write_checked(&Shell, &r, b"new\n", false, false).await;
         match o {
             Outcome::CheckFailed { output } => {
                 assert!(output.contains("exit status: 3"), "{output}");
@@ -573,7 +603,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let r = resource(dir.path(), Some("test -s {{src}}"));
         std::fs::write(&r.dest, "a\nb\n").unwrap();
-        let (o, _) = write_checked(&r, b"a\nc\n", true, true).await;
+        let (o, _) = write_checked(&Shell, &r, b"a\nc\n", true, true).await;
         match o {
             Outcome::Planned { diff: Some(d) } => {
                 assert!(d.contains("-b\n+c\n"), "{d}");
@@ -588,11 +618,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let r = resource(dir.path(), None);
         std::fs::write(&r.dest, "old\n").unwrap();
-        let (o, c) = write_checked(&r, b"new\n", false, false).await;
+        let (o, c) = write_checked(&Shell, &r, b"new\n", false, false).await;
         assert_eq!(o, Outcome::Written);
         let marker = dir.path().join("reloads");
         let cmd = format!("echo x >> {}; exit 1", marker.display());
-        let err = reload_group(&cmd, Duration::from_secs(5), &[c.unwrap()])
+        let err = reload_group(&Shell, &cmd, Duration::from_secs(5), &[c.unwrap()])
             .await
             .unwrap_err();
         assert!(err.1, "rolled back");
@@ -605,7 +635,7 @@ mod tests {
     async fn rollback_of_a_new_file_removes_it() {
         let dir = tempfile::tempdir().unwrap();
         let r = resource(dir.path(), None);
-        let (o, c) = write_checked(&r, b"new\n", false, false).await;
+        let (o, c) = write_checked(&Shell, &r, b"new\n", false, false).await;
         assert_eq!(o, Outcome::Written);
         roll_back(&c.unwrap()).unwrap();
         assert!(!r.dest.exists());

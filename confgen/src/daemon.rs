@@ -33,16 +33,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use flotilla_registry::backoff::Backoff;
 use flotilla_registry::shutdown::Hangups;
 use flotilla_registry::{CacheState, CacheStatus, KeyKind, Keys, Update, Updates};
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use crate::admit::AdmitArgs;
-use crate::apply::{self, Committed, DropUnit, Outcome};
+use crate::apply::{self, Commands, Committed, DropUnit, Outcome};
 use crate::metrics::{self, Metrics};
 use crate::resource::{self, Resource};
 use crate::runtime::{Attempt, Runtime};
@@ -198,6 +199,105 @@ impl Slot {
         }
         due
     }
+
+    /// An apply of this slot succeeded at `revision`: its endpoint count becomes the drop
+    /// guard's baseline (also on disk, not with `--noop`), a failure or hold ends.
+    fn succeeded(&mut self, revision: i64, modes: Modes, metrics: &Metrics) {
+        self.data.applied();
+        if self.failure.take().is_some() {
+            info!(resource = %self.res.name, "recovered");
+        }
+        self.succeeded_once = true;
+        self.applied_revision = revision;
+        if !modes.noop {
+            let n = self.data.endpoint_count();
+            if self.applied_endpoints != Some(n) {
+                store_applied_endpoints(&self.res.dest, n);
+            }
+            self.applied_endpoints = Some(n);
+            self.unrecorded_bytes = None;
+        }
+        self.held = None;
+        metrics
+            .last_success
+            .get_or_create(&metrics::resource(&self.res.name))
+            .set(
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_secs_f64(),
+            );
+    }
+
+    /// The drop guard held this slot's render: the hold keeps the time it began (the grace
+    /// period counts from there) and is logged when it begins (with `--onetime`, always).
+    fn hold(&mut self, had: usize, now: usize, unit: DropUnit, modes: Modes) {
+        let name = &self.res.name;
+        let first = self.held.is_none();
+        let since = self.held.as_ref().map_or(Instant::now(), |h| h.since);
+        self.held = Some(Held {
+            since,
+            had,
+            now,
+            unit,
+        });
+        if modes.onetime {
+            warn!(
+                resource = %name,
+                had, now, unit = %unit.name(),
+                max_drop = %format!("{:.0}%", self.res.max_drop * 100.0),
+                "drop guard: not applied; the destination keeps its content (--onetime cannot wait out drop_grace; --allow-drop applies it)"
+            );
+        } else if first {
+            warn!(
+                resource = %name,
+                had, now, unit = %unit.name(),
+                max_drop = %format!("{:.0}%", self.res.max_drop * 100.0),
+                grace = %humantime::format_duration(self.res.drop_grace),
+                "drop guard: holding a render that removes too many endpoints; it is applied if the drop persists for the grace period"
+            );
+        }
+    }
+
+    /// An apply of this slot failed: it stays dirty and is retried with backoff (or at the
+    /// next change of its configuration, see [`Slot::mark_dirty`]).
+    fn failed(&mut self, failed: &Outcome, batch_start: Option<Instant>, metrics: &Metrics) {
+        let name = &self.res.name;
+        metrics.failure(name, failed.kind());
+        let message = failed.to_string();
+        let now = Instant::now();
+        match &mut self.failure {
+            // The same kind of failure again is the same fault still there: keep backing
+            // off and log at debug. Messages are not compared: they vary between attempts
+            // (a check names the staged file and HAProxy prints its pid).
+            Some(f) if f.kind == failed.kind() => {
+                debug!(resource = %name, error = %message, "still failing");
+                f.message = message;
+                f.retry_at = now + f.backoff.next_delay();
+            }
+            _ => {
+                error!(resource = %name, error = %message, "apply failed; the destination keeps its last good content");
+                let mut backoff = Backoff::new(
+                    Duration::from_secs(1),
+                    Duration::from_secs(60),
+                    Duration::from_secs(60),
+                );
+                let retry_at = now + backoff.next_delay();
+                self.failure = Some(Failure {
+                    kind: failed.kind(),
+                    message,
+                    retry_at,
+                    backoff,
+                });
+            }
+        }
+        // Keep the resource dirty: the apply is retried.
+        self.pending.get_or_insert(Pending {
+            first: batch_start.unwrap_or(now),
+            last: now,
+            leading: false,
+        });
+    }
 }
 
 fn load_engine(res: &Resource, view: &View, scope: &Scope) -> Result<Engine, TemplateError> {
@@ -271,6 +371,27 @@ pub struct Daemon {
     /// watched set never renders before they are listed.
     wanted_prefixes: Option<Vec<String>>,
     view_prefixes: Arc<Vec<String>>,
+    /// Runs the check and reload commands: [`apply::Shell`]; the unit tests' own records them.
+    commands: Arc<dyn Commands>,
+}
+
+/// Where [`Daemon::run`] takes registry updates from: the cache's [`Updates`]; in unit tests,
+/// updates fed by hand.
+pub trait UpdateSource {
+    /// The next update, or `None` once the source is gone. Cancel-safe.
+    fn recv(&mut self) -> impl std::future::Future<Output = Option<Update>> + Send;
+    /// The pending update, if any, without waiting.
+    fn try_recv(&mut self) -> Option<Update>;
+}
+
+impl UpdateSource for Updates {
+    fn recv(&mut self) -> impl std::future::Future<Output = Option<Update>> + Send {
+        Updates::recv(self)
+    }
+
+    fn try_recv(&mut self) -> Option<Update> {
+        Updates::try_recv(self)
+    }
 }
 
 /// Hands the registry cache a new set of prefixes to mirror; true if the set changed.
@@ -293,6 +414,17 @@ pub enum RunEnd {
 struct Flushed {
     failed: bool,
     held: bool,
+}
+
+/// One flush in progress: what each slot's apply did, and the files written for each reload
+/// command.
+#[derive(Debug, Default)]
+struct Batch {
+    /// (slot, outcome, first change of its batch).
+    outcomes: Vec<(usize, Outcome, Option<Instant>)>,
+    committed: BTreeMap<String, Vec<(usize, Committed)>>,
+    /// Slots whose file is current but whose reload never succeeded.
+    reload_only: Vec<usize>,
 }
 
 impl Daemon {
@@ -344,6 +476,7 @@ impl Daemon {
             set_prefixes: None,
             wanted_prefixes: None,
             view_prefixes: Arc::default(),
+            commands: Arc::new(apply::Shell),
         })
     }
 
@@ -374,7 +507,7 @@ impl Daemon {
     /// Runs until `shutdown` resolves (or, with `--onetime`, until one apply is done).
     pub async fn run(
         mut self,
-        mut updates: Updates,
+        mut updates: impl UpdateSource,
         mut status: watch::Receiver<CacheStatus>,
         mut files: mpsc::Receiver<()>,
         mut hangups: Hangups,
@@ -400,11 +533,14 @@ impl Daemon {
             }
             self.flush(false).await;
             self.publish_health();
+            // While the view is not writable nothing can be flushed, however due: wait for an
+            // update or a status change (a due time in the past would make the loop spin).
             let next = self
                 .slots
                 .iter()
                 .filter_map(Slot::due)
                 .min()
+                .filter(|_| self.writable)
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             // Wake at least every 10 s so the watchdog heartbeat keeps moving.
             let next = next.min(Instant::now() + Duration::from_secs(10));
@@ -446,7 +582,7 @@ impl Daemon {
                     info!("template or resource file changed: re-reading conf.d and templates");
                     self.reload_config();
                 }
-                _ = tokio::time::sleep_until(next.into()) => {}
+                _ = tokio::time::sleep_until(next) => {}
             }
         }
     }
@@ -482,7 +618,7 @@ impl Daemon {
     }
 
     /// Applies every update already queued (each in order: they are incremental).
-    fn drain_updates(&mut self, updates: &mut Updates) {
+    fn drain_updates(&mut self, updates: &mut impl UpdateSource) {
         while let Some(u) = updates.try_recv() {
             self.on_update(&u);
         }
@@ -644,15 +780,33 @@ impl Daemon {
         due
     }
 
-    /// Renders and applies every due resource (all dirty ones with `all`). Returns true if any
-    /// of them failed.
+    /// Renders and applies every due resource (all dirty ones with `all`), then runs each
+    /// distinct reload command of the batch once.
     async fn flush(&mut self, all: bool) -> Flushed {
         if !self.writable {
             return Flushed::default();
         }
         let now = Instant::now();
-        let due: Vec<usize> = self
-            .slots
+        let due = self.due_slots(all, now);
+        if due.is_empty() {
+            return Flushed::default();
+        }
+        let due = self.with_siblings(due, now);
+        let revision = self.view.revision();
+        let mut batch = Batch::default();
+        for i in due {
+            self.apply_slot(i, now, &mut batch).await;
+        }
+        // Each distinct reload command once, after every write of the batch.
+        for (cmd, group) in std::mem::take(&mut batch.committed) {
+            self.reload(&cmd, &group, &mut batch).await;
+        }
+        self.finish_flush(batch, revision)
+    }
+
+    /// The slots to flush now: those due (every dirty, failing or held one with `all`).
+    fn due_slots(&self, all: bool, now: Instant) -> Vec<usize> {
+        self.slots
             .iter()
             .enumerate()
             .filter(|(_, s)| {
@@ -663,128 +817,133 @@ impl Daemon {
                 }
             })
             .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Renders slot `i` and runs phase 1 of its apply (a failed check is retried once without
+    /// the endpoints [`Daemon::isolate`] finds it fails with); a written file, or a current one
+    /// whose reload never succeeded, joins its reload command's group in `batch`.
+    async fn apply_slot(&mut self, i: usize, now: Instant, batch: &mut Batch) {
+        let commands = self.commands.clone();
+        let slot = &mut self.slots[i];
+        let batch_start = slot.pending.as_ref().map(|p| p.first);
+        slot.pending = None;
+        slot.last_flush = Some(now);
+        let (mut outcome, mut commit) =
+            render_and_write(slot, &*commands, &self.metrics, self.modes, batch_start).await;
+        if let Outcome::CheckFailed { output } = &outcome {
+            let output = output.clone();
+            if self.isolate(i, &output).await {
+                (outcome, commit) = render_and_write(
+                    &mut self.slots[i],
+                    &*commands,
+                    &self.metrics,
+                    self.modes,
+                    batch_start,
+                )
+                .await;
+            }
+        }
+        let slot = &mut self.slots[i];
+        if matches!(outcome, Outcome::Applied { .. }) {
+            if let Some(start) = batch_start {
+                self.metrics
+                    .change_to_write
+                    .observe(start.elapsed().as_secs_f64());
+            }
+        }
+        if let (Outcome::Written, Some(c)) = (&outcome, commit) {
+            if let (Some(cmd), false) = (&slot.res.reload_cmd, self.modes.no_reload) {
+                slot.reload_pending = true;
+                batch.committed.entry(cmd.clone()).or_default().push((i, c));
+            }
+            if let Some(start) = batch_start {
+                self.metrics
+                    .change_to_write
+                    .observe(start.elapsed().as_secs_f64());
+            }
+        } else if let (Outcome::Unchanged, true, Some(cmd), false) = (
+            &outcome,
+            slot.reload_pending,
+            &slot.res.reload_cmd,
+            self.modes.no_reload,
+        ) {
+            // The file is current but its reload never succeeded: reload it now. A rollback
+            // would put back the same content.
+            if let Ok(current) = std::fs::read(&slot.res.dest) {
+                info!(resource = %slot.res.name, "the destination is current but was not reloaded; reloading");
+                batch.reload_only.push(i);
+                batch.committed.entry(cmd.clone()).or_default().push((
+                    i,
+                    Committed {
+                        dest: slot.res.dest.clone(),
+                        previous: Some(current),
+                    },
+                ));
+            }
+        }
+        batch.outcomes.push((i, outcome, batch_start));
+    }
+
+    /// Runs `cmd` once for the slots of `group` (rolling their files back if it fails) and
+    /// turns their outcomes in `batch` into the reload's.
+    async fn reload(&mut self, cmd: &str, group: &[(usize, Committed)], batch: &mut Batch) {
+        let timeout = group
+            .iter()
+            .map(|(i, _)| self.slots[*i].res.reload_timeout)
+            .max()
+            .unwrap_or(resource::DEFAULT_COMMAND_TIMEOUT);
+        let commits: Vec<Committed> = group
+            .iter()
+            .map(|(_, c)| Committed {
+                dest: c.dest.clone(),
+                previous: c.previous.clone(),
+            })
             .collect();
-        if due.is_empty() {
-            return Flushed::default();
-        }
-        let due = self.with_siblings(due, now);
-        let revision = self.view.revision();
-        let mut outcomes: Vec<(usize, Outcome, Option<Instant>)> = Vec::new();
-        let mut committed: BTreeMap<String, Vec<(usize, Committed)>> = BTreeMap::new();
-        let mut reload_only: Vec<usize> = Vec::new();
-        for i in due {
-            let slot = &mut self.slots[i];
-            let batch_start = slot.pending.as_ref().map(|p| p.first);
-            slot.pending = None;
-            slot.last_flush = Some(now);
-            let (mut outcome, mut commit) =
-                render_and_write(slot, &self.metrics, self.modes, batch_start).await;
-            if let Outcome::CheckFailed { output } = &outcome {
-                let output = output.clone();
-                if self.isolate(i, &output).await {
-                    (outcome, commit) = render_and_write(
-                        &mut self.slots[i],
-                        &self.metrics,
-                        self.modes,
-                        batch_start,
-                    )
-                    .await;
-                }
+        let result = apply::reload_group(&*self.commands, cmd, timeout, &commits).await;
+        let label = vec![(
+            "result".to_string(),
+            if result.is_ok() { "ok" } else { "failed" }.to_string(),
+        )];
+        self.metrics.reloads.get_or_create(&label).inc();
+        for (i, _) in group {
+            let slot = &mut self.slots[*i];
+            if result.is_ok() {
+                slot.reload_pending = false;
+                remove_reload_marker(&slot.res.dest);
             }
-            let slot = &mut self.slots[i];
-            if matches!(outcome, Outcome::Applied { .. }) {
-                if let Some(start) = batch_start {
-                    self.metrics
-                        .change_to_write
-                        .observe(start.elapsed().as_secs_f64());
-                }
-            }
-            if let (Outcome::Written, Some(c)) = (&outcome, commit) {
-                if let (Some(cmd), false) = (&slot.res.reload_cmd, self.modes.no_reload) {
-                    slot.reload_pending = true;
-                    committed.entry(cmd.clone()).or_default().push((i, c));
-                }
-                if let Some(start) = batch_start {
-                    self.metrics
-                        .change_to_write
-                        .observe(start.elapsed().as_secs_f64());
-                }
-            } else if let (Outcome::Unchanged, true, Some(cmd), false) = (
-                &outcome,
-                slot.reload_pending,
-                &slot.res.reload_cmd,
-                self.modes.no_reload,
-            ) {
-                // The file is current but its reload never succeeded: reload it now. A rollback
-                // would put back the same content.
-                if let Ok(current) = std::fs::read(&slot.res.dest) {
-                    info!(resource = %slot.res.name, "the destination is current but was not reloaded; reloading");
-                    reload_only.push(i);
-                    committed.entry(cmd.clone()).or_default().push((
-                        i,
-                        Committed {
-                            dest: slot.res.dest.clone(),
-                            previous: Some(current),
-                        },
-                    ));
-                }
-            }
-            outcomes.push((i, outcome, batch_start));
-        }
-        // Each distinct reload command once, after every write of the batch.
-        for (cmd, group) in committed {
-            let timeout = group
-                .iter()
-                .map(|(i, _)| self.slots[*i].res.reload_timeout)
-                .max()
-                .unwrap_or(resource::DEFAULT_COMMAND_TIMEOUT);
-            let commits: Vec<Committed> = group
-                .iter()
-                .map(|(_, c)| Committed {
-                    dest: c.dest.clone(),
-                    previous: c.previous.clone(),
-                })
-                .collect();
-            let result = apply::reload_group(&cmd, timeout, &commits).await;
-            let label = vec![(
-                "result".to_string(),
-                if result.is_ok() { "ok" } else { "failed" }.to_string(),
-            )];
-            self.metrics.reloads.get_or_create(&label).inc();
-            for (i, _) in &group {
-                let slot = &mut self.slots[*i];
-                if result.is_ok() {
-                    slot.reload_pending = false;
-                    remove_reload_marker(&slot.res.dest);
-                }
-                if let Some(o) = outcomes.iter_mut().find(|(j, _, _)| j == i) {
-                    o.1 = match &result {
-                        Ok(took) if reload_only.contains(i) => {
-                            info!(resource = %slot.res.name, took = ?took, "reloaded");
-                            Outcome::Unchanged
-                        }
-                        Ok(took) => {
-                            debug!(resource = %slot.res.name, took = ?took, "reloaded");
-                            Outcome::Reloaded
-                        }
-                        Err((output, rolled_back)) => Outcome::ReloadFailed {
-                            output: output.clone(),
-                            rolled_back: *rolled_back,
-                        },
-                    };
-                }
+            if let Some(o) = batch.outcomes.iter_mut().find(|(j, _, _)| j == i) {
+                o.1 = match &result {
+                    Ok(took) if batch.reload_only.contains(i) => {
+                        info!(resource = %slot.res.name, took = ?took, "reloaded");
+                        Outcome::Unchanged
+                    }
+                    Ok(took) => {
+                        debug!(resource = %slot.res.name, took = ?took, "reloaded");
+                        Outcome::Reloaded
+                    }
+                    Err((output, rolled_back)) => Outcome::ReloadFailed {
+                        output: output.clone(),
+                        rolled_back: *rolled_back,
+                    },
+                };
             }
         }
+    }
+
+    /// Records the outcomes of `batch` and says whether one failed or was held; the first
+    /// flush after which every resource has applied once sends sd_notify READY.
+    fn finish_flush(&mut self, batch: Batch, revision: i64) -> Flushed {
         // Quiet for the leading edge of `wait` counts from the *end* of this flush. Counted from
         // its start, a flush that took longer than `wait.min` (a 900 KB render, write and reload
         // on a loaded machine) made the first change seen after it a leading edge again although
         // the changes had never paused (they queue up while the loop is busy flushing).
         let ended = Instant::now();
-        for (i, _, _) in &outcomes {
+        for (i, _, _) in &batch.outcomes {
             self.slots[*i].last_flush = Some(ended);
         }
         let mut flushed = Flushed::default();
-        for (i, outcome, batch_start) in outcomes {
+        for (i, outcome, batch_start) in batch.outcomes {
             let held = matches!(outcome, Outcome::Held { .. });
             flushed.held |= held;
             flushed.failed |= !outcome.is_success() && !held;
@@ -809,6 +968,7 @@ impl Daemon {
     /// at most [`MAX_ISOLATION_CHECKS`] checks; suspects it could not clear within that stay
     /// out. A quarantined endpoint is tried again when its record changes.
     async fn isolate(&mut self, i: usize, output: &str) -> bool {
+        let commands = self.commands.clone();
         let view = &self.view;
         let slot = &mut self.slots[i];
         let base = slot.data.quarantined().clone();
@@ -823,7 +983,7 @@ impl Daemon {
         }
         let started = Instant::now();
         let mut out: BTreeSet<String> = base.iter().chain(&suspects).cloned().collect();
-        if !passes_check(slot, view, out.clone()).await {
+        if !passes_check(slot, &*commands, view, out.clone(), true).await {
             slot.data.set_quarantine(base, view);
             return false;
         }
@@ -836,7 +996,7 @@ impl Daemon {
             checks += 1;
             let without: BTreeSet<String> =
                 out.iter().filter(|k| !g.contains(k)).cloned().collect();
-            if passes_check(slot, view, without.clone()).await {
+            if passes_check(slot, &*commands, view, without.clone(), false).await {
                 out = without;
             } else if g.len() > 1 {
                 let (a, b) = g.split_at(g.len() / 2);
@@ -871,8 +1031,7 @@ impl Daemon {
         let metrics = self.metrics.clone();
         let modes = self.modes;
         let slot = &mut self.slots[i];
-        let name = slot.res.name.clone();
-        let labels = metrics::resource(&name);
+        let labels = metrics::resource(&slot.res.name);
         metrics
             .endpoints
             .get_or_create(&labels)
@@ -882,31 +1041,11 @@ impl Daemon {
             .get_or_create(&labels)
             .set(slot.data.quarantined().len() as i64);
         if outcome.is_success() {
-            slot.data.applied();
-            if slot.failure.take().is_some() {
-                info!(resource = %name, "recovered");
-            }
-            slot.succeeded_once = true;
-            slot.applied_revision = revision;
-            if !modes.noop {
-                let n = slot.data.endpoint_count();
-                if slot.applied_endpoints != Some(n) {
-                    store_applied_endpoints(&slot.res.dest, n);
-                }
-                slot.applied_endpoints = Some(n);
-                slot.unrecorded_bytes = None;
-            }
-            slot.held = None;
-            metrics.last_success.get_or_create(&labels).set(
-                SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_secs_f64(),
-            );
+            slot.succeeded(revision, modes, &metrics);
         }
         match &outcome {
             Outcome::Unchanged => {
-                debug!(resource = %name, revision, "render unchanged; nothing written")
+                debug!(resource = %slot.res.name, revision, "render unchanged; nothing written")
             }
             Outcome::Written | Outcome::Reloaded | Outcome::Applied { .. } => {
                 metrics.writes.get_or_create(&labels).inc();
@@ -915,7 +1054,7 @@ impl Daemon {
                     _ => None,
                 };
                 info!(
-                    resource = %name,
+                    resource = %slot.res.name,
                     dest = %slot.res.dest.display(),
                     revision,
                     endpoints = slot.data.endpoint_count(),
@@ -925,74 +1064,16 @@ impl Daemon {
                 );
             }
             Outcome::Planned { diff } => {
-                info!(resource = %name, dest = %slot.res.dest.display(), "{outcome}");
+                info!(resource = %slot.res.name, dest = %slot.res.dest.display(), "{outcome}");
                 if let Some(d) = diff {
                     println!("{d}");
                 }
             }
             Outcome::Held { had, now, unit } => {
                 metrics.held.get_or_create(&labels).inc();
-                let first = slot.held.is_none();
-                let since = slot.held.as_ref().map_or(Instant::now(), |h| h.since);
-                slot.held = Some(Held {
-                    since,
-                    had: *had,
-                    now: *now,
-                    unit: *unit,
-                });
-                if modes.onetime {
-                    warn!(
-                        resource = %name,
-                        had, now, unit = %unit.name(),
-                        max_drop = %format!("{:.0}%", slot.res.max_drop * 100.0),
-                        "drop guard: not applied; the destination keeps its content (--onetime cannot wait out drop_grace; --allow-drop applies it)"
-                    );
-                } else if first {
-                    warn!(
-                        resource = %name,
-                        had, now, unit = %unit.name(),
-                        max_drop = %format!("{:.0}%", slot.res.max_drop * 100.0),
-                        grace = %humantime::format_duration(slot.res.drop_grace),
-                        "drop guard: holding a render that removes too many endpoints; it is applied if the drop persists for the grace period"
-                    );
-                }
+                slot.hold(*had, *now, *unit, modes);
             }
-            failed => {
-                metrics.failure(&name, failed.kind());
-                let message = failed.to_string();
-                let now = Instant::now();
-                match &mut slot.failure {
-                    // The same kind of failure again is the same fault still there: keep backing
-                    // off and log at debug. Messages are not compared: they vary between attempts
-                    // (a check names the staged file and HAProxy prints its pid).
-                    Some(f) if f.kind == failed.kind() => {
-                        debug!(resource = %name, error = %message, "still failing");
-                        f.message = message;
-                        f.retry_at = now + f.backoff.next_delay();
-                    }
-                    _ => {
-                        error!(resource = %name, error = %message, "apply failed; the destination keeps its last good content");
-                        let mut backoff = Backoff::new(
-                            Duration::from_secs(1),
-                            Duration::from_secs(60),
-                            Duration::from_secs(60),
-                        );
-                        let retry_at = now + backoff.next_delay();
-                        slot.failure = Some(Failure {
-                            kind: failed.kind(),
-                            message,
-                            retry_at,
-                            backoff,
-                        });
-                    }
-                }
-                // Keep the resource dirty: the apply is retried.
-                slot.pending.get_or_insert(Pending {
-                    first: batch_start.unwrap_or(now),
-                    last: now,
-                    leading: false,
-                });
-            }
+            failed => slot.failed(failed, batch_start, &metrics),
         }
     }
 
@@ -1066,8 +1147,17 @@ impl Daemon {
 /// Most checks [`Daemon::isolate`] runs for one failure.
 const MAX_ISOLATION_CHECKS: usize = 48;
 
-/// Renders `slot` with `quarantine` left out and runs its check (nothing is written).
-async fn passes_check(slot: &mut Slot, view: &View, quarantine: BTreeSet<String>) -> bool {
+/// Renders `slot` with `quarantine` left out and runs its check (nothing is written). A render
+/// equal to the destination passes without a check, unless `even_current`: the first check of
+/// [`Daemon::isolate`] must show that the check can pass at all (it may fail for the current
+/// file too, e.g. a file it needs went missing), or every new endpoint would be left out.
+async fn passes_check(
+    slot: &mut Slot,
+    commands: &dyn Commands,
+    view: &View,
+    quarantine: BTreeSet<String>,
+    even_current: bool,
+) -> bool {
     slot.data.set_quarantine(quarantine, view);
     let Ok(engine) = &slot.engine else {
         return false;
@@ -1075,7 +1165,15 @@ async fn passes_check(slot: &mut Slot, view: &View, quarantine: BTreeSet<String>
     if engine.render(&mut slot.data, &mut slot.buf).is_err() {
         return false;
     }
-    let (outcome, _) = apply::write_checked(&slot.res, &slot.buf, true, false).await;
+    if even_current {
+        return match apply::stage(&slot.res, &slot.buf) {
+            Ok(staged) => apply::check_staged(commands, &slot.res, staged.path())
+                .await
+                .is_ok(),
+            Err(_) => false,
+        };
+    }
+    let (outcome, _) = apply::write_checked(commands, &slot.res, &slot.buf, true, false).await;
     outcome.is_success()
 }
 
@@ -1092,6 +1190,7 @@ fn check_summary(output: &str) -> String {
 
 async fn render_and_write(
     slot: &mut Slot,
+    commands: &dyn Commands,
     metrics: &Metrics,
     modes: Modes,
     batch_start: Option<Instant>,
@@ -1147,14 +1246,14 @@ async fn render_and_write(
             );
         }
     }
-    if let Some(done) = runtime_apply(slot, metrics, modes, batch_start).await {
+    if let Some(done) = runtime_apply(slot, commands, metrics, modes, batch_start).await {
         return done;
     }
     if slot.res.reload_cmd.is_some() && !modes.noop && !modes.no_reload && !slot.reload_pending {
         create_reload_marker(&slot.res.dest);
     }
     let (outcome, commit) =
-        apply::write_checked(&slot.res, &slot.buf, modes.noop, modes.diff).await;
+        apply::write_checked(commands, &slot.res, &slot.buf, modes.noop, modes.diff).await;
     if !matches!(outcome, Outcome::Written) && !slot.reload_pending {
         remove_reload_marker(&slot.res.dest);
     }
@@ -1165,6 +1264,7 @@ async fn render_and_write(
 /// the reload path (not applicable, or the resource has no runtime API).
 async fn runtime_apply(
     slot: &mut Slot,
+    commands: &dyn Commands,
     metrics: &Metrics,
     modes: Modes,
     batch_start: Option<Instant>,
@@ -1180,7 +1280,7 @@ async fn runtime_apply(
         debug!(resource = %name, "a reload is pending; not using the runtime API");
         return None;
     }
-    match rt.attempt(&slot.res, &slot.buf, metrics).await {
+    match rt.attempt(commands, &slot.res, &slot.buf, metrics).await {
         Attempt::Skip { reason, detail } => {
             metrics.runtime_fallback(&name, reason);
             if reason == "unreachable" {
@@ -1326,4 +1426,910 @@ fn now_secs() -> u64 {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs()
+}
+
+/// The loop on tokio's paused clock: registry updates fed by hand, check and reload commands
+/// answered by [`tests::Fake`] (which records them with their virtual time), so every timing of
+/// the quiet period, the drop guard's grace and the failure backoff is asserted exactly.
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use flotilla_registry::Snapshot;
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::apply::{CommandFailure, CommandFuture};
+    use crate::view::tests::{ep_json, keys, node_json};
+    use crate::view::update_after;
+
+    /// One `server` line per endpoint, and the configuration key `x`.
+    const LIST: &str = "# x={{ getv(key=\"/config/x\", default=\"\") }}\n\
+        {% for name, eps in services %}{% for ep in eps %}server {{ name }} {{ ep.addr }}\n{% endfor %}{% endfor %}";
+
+    impl UpdateSource for mpsc::UnboundedReceiver<Update> {
+        fn recv(&mut self) -> impl std::future::Future<Output = Option<Update>> + Send {
+            mpsc::UnboundedReceiver::recv(self)
+        }
+
+        fn try_recv(&mut self) -> Option<Update> {
+            mpsc::UnboundedReceiver::try_recv(self).ok()
+        }
+    }
+
+    /// A command the daemon ran, at its virtual time since the start of the test.
+    #[derive(Debug, Clone)]
+    struct Call {
+        at: Duration,
+        /// `check <resource>` (the staged path cut off) or the reload command.
+        cmd: String,
+        /// For a check: the `server` lines of the staged file it was given.
+        servers: Option<usize>,
+    }
+
+    /// Answers commands at once (after `check_takes` of virtual time for a check). A check
+    /// fails while `fail_checks` is set or for a file with a `server bad` line; a reload fails
+    /// while `fail_reloads` is set.
+    struct Fake {
+        t0: Instant,
+        calls: Mutex<Vec<Call>>,
+        fail_checks: AtomicBool,
+        fail_reloads: AtomicBool,
+        check_takes: Mutex<Duration>,
+    }
+
+    impl Commands for Fake {
+        fn run<'a>(&'a self, cmd: &'a str, _timeout: Duration) -> CommandFuture<'a> {
+            Box::pin(async move {
+                let at = self.t0.elapsed();
+                let Some((name, path)) = cmd.split_once(" '") else {
+                    self.calls.lock().unwrap().push(Call {
+                        at,
+                        cmd: cmd.to_string(),
+                        servers: None,
+                    });
+                    return if self.fail_reloads.load(Ordering::SeqCst) {
+                        Err(CommandFailure(format!("`{cmd}` exit status: 1")))
+                    } else {
+                        Ok(String::new())
+                    };
+                };
+                let text = std::fs::read_to_string(path.trim_end_matches('\'')).unwrap();
+                self.calls.lock().unwrap().push(Call {
+                    at,
+                    cmd: name.to_string(),
+                    servers: Some(text.lines().filter(|l| l.starts_with("server ")).count()),
+                });
+                let takes = *self.check_takes.lock().unwrap();
+                if !takes.is_zero() {
+                    tokio::time::sleep(takes).await;
+                }
+                if self.fail_checks.load(Ordering::SeqCst) || text.contains("server bad ") {
+                    Err(CommandFailure(format!(
+                        "`{name}` exit status: 1: [ALERT] config rejected"
+                    )))
+                } else {
+                    Ok(String::new())
+                }
+            })
+        }
+    }
+
+    /// A confdir with resources rendering [`LIST`] into `out/<name>`, and a registry fed by
+    /// hand to a [`Daemon`] running in a task.
+    struct Rig {
+        dir: tempfile::TempDir,
+        fake: Arc<Fake>,
+        metrics: Arc<Metrics>,
+        health: Arc<Mutex<Health>>,
+        feed: Option<mpsc::UnboundedSender<Update>>,
+        status: Option<watch::Sender<CacheStatus>>,
+        /// Template and conf.d file events.
+        files: Option<mpsc::Sender<()>>,
+        stop: Option<oneshot::Sender<()>>,
+        task: Option<tokio::task::JoinHandle<RunEnd>>,
+        kvs: BTreeMap<String, Vec<u8>>,
+        prev: Snapshot,
+        rev: i64,
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn ep(service: &str, n: u32) -> (String, Vec<u8>) {
+        ep_json("node-a", service, n, "10.0.0.1")
+    }
+
+    fn watching() -> CacheStatus {
+        CacheStatus {
+            state: CacheState::Watching,
+            lists: 1,
+            compactions: 0,
+            faults: 0,
+        }
+    }
+
+    impl Rig {
+        /// Resources `(name, extra TOML lines)`, each with `check_cmd = "check <name> {{src}}"`
+        /// and keys `/endpoints/` and `/config/` under `/flotilla`.
+        fn new(resources: &[(&str, &str)]) -> Rig {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir_all(dir.path().join("conf.d")).unwrap();
+            std::fs::create_dir_all(dir.path().join("templates")).unwrap();
+            std::fs::create_dir_all(dir.path().join("out")).unwrap();
+            std::fs::write(dir.path().join("templates/list.tmpl"), LIST).unwrap();
+            for (name, extra) in resources {
+                std::fs::write(
+                    dir.path().join(format!("conf.d/{name}.toml")),
+                    format!(
+                        "[template]\nsrc = \"list.tmpl\"\ndest = \"{}\"\nprefix = \"/flotilla\"\n\
+                         keys = [\"/endpoints/\", \"/config/\"]\n\
+                         check_cmd = \"check {name} {{{{src}}}}\"\n{extra}\n",
+                        dir.path().join("out").join(name).display()
+                    ),
+                )
+                .unwrap();
+            }
+            let (metrics, _) = Metrics::new();
+            let mut kvs = BTreeMap::new();
+            let (k, v) = node_json("node-a");
+            kvs.insert(k, v);
+            Rig {
+                dir,
+                fake: Arc::new(Fake {
+                    t0: Instant::now(),
+                    calls: Mutex::default(),
+                    fail_checks: AtomicBool::new(false),
+                    fail_reloads: AtomicBool::new(false),
+                    check_takes: Mutex::default(),
+                }),
+                metrics,
+                health: Arc::default(),
+                feed: None,
+                status: None,
+                files: None,
+                stop: None,
+                task: None,
+                kvs,
+                prev: Snapshot::default(),
+                rev: 1,
+            }
+        }
+
+        fn out(&self, name: &str) -> PathBuf {
+            self.dir.path().join("out").join(name)
+        }
+
+        /// Starts the daemon at the current virtual time with the registry holding the node
+        /// record and `eps` (the first complete view).
+        fn start(&mut self, modes: Modes, eps: &[(&str, u32)]) {
+            for (s, n) in eps {
+                let (k, v) = ep(s, *n);
+                self.kvs.insert(k, v);
+            }
+            let admit = AdmitArgs {
+                allow_loopback: true,
+                ..AdmitArgs::default()
+            };
+            let mut daemon = Daemon::new(
+                self.dir.path(),
+                &keys(),
+                admit,
+                modes,
+                self.metrics.clone(),
+                self.health.clone(),
+            )
+            .unwrap();
+            daemon.commands = self.fake.clone();
+            let (feed, updates) = mpsc::unbounded_channel();
+            let (status_tx, status) = watch::channel(watching());
+            let (files_tx, files) = mpsc::channel(16);
+            let (stop, stopped) = oneshot::channel::<()>();
+            let hangups = Hangups::install().unwrap();
+            self.task = Some(tokio::spawn(async move {
+                daemon
+                    .run(updates, status, files, hangups, async {
+                        let _ = stopped.await;
+                    })
+                    .await
+            }));
+            self.feed = Some(feed);
+            self.status = Some(status_tx);
+            self.files = Some(files_tx);
+            self.stop = Some(stop);
+            self.send();
+        }
+
+        fn send(&mut self) {
+            self.rev += 1;
+            let u = update_after(&self.prev, &keys(), self.rev, self.kvs.clone());
+            self.prev = u.snapshot.clone();
+            let _ = self.feed.as_ref().unwrap().send(u);
+        }
+
+        /// One transaction: puts `add`, deletes `remove`.
+        fn txn(&mut self, add: &[(&str, u32)], remove: &[(&str, u32)]) {
+            for (s, n) in add {
+                let (k, v) = ep(s, *n);
+                self.kvs.insert(k, v);
+            }
+            for (s, n) in remove {
+                self.kvs.remove(&ep(s, *n).0);
+            }
+            self.send();
+        }
+
+        fn put_config(&mut self, name: &str, value: &str) {
+            self.kvs.insert(
+                format!("/flotilla/config/{name}"),
+                value.as_bytes().to_vec(),
+            );
+            self.send();
+        }
+
+        /// Lets the daemon run until `t` after the start of the test.
+        async fn until(&self, t: Duration) {
+            tokio::time::sleep_until(self.fake.t0 + t).await;
+        }
+
+        fn calls(&self) -> Vec<Call> {
+            self.fake.calls.lock().unwrap().clone()
+        }
+
+        /// Every command so far: `"<ms>ms check <name> (<n> servers)"`, `"<ms>ms <reload>"`.
+        fn log(&self) -> Vec<String> {
+            self.calls()
+                .iter()
+                .map(|c| match c.servers {
+                    Some(n) => format!("{}ms {} ({n} servers)", c.at.as_millis(), c.cmd),
+                    None => format!("{}ms {}", c.at.as_millis(), c.cmd),
+                })
+                .collect()
+        }
+
+        fn servers(&self, name: &str) -> usize {
+            std::fs::read_to_string(self.out(name))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.starts_with("server "))
+                .count()
+        }
+
+        fn renders(&self, name: &str) -> u64 {
+            self.metrics
+                .renders
+                .get_or_create(&metrics::resource(name))
+                .get()
+        }
+
+        fn held(&self, name: &str) -> u64 {
+            self.metrics
+                .held
+                .get_or_create(&metrics::resource(name))
+                .get()
+        }
+
+        fn healthz(&self) -> (bool, String) {
+            self.health.lock().unwrap().report()
+        }
+
+        async fn stop(mut self) -> RunEnd {
+            let _ = self.stop.take().unwrap().send(());
+            self.task.take().unwrap().await.unwrap()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_within_the_quiet_period_gives_one_render_and_one_reload_when_it_ends() {
+        let mut rig = Rig::new(&[("a", "wait = \"50ms:1s\"\nreload_cmd = \"reload a\"")]);
+        rig.start(Modes::default(), &[("web", 0)]);
+        // Ten puts 10 ms apart, the first 10 ms after the initial apply: one batch, applied
+        // 50 ms after the last one (190 ms).
+        for i in 1..=10 {
+            rig.until(ms(10 * i as u64)).await;
+            rig.txn(&[("web", i)], &[]);
+        }
+        // A lone change after more than 50 ms of quiet is applied at once (leading edge).
+        rig.until(ms(400)).await;
+        rig.txn(&[("web", 11)], &[]);
+        rig.until(ms(1000)).await;
+        assert_eq!(
+            rig.log(),
+            [
+                "0ms check a (1 servers)",
+                "0ms reload a",
+                "150ms check a (11 servers)",
+                "150ms reload a",
+                "400ms check a (12 servers)",
+                "400ms reload a",
+            ]
+        );
+        assert_eq!(rig.renders("a"), 3);
+        assert_eq!(rig.servers("a"), 12);
+        assert_eq!(rig.stop().await, RunEnd::Ok);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn changes_spaced_wider_than_wait_min_are_applied_one_each_at_once() {
+        let mut rig = Rig::new(&[("a", "wait = \"50ms:1s\"\nreload_cmd = \"reload a\"")]);
+        rig.start(Modes::default(), &[("web", 0)]);
+        for i in 1..=3 {
+            rig.until(ms(100 * i as u64)).await;
+            rig.txn(&[("web", i)], &[]);
+        }
+        rig.until(ms(1000)).await;
+        assert_eq!(
+            rig.log(),
+            [
+                "0ms check a (1 servers)",
+                "0ms reload a",
+                "100ms check a (2 servers)",
+                "100ms reload a",
+                "200ms check a (3 servers)",
+                "200ms reload a",
+                "300ms check a (4 servers)",
+                "300ms reload a",
+            ]
+        );
+        rig.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn under_steady_churn_a_batch_is_applied_wait_max_after_its_first_change() {
+        let mut rig = Rig::new(&[("a", "wait = \"50ms:210ms\"\nreload_cmd = \"reload a\"")]);
+        rig.start(Modes::default(), &[("web", 0)]);
+        // A put every 20 ms from 5 ms to 585 ms: never 50 ms of quiet.
+        for i in 0..30u32 {
+            rig.until(ms(5 + 20 * i as u64)).await;
+            rig.txn(&[("web", i + 1)], &[]);
+        }
+        rig.until(ms(2000)).await;
+        let reloads: Vec<String> = rig
+            .log()
+            .into_iter()
+            .filter(|l| l.ends_with("reload a"))
+            .collect();
+        // Batches start at 5, 225 and 445 ms (the first put after each flush) and end 210 ms
+        // later; the last one 50 ms after the last put (635 ms), before its 210 ms are up.
+        assert_eq!(
+            reloads,
+            [
+                "0ms reload a",
+                "215ms reload a",
+                "435ms reload a",
+                "635ms reload a"
+            ]
+        );
+        assert_eq!(rig.servers("a"), 31);
+        rig.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_quiet_period_counts_from_the_end_of_a_slow_flush() {
+        let mut rig = Rig::new(&[("a", "wait = \"20ms:1s\"\nreload_cmd = \"reload a\"")]);
+        rig.start(Modes::default(), &[("web", 0)]);
+        rig.until(ms(100)).await;
+        // Each check takes 30 ms, longer than wait.min.
+        *rig.fake.check_takes.lock().unwrap() = ms(30);
+        rig.txn(&[("web", 1)], &[]);
+        // Arrives while the flush of 100 ms is checking; seen when it ends (130 ms): not a
+        // leading edge (no quiet since the flush), so applied 20 ms later.
+        rig.until(ms(110)).await;
+        rig.txn(&[("web", 2)], &[]);
+        rig.until(ms(1000)).await;
+        assert_eq!(
+            rig.log(),
+            [
+                "0ms check a (1 servers)",
+                "0ms reload a",
+                "100ms check a (2 servers)",
+                "130ms reload a",
+                "150ms check a (3 servers)",
+                "180ms reload a",
+            ]
+        );
+        rig.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn resources_sharing_a_reload_command_touched_in_one_transaction_reload_once() {
+        // `a` applies every change at once; `b` waits for 50 ms of quiet; `c` has its own
+        // reload command.
+        let mut rig = Rig::new(&[
+            ("a", "reload_cmd = \"reload shared\""),
+            ("b", "wait = \"50ms:1s\"\nreload_cmd = \"reload shared\""),
+            ("c", "wait = \"50ms:1s\"\nreload_cmd = \"reload c\""),
+        ]);
+        rig.start(Modes::default(), &[("web", 0)]);
+        rig.until(ms(20)).await;
+        rig.txn(&[("web", 1)], &[]);
+        rig.until(ms(1000)).await;
+        assert_eq!(
+            rig.log(),
+            [
+                "0ms check a (1 servers)",
+                "0ms check b (1 servers)",
+                "0ms check c (1 servers)",
+                "0ms reload c",
+                "0ms reload shared",
+                // `b` is inside its quiet period but joins `a`'s batch: one reload.
+                "20ms check a (2 servers)",
+                "20ms check b (2 servers)",
+                "20ms reload shared",
+                // `c` does not share it and waits for its own quiet period.
+                "70ms check c (2 servers)",
+                "70ms reload c",
+            ]
+        );
+        assert_eq!(
+            rig.metrics
+                .reloads
+                .get_or_create(&vec![("result".into(), "ok".into())])
+                .get(),
+            4
+        );
+        rig.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resource_with_a_pending_change_joins_the_batch_of_a_due_one() {
+        let mut rig = Rig::new(&[
+            ("a", "wait = \"30ms:1s\"\nreload_cmd = \"reload shared\""),
+            ("b", "wait = \"50ms:1s\"\nreload_cmd = \"reload shared\""),
+        ]);
+        rig.start(Modes::default(), &[("web", 0)]);
+        rig.until(ms(10)).await;
+        rig.txn(&[("web", 1)], &[]);
+        rig.until(ms(1000)).await;
+        // `a` is due at 40 ms, `b` would be at 60 ms: both at 40 ms, one reload.
+        assert_eq!(
+            rig.log(),
+            [
+                "0ms check a (1 servers)",
+                "0ms check b (1 servers)",
+                "0ms reload shared",
+                "40ms check a (2 servers)",
+                "40ms check b (2 servers)",
+                "40ms reload shared",
+            ]
+        );
+        rig.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_drop_guard_holds_a_large_drop_for_the_grace_period_then_applies_it() {
+        let mut rig = Rig::new(&[(
+            "a",
+            "max_drop = \"50%\"\ndrop_grace = \"30s\"\nreload_cmd = \"reload a\"",
+        )]);
+        rig.start(
+            Modes::default(),
+            &[("web", 0), ("web", 1), ("web", 2), ("web", 3)],
+        );
+        rig.until(Duration::from_secs(1)).await;
+        // 3 of 4 gone: more than 50 %.
+        rig.txn(&[], &[("web", 1), ("web", 2), ("web", 3)]);
+        rig.until(Duration::from_secs(2)).await;
+        assert_eq!(rig.log(), ["0ms check a (4 servers)", "0ms reload a"]);
+        assert_eq!(rig.servers("a"), 4, "the old file stays");
+        assert_eq!(rig.held("a"), 1);
+        let (healthy, body) = rig.healthz();
+        assert!(
+            body.contains("resource a: held by the drop guard (1 of 4 endpoints) for 0s"),
+            "{body}"
+        );
+        assert!(healthy, "a hold is not a failure: {body}");
+        // Another drop while held: still held, the grace still counts from the first.
+        rig.until(Duration::from_secs(10)).await;
+        rig.txn(&[], &[("web", 0)]);
+        rig.until(ms(10_500)).await;
+        assert_eq!(rig.calls().len(), 2);
+        assert_eq!(rig.held("a"), 2);
+        assert!(
+            rig.healthz().1.contains("(0 of 4 endpoints) for 9s"),
+            "{}",
+            rig.healthz().1
+        );
+        rig.until(Duration::from_secs(40)).await;
+        assert_eq!(
+            rig.log(),
+            [
+                "0ms check a (4 servers)",
+                "0ms reload a",
+                "31000ms check a (0 servers)",
+                "31000ms reload a",
+            ]
+        );
+        assert_eq!(rig.servers("a"), 0);
+        assert!(
+            rig.healthz().1.contains("resource a: ok"),
+            "{}",
+            rig.healthz().1
+        );
+        // The applied drop is the new baseline.
+        assert_eq!(
+            std::fs::read_to_string(applied_endpoints_file(&rig.out("a"))).unwrap(),
+            "0\n"
+        );
+        rig.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_ends_when_the_endpoints_come_back_and_a_drop_up_to_max_drop_applies_at_once() {
+        let mut rig = Rig::new(&[(
+            "a",
+            "max_drop = \"50%\"\ndrop_grace = \"30s\"\nreload_cmd = \"reload a\"",
+        )]);
+        rig.start(
+            Modes::default(),
+            &[("web", 0), ("web", 1), ("web", 2), ("web", 3)],
+        );
+        rig.until(Duration::from_secs(1)).await;
+        rig.txn(&[], &[("web", 1), ("web", 2), ("web", 3)]);
+        rig.until(Duration::from_secs(5)).await;
+        rig.txn(&[("web", 1), ("web", 2), ("web", 3)], &[]);
+        // Back before the grace ended: the render equals the file (nothing to check, write or
+        // reload) and the hold is over; nothing happens when the grace would have ended.
+        rig.until(Duration::from_secs(40)).await;
+        assert_eq!(rig.log(), ["0ms check a (4 servers)", "0ms reload a"]);
+        assert!(
+            rig.healthz().1.contains("resource a: ok"),
+            "{}",
+            rig.healthz().1
+        );
+        // Exactly half: not more than max_drop, applied at once.
+        rig.txn(&[], &[("web", 2), ("web", 3)]);
+        rig.until(Duration::from_secs(41)).await;
+        assert_eq!(
+            rig.log(),
+            [
+                "0ms check a (4 servers)",
+                "0ms reload a",
+                "40000ms check a (2 servers)",
+                "40000ms reload a",
+            ]
+        );
+        assert_eq!(rig.held("a"), 1);
+        rig.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_count_an_earlier_run_applied_guards_the_first_render_unless_allow_drop() {
+        for allow_drop in [false, true] {
+            let mut rig = Rig::new(&[("a", "max_drop = \"50%\"\nreload_cmd = \"reload a\"")]);
+            // An earlier run applied 10 endpoints; 2 are left.
+            std::fs::write(rig.out("a"), "server web 10.0.0.1:8000\n".repeat(10)).unwrap();
+            store_applied_endpoints(&rig.out("a"), 10);
+            rig.start(
+                Modes {
+                    allow_drop,
+                    ..Modes::default()
+                },
+                &[("web", 0), ("web", 1)],
+            );
+            rig.until(ms(100)).await;
+            if allow_drop {
+                assert_eq!(rig.log(), ["0ms check a (2 servers)", "0ms reload a"]);
+                assert_eq!(rig.servers("a"), 2);
+            } else {
+                assert!(rig.log().is_empty(), "{:?}", rig.log());
+                assert_eq!(rig.servers("a"), 10);
+                assert!(
+                    rig.healthz().1.contains("(2 of 10 endpoints)"),
+                    "{}",
+                    rig.healthz().1
+                );
+            }
+            rig.stop().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn onetime_exits_held_and_keeps_the_file_when_the_drop_guard_holds() {
+        let mut rig = Rig::new(&[("a", "reload_cmd = \"reload a\"")]);
+        // No record of the endpoints: the guard compares sizes (a 3 KB file, a 25-byte render).
+        std::fs::write(rig.out("a"), "server web 10.0.0.1:8000\n".repeat(120)).unwrap();
+        rig.start(
+            Modes {
+                onetime: true,
+                ..Modes::default()
+            },
+            &[("web", 0)],
+        );
+        let end = rig.task.take().unwrap().await.unwrap();
+        assert_eq!(end, RunEnd::Held);
+        assert!(rig.log().is_empty(), "{:?}", rig.log());
+        assert_eq!(rig.servers("a"), 120);
+        assert_eq!(rig.held("a"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_check_keeps_the_file_reloads_nothing_and_is_retried_with_backoff() {
+        let mut rig = Rig::new(&[("a", "reload_cmd = \"reload a\"")]);
+        rig.start(Modes::default(), &[("web", 0)]);
+        rig.until(Duration::from_secs(1)).await;
+        // A configuration change the check rejects (leaving endpoints out cannot fix it).
+        rig.fake.fail_checks.store(true, Ordering::SeqCst);
+        rig.put_config("x", "1");
+        rig.until(ms(1100)).await;
+        let log = rig.log();
+        assert!(log.len() > 2, "{log:?}");
+        assert!(
+            log[2..].iter().all(|l| l.starts_with("1000ms check a")),
+            "{log:?}"
+        );
+        let text = std::fs::read_to_string(rig.out("a")).unwrap();
+        assert!(
+            text.starts_with("# x=\n"),
+            "the destination is untouched: {text}"
+        );
+        let (healthy, body) = rig.healthz();
+        assert!(!healthy);
+        assert!(body.contains("resource a: failing (check)"), "{body}");
+        // An endpoint change does not cut the backoff short (the first retry comes 0.5-1 s
+        // after the failure)...
+        let before = rig.calls().len();
+        rig.txn(&[("web", 1)], &[]);
+        rig.until(ms(1499)).await;
+        assert_eq!(rig.calls().len(), before, "{:?}", rig.log());
+        rig.until(ms(2001)).await;
+        let calls = rig.calls();
+        assert!(calls.len() > before, "{:?}", rig.log());
+        let retry = calls[before].at;
+        assert!(
+            (ms(1500)..=ms(2000)).contains(&retry),
+            "retried at {retry:?}"
+        );
+        assert!(calls[before..]
+            .iter()
+            .all(|c| c.at == retry && c.cmd == "check a"));
+        // ... a configuration change does: the fix may be in it. (The next retry would come
+        // at least 1 s after the last.)
+        rig.until(ms(2100)).await;
+        let before = rig.calls().len();
+        rig.fake.fail_checks.store(false, Ordering::SeqCst);
+        rig.put_config("x", "2");
+        rig.until(ms(2200)).await;
+        assert_eq!(
+            rig.log()[before..],
+            ["2100ms check a (2 servers)", "2100ms reload a"]
+        );
+        let text = std::fs::read_to_string(rig.out("a")).unwrap();
+        assert!(text.starts_with("# x=2\n"), "{text}");
+        assert!(rig.healthz().0, "{}", rig.healthz().1);
+        rig.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_reload_restores_the_files_of_its_group_and_reloads_them_again() {
+        let mut rig = Rig::new(&[
+            ("a", "reload_cmd = \"reload shared\""),
+            ("b", "reload_cmd = \"reload shared\""),
+        ]);
+        rig.start(Modes::default(), &[("web", 0)]);
+        rig.until(Duration::from_secs(1)).await;
+        rig.fake.fail_reloads.store(true, Ordering::SeqCst);
+        rig.txn(&[("web", 1)], &[]);
+        rig.until(ms(1100)).await;
+        assert_eq!(
+            rig.log()[3..],
+            [
+                "1000ms check a (2 servers)",
+                "1000ms check b (2 servers)",
+                "1000ms reload shared",
+                "1000ms reload shared",
+            ]
+        );
+        assert_eq!((rig.servers("a"), rig.servers("b")), (1, 1), "rolled back");
+        assert!(rig.healthz().1.contains("resource b: failing (reload)"));
+        rig.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_the_check_fails_with_is_left_out_and_the_rest_applied() {
+        let mut rig = Rig::new(&[("a", "reload_cmd = \"reload a\"")]);
+        rig.start(Modes::default(), &[("web", 0)]);
+        rig.until(Duration::from_secs(1)).await;
+        rig.txn(&[("web", 1), ("bad", 2)], &[]);
+        rig.until(ms(1100)).await;
+        assert_eq!(
+            rig.log(),
+            [
+                "0ms check a (1 servers)",
+                "0ms reload a",
+                // The render with `bad` fails; without both new endpoints it passes; the
+                // halves: both back fails, `bad` alone back fails, `web` 1 alone back passes;
+                // the render without `bad` is written.
+                "1000ms check a (3 servers)",
+                "1000ms check a (1 servers)",
+                "1000ms check a (3 servers)",
+                "1000ms check a (2 servers)",
+                "1000ms check a (2 servers)",
+                "1000ms check a (2 servers)",
+                "1000ms reload a",
+            ]
+        );
+        assert_eq!(rig.servers("a"), 2);
+        assert_eq!(
+            rig.metrics
+                .quarantined
+                .get_or_create(&metrics::resource("a"))
+                .get(),
+            1
+        );
+        rig.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_check_that_fails_for_every_file_fails_the_resource_and_leaves_nothing_out() {
+        let mut rig = Rig::new(&[("a", "reload_cmd = \"reload a\"")]);
+        rig.start(Modes::default(), &[("web", 0)]);
+        rig.until(Duration::from_secs(1)).await;
+        // The check breaks (a certificate it needs went missing): it fails for the current
+        // file too, so the new endpoint is not what it fails with.
+        rig.fake.fail_checks.store(true, Ordering::SeqCst);
+        rig.txn(&[("web", 1)], &[]);
+        rig.until(ms(1100)).await;
+        let (healthy, body) = rig.healthz();
+        assert!(!healthy, "{body}");
+        assert!(body.contains("resource a: failing (check)"), "{body}");
+        assert_eq!(
+            rig.metrics
+                .quarantined
+                .get_or_create(&metrics::resource("a"))
+                .get(),
+            0
+        );
+        // Once the check works again, the retry applies every endpoint.
+        rig.fake.fail_checks.store(false, Ordering::SeqCst);
+        rig.until(Duration::from_secs(3)).await;
+        assert_eq!(rig.servers("a"), 2);
+        assert!(rig.log().last().unwrap().ends_with("reload a"));
+        rig.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nothing_is_applied_while_the_view_is_stale() {
+        let mut rig = Rig::new(&[("a", "reload_cmd = \"reload a\"")]);
+        rig.start(Modes::default(), &[("web", 0)]);
+        rig.until(Duration::from_secs(1)).await;
+        // A change that becomes due while the cache is degraded (etcd unreachable).
+        rig.status
+            .as_ref()
+            .unwrap()
+            .send(CacheStatus {
+                state: CacheState::Degraded {
+                    error: "etcd unreachable".into(),
+                },
+                ..watching()
+            })
+            .unwrap();
+        rig.until(ms(1001)).await;
+        rig.txn(&[("web", 1)], &[]);
+        // On the paused clock, a loop that spun on the past due time would never let the
+        // clock reach 5 s: this test would hang.
+        rig.until(Duration::from_secs(5)).await;
+        assert_eq!(rig.calls().len(), 2, "{:?}", rig.log());
+        let body = rig.healthz().1;
+        assert!(body.contains("registry: stale"), "{body}");
+        assert!(
+            body.contains("a change waits for a current registry view"),
+            "{body}"
+        );
+        rig.status.as_ref().unwrap().send(watching()).unwrap();
+        rig.until(Duration::from_secs(6)).await;
+        assert_eq!(
+            rig.log()[2..],
+            ["5000ms check a (2 servers)", "5000ms reload a"]
+        );
+        rig.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_a_killed_run_did_not_finish_runs_at_the_first_apply_of_a_current_file() {
+        let mut rig = Rig::new(&[("a", "reload_cmd = \"reload a\"")]);
+        // The file is already what the registry renders, but its reload never ran.
+        std::fs::write(rig.out("a"), "# x=\nserver web 10.0.0.1:8000\n").unwrap();
+        std::fs::write(reload_marker(&rig.out("a")), "").unwrap();
+        rig.start(Modes::default(), &[("web", 0)]);
+        rig.until(ms(100)).await;
+        // Nothing to check or write: only the reload.
+        assert_eq!(rig.log(), ["0ms reload a"]);
+        assert!(!reload_marker(&rig.out("a")).exists());
+        // A current file without the marker reloads nothing.
+        rig.put_config("unused", "1");
+        rig.until(ms(200)).await;
+        assert_eq!(rig.log(), ["0ms reload a"]);
+        rig.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resource_in_failure_backoff_does_not_join_its_siblings_batch() {
+        let mut rig = Rig::new(&[]);
+        // `a` sees the configuration only and has no check; `b` sees the endpoints only.
+        std::fs::write(
+            rig.dir.path().join("templates/eps.tmpl"),
+            "{% for name, eps in services %}{% for ep in eps %}server {{ name }} {{ ep.addr }}\n{% endfor %}{% endfor %}",
+        )
+        .unwrap();
+        for (name, src, keys, check) in [
+            ("a", "list.tmpl", "/config/", ""),
+            (
+                "b",
+                "eps.tmpl",
+                "/endpoints/",
+                "check_cmd = \"check b {{src}}\"\n",
+            ),
+        ] {
+            std::fs::write(
+                rig.dir.path().join(format!("conf.d/{name}.toml")),
+                format!(
+                    "[template]\nsrc = \"{src}\"\ndest = \"{}\"\nprefix = \"/flotilla\"\n\
+                     keys = [\"{keys}\"]\nreload_cmd = \"reload shared\"\n{check}",
+                    rig.out(name).display()
+                ),
+            )
+            .unwrap();
+        }
+        rig.start(Modes::default(), &[("web", 0)]);
+        // `b`'s check breaks: it fails for the current file too, so `b` fails as a whole.
+        rig.until(Duration::from_secs(1)).await;
+        rig.fake.fail_checks.store(true, Ordering::SeqCst);
+        rig.txn(&[("web", 1)], &[]);
+        rig.until(ms(1100)).await;
+        assert!(rig.healthz().1.contains("resource b: failing (check)"));
+        rig.fake.fail_checks.store(false, Ordering::SeqCst);
+        let before = rig.calls().len();
+        // Within `b`'s backoff (0.5-1 s), `a` is due at once: `b` keeps its backoff.
+        rig.put_config("x", "1");
+        rig.until(ms(1150)).await;
+        assert_eq!(rig.log()[before..], ["1100ms reload shared"]);
+        // `b`'s retry comes on its own.
+        rig.until(Duration::from_secs(3)).await;
+        let log = rig.log();
+        assert_eq!(log.len(), before + 3, "{log:?}");
+        assert!(log[before + 1].ends_with("check b (2 servers)"), "{log:?}");
+        assert!(log[before + 2].ends_with("reload shared"), "{log:?}");
+        rig.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn template_edits_are_read_once_the_file_events_settle() {
+        let mut rig = Rig::new(&[("a", "reload_cmd = \"reload a\"")]);
+        rig.start(Modes::default(), &[("web", 0)]);
+        rig.until(Duration::from_secs(1)).await;
+        std::fs::write(
+            rig.dir.path().join("templates/list.tmpl"),
+            format!("# edited\n{LIST}"),
+        )
+        .unwrap();
+        // An editor's save: three events within 15 ms; read 20 ms after the last.
+        for t in [1000, 1010, 1015] {
+            rig.until(ms(t)).await;
+            rig.files.as_ref().unwrap().try_send(()).unwrap();
+        }
+        rig.until(ms(1100)).await;
+        assert_eq!(
+            rig.log()[2..],
+            ["1035ms check a (1 servers)", "1035ms reload a"]
+        );
+        // Events every 10 ms without a pause: read 60 ms after the first.
+        std::fs::write(
+            rig.dir.path().join("templates/list.tmpl"),
+            format!("# edited again\n{LIST}"),
+        )
+        .unwrap();
+        for t in (2000..2200).step_by(10) {
+            rig.until(ms(t)).await;
+            let _ = rig.files.as_ref().unwrap().try_send(());
+        }
+        let edits: Vec<String> = rig.log()[4..].to_vec();
+        assert_eq!(
+            edits.first().map(String::as_str),
+            Some("2060ms check a (1 servers)"),
+            "{edits:?}"
+        );
+        rig.stop().await;
+    }
 }

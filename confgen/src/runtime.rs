@@ -33,14 +33,15 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flotilla_registry::atomic::Staged;
 use flotilla_registry::backoff::Backoff;
 use proxyctl::{apply_servers, Config, RuntimeApi, Scope, SyncError, SyncOptions, SyncReport};
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::apply;
+use crate::apply::{self, Commands};
 use crate::metrics::Metrics;
 use crate::resource::Resource;
 
@@ -154,7 +155,13 @@ impl Runtime {
     }
 
     /// Applies `rendered` (see the module docs).
-    pub async fn attempt(&mut self, res: &Resource, rendered: &[u8], metrics: &Metrics) -> Attempt {
+    pub async fn attempt(
+        &mut self,
+        cmds: &dyn Commands,
+        res: &Resource,
+        rendered: &[u8],
+        metrics: &Metrics,
+    ) -> Attempt {
         let current = match apply::read_dest(res) {
             Ok(c) => c,
             Err(error) => {
@@ -264,7 +271,7 @@ impl Runtime {
         );
         // Err(Ok(output)): the check failed; Err(Err(error)): staging failed.
         let staged: Result<Staged, Result<String, String>> = match staged {
-            Ok(staged) => match apply::check_staged(res, staged.path()).await {
+            Ok(staged) => match apply::check_staged(cmds, res, staged.path()).await {
                 Ok(()) => Ok(staged),
                 Err(output) => Err(Ok(output)),
             },
