@@ -523,6 +523,9 @@ impl Daemon {
             if self.modes.onetime && self.writable {
                 // Everything is dirty after the first complete view: one flush, then exit.
                 let flushed = self.flush(true).await;
+                // The process exits next: freeing the view and every resource's data one
+                // allocation at a time would only delay that exit (see `run` in main.rs).
+                std::mem::forget(self);
                 return if flushed.failed {
                     RunEnd::Failed
                 } else if flushed.held {
