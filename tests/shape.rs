@@ -60,19 +60,9 @@ const NOT_SPLIT_YET: &[(&str, &str)] = &[
     ("fleet-units/src/app.rs", "systemd"),
     ("fleet-units/src/placement.rs", "plan_root"),
     ("fleet-units/src/quadlet.rs", "container_unit"),
-    ("fleet-units/src/render.rs", "service_unit"),
-    ("fleet-units/src/rollout.rs", "Driver::batches"),
-    ("fleet-units/src/spec.rs", "build_service"),
-    ("fleet-units/src/spec.rs", "build_platform"),
     ("fleet-units/src/status.rs", "render"),
     ("harness/src/hosts.rs", "Fleet::start"),
     ("harness/src/observe.rs", "compute"),
-    ("presence/src/cli.rs", "Cli::validate_with"),
-    ("presence/src/main.rs", "run"),
-    ("presence/src/spec.rs", "read_meta"),
-    ("presence/src/spec.rs", "decide_inner"),
-    ("presence/src/writer.rs", "Writer::run"),
-    ("proxyctl/src/sync.rs", "apply_servers"),
 ];
 
 /// One function longer than the limit.

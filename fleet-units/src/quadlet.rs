@@ -29,7 +29,7 @@
 use crate::image::ImageRef;
 use crate::path::FieldPath;
 use crate::quote::{check_text, exec_word, setting_value, ControlCharError};
-use crate::render::{header, RenderError, RenderOptions};
+use crate::render::{container_labels, header, volume_spec, RenderError, RenderOptions};
 use crate::spec::Service;
 
 /// A value Quadlet cannot carry faithfully, with the field it came from.
@@ -226,44 +226,8 @@ pub fn container_unit(
         "never"
     };
     out.push_str(&format!("Pull={pull}\n"));
-    let reg = &svc.registration;
-    let fl = base.key("flotilla");
-    if reg.ignore {
-        out.push_str("Label=flotilla.ignore=true\n");
-    } else {
-        out.push_str(&format!(
-            "Label={}\n",
-            word(
-                &fl.key("service"),
-                &format!("flotilla.service={}", reg.service)
-            )?
-        ));
-        for (i, p) in svc.ports.iter().enumerate() {
-            if let Some(ps) = &p.service {
-                out.push_str(&format!(
-                    "Label={}\n",
-                    word(
-                        &base.key("ports").index(i),
-                        &format!("flotilla.service.{}={ps}", p.container)
-                    )?
-                ));
-            }
-        }
-        if !reg.tags.is_empty() {
-            out.push_str(&format!(
-                "Label={}\n",
-                word(
-                    &fl.key("tags"),
-                    &format!("flotilla.tags={}", reg.tags.join(","))
-                )?
-            ));
-        }
-    }
-    for (k, v) in &svc.labels {
-        out.push_str(&format!(
-            "Label={}\n",
-            word(&base.key("labels").key(k), &format!("{k}={v}"))?
-        ));
+    for (field, label) in container_labels(svc) {
+        out.push_str(&format!("Label={}\n", word(&field, &label)?));
     }
     for (k, v) in &svc.env {
         out.push_str(&format!(
@@ -278,15 +242,9 @@ pub fn container_unit(
         ));
     }
     for (i, v) in svc.volumes.iter().enumerate() {
-        let spec = format!(
-            "{}:{}{}",
-            v.source,
-            v.target,
-            if v.read_only { ":ro" } else { "" }
-        );
         out.push_str(&format!(
             "Volume={}\n",
-            single(&base.key("volumes").index(i), &spec)?
+            single(&base.key("volumes").index(i), &volume_spec(v))?
         ));
     }
     if let Some(h) = &svc.health {

@@ -347,26 +347,39 @@ impl<S: Store> Writer<S> {
         st.lease = self.lease;
     }
 
+    /// Absorbs messages until the first full list; false when `shutdown` turned true or the
+    /// reconciler is gone first. Nothing is written before the first full list: writing from a
+    /// partial view would delete live entries of a predecessor.
+    async fn first_list(
+        &mut self,
+        rx: &mut UnboundedReceiver<WriterMsg>,
+        shutdown: &mut watch::Receiver<bool>,
+        beat: &mut tokio::time::Interval,
+    ) -> bool {
+        let pulse = self.metrics.pulse.clone();
+        loop {
+            pulse.round(Loop::Writer).await;
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => if self.absorb(m) { return true },
+                    None => return false,
+                },
+                _ = shutdown.changed() => return false,
+                _ = beat.tick() => {}
+            }
+        }
+    }
+
     /// Runs until `shutdown` turns true (then revokes the lease) or the reconciler is gone.
     pub async fn run(
         mut self,
         mut rx: UnboundedReceiver<WriterMsg>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        // Nothing is written before the first full list: writing from a partial view would
-        // delete live entries of a predecessor.
         let pulse = self.metrics.pulse.clone();
         let mut beat = beat_interval();
-        loop {
-            pulse.round(Loop::Writer).await;
-            tokio::select! {
-                m = rx.recv() => match m {
-                    Some(m) => if self.absorb(m) { break },
-                    None => return,
-                },
-                _ = shutdown.changed() => return,
-                _ = beat.tick() => {}
-            }
+        if !self.first_list(&mut rx, &mut shutdown, &mut beat).await {
+            return;
         }
         let mut backoff = Backoff::new(
             Duration::from_millis(100),
