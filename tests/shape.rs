@@ -48,15 +48,6 @@ const ALLOWED_ELSEWHERE: &[(&str, &str)] = &[
 /// Functions over the limit not split yet (issue #15); the same rules as
 /// [`ALLOWED_ELSEWHERE`].
 const NOT_SPLIT_YET: &[(&str, &str)] = &[
-    ("confgen/src/convert.rs", "tokenize"),
-    ("confgen/src/convert.rs", "Converter::call"),
-    ("confgen/src/convert.rs", "Converter::render_raw"),
-    ("confgen/src/convert.rs", "confd_run_args"),
-    ("confgen/src/convert.rs", "confd_flag"),
-    ("confgen/src/funcs.rs", "register"),
-    ("confgen/src/funcs.rs", "register_confd"),
-    ("confgen/src/metrics.rs", "Metrics::new"),
-    ("confgen/src/resource.rs", "load_resource"),
     ("fleet-units/src/app.rs", "systemd"),
     ("fleet-units/src/placement.rs", "plan_root"),
     ("fleet-units/src/quadlet.rs", "container_unit"),
