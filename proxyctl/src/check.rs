@@ -136,15 +136,47 @@ impl Haproxy {
     /// Runs `haproxy -c -f <config>`. `Ok` means HAProxy accepted it (possibly with warnings);
     /// [`Error::CheckFailed`] carries HAProxy's messages otherwise.
     pub async fn check(&self, config: &Path) -> Result<CheckReport, Error> {
-        ensure_readable(config)?;
-        let mut cmd = tokio::process::Command::new(&self.binary);
-        cmd.arg("-c").arg("-f").arg(config);
-        let (valid, output) = run_check(&self.binary, &mut cmd, self.timeout, "haproxy -c").await?;
-        let report = CheckReport {
+        let check = ConfigCheck {
             proxy: "haproxy",
+            what: "haproxy -c",
+            flags: ["-c", "-f"],
+            parse: parse_haproxy_output,
+        };
+        check.run(&self.binary, config, self.timeout).await
+    }
+}
+
+/// How a proxy checks a config file: `<binary> <flags> <config>`.
+pub(crate) struct ConfigCheck {
+    /// The proxy's name in the report.
+    pub proxy: &'static str,
+    /// The command as messages name it (`haproxy -c`).
+    pub what: &'static str,
+    /// The flags before the config's path.
+    pub flags: [&'static str; 2],
+    /// Reads the proxy's messages.
+    pub parse: fn(&str) -> Vec<Diagnostic>,
+}
+
+impl ConfigCheck {
+    /// Runs the check of `config` with `binary`, for at most `timeout`. `Ok` means the proxy
+    /// accepted it (possibly with warnings); [`Error::CheckFailed`] carries its messages
+    /// otherwise.
+    pub async fn run(
+        &self,
+        binary: &Path,
+        config: &Path,
+        timeout: Duration,
+    ) -> Result<CheckReport, Error> {
+        ensure_readable(config)?;
+        let mut cmd = tokio::process::Command::new(binary);
+        cmd.args(self.flags).arg(config);
+        let (valid, output) = run_check(binary, &mut cmd, timeout, self.what).await?;
+        let report = CheckReport {
+            proxy: self.proxy,
             config: config.to_path_buf(),
             valid,
-            diagnostics: parse_haproxy_output(&output),
+            diagnostics: (self.parse)(&output),
             output,
         };
         if report.valid {

@@ -9,7 +9,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::Serialize;
 
-use crate::check::{ensure_readable, parse_nginx_output, run_check, CheckReport};
+use crate::check::{parse_nginx_output, run_check, CheckReport, ConfigCheck};
 use crate::master::config_is_running;
 use crate::Error;
 
@@ -57,24 +57,13 @@ impl Nginx {
 
     /// Runs `nginx -t -c <config>`. [`Error::CheckFailed`] carries nginx's messages.
     pub async fn check(&self, config: &Path) -> Result<CheckReport, Error> {
-        ensure_readable(config)?;
-        let mut cmd = tokio::process::Command::new(&self.binary);
-        cmd.arg("-t").arg("-c").arg(config);
-        let (valid, output) = run_check(&self.binary, &mut cmd, self.timeout, "nginx -t").await?;
-        let report = CheckReport {
+        let check = ConfigCheck {
             proxy: "nginx",
-            config: config.to_path_buf(),
-            valid,
-            diagnostics: parse_nginx_output(&output),
-            output,
+            what: "nginx -t",
+            flags: ["-t", "-c"],
+            parse: parse_nginx_output,
         };
-        if report.valid {
-            Ok(report)
-        } else {
-            Err(Error::CheckFailed {
-                report: Box::new(report),
-            })
-        }
+        check.run(&self.binary, config, self.timeout).await
     }
 
     /// Finds the master through `pid_file` (or the `pid` directive of `config`, or nginx's
