@@ -109,6 +109,19 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Puts `ep` at `key`.
+    fn put(&mut self, key: &str, ep: Endpoint) {
+        self.puts.push((key.to_owned(), ep.clone()));
+        self.result.insert(key.to_owned(), ep);
+    }
+
+    /// Puts `want` at `key` as a new or changed endpoint: registered now.
+    fn put_new(&mut self, key: &str, want: &Endpoint, now: &str) {
+        let mut ep = want.clone();
+        ep.registered_at = now.to_owned();
+        self.put(key, ep);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.deletes.is_empty() && self.puts.is_empty()
     }
@@ -159,16 +172,8 @@ pub fn plan_full(
             Some((ep, l)) if same(&ep, want) && l == lease => {
                 plan.result.insert(key.clone(), ep);
             }
-            Some((ep, _)) if same(&ep, want) => {
-                plan.puts.push((key.clone(), ep.clone()));
-                plan.result.insert(key.clone(), ep);
-            }
-            _ => {
-                let mut ep = want.clone();
-                ep.registered_at = now.to_owned();
-                plan.puts.push((key.clone(), ep.clone()));
-                plan.result.insert(key.clone(), ep);
-            }
+            Some((ep, _)) if same(&ep, want) => plan.put(key, ep),
+            _ => plan.put_new(key, want, now),
         }
     }
     plan
@@ -191,12 +196,7 @@ pub fn plan_incremental(
             Some(have) if same(have, want) => {
                 plan.result.insert(key.clone(), have.clone());
             }
-            _ => {
-                let mut ep = want.clone();
-                ep.registered_at = now.to_owned();
-                plan.puts.push((key.clone(), ep.clone()));
-                plan.result.insert(key.clone(), ep);
-            }
+            _ => plan.put_new(key, want, now),
         }
     }
     plan
