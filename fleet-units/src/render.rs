@@ -6,6 +6,7 @@ use crate::path::FieldPath;
 use crate::placement::describe_match;
 use crate::quote::{exec_word, setting_value, ControlCharError};
 use crate::spec::{Daemon, MetadataMatch, Platform, Service, Volume};
+use flotilla_registry::labels;
 use std::net::IpAddr;
 
 /// First words of every generated file; files that start with them may be replaced or removed
@@ -207,24 +208,27 @@ pub(crate) fn container_labels(svc: &Service) -> Vec<(FieldPath, String)> {
     let fl = base.key("flotilla");
     let mut out = Vec::new();
     if reg.ignore {
-        out.push((fl.key("ignore"), "flotilla.ignore=true".to_string()));
+        out.push((
+            fl.key("ignore"),
+            format!("{}=true", labels::label(labels::IGNORE)),
+        ));
     } else {
         out.push((
             fl.key("service"),
-            format!("flotilla.service={}", reg.service),
+            format!("{}={}", labels::label(labels::SERVICE), reg.service),
         ));
         for (i, p) in svc.ports.iter().enumerate() {
             if let Some(ps) = &p.service {
                 out.push((
                     base.key("ports").index(i),
-                    format!("flotilla.service.{}={ps}", p.container),
+                    format!("{}={ps}", labels::port_label(labels::SERVICE, p.container)),
                 ));
             }
         }
         if !reg.tags.is_empty() {
             out.push((
                 fl.key("tags"),
-                format!("flotilla.tags={}", reg.tags.join(",")),
+                format!("{}={}", labels::label(labels::TAGS), reg.tags.join(",")),
             ));
         }
     }

@@ -450,11 +450,7 @@ pub fn preflight(
 
 /// `healthy`, `unhealthy` or `none`, as in the record.
 pub fn health_str(h: Health) -> &'static str {
-    match h {
-        Health::Healthy => "healthy",
-        Health::Unhealthy => "unhealthy",
-        Health::None => "none",
-    }
+    h.as_str()
 }
 
 /// The rollout driver.

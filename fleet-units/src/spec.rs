@@ -185,24 +185,8 @@ pub struct Constraints {
     pub spread: Option<String>,
 }
 
-/// TCP or UDP.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Proto {
-    /// TCP.
-    Tcp,
-    /// UDP.
-    Udp,
-}
-
-impl Proto {
-    /// `tcp` / `udp`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        }
-    }
-}
+/// TCP or UDP, spelled as in the registry's records (`tcp`, `udp`).
+pub use flotilla_registry::Proto;
 
 /// A published port.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -313,11 +297,9 @@ fn re(cell: &'static OnceLock<Regex>, pattern: &str) -> &'static Regex {
     cell.get_or_init(|| Regex::new(pattern).expect("built-in regex is valid"))
 }
 
-/// A DNS label, as DESIGN.md requires for service and node names.
-pub fn is_dns_label(s: &str) -> bool {
-    static R: OnceLock<Regex> = OnceLock::new();
-    re(&R, r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$").is_match(s)
-}
+/// A DNS label, as DESIGN.md requires for service and node names: the registry's rule, the one
+/// presence and confgen apply.
+pub use flotilla_registry::record::is_dns_label;
 
 /// A host metadata key or value (fleet's `MachineMetadata=key=value` has no room for more).
 pub fn is_metadata_word(s: &str) -> bool {
@@ -1208,7 +1190,7 @@ fn parse_port_number(text: &str, what: &str) -> Result<u16, String> {
 fn parse_short_port(text: &str) -> Result<Port, String> {
     let (body, proto) = match text.rsplit_once('/') {
         Some((b, p)) => (b, p),
-        None => (text, "tcp"),
+        None => (text, Proto::Tcp.as_str()),
     };
     let proto = parse_proto(proto)?;
     // An IPv6 address is bracketed: [::1]:8080:80
@@ -1257,11 +1239,7 @@ fn parse_short_port(text: &str) -> Result<Port, String> {
 }
 
 fn parse_proto(p: &str) -> Result<Proto, String> {
-    match p {
-        "tcp" => Ok(Proto::Tcp),
-        "udp" => Ok(Proto::Udp),
-        other => Err(format!("protocol `{other}` must be tcp or udp")),
-    }
+    Proto::parse(p).ok_or_else(|| format!("protocol `{p}` must be tcp or udp"))
 }
 
 fn build_ports(ctx: &mut Ctx<'_>, path: &FieldPath, raw: &[RawPort]) -> Vec<Port> {
@@ -1329,8 +1307,8 @@ fn build_long_port(pp: &FieldPath, l: &RawPortLong) -> Result<Port, (FieldPath, 
         ),
         None => None,
     };
-    let proto =
-        parse_proto(l.proto.as_deref().unwrap_or("tcp")).map_err(|e| (pp.key("proto"), e))?;
+    let proto = parse_proto(l.proto.as_deref().unwrap_or(Proto::Tcp.as_str()))
+        .map_err(|e| (pp.key("proto"), e))?;
     if let Some(s) = &l.service {
         if !is_dns_label(s) {
             return Err((pp.key("service"), format!("Flotilla service name `{s}` must be a DNS label (lowercase letters, digits, `-`)")));

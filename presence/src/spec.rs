@@ -30,7 +30,7 @@ use flotilla_registry::record::{
     escaped, is_dns_label, is_host_local, is_instance_char, is_meta_char, is_tag_char, MAX_ITEMS,
     MAX_LABEL, MAX_META_VALUE, MAX_TAG,
 };
-use flotilla_registry::{Endpoint, Health, Keys, Proto};
+use flotilla_registry::{labels, Endpoint, Health, Keys, Proto};
 
 /// Largest label or variable value presence reads at all (anything larger is refused).
 pub const MAX_VALUE: usize = 4096;
@@ -336,7 +336,7 @@ fn read_meta(c: &ContainerInfo) -> Result<Meta, SpecError> {
         .env
         .iter()
         .filter_map(|kv| kv.split_once('='))
-        .filter(|(k, _)| k.starts_with("SERVICE_"))
+        .filter(|(k, _)| k.starts_with(labels::REGISTRATOR_PREFIX))
         .collect();
     env.sort();
     let mut labels: Vec<(&String, &String)> = c.labels.iter().collect();
@@ -367,7 +367,7 @@ fn apply_registrator(
     value: &str,
 ) -> Result<(), SpecError> {
     let field = format!("{kind} {key}");
-    let Some(rest) = key.strip_prefix("SERVICE_") else {
+    let Some(rest) = key.strip_prefix(labels::REGISTRATOR_PREFIX) else {
         return Ok(());
     };
     let lower = rest.to_ascii_lowercase();
@@ -422,7 +422,7 @@ fn apply_registrator(
 
 /// Applies one `flotilla.*` label to `m` (other labels are left alone).
 fn apply_flotilla(c: &ContainerInfo, m: &mut Meta, k: &str, v: &str) -> Result<(), SpecError> {
-    let Some(rest) = k.strip_prefix("flotilla.") else {
+    let Some(rest) = k.strip_prefix(labels::PREFIX) else {
         return Ok(());
     };
     let field = format!("label {k}");
@@ -436,24 +436,24 @@ fn apply_flotilla(c: &ContainerInfo, m: &mut Meta, k: &str, v: &str) -> Result<(
         None => (rest, None),
     };
     match (head, port) {
-        ("service", None) => {
+        (labels::SERVICE, None) => {
             m.general.name = Some(sourced);
             m.general_name_verbatim = true;
         }
-        ("tags", None) => m.general.tags = Some(sourced),
-        ("ignore", None) => m.general.ignore = Some(sourced),
-        ("network", None) => m.network = Some(sourced),
-        ("service" | "tags" | "ignore", Some(p)) => {
+        (labels::TAGS, None) => m.general.tags = Some(sourced),
+        (labels::IGNORE, None) => m.general.ignore = Some(sourced),
+        (labels::NETWORK, None) => m.network = Some(sourced),
+        (labels::SERVICE | labels::TAGS | labels::IGNORE, Some(p)) => {
             let p = parse_port(c, &field, p)?;
             let s = m.per_port.entry(p).or_default();
             let which = match head {
-                "service" => Which::Name,
-                "tags" => Which::Tags,
+                labels::SERVICE => Which::Name,
+                labels::TAGS => Which::Tags,
                 _ => Which::Ignore,
             };
             *s.slot(which) = Some(sourced);
         }
-        ("meta", Some(key)) => {
+        (labels::META, Some(key)) => {
             check_meta_key(c, &field, key)?;
             m.general.meta.insert(
                 key.to_owned(),

@@ -23,6 +23,7 @@ pub mod cli;
 pub mod daemon;
 pub mod etcd;
 pub mod keys;
+pub mod labels;
 pub mod policy;
 pub mod process;
 pub mod record;
