@@ -592,20 +592,15 @@ fn parse_action(inner: &str) -> Result<Action, String> {
         }
     };
     match keyword.as_str() {
-        "if" => {
+        "if" | "range" | "with" => {
             kw(&mut p);
             let pl = p.pipeline()?;
-            done(&p, Action::If(pl))
-        }
-        "range" => {
-            kw(&mut p);
-            let pl = p.pipeline()?;
-            done(&p, Action::Range(pl))
-        }
-        "with" => {
-            kw(&mut p);
-            let pl = p.pipeline()?;
-            done(&p, Action::With(pl))
+            let action = match keyword.as_str() {
+                "if" => Action::If(pl),
+                "range" => Action::Range(pl),
+                _ => Action::With(pl),
+            };
+            done(&p, action)
         }
         "else" => {
             kw(&mut p);

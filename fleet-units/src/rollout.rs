@@ -306,13 +306,17 @@ impl EtcdLock {
     }
 }
 
+/// Every key below `prefix`; the error names it.
+async fn get_prefix(client: &Client, prefix: &str) -> Result<etcd_client::GetResponse, String> {
+    let mut c = client.clone();
+    c.get(prefix, Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|e| format!("etcd get {prefix}: {e}"))
+}
+
 /// Every endpoint in the registry, validated (invalid records are skipped, as everywhere).
 pub async fn read_endpoints(client: &Client, keys: &Keys) -> Result<Vec<Endpoint>, String> {
-    let mut c = client.clone();
-    let resp = c
-        .get(keys.endpoints(), Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(|e| format!("etcd get {}: {e}", keys.endpoints()))?;
+    let resp = get_prefix(client, &keys.endpoints()).await?;
     Ok(resp
         .kvs()
         .iter()
@@ -325,11 +329,7 @@ pub async fn read_endpoints(client: &Client, keys: &Keys) -> Result<Vec<Endpoint
 
 /// Every rollout record in progress.
 pub async fn read_rollouts(client: &Client, keys: &Keys) -> Result<Vec<RolloutRecord>, String> {
-    let mut c = client.clone();
-    let resp = c
-        .get(keys.rollouts(), Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(|e| format!("etcd get {}: {e}", keys.rollouts()))?;
+    let resp = get_prefix(client, &keys.rollouts()).await?;
     Ok(resp
         .kvs()
         .iter()
