@@ -320,3 +320,33 @@ fn no_non_test_function_is_over_100_lines() {
         failed.len()
     );
 }
+
+/// The measure itself: a long function is found with its `impl`'s name, test code is not.
+#[test]
+fn the_measure_skips_test_code_and_names_methods() {
+    let body = "    let _x = 1;\n".repeat(MAX_BODY_LINES);
+    let text = format!(
+        "fn long() {{\n{body}}}\n\
+         fn short() {{}}\n\
+         struct S;\n\
+         impl S {{ fn method(&self) {{\n{body}}} }}\n\
+         #[test]\n fn a_test() {{\n{body}}}\n\
+         #[tokio::test]\n async fn an_async_test() {{\n{body}}}\n\
+         #[cfg(test)]\n mod tests {{ fn helper() {{\n{body}}} }}\n\
+         #[cfg(all(unix, test))]\n fn unix_test_helper() {{\n{body}}}\n\
+         #[cfg(not(test))]\n fn not_test() {{\n{body}}}\n\
+         #[cfg(test)]\n mod outside;\n"
+    );
+    let ast = syn::parse_file(&text).expect("the sample parses");
+    let mut measure = Measure {
+        file: "sample.rs",
+        owner: Vec::new(),
+        long: Vec::new(),
+        test_mods: Vec::new(),
+    };
+    measure.visit_file(&ast);
+    let names: Vec<&str> = measure.long.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["long", "S::method", "not_test"]);
+    assert!(measure.long.iter().all(|l| l.lines == MAX_BODY_LINES + 2));
+    assert_eq!(measure.test_mods, ["outside"]);
+}
