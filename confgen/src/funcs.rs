@@ -12,6 +12,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
+use flotilla_registry::{Health, Proto};
 use serde_json::{Map, Value};
 use tera::{Error, Result, Tera};
 
@@ -278,8 +279,8 @@ impl Routing {
             path: path.map(str::to_string),
             service_port: service_port.map(str::to_string),
             usable: eps.iter().any(|e| {
-                e.get("health").and_then(Value::as_str) != Some("unhealthy")
-                    && e.get("proto").and_then(Value::as_str) != Some("udp")
+                e.get("health").and_then(Value::as_str) != Some(Health::Unhealthy.as_str())
+                    && e.get("proto").and_then(Value::as_str) != Some(Proto::Udp.as_str())
             }),
         }
     }
@@ -543,7 +544,9 @@ fn register_endpoint_filters(tera: &mut Tera) {
         Ok(Value::Array(
             endpoints(v, "healthy")?
                 .iter()
-                .filter(|e| e.get("health").and_then(Value::as_str) != Some("unhealthy"))
+                .filter(|e| {
+                    e.get("health").and_then(Value::as_str) != Some(Health::Unhealthy.as_str())
+                })
                 .cloned()
                 .collect(),
         ))
