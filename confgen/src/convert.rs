@@ -1005,6 +1005,23 @@ impl<'a> Converter<'a> {
 
     /// Writes `tag` (a whole `{% … %}` or `{{ … }}` without trim markers) with the hoisted
     /// statements before it; the left trim goes on the first tag, the right on the last.
+    /// Emits `{% else %}`, the pending statements and `tags` (an `if` opened inside the
+    /// else), and closes that `if` with the current frame; returns the frame.
+    fn nest_in_else(
+        &mut self,
+        tags: impl IntoIterator<Item = String>,
+        l: &str,
+        r: &str,
+    ) -> &mut Frame {
+        let mut all = vec!["{% else %}".to_string()];
+        all.append(&mut self.pre);
+        all.extend(tags);
+        self.emit(&all, l, r);
+        let top = self.frames.last_mut().expect("frame");
+        top.closer.push_str("{% endif %}");
+        top
+    }
+
     fn emit(&mut self, tags: &[String], l: &str, r: &str) {
         let mut all: Vec<String> = std::mem::take(&mut self.pre);
         all.extend(tags.iter().cloned());
@@ -1151,12 +1168,7 @@ impl<'a> Converter<'a> {
                             self.emit(&[t], l, r);
                         } else {
                             // Statements must come first: nest an if in the else.
-                            let mut all = vec!["{% else %}".to_string()];
-                            all.append(&mut self.pre);
-                            all.extend(tags);
-                            self.emit(&all, l, r);
-                            let top = self.frames.last_mut().expect("frame");
-                            top.closer.push_str("{% endif %}");
+                            let top = self.nest_in_else(tags, l, r);
                             top.vars.extend(vars);
                         }
                     }
@@ -1171,12 +1183,7 @@ impl<'a> Converter<'a> {
             Action::ElseWith(p) if kind == FrameKind::With || kind == FrameKind::If => {
                 match self.with(&p) {
                     Ok((tags, name, ty, vars)) => {
-                        let mut all = vec!["{% else %}".to_string()];
-                        all.append(&mut self.pre);
-                        all.extend(tags);
-                        self.emit(&all, l, r);
-                        let top = self.frames.last_mut().expect("frame");
-                        top.closer.push_str("{% endif %}");
+                        let top = self.nest_in_else(tags, l, r);
                         top.vars = vars;
                         top.dot = Some((name, ty));
                     }
