@@ -1022,6 +1022,16 @@ impl<'a> Converter<'a> {
         top
     }
 
+    /// `{% for name in src %}`, or over a map `{% for <a fresh key>, name in src %}`.
+    fn for_tag(&mut self, name: &str, src: &str, is_map: bool) -> String {
+        if is_map {
+            let k = self.fresh("key");
+            format!("{{% for {k}, {name} in {src} %}}")
+        } else {
+            format!("{{% for {name} in {src} %}}")
+        }
+    }
+
     fn emit(&mut self, tags: &[String], l: &str, r: &str) {
         let mut all: Vec<String> = std::mem::take(&mut self.pre);
         all.extend(tags.iter().cloned());
@@ -1435,23 +1445,13 @@ impl<'a> Converter<'a> {
             [] => {
                 let name = self.fresh(name_for(elem));
                 dot = Some((name.clone(), elem));
-                if is_map {
-                    let k = self.fresh("key");
-                    tags.push(format!("{{% for {k}, {name} in {} %}}", src.s));
-                } else {
-                    tags.push(format!("{{% for {name} in {} %}}", src.s));
-                }
+                tags.push(self.for_tag(&name, &src.s, is_map));
             }
             [v] => {
                 let name = tera_var_name(v);
                 vars.insert(v.clone(), (name.clone(), elem));
                 dot = Some((name.clone(), elem));
-                if is_map {
-                    let k = self.fresh("key");
-                    tags.push(format!("{{% for {k}, {name} in {} %}}", src.s));
-                } else {
-                    tags.push(format!("{{% for {name} in {} %}}", src.s));
-                }
+                tags.push(self.for_tag(&name, &src.s, is_map));
             }
             [i, v] => {
                 let iname = tera_var_name(i);
