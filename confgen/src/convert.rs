@@ -258,78 +258,23 @@ fn tokenize(s: &str) -> Result<Vec<Tok>, String> {
         let glued = i > 0 && !c[i - 1].is_whitespace();
         match ch {
             _ if ch.is_whitespace() => i += 1,
-            '|' => {
-                out.push(Tok::Pipe);
-                i += 1
-            }
-            '(' => {
-                out.push(Tok::LParen);
-                i += 1
-            }
-            ')' => {
-                out.push(Tok::RParen);
-                i += 1
-            }
-            ',' => {
-                out.push(Tok::Comma);
+            '|' | '(' | ')' | ',' | '=' => {
+                out.push(match ch {
+                    '|' => Tok::Pipe,
+                    '(' => Tok::LParen,
+                    ')' => Tok::RParen,
+                    ',' => Tok::Comma,
+                    _ => Tok::Assign,
+                });
                 i += 1
             }
             ':' if c.get(i + 1) == Some(&'=') => {
                 out.push(Tok::Declare);
                 i += 2
             }
-            '=' => {
-                out.push(Tok::Assign);
-                i += 1
-            }
             '"' => {
-                let mut v = String::new();
                 i += 1;
-                loop {
-                    let Some(&ch) = c.get(i) else {
-                        return Err("unterminated string".into());
-                    };
-                    i += 1;
-                    match ch {
-                        '"' => break,
-                        '\\' => {
-                            let Some(&e) = c.get(i) else {
-                                return Err("unterminated string".into());
-                            };
-                            i += 1;
-                            match e {
-                                'n' => v.push('\n'),
-                                't' => v.push('\t'),
-                                'r' => v.push('\r'),
-                                '\\' => v.push('\\'),
-                                '"' => v.push('"'),
-                                '\'' => v.push('\''),
-                                'a' => v.push('\u{7}'),
-                                'b' => v.push('\u{8}'),
-                                'f' => v.push('\u{c}'),
-                                'v' => v.push('\u{b}'),
-                                'x' | 'u' | 'U' => {
-                                    let n = match e {
-                                        'x' => 2,
-                                        'u' => 4,
-                                        _ => 8,
-                                    };
-                                    let hex: String =
-                                        c.get(i..i + n).unwrap_or(&[]).iter().collect();
-                                    i += n;
-                                    let code = u32::from_str_radix(&hex, 16)
-                                        .ok()
-                                        .and_then(char::from_u32)
-                                        .ok_or("bad escape in string")?;
-                                    v.push(code);
-                                }
-                                _ => return Err(format!("unsupported escape \\{e} in a string")),
-                            }
-                        }
-                        _ => v.push(ch),
-                    }
-                }
-                out.push(Tok::Str(v));
+                out.push(Tok::Str(go_string(&c, &mut i)?));
             }
             '`' => {
                 let end = c[i + 1..]
@@ -340,16 +285,8 @@ fn tokenize(s: &str) -> Result<Vec<Tok>, String> {
                 i += end + 2;
             }
             '\'' => {
-                let end = c[i + 1..]
-                    .iter()
-                    .position(|&x| x == '\'')
-                    .ok_or("unterminated character constant")?;
-                let body: String = c[i + 1..i + 1 + end].iter().collect();
-                let mut chars = body.chars();
-                match (chars.next(), chars.next()) {
-                    (Some(ch), None) => out.push(Tok::Char(ch)),
-                    _ => return Err(format!("unsupported character constant '{body}'")),
-                }
+                let (ch, end) = char_const(&c[i + 1..])?;
+                out.push(Tok::Char(ch));
                 i += end + 2;
             }
             '$' => {
@@ -404,6 +341,71 @@ fn tokenize(s: &str) -> Result<Vec<Tok>, String> {
         }
     }
     Ok(out)
+}
+
+/// A Go character constant whose opening `'` is just before `rest`: the character, and where
+/// the closing `'` is in `rest`.
+fn char_const(rest: &[char]) -> Result<(char, usize), String> {
+    let end = rest
+        .iter()
+        .position(|&x| x == '\'')
+        .ok_or("unterminated character constant")?;
+    let body: String = rest[..end].iter().collect();
+    let mut chars = body.chars();
+    match (chars.next(), chars.next()) {
+        (Some(ch), None) => Ok((ch, end)),
+        _ => Err(format!("unsupported character constant '{body}'")),
+    }
+}
+
+/// The rest of a Go interpreted string literal whose opening quote is before `c[*i]`: its
+/// value, with `*i` moved past the closing quote.
+fn go_string(c: &[char], i: &mut usize) -> Result<String, String> {
+    let mut v = String::new();
+    loop {
+        let Some(&ch) = c.get(*i) else {
+            return Err("unterminated string".into());
+        };
+        *i += 1;
+        match ch {
+            '"' => break,
+            '\\' => {
+                let Some(&e) = c.get(*i) else {
+                    return Err("unterminated string".into());
+                };
+                *i += 1;
+                match e {
+                    'n' => v.push('\n'),
+                    't' => v.push('\t'),
+                    'r' => v.push('\r'),
+                    '\\' => v.push('\\'),
+                    '"' => v.push('"'),
+                    '\'' => v.push('\''),
+                    'a' => v.push('\u{7}'),
+                    'b' => v.push('\u{8}'),
+                    'f' => v.push('\u{c}'),
+                    'v' => v.push('\u{b}'),
+                    'x' | 'u' | 'U' => {
+                        let n = match e {
+                            'x' => 2,
+                            'u' => 4,
+                            _ => 8,
+                        };
+                        let hex: String = c.get(*i..*i + n).unwrap_or(&[]).iter().collect();
+                        *i += n;
+                        let code = u32::from_str_radix(&hex, 16)
+                            .ok()
+                            .and_then(char::from_u32)
+                            .ok_or("bad escape in string")?;
+                        v.push(code);
+                    }
+                    _ => return Err(format!("unsupported escape \\{e} in a string")),
+                }
+            }
+            _ => v.push(ch),
+        }
+    }
+    Ok(v)
 }
 
 #[derive(Debug, Clone)]
@@ -590,20 +592,15 @@ fn parse_action(inner: &str) -> Result<Action, String> {
         }
     };
     match keyword.as_str() {
-        "if" => {
+        "if" | "range" | "with" => {
             kw(&mut p);
             let pl = p.pipeline()?;
-            done(&p, Action::If(pl))
-        }
-        "range" => {
-            kw(&mut p);
-            let pl = p.pipeline()?;
-            done(&p, Action::Range(pl))
-        }
-        "with" => {
-            kw(&mut p);
-            let pl = p.pipeline()?;
-            done(&p, Action::With(pl))
+            let action = match keyword.as_str() {
+                "if" => Action::If(pl),
+                "range" => Action::Range(pl),
+                _ => Action::With(pl),
+            };
+            done(&p, action)
         }
         "else" => {
             kw(&mut p);
@@ -1008,6 +1005,33 @@ impl<'a> Converter<'a> {
 
     /// Writes `tag` (a whole `{% … %}` or `{{ … }}` without trim markers) with the hoisted
     /// statements before it; the left trim goes on the first tag, the right on the last.
+    /// Emits `{% else %}`, the pending statements and `tags` (an `if` opened inside the
+    /// else), and closes that `if` with the current frame; returns the frame.
+    fn nest_in_else(
+        &mut self,
+        tags: impl IntoIterator<Item = String>,
+        l: &str,
+        r: &str,
+    ) -> &mut Frame {
+        let mut all = vec!["{% else %}".to_string()];
+        all.append(&mut self.pre);
+        all.extend(tags);
+        self.emit(&all, l, r);
+        let top = self.frames.last_mut().expect("frame");
+        top.closer.push_str("{% endif %}");
+        top
+    }
+
+    /// `{% for name in src %}`, or over a map `{% for <a fresh key>, name in src %}`.
+    fn for_tag(&mut self, name: &str, src: &str, is_map: bool) -> String {
+        if is_map {
+            let k = self.fresh("key");
+            format!("{{% for {k}, {name} in {src} %}}")
+        } else {
+            format!("{{% for {name} in {src} %}}")
+        }
+    }
+
     fn emit(&mut self, tags: &[String], l: &str, r: &str) {
         let mut all: Vec<String> = std::mem::take(&mut self.pre);
         all.extend(tags.iter().cloned());
@@ -1154,12 +1178,7 @@ impl<'a> Converter<'a> {
                             self.emit(&[t], l, r);
                         } else {
                             // Statements must come first: nest an if in the else.
-                            let mut all = vec!["{% else %}".to_string()];
-                            all.append(&mut self.pre);
-                            all.extend(tags);
-                            self.emit(&all, l, r);
-                            let top = self.frames.last_mut().expect("frame");
-                            top.closer.push_str("{% endif %}");
+                            let top = self.nest_in_else(tags, l, r);
                             top.vars.extend(vars);
                         }
                     }
@@ -1174,12 +1193,7 @@ impl<'a> Converter<'a> {
             Action::ElseWith(p) if kind == FrameKind::With || kind == FrameKind::If => {
                 match self.with(&p) {
                     Ok((tags, name, ty, vars)) => {
-                        let mut all = vec!["{% else %}".to_string()];
-                        all.append(&mut self.pre);
-                        all.extend(tags);
-                        self.emit(&all, l, r);
-                        let top = self.frames.last_mut().expect("frame");
-                        top.closer.push_str("{% endif %}");
+                        let top = self.nest_in_else(tags, l, r);
                         top.vars = vars;
                         top.dot = Some((name, ty));
                     }
@@ -1431,23 +1445,13 @@ impl<'a> Converter<'a> {
             [] => {
                 let name = self.fresh(name_for(elem));
                 dot = Some((name.clone(), elem));
-                if is_map {
-                    let k = self.fresh("key");
-                    tags.push(format!("{{% for {k}, {name} in {} %}}", src.s));
-                } else {
-                    tags.push(format!("{{% for {name} in {} %}}", src.s));
-                }
+                tags.push(self.for_tag(&name, &src.s, is_map));
             }
             [v] => {
                 let name = tera_var_name(v);
                 vars.insert(v.clone(), (name.clone(), elem));
                 dot = Some((name.clone(), elem));
-                if is_map {
-                    let k = self.fresh("key");
-                    tags.push(format!("{{% for {k}, {name} in {} %}}", src.s));
-                } else {
-                    tags.push(format!("{{% for {name} in {} %}}", src.s));
-                }
+                tags.push(self.for_tag(&name, &src.s, is_map));
             }
             [i, v] => {
                 let iname = tera_var_name(i);
@@ -1631,17 +1635,7 @@ impl<'a> Converter<'a> {
 
     fn call(&mut self, name: &str, args: Vec<ArgSrc>) -> Conv<(T, Ty)> {
         let n = args.len();
-        let want = |lo: usize, hi: usize| -> Conv<()> {
-            if n < lo || n > hi {
-                Err(if lo == hi {
-                    format!("{name} takes {lo} argument(s), got {n}")
-                } else {
-                    format!("{name} takes {lo} to {hi} arguments, got {n}")
-                })
-            } else {
-                Ok(())
-            }
-        };
+        let want = |lo: usize, hi: usize| arity(name, n, lo, hi);
         let call = |f: &str, names: &[&str], a: Vec<(T, Ty)>| {
             T::Call(
                 f.to_string(),
@@ -1652,16 +1646,12 @@ impl<'a> Converter<'a> {
                     .collect(),
             )
         };
-        let one_key = |this: &mut Self, f: &str, ty: Ty, args: Vec<ArgSrc>| -> Conv<(T, Ty)> {
-            let a = this.args(args)?;
-            Ok((call(f, &["key"], a), ty))
-        };
+        if let Some((_, min, names, ty)) = SIMPLE_CALLS.iter().find(|(f, ..)| *f == name) {
+            want(*min, names.len())?;
+            let a = self.args(args)?;
+            return Ok((call(name, names, a), *ty));
+        }
         match name {
-            "getv" => {
-                want(1, 2)?;
-                let a = self.args(args)?;
-                Ok((call("getv", &["key", "default"], a), Ty::Str))
-            }
             "getvs" => {
                 want(1, 1)?;
                 let a = self.args(args)?;
@@ -1671,81 +1661,9 @@ impl<'a> Converter<'a> {
                     Ty::ListOf(Elem::Str),
                 ))
             }
-            "gets" => {
-                want(1, 1)?;
-                one_key(self, "gets", Ty::ListOf(Elem::Kv), args)
-            }
-            "get" => {
-                want(1, 1)?;
-                one_key(self, "get", Ty::Kv, args)
-            }
-            "exists" => {
-                want(1, 1)?;
-                one_key(self, "exists", Ty::Bool, args)
-            }
-            "ls" | "lsdir" => {
-                want(1, 1)?;
-                one_key(self, name, Ty::ListOf(Elem::Str), args)
-            }
-            "base" | "dir" => {
-                want(1, 1)?;
-                let a = self.args(args)?;
-                Ok((call(name, &["path"], a), Ty::Str))
-            }
-            "json" => {
-                want(1, 1)?;
-                let a = self.args(args)?;
-                // confd's json unmarshals into map[string]interface{}: always an object.
-                Ok((call("json", &["value"], a), Ty::Map))
-            }
-            "jsonArray" => {
-                want(1, 1)?;
-                let a = self.args(args)?;
-                Ok((call("jsonArray", &["value"], a), Ty::ListOf(Elem::Json)))
-            }
-            "split" => {
-                want(2, 2)?;
-                let a = self.args(args)?;
-                Ok((call("split", &["value", "sep"], a), Ty::ListOf(Elem::Str)))
-            }
-            "join" => {
-                want(2, 2)?;
-                let a = self.args(args)?;
-                Ok((call("join", &["list", "sep"], a), Ty::Str))
-            }
             "map" => {
                 let a = self.args(args)?;
-                if a.len() % 2 != 0 {
-                    return Err("map takes key/value pairs (an even number of arguments)".into());
-                }
-                let named = a
-                    .chunks(2)
-                    .all(|kv| matches!(&kv[0].0, T::Str(k) if is_ident(k) && k != "pairs"));
-                if named {
-                    let mut kw = Vec::new();
-                    for kv in a.chunks(2) {
-                        if let T::Str(k) = &kv[0].0 {
-                            kw.push((k.clone(), kv[1].0.clone()));
-                        }
-                    }
-                    Ok((T::Call("map".into(), kw), Ty::Map))
-                } else {
-                    Ok((
-                        T::Call(
-                            "map".into(),
-                            vec![(
-                                "pairs".into(),
-                                T::Array(a.into_iter().map(|(e, _)| e).collect()),
-                            )],
-                        ),
-                        Ty::Map,
-                    ))
-                }
-            }
-            "getenv" => {
-                want(1, 2)?;
-                let a = self.args(args)?;
-                Ok((call("getenv", &["name", "default"], a), Ty::Str))
+                convert_map(a)
             }
             "datetime" => {
                 want(0, 0)?;
@@ -1768,61 +1686,8 @@ impl<'a> Converter<'a> {
             }
             "replace" => {
                 want(4, 4)?;
-                let mut a = self.args(args)?;
-                if matches!(a[3].0, T::Int(-1)) {
-                    a.truncate(3);
-                    let (new, _) = a.remove(2);
-                    let (old, _) = a.remove(1);
-                    let (s, _) = a.remove(0);
-                    Ok((
-                        T::Filter(
-                            Box::new(s),
-                            "replace".into(),
-                            vec![("from".into(), old), ("to".into(), new)],
-                        ),
-                        Ty::Str,
-                    ))
-                } else {
-                    Ok((call("replace", &["value", "old", "new", "n"], a), Ty::Str))
-                }
-            }
-            "trimSuffix" => {
-                want(2, 2)?;
                 let a = self.args(args)?;
-                Ok((call("trimSuffix", &["value", "suffix"], a), Ty::Str))
-            }
-            "lookupIP" | "lookupIPV4" | "lookupIPV6" => {
-                want(1, 1)?;
-                let a = self.args(args)?;
-                Ok((call(name, &["name"], a), Ty::ListOf(Elem::Str)))
-            }
-            "lookupSRV" => {
-                want(3, 3)?;
-                let a = self.args(args)?;
-                Ok((
-                    call("lookupSRV", &["service", "proto", "name"], a),
-                    Ty::ListOf(Elem::Srv),
-                ))
-            }
-            "fileExists" => {
-                want(1, 1)?;
-                let a = self.args(args)?;
-                Ok((call("fileExists", &["path"], a), Ty::Bool))
-            }
-            "base64Encode" | "base64Decode" => {
-                want(1, 1)?;
-                let a = self.args(args)?;
-                Ok((call(name, &["value"], a), Ty::Str))
-            }
-            "parseBool" => {
-                want(1, 1)?;
-                let a = self.args(args)?;
-                Ok((call(name, &["value"], a), Ty::Bool))
-            }
-            "atoi" => {
-                want(1, 1)?;
-                let a = self.args(args)?;
-                Ok((call(name, &["value"], a), Ty::Int))
+                convert_replace(a, call)
             }
             "reverse" => {
                 want(1, 1)?;
@@ -1836,71 +1701,39 @@ impl<'a> Converter<'a> {
                 let ty = a[0].1;
                 Ok((call(name, &["list"], vec![a.remove(0)]), ty))
             }
-            "add" | "sub" | "mul" | "div" | "mod" => {
-                want(2, 2)?;
-                let a = self.args(args)?;
-                Ok((call(name, &["a", "b"], a), Ty::Int))
-            }
-            "seq" => {
-                want(2, 2)?;
-                let a = self.args(args)?;
-                Ok((call("seq", &["first", "last"], a), Ty::ListOf(Elem::Int)))
-            }
             "cget" | "cgets" | "cgetv" | "cgetvs" => Err(format!(
                 "{name}: confd's encrypted-value functions (-secret-keyring) have no confgen equivalent"
             )),
-            // Go's built-ins.
+            _ => self.call_go_builtin(name, args),
+        }
+    }
+
+    /// [`Converter::call`] of Go's built-in functions (and of an unknown function).
+    fn call_go_builtin(&mut self, name: &str, args: Vec<ArgSrc>) -> Conv<(T, Ty)> {
+        let n = args.len();
+        let want = |lo: usize, hi: usize| arity(name, n, lo, hi);
+        match name {
             "len" => {
                 want(1, 1)?;
                 let mut a = self.args(args)?;
-                Ok((T::Filter(Box::new(a.remove(0).0), "length".into(), vec![]), Ty::Int))
+                Ok((
+                    T::Filter(Box::new(a.remove(0).0), "length".into(), vec![]),
+                    Ty::Int,
+                ))
             }
             "index" => {
                 if n < 2 {
                     return Err("index takes a collection and at least one index".into());
                 }
-                let mut a = self.args(args)?.into_iter();
-                let (mut e, mut ty) = a.next().expect("n >= 2");
-                for (k, _) in a {
-                    ty = match ty {
-                        Ty::ListOf(el) => el.ty(),
-                        Ty::Map | Ty::Json => Ty::Json,
-                        Ty::Str => return Err("index of a string (a byte) is not supported".into()),
-                        _ => Ty::Unknown,
-                    };
-                    e = T::Field(Box::new(e), Key::Index(Box::new(k)));
-                }
-                Ok((e, ty))
+                let a = self.args(args)?;
+                convert_index(a)
             }
             "eq" | "ne" | "lt" | "le" | "gt" | "ge" => {
                 if n < 2 {
                     return Err(format!("{name} takes two arguments"));
                 }
                 let a = self.args(args)?;
-                let op = match name {
-                    "eq" => "==",
-                    "ne" => "!=",
-                    "lt" => "<",
-                    "le" => "<=",
-                    "gt" => ">",
-                    _ => ">=",
-                };
-                if name != "eq" && n != 2 {
-                    return Err(format!("{name} takes two arguments"));
-                }
-                let first = a[0].0.clone();
-                let alts: Vec<T> = a[1..]
-                    .iter()
-                    .map(|(b, _)| T::Cmp(Box::new(first.clone()), op, Box::new(b.clone())))
-                    .collect();
-                Ok((
-                    if alts.len() == 1 {
-                        alts.into_iter().next().expect("one")
-                    } else {
-                        T::Or(alts)
-                    },
-                    Ty::Bool,
-                ))
+                convert_compare(name, a)
             }
             "and" | "or" => {
                 if n < 2 {
@@ -1923,44 +1756,52 @@ impl<'a> Converter<'a> {
                 let Some((T::Str(fmt), _)) = a.first() else {
                     return Err("printf needs a string literal format".into());
                 };
-                Ok((T::Concat(printf(fmt, a[1..].iter().map(|x| x.0.clone()).collect())?), Ty::Str))
+                Ok((
+                    T::Concat(printf(fmt, a[1..].iter().map(|x| x.0.clone()).collect())?),
+                    Ty::Str,
+                ))
             }
             "print" | "println" => {
                 let a = self.args(args)?;
-                let strings = a.iter().filter(|x| x.1 == Ty::Str).count();
-                if a.len() > 1 && strings < a.len() - 1 {
-                    self.note(format!(
-                        "{name}: Go puts spaces between operands when neither is a string; converted without"
-                    ));
-                }
-                let mut pieces: Vec<T> = a.into_iter().map(|x| x.0).collect();
-                if name == "println" {
-                    if pieces.len() > 1 {
-                        let mut spaced = Vec::new();
-                        for (i, p) in pieces.into_iter().enumerate() {
-                            if i > 0 {
-                                spaced.push(T::Str(" ".into()));
-                            }
-                            spaced.push(p);
-                        }
-                        pieces = spaced;
-                    }
-                    pieces.push(T::Str("\n".into()));
-                }
-                Ok((
-                    if pieces.len() == 1 {
-                        pieces.remove(0)
-                    } else {
-                        T::Concat(pieces)
-                    },
-                    Ty::Str,
-                ))
+                self.convert_print(name, a)
             }
             "html" | "js" | "urlquery" | "call" | "slice" => Err(format!(
                 "Go's {name} has no exact Tera equivalent: convert it by hand"
             )),
             other => Err(format!("unknown function {other}")),
         }
+    }
+
+    /// `print` and `println`: the operands concatenated (`println` with spaces and a newline).
+    fn convert_print(&mut self, name: &str, a: Vec<(T, Ty)>) -> Conv<(T, Ty)> {
+        let strings = a.iter().filter(|x| x.1 == Ty::Str).count();
+        if a.len() > 1 && strings < a.len() - 1 {
+            self.note(format!(
+                "{name}: Go puts spaces between operands when neither is a string; converted without"
+            ));
+        }
+        let mut pieces: Vec<T> = a.into_iter().map(|x| x.0).collect();
+        if name == "println" {
+            if pieces.len() > 1 {
+                let mut spaced = Vec::new();
+                for (i, p) in pieces.into_iter().enumerate() {
+                    if i > 0 {
+                        spaced.push(T::Str(" ".into()));
+                    }
+                    spaced.push(p);
+                }
+                pieces = spaced;
+            }
+            pieces.push(T::Str("\n".into()));
+        }
+        Ok((
+            if pieces.len() == 1 {
+                pieces.remove(0)
+            } else {
+                T::Concat(pieces)
+            },
+            Ty::Str,
+        ))
     }
 
     // --- rendering --------------------------------------------------------------------------
@@ -2024,90 +1865,8 @@ impl<'a> Converter<'a> {
                     plain_str: false,
                 }
             }
-            T::Filter(base, f, args) => {
-                let b = self.render(base, Place::FilterBase)?;
-                let mut parts = Vec::new();
-                for (k, v) in args {
-                    let r = self.render(v, Place::Any)?;
-                    parts.push(format!("{k}={}", r.s));
-                }
-                let call = if parts.is_empty() {
-                    f.clone()
-                } else {
-                    format!("{f}({})", parts.join(", "))
-                };
-                R {
-                    s: format!("{} | {call}", b.s),
-                    kind: match b.kind {
-                        Kind::Stringy => Kind::Stringy,
-                        Kind::Array => Kind::Array,
-                        _ => Kind::Filtered,
-                    },
-                    plain_str: false,
-                }
-            }
-            T::Field(base, key) => {
-                let b = self.render(base, Place::FilterBase)?;
-                match key {
-                    Key::Name(n)
-                        if b.kind == Kind::Path
-                            && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
-                    {
-                        R {
-                            s: format!("{}.{n}", b.s),
-                            kind: Kind::Path,
-                            plain_str: false,
-                        }
-                    }
-                    Key::Name(n) if b.kind == Kind::Path => R {
-                        s: format!("{}[{}]", b.s, str_lit(n).s),
-                        kind: Kind::Path,
-                        plain_str: false,
-                    },
-                    Key::Name(n) => R {
-                        s: format!("{} | get(key={})", b.s, str_lit(n).s),
-                        kind: Kind::Filtered,
-                        plain_str: false,
-                    },
-                    Key::Index(k) => {
-                        let kr = self.render_raw(k)?;
-                        let simple_key = matches!(**k, T::Int(i) if i >= 0)
-                            || (kr.plain_str && !kr.s.contains(" ~ "))
-                            || kr.kind == Kind::Path;
-                        if b.kind == Kind::Path && simple_key {
-                            R {
-                                s: format!("{}[{}]", b.s, kr.s),
-                                kind: Kind::Path,
-                                plain_str: false,
-                            }
-                        } else if b.kind == Kind::Path {
-                            let k = self.render(k, Place::Haystack)?;
-                            let k = if k.kind == Kind::Path {
-                                k
-                            } else {
-                                let name = self.fresh("_t");
-                                self.pre.push(format!("{{% set {name} = {} %}}", k.s));
-                                R {
-                                    s: name,
-                                    kind: Kind::Path,
-                                    plain_str: false,
-                                }
-                            };
-                            R {
-                                s: format!("{}[{}]", b.s, k.s),
-                                kind: Kind::Path,
-                                plain_str: false,
-                            }
-                        } else {
-                            // Not a variable: hoist the base so brackets apply.
-                            let name = self.fresh("_t");
-                            self.pre.push(format!("{{% set {name} = {} %}}", b.s));
-                            return self
-                                .render_raw(&T::Field(Box::new(T::Path(name)), key.clone()));
-                        }
-                    }
-                }
-            }
+            T::Filter(base, f, args) => self.render_filter(base, f, args)?,
+            T::Field(base, key) => self.render_field(base, key)?,
             T::Cmp(l, op, r) => {
                 let l = self.render(l, Place::Compare)?;
                 let r = self.render(r, Place::Compare)?;
@@ -2133,35 +1892,7 @@ impl<'a> Converter<'a> {
                     plain_str: false,
                 }
             }
-            T::Not(x) => match &**x {
-                T::Not(inner) => self.render_raw(inner)?,
-                T::Cmp(l, op, r) => {
-                    let flipped = match *op {
-                        "==" => "!=",
-                        "!=" => "==",
-                        "<" => ">=",
-                        "<=" => ">",
-                        ">" => "<=",
-                        _ => "<",
-                    };
-                    self.render_raw(&T::Cmp(l.clone(), flipped, r.clone()))?
-                }
-                T::In(a, b, neg) => self.render_raw(&T::In(a.clone(), b.clone(), !neg))?,
-                T::And(xs) => self.render_raw(&T::Or(
-                    xs.iter().map(|x| T::Not(Box::new(x.clone()))).collect(),
-                ))?,
-                T::Or(xs) => self.render_raw(&T::And(
-                    xs.iter().map(|x| T::Not(Box::new(x.clone()))).collect(),
-                ))?,
-                other => {
-                    let r = self.render(other, Place::Compare)?;
-                    R {
-                        s: format!("not {}", r.s),
-                        kind: Kind::Cond,
-                        plain_str: false,
-                    }
-                }
-            },
+            T::Not(x) => self.render_not(x)?,
             T::In(needle, hay, neg) => {
                 let n = self.render(needle, Place::Compare)?;
                 let h = self.render(hay, Place::Haystack)?;
@@ -2186,6 +1917,127 @@ impl<'a> Converter<'a> {
                     s: parts.join(" ~ "),
                     kind: Kind::Stringy,
                     plain_str: true,
+                }
+            }
+        })
+    }
+
+    /// [`Converter::render_raw`] of filter `f` with `args` on `base`.
+    fn render_filter(&mut self, base: &T, f: &str, args: &[(String, T)]) -> Conv<R> {
+        let b = self.render(base, Place::FilterBase)?;
+        let mut parts = Vec::new();
+        for (k, v) in args {
+            let r = self.render(v, Place::Any)?;
+            parts.push(format!("{k}={}", r.s));
+        }
+        let call = if parts.is_empty() {
+            f.to_string()
+        } else {
+            format!("{f}({})", parts.join(", "))
+        };
+        Ok(R {
+            s: format!("{} | {call}", b.s),
+            kind: match b.kind {
+                Kind::Stringy => Kind::Stringy,
+                Kind::Array => Kind::Array,
+                _ => Kind::Filtered,
+            },
+            plain_str: false,
+        })
+    }
+
+    /// [`Converter::render_raw`] of a field or index of `base`.
+    fn render_field(&mut self, base: &T, key: &Key) -> Conv<R> {
+        let b = self.render(base, Place::FilterBase)?;
+        Ok(match key {
+            Key::Name(n)
+                if b.kind == Kind::Path
+                    && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+            {
+                R {
+                    s: format!("{}.{n}", b.s),
+                    kind: Kind::Path,
+                    plain_str: false,
+                }
+            }
+            Key::Name(n) if b.kind == Kind::Path => R {
+                s: format!("{}[{}]", b.s, str_lit(n).s),
+                kind: Kind::Path,
+                plain_str: false,
+            },
+            Key::Name(n) => R {
+                s: format!("{} | get(key={})", b.s, str_lit(n).s),
+                kind: Kind::Filtered,
+                plain_str: false,
+            },
+            Key::Index(k) => {
+                let kr = self.render_raw(k)?;
+                let simple_key = matches!(**k, T::Int(i) if i >= 0)
+                    || (kr.plain_str && !kr.s.contains(" ~ "))
+                    || kr.kind == Kind::Path;
+                if b.kind == Kind::Path && simple_key {
+                    R {
+                        s: format!("{}[{}]", b.s, kr.s),
+                        kind: Kind::Path,
+                        plain_str: false,
+                    }
+                } else if b.kind == Kind::Path {
+                    let k = self.render(k, Place::Haystack)?;
+                    let k = if k.kind == Kind::Path {
+                        k
+                    } else {
+                        let name = self.fresh("_t");
+                        self.pre.push(format!("{{% set {name} = {} %}}", k.s));
+                        R {
+                            s: name,
+                            kind: Kind::Path,
+                            plain_str: false,
+                        }
+                    };
+                    R {
+                        s: format!("{}[{}]", b.s, k.s),
+                        kind: Kind::Path,
+                        plain_str: false,
+                    }
+                } else {
+                    // Not a variable: hoist the base so brackets apply.
+                    let name = self.fresh("_t");
+                    self.pre.push(format!("{{% set {name} = {} %}}", b.s));
+                    return self.render_raw(&T::Field(Box::new(T::Path(name)), key.clone()));
+                }
+            }
+        })
+    }
+
+    /// [`Converter::render_raw`] of a negation, pushed into comparisons and `in`, and through
+    /// `and`/`or` (De Morgan).
+    fn render_not(&mut self, x: &T) -> Conv<R> {
+        Ok(match x {
+            T::Not(inner) => self.render_raw(inner)?,
+            T::Cmp(l, op, r) => {
+                let flipped = match *op {
+                    "==" => "!=",
+                    "!=" => "==",
+                    "<" => ">=",
+                    "<=" => ">",
+                    ">" => "<=",
+                    _ => "<",
+                };
+                self.render_raw(&T::Cmp(l.clone(), flipped, r.clone()))?
+            }
+            T::In(a, b, neg) => self.render_raw(&T::In(a.clone(), b.clone(), !neg))?,
+            T::And(xs) => self.render_raw(&T::Or(
+                xs.iter().map(|x| T::Not(Box::new(x.clone()))).collect(),
+            ))?,
+            T::Or(xs) => self.render_raw(&T::And(
+                xs.iter().map(|x| T::Not(Box::new(x.clone()))).collect(),
+            ))?,
+            other => {
+                let r = self.render(other, Place::Compare)?;
+                R {
+                    s: format!("not {}", r.s),
+                    kind: Kind::Cond,
+                    plain_str: false,
                 }
             }
         })
@@ -2356,6 +2208,158 @@ fn go_layout_to_strftime(layout: &str) -> Conv<String> {
         rest = &rest[ch.len_utf8()..];
     }
     Ok(out)
+}
+
+/// An error unless `name`, given `n` arguments, takes from `lo` to `hi`.
+fn arity(name: &str, n: usize, lo: usize, hi: usize) -> Conv<()> {
+    if n < lo || n > hi {
+        Err(if lo == hi {
+            format!("{name} takes {lo} argument(s), got {n}")
+        } else {
+            format!("{name} takes {lo} to {hi} arguments, got {n}")
+        })
+    } else {
+        Ok(())
+    }
+}
+
+/// confd functions that convert to the confgen function of the same name with named
+/// arguments: (name, how many arguments are required, the arguments' names, the result's
+/// type). `getvs` and the Go built-ins are converted in [`Converter::call`].
+const SIMPLE_CALLS: &[(&str, usize, &[&str], Ty)] = &[
+    ("getv", 1, &["key", "default"], Ty::Str),
+    ("gets", 1, &["key"], Ty::ListOf(Elem::Kv)),
+    ("get", 1, &["key"], Ty::Kv),
+    ("exists", 1, &["key"], Ty::Bool),
+    ("ls", 1, &["key"], Ty::ListOf(Elem::Str)),
+    ("lsdir", 1, &["key"], Ty::ListOf(Elem::Str)),
+    ("base", 1, &["path"], Ty::Str),
+    ("dir", 1, &["path"], Ty::Str),
+    // confd's json unmarshals into map[string]interface{}: always an object.
+    ("json", 1, &["value"], Ty::Map),
+    ("jsonArray", 1, &["value"], Ty::ListOf(Elem::Json)),
+    ("split", 2, &["value", "sep"], Ty::ListOf(Elem::Str)),
+    ("join", 2, &["list", "sep"], Ty::Str),
+    ("getenv", 1, &["name", "default"], Ty::Str),
+    ("trimSuffix", 2, &["value", "suffix"], Ty::Str),
+    ("lookupIP", 1, &["name"], Ty::ListOf(Elem::Str)),
+    ("lookupIPV4", 1, &["name"], Ty::ListOf(Elem::Str)),
+    ("lookupIPV6", 1, &["name"], Ty::ListOf(Elem::Str)),
+    (
+        "lookupSRV",
+        3,
+        &["service", "proto", "name"],
+        Ty::ListOf(Elem::Srv),
+    ),
+    ("fileExists", 1, &["path"], Ty::Bool),
+    ("base64Encode", 1, &["value"], Ty::Str),
+    ("base64Decode", 1, &["value"], Ty::Str),
+    ("parseBool", 1, &["value"], Ty::Bool),
+    ("atoi", 1, &["value"], Ty::Int),
+    ("add", 2, &["a", "b"], Ty::Int),
+    ("sub", 2, &["a", "b"], Ty::Int),
+    ("mul", 2, &["a", "b"], Ty::Int),
+    ("div", 2, &["a", "b"], Ty::Int),
+    ("mod", 2, &["a", "b"], Ty::Int),
+    ("seq", 2, &["first", "last"], Ty::ListOf(Elem::Int)),
+];
+
+/// confd's `map`: keyword arguments when every key is an identifier literal, else `pairs`.
+fn convert_map(a: Vec<(T, Ty)>) -> Conv<(T, Ty)> {
+    if a.len() % 2 != 0 {
+        return Err("map takes key/value pairs (an even number of arguments)".into());
+    }
+    let named = a
+        .chunks(2)
+        .all(|kv| matches!(&kv[0].0, T::Str(k) if is_ident(k) && k != "pairs"));
+    if named {
+        let mut kw = Vec::new();
+        for kv in a.chunks(2) {
+            if let T::Str(k) = &kv[0].0 {
+                kw.push((k.clone(), kv[1].0.clone()));
+            }
+        }
+        Ok((T::Call("map".into(), kw), Ty::Map))
+    } else {
+        Ok((
+            T::Call(
+                "map".into(),
+                vec![(
+                    "pairs".into(),
+                    T::Array(a.into_iter().map(|(e, _)| e).collect()),
+                )],
+            ),
+            Ty::Map,
+        ))
+    }
+}
+
+/// confd's `replace`: Tera's `replace` filter for all occurrences (`n` = -1), else the
+/// confgen function.
+fn convert_replace(
+    mut a: Vec<(T, Ty)>,
+    call: impl Fn(&str, &[&str], Vec<(T, Ty)>) -> T,
+) -> Conv<(T, Ty)> {
+    if matches!(a[3].0, T::Int(-1)) {
+        a.truncate(3);
+        let (new, _) = a.remove(2);
+        let (old, _) = a.remove(1);
+        let (s, _) = a.remove(0);
+        Ok((
+            T::Filter(
+                Box::new(s),
+                "replace".into(),
+                vec![("from".into(), old), ("to".into(), new)],
+            ),
+            Ty::Str,
+        ))
+    } else {
+        Ok((call("replace", &["value", "old", "new", "n"], a), Ty::Str))
+    }
+}
+
+/// Go's `index`: fields of the first argument, one per further argument.
+fn convert_index(a: Vec<(T, Ty)>) -> Conv<(T, Ty)> {
+    let mut a = a.into_iter();
+    let (mut e, mut ty) = a.next().expect("n >= 2");
+    for (k, _) in a {
+        ty = match ty {
+            Ty::ListOf(el) => el.ty(),
+            Ty::Map | Ty::Json => Ty::Json,
+            Ty::Str => return Err("index of a string (a byte) is not supported".into()),
+            _ => Ty::Unknown,
+        };
+        e = T::Field(Box::new(e), Key::Index(Box::new(k)));
+    }
+    Ok((e, ty))
+}
+
+/// Go's comparisons; `eq` with more than two arguments is true when the first equals any.
+fn convert_compare(name: &str, a: Vec<(T, Ty)>) -> Conv<(T, Ty)> {
+    let op = match name {
+        "eq" => "==",
+        "ne" => "!=",
+        "lt" => "<",
+        "le" => "<=",
+        "gt" => ">",
+        _ => ">=",
+    };
+    if name != "eq" && a.len() != 2 {
+        return Err(format!("{name} takes two arguments"));
+    }
+    let first = a[0].0.clone();
+    let alts: Vec<T> = a[1..]
+        .iter()
+        .map(|(b, _)| T::Cmp(Box::new(first.clone()), op, Box::new(b.clone())))
+        .collect();
+    Ok((
+        if alts.len() == 1 {
+            alts.into_iter().next().expect("one")
+        } else {
+            T::Or(alts)
+        },
+        Ty::Bool,
+    ))
 }
 
 #[cfg(test)]
@@ -2582,21 +2586,19 @@ pub fn confd_run_args(
             ..RunArgs::default()
         });
     }
-    let mut out = RunArgs {
-        args: argv[..2].to_vec(),
-        ..RunArgs::default()
+    let mut st = Rewrite {
+        out: RunArgs {
+            args: argv[..2].to_vec(),
+            ..RunArgs::default()
+        },
+        ..Rewrite::default()
     };
-    let mut nodes: Vec<String> = Vec::new();
-    let mut confd_used = false;
-    let mut tls = false;
-    let mut has_confdir = false;
-    let mut errors: Vec<String> = Vec::new();
     let mut i = 2;
     while i < argv.len() {
         let arg = argv[i].clone();
         i += 1;
         if arg == "--" {
-            out.args.extend(argv[i - 1..].iter().cloned());
+            st.out.args.extend(argv[i - 1..].iter().cloned());
             break;
         }
         let (dashes, body) = if let Some(b) = arg.strip_prefix("--") {
@@ -2604,7 +2606,7 @@ pub fn confd_run_args(
         } else if let Some(b) = arg.strip_prefix('-') {
             (1, b)
         } else {
-            out.args.push(arg);
+            st.out.args.push(arg);
             continue;
         };
         let (name, inline) = match body.split_once('=') {
@@ -2613,44 +2615,20 @@ pub fn confd_run_args(
         };
         // confgen's own double-dash flags (and short flags like -h) pass through.
         if dashes == 2 && own.contains_key(&name) || dashes == 1 && name.chars().count() <= 1 {
-            if name == "node" {
-                let v = inline
-                    .clone()
-                    .or_else(|| argv.get(i).cloned())
-                    .unwrap_or_default();
-                if looks_like_endpoint(&v) {
-                    errors.push(format!(
-                        "--node {v}: --node is this host's Flotilla node name (as presence's --node); \
-                         for an etcd endpoint (confd's -node) use --etcd-endpoints {v}"
-                    ));
-                }
-            }
-            if name == "confdir" {
-                has_confdir = true;
-            }
-            if matches!(name.as_str(), "etcd-cacert" | "etcd-cert") {
-                tls = true;
-            }
-            out.args.push(arg.clone());
-            if dashes == 2 && inline.is_none() && own.get(&name) == Some(&true) {
-                if let Some(v) = argv.get(i) {
-                    out.args.push(v.clone());
-                    i += 1;
-                }
-            }
+            st.own_flag(&argv, &mut i, own, &arg, &name, inline.as_deref());
             continue;
         }
         let Some(flag) = confd_flag(&name) else {
             if dashes == 1 {
-                errors.push(format!(
+                st.errors.push(format!(
                     "-{name}: not a confgen flag, nor one of confd's (confgen's flags take two dashes: confgen run --help)"
                 ));
             } else {
-                out.args.push(arg);
+                st.out.args.push(arg);
             }
             continue;
         };
-        confd_used = true;
+        st.confd_used = true;
         let value = if flag.takes_value {
             match inline {
                 Some(v) => Some(v),
@@ -2660,7 +2638,7 @@ pub fn confd_run_args(
                         Some(v.clone())
                     }
                     None => {
-                        errors.push(format!("-{name} needs a value"));
+                        st.errors.push(format!("-{name} needs a value"));
                         continue;
                     }
                 },
@@ -2670,71 +2648,140 @@ pub fn confd_run_args(
                 None | Some("true") | Some("1") => None,
                 Some("false") | Some("0") => continue,
                 Some(other) => {
-                    errors.push(format!("-{name}={other}: expected true or false"));
+                    st.errors
+                        .push(format!("-{name}={other}: expected true or false"));
                     continue;
                 }
             }
         };
         let v = value.unwrap_or_default();
-        match (flag.action)(&v) {
+        st.apply((flag.action)(&v), &name, &v);
+    }
+    st.finish(env)
+}
+
+/// What [`confd_run_args`] has rewritten so far.
+#[derive(Default)]
+struct Rewrite {
+    out: RunArgs,
+    /// confd's `-node` endpoints, joined into one `--etcd-endpoints` at the end.
+    nodes: Vec<String>,
+    /// A confd flag was given.
+    confd_used: bool,
+    /// A client certificate or CA was given: bare `-node` endpoints get `https://`.
+    tls: bool,
+    /// A confdir was given.
+    has_confdir: bool,
+    errors: Vec<String>,
+}
+
+impl Rewrite {
+    /// Passes one of confgen's own flags through (`arg`, named `name`, with its value when it
+    /// takes one and it is not `inline`: `argv[*i]`).
+    fn own_flag(
+        &mut self,
+        argv: &[String],
+        i: &mut usize,
+        own: &OwnFlags,
+        arg: &str,
+        name: &str,
+        inline: Option<&str>,
+    ) {
+        if name == "node" {
+            let v = inline
+                .map(str::to_string)
+                .or_else(|| argv.get(*i).cloned())
+                .unwrap_or_default();
+            if looks_like_endpoint(&v) {
+                self.errors.push(format!(
+                    "--node {v}: --node is this host's Flotilla node name (as presence's --node); \
+                     for an etcd endpoint (confd's -node) use --etcd-endpoints {v}"
+                ));
+            }
+        }
+        if name == "confdir" {
+            self.has_confdir = true;
+        }
+        if matches!(name, "etcd-cacert" | "etcd-cert") {
+            self.tls = true;
+        }
+        self.out.args.push(arg.to_string());
+        if arg.starts_with("--") && inline.is_none() && own.get(name) == Some(&true) {
+            if let Some(v) = argv.get(*i) {
+                self.out.args.push(v.clone());
+                *i += 1;
+            }
+        }
+    }
+
+    /// Applies what confd's flag `-name` with value `v` becomes.
+    fn apply(&mut self, alias: Alias, name: &str, v: &str) {
+        match alias {
             Alias::To(flags) => {
                 if flags.first().is_some_and(|f| f == "--confdir") {
-                    has_confdir = true;
+                    self.has_confdir = true;
                 }
                 if flags
                     .first()
                     .is_some_and(|f| f == "--etcd-cacert" || f == "--etcd-cert")
                 {
-                    tls = true;
+                    self.tls = true;
                 }
-                out.args.extend(flags);
+                self.out.args.extend(flags);
             }
             Alias::ToNote(flags, note) => {
-                out.args.extend(flags);
-                out.notes.push(format!("-{name}: {note}"));
+                self.out.args.extend(flags);
+                self.out.notes.push(format!("-{name}: {note}"));
             }
-            Alias::Note(note) => out.notes.push(format!("-{name}: {note}")),
+            Alias::Note(note) => self.out.notes.push(format!("-{name}: {note}")),
             Alias::Node => {
                 for n in v.split(',').filter(|n| !n.is_empty()) {
                     if looks_like_endpoint(n) {
-                        nodes.push(n.to_string());
+                        self.nodes.push(n.to_string());
                     } else {
-                        errors.push(format!(
+                        self.errors.push(format!(
                             "-node {n}: confd's -node is an etcd endpoint (e.g. http://10.0.0.1:2379, \
                              i.e. --etcd-endpoints); this host's node name is --node {n} (two dashes)"
                         ));
                     }
                 }
             }
-            Alias::LogLevel(level) => out.rust_log = Some(level),
-            Alias::Refuse(why) => errors.push(format!("-{name}: {why}")),
+            Alias::LogLevel(level) => self.out.rust_log = Some(level),
+            Alias::Refuse(why) => self.errors.push(format!("-{name}: {why}")),
         }
     }
-    if !nodes.is_empty() {
-        let scheme = if tls { "https://" } else { "http://" };
-        let urls: Vec<String> = nodes
-            .iter()
-            .map(|n| {
-                if n.contains("://") {
-                    n.clone()
-                } else {
-                    format!("{scheme}{n}")
-                }
-            })
-            .collect();
-        out.args.push("--etcd-endpoints".into());
-        out.args.push(urls.join(","));
-    }
-    if confd_used && !has_confdir && env("FLOTILLA_CONFDIR").is_none() {
-        out.args.push("--confdir".into());
-        out.args.push("/etc/confd".into());
-        out.notes
-            .push("no -confdir: using confd's default /etc/confd".into());
-    }
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(errors.join("\n"))
+
+    /// The rewritten arguments: the endpoints of `-node` and confd's default confdir added;
+    /// the errors, one a line, when there were any.
+    fn finish(mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<RunArgs, String> {
+        if !self.nodes.is_empty() {
+            let scheme = if self.tls { "https://" } else { "http://" };
+            let urls: Vec<String> = self
+                .nodes
+                .iter()
+                .map(|n| {
+                    if n.contains("://") {
+                        n.clone()
+                    } else {
+                        format!("{scheme}{n}")
+                    }
+                })
+                .collect();
+            self.out.args.push("--etcd-endpoints".into());
+            self.out.args.push(urls.join(","));
+        }
+        if self.confd_used && !self.has_confdir && env("FLOTILLA_CONFDIR").is_none() {
+            self.out.args.push("--confdir".into());
+            self.out.args.push("/etc/confd".into());
+            self.out
+                .notes
+                .push("no -confdir: using confd's default /etc/confd".into());
+        }
+        if self.errors.is_empty() {
+            Ok(self.out)
+        } else {
+            Err(self.errors.join("\n"))
+        }
     }
 }
 
@@ -2831,6 +2878,19 @@ fn confd_flag(name: &str) -> Option<ConfdFlag> {
                 "as --etcd-password; a password on the command line is visible in ps: prefer FLOTILLA_ETCD_PASSWORD".into(),
             )
         }),
+        _ => confd_ignored_flag(name),
+    }
+}
+
+/// The confd flags of [`confd_flag`] that confgen implies, ignores or refuses.
+fn confd_ignored_flag(name: &str) -> Option<ConfdFlag> {
+    let f = |takes_value, action| {
+        Some(ConfdFlag {
+            takes_value,
+            action,
+        })
+    };
+    match name {
         "basic-auth" => f(false, |_| {
             Alias::Note("implied by -username / -password (etcd authentication)".into())
         }),

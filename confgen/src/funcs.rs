@@ -12,6 +12,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
+use flotilla_registry::{Health, Proto};
 use serde_json::{Map, Value};
 use tera::{Error, Result, Tera};
 
@@ -278,8 +279,8 @@ impl Routing {
             path: path.map(str::to_string),
             service_port: service_port.map(str::to_string),
             usable: eps.iter().any(|e| {
-                e.get("health").and_then(Value::as_str) != Some("unhealthy")
-                    && e.get("proto").and_then(Value::as_str) != Some("udp")
+                e.get("health").and_then(Value::as_str) != Some(Health::Unhealthy.as_str())
+                    && e.get("proto").and_then(Value::as_str) != Some(Proto::Udp.as_str())
             }),
         }
     }
@@ -377,7 +378,16 @@ fn first_meta<'a, const N: usize>(eps: &'a [Value], keys: [&str; N]) -> [Option<
 pub fn register(tera: &mut Tera, store: Store, scope: Arc<Scope>, routes: SharedRouteCache) {
     let kv = Kv { store, scope };
     register_confd(tera, kv.clone(), Host::real());
+    register_key_functions(tera, kv);
+    register_text_functions(tera);
+    register_text_filters(tera);
+    register_endpoint_filters(tera);
+    register_route_filters(tera, routes);
+}
 
+/// The key functions over the registry's keys: `getv`, `exists`, `gets`, `getvs`, `ls`,
+/// `lsdir`.
+fn register_key_functions(tera: &mut Tera, kv: Kv) {
     let k = kv.clone();
     tera.register_function("getv", move |args: &HashMap<String, Value>| {
         let key = key_arg(args, "getv")?;
@@ -442,6 +452,10 @@ pub fn register(tera: &mut Tera, store: Store, scope: Arc<Scope>, routes: Shared
                 .collect(),
         ))
     });
+}
+
+/// The path and text functions: `base`, `dir`, `json`, `split`, `join`.
+fn register_text_functions(tera: &mut Tera) {
     tera.register_function("base", |args: &HashMap<String, Value>| {
         Ok(Value::String(base(arg_str(args, "path", "base")?)))
     });
@@ -473,7 +487,10 @@ pub fn register(tera: &mut Tera, store: Store, scope: Arc<Scope>, routes: Shared
             .collect();
         Ok(Value::String(parts.join(sep)))
     });
+}
 
+/// The filters of one string: `base`, `dir`, `json`, `ident`, `token`.
+fn register_text_filters(tera: &mut Tera) {
     tera.register_filter("base", |v: &Value, _: &HashMap<String, Value>| {
         let s = v
             .as_str()
@@ -519,11 +536,17 @@ pub fn register(tera: &mut Tera, store: Store, scope: Arc<Scope>, routes: Shared
             )))
         }
     });
+}
+
+/// The filters of a service's endpoints: `healthy`, `with_tag`, `with_meta`, `meta`.
+fn register_endpoint_filters(tera: &mut Tera) {
     tera.register_filter("healthy", |v: &Value, _: &HashMap<String, Value>| {
         Ok(Value::Array(
             endpoints(v, "healthy")?
                 .iter()
-                .filter(|e| e.get("health").and_then(Value::as_str) != Some("unhealthy"))
+                .filter(|e| {
+                    e.get("health").and_then(Value::as_str) != Some(Health::Unhealthy.as_str())
+                })
                 .cloned()
                 .collect(),
         ))
@@ -575,6 +598,10 @@ pub fn register(tera: &mut Tera, store: Store, scope: Arc<Scope>, routes: Shared
                 .unwrap_or(Value::String(String::new()))),
         }
     });
+}
+
+/// The filters of the services map that route by meta: `tcp_routes`, `path_routes`.
+fn register_route_filters(tera: &mut Tera, routes: SharedRouteCache) {
     let cache = routes.clone();
     tera.register_filter(
         "tcp_routes",
@@ -1027,6 +1054,14 @@ fn int_op(
 /// Registers confd's functions (the list at the top of this section) with `host` for the
 /// functions that read the machine.
 fn register_confd(tera: &mut Tera, kv: Kv, host: Host) {
+    register_confd_data(tera, kv);
+    register_confd_host(tera, host);
+    register_confd_conversions(tera);
+    register_confd_lists_and_numbers(tera);
+}
+
+/// confd's `get`, `jsonArray` and `map`.
+fn register_confd_data(tera: &mut Tera, kv: Kv) {
     tera.register_function("get", move |args: &HashMap<String, Value>| {
         let key = key_arg(args, "get")?;
         match kv.get(key) {
@@ -1072,6 +1107,11 @@ fn register_confd(tera: &mut Tera, kv: Kv, host: Host) {
         }
         Ok(Value::Object(out))
     });
+}
+
+/// confd's functions that read the machine through `host`: `getenv` (and Tera's `get_env`),
+/// `fileExists`, `lookupIP*`, `lookupSRV`.
+fn register_confd_host(tera: &mut Tera, host: Host) {
     let h = host.clone();
     tera.register_function("getenv", move |args: &HashMap<String, Value>| {
         let name = arg_str(args, "name", "getenv")?;
@@ -1141,6 +1181,10 @@ fn register_confd(tera: &mut Tera, kv: Kv, host: Host) {
             arg_str(args, "name", "lookupSRV")?,
         )
     });
+}
+
+/// confd's `base64Encode`, `base64Decode`, `parseBool` and `atoi`.
+fn register_confd_conversions(tera: &mut Tera) {
     fn b64_decode(s: &str) -> Result<Value> {
         let bytes = base64_decode(s).map_err(|e| {
             Error::msg(format!(
@@ -1193,6 +1237,11 @@ fn register_confd(tera: &mut Tera, kv: Kv, host: Host) {
         )
         .map(Value::from)
     });
+}
+
+/// confd's `seq`, `sortByLength`, `sortKVByLength`, `trimSuffix`, `replace` and integer
+/// arithmetic.
+fn register_confd_lists_and_numbers(tera: &mut Tera) {
     tera.register_function("seq", |args: &HashMap<String, Value>| {
         let first = arg_int(args, "first", "seq")?;
         let last = arg_int(args, "last", "seq")?;

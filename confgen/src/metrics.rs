@@ -83,93 +83,98 @@ impl Metrics {
             runtime_apply_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
         };
         let mut r = Registry::default();
-        r.register("confgen_renders", "Template renders", m.renders.clone());
+        m.register_in(&mut r);
+        (Arc::new(m), Arc::new(Mutex::new(r)))
+    }
+
+    /// Registers every metric in `r`, under its name and help text.
+    fn register_in(&self, r: &mut Registry) {
+        r.register("confgen_renders", "Template renders", self.renders.clone());
         r.register(
             "confgen_fragment_renders",
             "Per-service fragments rendered (fragment cache misses)",
-            m.fragment_renders.clone(),
+            self.fragment_renders.clone(),
         );
         r.register(
             "confgen_writes",
             "Destination files written",
-            m.writes.clone(),
+            self.writes.clone(),
         );
         r.register(
             "confgen_reloads",
             "Reload commands run, by result",
-            m.reloads.clone(),
+            self.reloads.clone(),
         );
         r.register(
             "confgen_failures",
             "Failed applies by kind (render, check, write, reload, config)",
-            m.failures.clone(),
+            self.failures.clone(),
         );
         r.register(
             "confgen_held",
             "Renders held by the drop guard",
-            m.held.clone(),
+            self.held.clone(),
         );
         r.register(
             "confgen_change_to_write_seconds",
             "From seeing a registry change to the destination renamed into place",
-            m.change_to_write.clone(),
+            self.change_to_write.clone(),
         );
         r.register(
             "confgen_render_seconds",
             "Time to render one template",
-            m.render_seconds.clone(),
+            self.render_seconds.clone(),
         );
         r.register(
             "confgen_registry_revision",
             "etcd revision of confgen's registry view",
-            m.revision.clone(),
+            self.revision.clone(),
         );
         r.register(
             "confgen_watch_lag_revisions",
             "Revisions between the registry view and the oldest applied revision",
-            m.watch_lag.clone(),
+            self.watch_lag.clone(),
         );
         r.register(
             "confgen_last_success_timestamp_seconds",
             "Unix time of the last successful apply",
-            m.last_success.clone(),
+            self.last_success.clone(),
         );
         r.register(
             "confgen_stale",
             "1 while the registry view is stale (etcd unreachable or not yet listed)",
-            m.stale.clone(),
+            self.stale.clone(),
         );
         r.register(
             "confgen_endpoints",
             "Endpoints each template sees",
-            m.endpoints.clone(),
+            self.endpoints.clone(),
         );
         r.register(
             "confgen_endpoints_excluded",
             "Valid endpoint records left out of every config, by reason (no_node_record, claim, loopback, dns_host, weight, node_cap, duplicate_instance)",
-            m.excluded.clone(),
+            self.excluded.clone(),
         );
         r.register(
             "confgen_endpoints_quarantined",
             "Endpoints left out of a resource because its check_cmd failed with them",
-            m.quarantined.clone(),
+            self.quarantined.clone(),
         );
         r.register(
             "confgen_runtime_applies",
             "Renders applied through the runtime API without a reload",
-            m.runtime_applies.clone(),
+            self.runtime_applies.clone(),
         );
         r.register(
             "confgen_runtime_fallbacks",
             "Renders of a runtime_api resource that took the reload path, by reason (structural, unparseable, reload_pending, unreachable, rejected, busy, mismatch)",
-            m.runtime_fallbacks.clone(),
+            self.runtime_fallbacks.clone(),
         );
         r.register(
             "confgen_runtime_apply_seconds",
             "Time one runtime apply takes (commands and the read-back)",
-            m.runtime_apply_seconds.clone(),
+            self.runtime_apply_seconds.clone(),
         );
-        (Arc::new(m), Arc::new(Mutex::new(r)))
     }
 
     /// Counts a runtime fallback of `resource` for `reason`.

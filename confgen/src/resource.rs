@@ -349,6 +349,48 @@ pub fn load_resource(confdir: &Path, file: &Path) -> Result<Resource, Vec<Resour
 
     let templates = confdir.join("templates");
     let src_rel = Path::new(&raw.src);
+    check_paths(&raw, &templates, &mut field);
+    let prefix = raw.prefix.clone().unwrap_or_default();
+    let keys = check_keys(&raw, &prefix, &mut field);
+    let (uid, gid) = owner(&raw, &mut field);
+    check_commands(&raw, &mut field);
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let name = file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(Resource {
+        name,
+        file: file.to_owned(),
+        src: templates.join(src_rel),
+        src_name: raw.src.clone(),
+        dest: raw.dest,
+        prefix,
+        keys,
+        uid,
+        gid,
+        mode: raw.mode,
+        check_cmd: raw.check_cmd,
+        reload_cmd: raw.reload_cmd,
+        wait: raw.wait.unwrap_or_default(),
+        check_timeout: raw.check_timeout.unwrap_or(DEFAULT_COMMAND_TIMEOUT),
+        reload_timeout: raw.reload_timeout.unwrap_or(DEFAULT_COMMAND_TIMEOUT),
+        max_drop: raw.max_drop.map(|f| f.0).unwrap_or(DEFAULT_MAX_DROP),
+        drop_grace: raw.drop_grace.unwrap_or(DEFAULT_DROP_GRACE),
+        runtime_api: raw.runtime_api,
+        runtime_timeout: raw.runtime_timeout.unwrap_or(DEFAULT_RUNTIME_TIMEOUT),
+    })
+}
+
+/// Where a resource's problems go: `field(name, message)`.
+type Field<'a> = dyn FnMut(&str, String) + 'a;
+
+/// Checks `src` (a file under `templates`) and `dest` (an absolute path in an existing
+/// directory).
+fn check_paths(raw: &Raw, templates: &Path, field: &mut Field<'_>) {
+    let src_rel = Path::new(&raw.src);
     if raw.src.is_empty()
         || src_rel.is_absolute()
         || src_rel
@@ -384,7 +426,10 @@ pub fn load_resource(confdir: &Path, file: &Path) -> Result<Resource, Vec<Resour
             );
         }
     }
-    let prefix = raw.prefix.unwrap_or_default();
+}
+
+/// Checks `prefix` and `keys`; returns the keys with the prefix.
+fn check_keys(raw: &Raw, prefix: &str, field: &mut Field<'_>) -> Vec<String> {
     if !prefix.is_empty() && (!prefix.starts_with('/') || prefix.ends_with('/')) {
         field(
             "prefix",
@@ -405,6 +450,11 @@ pub fn load_resource(confdir: &Path, file: &Path) -> Result<Resource, Vec<Resour
             keys.push(format!("{prefix}{k}"));
         }
     }
+    keys
+}
+
+/// The uid and gid of the destination: `uid`/`gid`, or `owner`'s.
+fn owner(raw: &Raw, field: &mut Field<'_>) -> (Option<u32>, Option<u32>) {
     let (mut uid, mut gid) = (raw.uid, raw.gid);
     if let Some(owner) = &raw.owner {
         if raw.uid.is_some() {
@@ -419,6 +469,11 @@ pub fn load_resource(confdir: &Path, file: &Path) -> Result<Resource, Vec<Resour
             Err(e) => field("owner", format!("cannot look up user {owner:?}: {e}")),
         }
     }
+    (uid, gid)
+}
+
+/// Checks `check_cmd`, `reload_cmd`, `runtime_api` and the timeouts.
+fn check_commands(raw: &Raw, field: &mut Field<'_>) {
     for (name, cmd) in [
         ("check_cmd", &raw.check_cmd),
         ("reload_cmd", &raw.reload_cmd),
@@ -467,34 +522,6 @@ pub fn load_resource(confdir: &Path, file: &Path) -> Result<Resource, Vec<Resour
             field(name, "must be greater than 0".into());
         }
     }
-    if !errors.is_empty() {
-        return Err(errors);
-    }
-    let name = file
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    Ok(Resource {
-        name,
-        file: file.to_owned(),
-        src: templates.join(src_rel),
-        src_name: raw.src.clone(),
-        dest: raw.dest,
-        prefix,
-        keys,
-        uid,
-        gid,
-        mode: raw.mode,
-        check_cmd: raw.check_cmd,
-        reload_cmd: raw.reload_cmd,
-        wait: raw.wait.unwrap_or_default(),
-        check_timeout: raw.check_timeout.unwrap_or(DEFAULT_COMMAND_TIMEOUT),
-        reload_timeout: raw.reload_timeout.unwrap_or(DEFAULT_COMMAND_TIMEOUT),
-        max_drop: raw.max_drop.map(|f| f.0).unwrap_or(DEFAULT_MAX_DROP),
-        drop_grace: raw.drop_grace.unwrap_or(DEFAULT_DROP_GRACE),
-        runtime_api: raw.runtime_api,
-        runtime_timeout: raw.runtime_timeout.unwrap_or(DEFAULT_RUNTIME_TIMEOUT),
-    })
 }
 
 /// One line for a TOML error: `line L, column C: what`, the place from the error's span (1-based,

@@ -8,7 +8,7 @@ use crate::path::FieldPath;
 use crate::placement::{self, Assignment, Request, Rule};
 use crate::quadlet;
 use crate::render::{self, Instance, PlatformTarget, RenderError, RenderOptions};
-use crate::spec::{self, Service, Spec};
+use crate::spec::{self, Platform, Service, Spec};
 
 /// Output flavour.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -382,75 +382,10 @@ fn systemd(
         Format::Quadlet => quadlet_files(job, spec, &placed, &deployed, &mut notes)?,
         _ => systemd_files(job, spec, &placed, &deployed)?,
     };
-    let podman = job.format == Format::Quadlet;
-    let mut platform_units = 0;
-    if let Some(p) = &spec.platform {
-        let mut diags = Vec::new();
-        for d in [&p.presence, &p.confgen].into_iter().flatten() {
-            let mut any = false;
-            for (host, md) in &inv.hosts {
-                if !render::runs_on(d, md) {
-                    continue;
-                }
-                any = true;
-                let address = inv.addresses.get(host).copied();
-                if d.name == "presence" && address.is_none() {
-                    diags.push(hosts_src.error(
-                        &FieldPath::keys(&["hosts", host, "address"]),
-                        format!("host {host} runs presence, which needs this host's `address` for --advertise-ip"),
-                    ));
-                    continue;
-                }
-                if d.name == "presence"
-                    && address.is_some_and(is_host_local)
-                    && !d.args.iter().any(|a| a == "--allow-loopback")
-                {
-                    diags.push(hosts_src.error(
-                        &FieldPath::keys(&["hosts", host, "address"]),
-                        format!(
-                            "host {host}'s address {} is loopback or link-local, which presence refuses as --advertise-ip (other proxy hosts would route to themselves); give an address other hosts reach, or add --allow-loopback to platform.presence.args for a single-host setup",
-                            address.expect("checked")
-                        ),
-                    ));
-                    continue;
-                }
-                if podman && d.name == "presence" && !d.args.iter().any(|a| a == "--docker-host") {
-                    diags.push(src.error(
-                        &FieldPath::keys(&["platform", "presence", "docker_host"]),
-                        "--format quadlet runs the containers under Podman, so presence must watch Podman's Docker-compatible API: set `docker_host: unix:///run/podman/podman.sock` (and enable podman.socket on the hosts)",
-                    ));
-                    break;
-                }
-                let target = PlatformTarget::Host {
-                    name: host,
-                    address,
-                    podman,
-                };
-                let text = render::platform_unit(d, p, &target, &job.render)
-                    .map_err(|e| render_err(src, e))?;
-                files.push(OutFile {
-                    path: format!("{host}/{}.service", d.name),
-                    content: text,
-                });
-                platform_units += 1;
-            }
-            if !any {
-                diags.push(src.error(
-                    &d.metadata_origin,
-                    format!(
-                        "{} is to run on hosts with {}, but none of the {} hosts match",
-                        d.name,
-                        render::describe(d),
-                        inv.hosts.len()
-                    ),
-                ));
-            }
-        }
-        if !diags.is_empty() {
-            sort_diagnostics(&mut diags);
-            return Err(Error::Invalid(diags));
-        }
-    }
+    let platform_units = match &spec.platform {
+        Some(p) => platform_files(job, p, hosts_src, inv, &mut files)?,
+        None => 0,
+    };
     files.sort_by(|a, b| a.path.cmp(&b.path));
     let instance_count: usize = placed.values().map(|m| m.len()).sum();
     let moved = placed
@@ -475,6 +410,86 @@ fn systemd(
         deployed,
         notes,
     })
+}
+
+/// The platform daemons' units of every host that runs them, added to `files`; returns how
+/// many. A host that cannot run one is an error naming its field.
+fn platform_files(
+    job: &Job,
+    p: &Platform,
+    hosts_src: &SourceFile,
+    inv: &Inventory,
+    files: &mut Vec<OutFile>,
+) -> Result<usize, Error> {
+    let src = &job.services;
+    let podman = job.format == Format::Quadlet;
+    let mut platform_units = 0;
+    let mut diags = Vec::new();
+    for d in [&p.presence, &p.confgen].into_iter().flatten() {
+        let mut any = false;
+        for (host, md) in &inv.hosts {
+            if !render::runs_on(d, md) {
+                continue;
+            }
+            any = true;
+            let address = inv.addresses.get(host).copied();
+            if d.name == "presence" && address.is_none() {
+                diags.push(hosts_src.error(
+                    &FieldPath::keys(&["hosts", host, "address"]),
+                    format!("host {host} runs presence, which needs this host's `address` for --advertise-ip"),
+                ));
+                continue;
+            }
+            if d.name == "presence"
+                && address.is_some_and(is_host_local)
+                && !d.args.iter().any(|a| a == "--allow-loopback")
+            {
+                diags.push(hosts_src.error(
+                    &FieldPath::keys(&["hosts", host, "address"]),
+                    format!(
+                        "host {host}'s address {} is loopback or link-local, which presence refuses as --advertise-ip (other proxy hosts would route to themselves); give an address other hosts reach, or add --allow-loopback to platform.presence.args for a single-host setup",
+                        address.expect("checked")
+                    ),
+                ));
+                continue;
+            }
+            if podman && d.name == "presence" && !d.args.iter().any(|a| a == "--docker-host") {
+                diags.push(src.error(
+                    &FieldPath::keys(&["platform", "presence", "docker_host"]),
+                    "--format quadlet runs the containers under Podman, so presence must watch Podman's Docker-compatible API: set `docker_host: unix:///run/podman/podman.sock` (and enable podman.socket on the hosts)",
+                ));
+                break;
+            }
+            let target = PlatformTarget::Host {
+                name: host,
+                address,
+                podman,
+            };
+            let text = render::platform_unit(d, p, &target, &job.render)
+                .map_err(|e| render_err(src, e))?;
+            files.push(OutFile {
+                path: format!("{host}/{}.service", d.name),
+                content: text,
+            });
+            platform_units += 1;
+        }
+        if !any {
+            diags.push(src.error(
+                &d.metadata_origin,
+                format!(
+                    "{} is to run on hosts with {}, but none of the {} hosts match",
+                    d.name,
+                    render::describe(d),
+                    inv.hosts.len()
+                ),
+            ));
+        }
+    }
+    if !diags.is_empty() {
+        sort_diagnostics(&mut diags);
+        return Err(Error::Invalid(diags));
+    }
+    Ok(platform_units)
 }
 
 /// Loopback (`127.0.0.0/8`, `::1`) or link-local (`169.254.0.0/16`, `fe80::/10`), also

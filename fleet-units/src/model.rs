@@ -289,38 +289,69 @@ impl<'de> Visitor<'de> for NewKey<'_> {
     }
 }
 
+/// Implements `Deserialize` for a value written in a short form, a string or one of the
+/// listed scalar kinds (`u64`, `i64`, `bool`) taken as its text, and maybe a long form: the
+/// further visitor methods in braces (`visit_map`, `visit_seq`), or refusals (`visit_f64`).
+/// Arguments: the type, what it expects (the error message's words), the scalar kinds, the
+/// value of a text `|text| …`, the further methods.
+macro_rules! short_or_long {
+    (
+        $ty:ident, $expecting:expr,
+        scalars: [$($scalar:ident),*],
+        short: |$text:ident| $short:expr,
+        { $($long:tt)* }
+    ) => {
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl<'de> Visitor<'de> for V {
+                    type Value = $ty;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str($expecting)
+                    }
+                    fn visit_str<E: de::Error>(self, v: &str) -> Result<$ty, E> {
+                        let $text = v.to_string();
+                        Ok($short)
+                    }
+                    $(short_or_long!(@scalar $scalar);)*
+                    $($long)*
+                }
+                d.deserialize_any(V)
+            }
+        }
+    };
+    (@scalar u64) => {
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            self.visit_str(&v.to_string())
+        }
+    };
+    (@scalar i64) => {
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            self.visit_str(&v.to_string())
+        }
+    };
+    (@scalar bool) => {
+        fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+            self.visit_str(&v.to_string())
+        }
+    };
+}
+
 /// A scalar written as a string, an integer or a boolean, kept as text (`8080`, `true`).
 /// Floats are refused, because YAML would reformat them (`1.10` reads as `1.1`): quote them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Scalar(pub String);
 
-impl<'de> Deserialize<'de> for Scalar {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Scalar;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string, an integer or a boolean")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Scalar, E> {
-                Ok(Scalar(v.to_string()))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Scalar, E> {
-                Ok(Scalar(v.to_string()))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Scalar, E> {
-                Ok(Scalar(v.to_string()))
-            }
-            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Scalar, E> {
-                Ok(Scalar(v.to_string()))
-            }
-            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Scalar, E> {
-                Err(E::custom(format!(
-                    "the number {v} would be reformatted by YAML; write it as a quoted string"
-                )))
-            }
+short_or_long! {
+    Scalar, "a string, an integer or a boolean",
+    scalars: [u64, i64, bool],
+    short: |text| Scalar(text),
+    {
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<Scalar, E> {
+            Err(E::custom(format!(
+                "the number {v} would be reformatted by YAML; write it as a quoted string"
+            )))
         }
-        d.deserialize_any(V)
     }
 }
 
@@ -328,35 +359,18 @@ impl<'de> Deserialize<'de> for Scalar {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OneOrMany(pub Vec<Scalar>);
 
-impl<'de> Deserialize<'de> for OneOrMany {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = OneOrMany;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a value or a list of values")
+short_or_long! {
+    OneOrMany, "a value or a list of values",
+    scalars: [u64, i64, bool],
+    short: |text| OneOrMany(vec![Scalar(text)]),
+    {
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<OneOrMany, A::Error> {
+            let mut out = Vec::new();
+            while let Some(v) = seq.next_element::<Scalar>()? {
+                out.push(v);
             }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<OneOrMany, E> {
-                Ok(OneOrMany(vec![Scalar(v.to_string())]))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<OneOrMany, E> {
-                Ok(OneOrMany(vec![Scalar(v.to_string())]))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<OneOrMany, E> {
-                Ok(OneOrMany(vec![Scalar(v.to_string())]))
-            }
-            fn visit_bool<E: de::Error>(self, v: bool) -> Result<OneOrMany, E> {
-                Ok(OneOrMany(vec![Scalar(v.to_string())]))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<OneOrMany, A::Error> {
-                let mut out = Vec::new();
-                while let Some(v) = seq.next_element::<Scalar>()? {
-                    out.push(v);
-                }
-                Ok(OneOrMany(out))
-            }
+            Ok(OneOrMany(out))
         }
-        d.deserialize_any(V)
     }
 }
 
@@ -381,29 +395,14 @@ pub struct RawPortLong {
     pub service: Option<String>,
 }
 
-impl<'de> Deserialize<'de> for RawPort {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = RawPort;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a port (`80`, `\"8080:80/tcp\"`) or a mapping with `container:`")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawPort, E> {
-                Ok(RawPort::Short(v.to_string()))
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawPort, E> {
-                Ok(RawPort::Short(v.to_string()))
-            }
-            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawPort, E> {
-                Ok(RawPort::Short(v.to_string()))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawPort, A::Error> {
-                RawPortLong::deserialize(de::value::MapAccessDeserializer::new(map))
-                    .map(RawPort::Long)
-            }
+short_or_long! {
+    RawPort, "a port (`80`, `\"8080:80/tcp\"`) or a mapping with `container:`",
+    scalars: [u64, i64],
+    short: |text| RawPort::Short(text),
+    {
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawPort, A::Error> {
+            RawPortLong::deserialize(de::value::MapAccessDeserializer::new(map)).map(RawPort::Long)
         }
-        d.deserialize_any(V)
     }
 }
 
@@ -426,24 +425,14 @@ pub struct RawVolumeLong {
     pub read_only: Option<bool>,
 }
 
-impl<'de> Deserialize<'de> for RawVolume {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = RawVolume;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(
-                    "a volume (`\"/src:/dst[:ro]\"`) or a mapping with `source:` and `target:`",
-                )
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawVolume, E> {
-                Ok(RawVolume::Short(v.to_string()))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawVolume, A::Error> {
-                RawVolumeLong::deserialize(de::value::MapAccessDeserializer::new(map))
-                    .map(RawVolume::Long)
-            }
+short_or_long! {
+    RawVolume, "a volume (`\"/src:/dst[:ro]\"`) or a mapping with `source:` and `target:`",
+    scalars: [],
+    short: |text| RawVolume::Short(text),
+    {
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawVolume, A::Error> {
+            RawVolumeLong::deserialize(de::value::MapAccessDeserializer::new(map))
+                .map(RawVolume::Long)
         }
-        d.deserialize_any(V)
     }
 }

@@ -288,21 +288,9 @@ fn plan_root<'a>(
     prev: &BTreeMap<u32, String>,
 ) -> Result<Plan<'a>, PlacementError> {
     let n = req.instances;
-    let name = &req.name;
     let c = &req.constraints;
-    let err = |rule, message: String| PlacementError {
-        service: name.clone(),
-        rule,
-        message,
-    };
     let eligible = eligible_hosts(req, hosts);
     let cap = c.max_per_host.unwrap_or(u32::MAX).max(1);
-    let desc = describe_match(&c.metadata);
-    let with = if c.metadata.is_empty() {
-        String::new()
-    } else {
-        format!(" with {desc}")
-    };
     if n == 0 {
         return Ok(Plan {
             req,
@@ -314,6 +302,61 @@ fn plan_root<'a>(
         });
     }
 
+    check_room(req, hosts, &eligible, cap)?;
+
+    let mut assigned = kept_assignments(prev, n, &eligible, cap);
+
+    let mut zone_of = BTreeMap::new();
+    let mut target = BTreeMap::new();
+    if let Some(key) = &c.spread {
+        spread_targets(
+            req,
+            hosts,
+            key,
+            &eligible,
+            cap,
+            &mut assigned,
+            &mut zone_of,
+            &mut target,
+        )?;
+    }
+    Ok(Plan {
+        req,
+        eligible,
+        zone_of,
+        target,
+        cap,
+        assigned,
+    })
+}
+
+/// The error of a rule `req` cannot meet.
+fn placement_err(req: &Request, rule: Rule, message: String) -> PlacementError {
+    PlacementError {
+        service: req.name.clone(),
+        rule,
+        message,
+    }
+}
+
+/// An error when no host can take `req`, or the eligible hosts have too little room for its
+/// instances.
+fn check_room(
+    req: &Request,
+    hosts: &Hosts,
+    eligible: &[&str],
+    cap: u32,
+) -> Result<(), PlacementError> {
+    let n = req.instances;
+    let name = &req.name;
+    let c = &req.constraints;
+    let err = |rule, message: String| placement_err(req, rule, message);
+    let desc = describe_match(&c.metadata);
+    let with = if c.metadata.is_empty() {
+        String::new()
+    } else {
+        format!(" with {desc}")
+    };
     if eligible.is_empty() {
         let matching = hosts.values().filter(|md| matches(md, &c.metadata)).count();
         let message = match (&c.spread, matching) {
@@ -353,8 +396,17 @@ fn plan_root<'a>(
         };
         return Err(err(rule, message));
     }
+    Ok(())
+}
 
-    // Keep what may stay.
+/// The instances of `prev` that may stay where they are: numbered 1 to `n`, on an eligible
+/// host, at most `cap` a host (above it, the highest numbers go).
+fn kept_assignments(
+    prev: &BTreeMap<u32, String>,
+    n: u32,
+    eligible: &[&str],
+    cap: u32,
+) -> BTreeMap<u32, String> {
     let mut assigned: BTreeMap<u32, String> = prev
         .iter()
         .filter(|(i, h)| **i >= 1 && **i <= n && eligible.contains(&h.as_str()))
@@ -370,84 +422,91 @@ fn plan_root<'a>(
             assigned.remove(i);
         }
     }
+    assigned
+}
 
-    let mut zone_of = BTreeMap::new();
-    let mut target = BTreeMap::new();
-    if let Some(key) = &c.spread {
-        let mut zones: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-        for h in &eligible {
-            let z = hosts[*h][key].as_str();
-            zones.entry(z).or_default().push(h);
-            zone_of.insert(*h, z);
-        }
-        let k = zones.len() as u32;
-        let (q, r) = (n / k, n % k);
-        let zone_cap = |z: &str| (zones[z].len() as u64 * u64::from(cap)).min(u64::from(n)) as u32;
-        let list = zones.keys().cloned().collect::<Vec<_>>().join(", ");
-        if let Some(z) = zones.keys().find(|z| zone_cap(z) < q) {
-            let hosts_in = zones[z].len();
-            return Err(err(
-                Rule::Spread,
-                format!(
-                    "{name} spreads {n} instances over `{key}` ({list}), so each value needs at least {q}, but {key}={z} has room for only {} ({hosts_in} host{} × max_per_host {cap})",
-                    zone_cap(z),
-                    if hosts_in == 1 { "" } else { "s" }
-                ),
-            ));
-        }
-        let big: Vec<&str> = zones.keys().filter(|z| zone_cap(z) > q).cloned().collect();
-        if (big.len() as u32) < r {
-            return Err(err(
-                Rule::Spread,
-                format!(
-                    "{name} spreads {n} instances over `{key}` ({list}), so {r} of the {k} values need {} instances, but only {} {} room for that",
-                    q + 1,
-                    big.len(),
-                    if big.len() == 1 { "has" } else { "have" }
-                ),
-            ));
-        }
-        let mut kept: BTreeMap<&str, u32> = zones.keys().map(|z| (*z, 0)).collect();
-        for h in assigned.values() {
-            *kept
-                .get_mut(zone_of[h.as_str()])
-                .expect("kept hosts are eligible") += 1;
-        }
-        let mut ranked = big.clone();
-        ranked.sort_by_key(|z| {
-            (
-                Reverse(kept[z]),
-                Reverse(stable_hash(&[name, "zone", z])),
-                *z,
-            )
-        });
-        for z in zones.keys() {
-            target.insert(*z, q);
-        }
-        for z in ranked.iter().take(r as usize) {
-            target.insert(*z, q + 1);
-        }
-        // Evict above each zone's share: the highest numbers go.
-        let mut count: BTreeMap<&str, u32> = BTreeMap::new();
-        let ids: Vec<u32> = assigned.keys().copied().collect();
-        for i in ids {
-            let z = zone_of[assigned[&i].as_str()];
-            let c = count.entry(z).or_default();
-            if *c >= target[z] {
-                assigned.remove(&i);
-            } else {
-                *c += 1;
-            }
+/// Each eligible host's zone (its value of `key`) and each zone's balanced share of the
+/// instances; kept instances above their zone's share are evicted from `assigned`.
+#[allow(clippy::too_many_arguments)]
+fn spread_targets<'a>(
+    req: &Request,
+    hosts: &'a Hosts,
+    key: &str,
+    eligible: &[&'a str],
+    cap: u32,
+    assigned: &mut BTreeMap<u32, String>,
+    zone_of: &mut BTreeMap<&'a str, &'a str>,
+    target: &mut BTreeMap<&'a str, u32>,
+) -> Result<(), PlacementError> {
+    let n = req.instances;
+    let name = &req.name;
+    let err = |rule, message: String| placement_err(req, rule, message);
+    let mut zones: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for h in eligible {
+        let z = hosts[*h][key].as_str();
+        zones.entry(z).or_default().push(h);
+        zone_of.insert(*h, z);
+    }
+    let k = zones.len() as u32;
+    let (q, r) = (n / k, n % k);
+    let zone_cap = |z: &str| (zones[z].len() as u64 * u64::from(cap)).min(u64::from(n)) as u32;
+    let list = zones.keys().cloned().collect::<Vec<_>>().join(", ");
+    if let Some(z) = zones.keys().find(|z| zone_cap(z) < q) {
+        let hosts_in = zones[z].len();
+        return Err(err(
+            Rule::Spread,
+            format!(
+                "{name} spreads {n} instances over `{key}` ({list}), so each value needs at least {q}, but {key}={z} has room for only {} ({hosts_in} host{} × max_per_host {cap})",
+                zone_cap(z),
+                if hosts_in == 1 { "" } else { "s" }
+            ),
+        ));
+    }
+    let big: Vec<&str> = zones.keys().filter(|z| zone_cap(z) > q).cloned().collect();
+    if (big.len() as u32) < r {
+        return Err(err(
+            Rule::Spread,
+            format!(
+                "{name} spreads {n} instances over `{key}` ({list}), so {r} of the {k} values need {} instances, but only {} {} room for that",
+                q + 1,
+                big.len(),
+                if big.len() == 1 { "has" } else { "have" }
+            ),
+        ));
+    }
+    let mut kept: BTreeMap<&str, u32> = zones.keys().map(|z| (*z, 0)).collect();
+    for h in assigned.values() {
+        *kept
+            .get_mut(zone_of[h.as_str()])
+            .expect("kept hosts are eligible") += 1;
+    }
+    let mut ranked = big.clone();
+    ranked.sort_by_key(|z| {
+        (
+            Reverse(kept[z]),
+            Reverse(stable_hash(&[name, "zone", z])),
+            *z,
+        )
+    });
+    for z in zones.keys() {
+        target.insert(*z, q);
+    }
+    for z in ranked.iter().take(r as usize) {
+        target.insert(*z, q + 1);
+    }
+    // Evict above each zone's share: the highest numbers go.
+    let mut count: BTreeMap<&str, u32> = BTreeMap::new();
+    let ids: Vec<u32> = assigned.keys().copied().collect();
+    for i in ids {
+        let z = zone_of[assigned[&i].as_str()];
+        let c = count.entry(z).or_default();
+        if *c >= target[z] {
+            assigned.remove(&i);
+        } else {
+            *c += 1;
         }
     }
-    Ok(Plan {
-        req,
-        eligible,
-        zone_of,
-        target,
-        cap,
-        assigned,
-    })
+    Ok(())
 }
 
 fn fill<'a>(plan: &mut Plan<'a>, load: &mut BTreeMap<&'a str, u32>) {

@@ -29,7 +29,7 @@
 use crate::image::ImageRef;
 use crate::path::FieldPath;
 use crate::quote::{check_text, exec_word, setting_value, ControlCharError};
-use crate::render::{header, RenderError, RenderOptions};
+use crate::render::{container_labels, header, volume_spec, RenderError, RenderOptions};
 use crate::spec::Service;
 
 /// A value Quadlet cannot carry faithfully, with the field it came from.
@@ -185,37 +185,8 @@ pub fn container_unit(
         "# Placed on host {host} by unitgen --format quadlet; Podman's generator makes {}@{n}.service from it.\n",
         svc.name
     ));
-    out.push_str("[Unit]\n");
     let image = svc.image.to_string();
-    let description = match &svc.description {
-        Some(d) => format!(
-            "{} (instance {n})",
-            setting_value(d).map_err(err(base.key("description")))?
-        ),
-        None => format!(
-            "{} instance {n}: {}",
-            svc.name,
-            setting_value(&image).map_err(err(base.key("image")))?
-        ),
-    };
-    out.push_str(&format!("Description={description}\n"));
-    let after: Vec<String> = svc
-        .depends_on
-        .iter()
-        .map(|d| format!("{d}@{n}.service"))
-        .collect();
-    let main = svc.sidekick_of.as_ref().map(|m| format!("{m}@{n}.service"));
-    let requires: Vec<&String> = after.iter().filter(|u| Some(*u) != main.as_ref()).collect();
-    if !after.is_empty() {
-        out.push_str(&format!("After={}\n", after.join(" ")));
-    }
-    if !requires.is_empty() {
-        let r: Vec<&str> = requires.iter().map(|s| s.as_str()).collect();
-        out.push_str(&format!("Requires={}\n", r.join(" ")));
-    }
-    if let Some(m) = &main {
-        out.push_str(&format!("BindsTo={m}\n"));
-    }
+    push_unit_section(&mut out, svc, n, &image)?;
 
     out.push_str("\n[Container]\n");
     out.push_str(&format!("Image={}\n", single(&base.key("image"), &image)?));
@@ -226,44 +197,8 @@ pub fn container_unit(
         "never"
     };
     out.push_str(&format!("Pull={pull}\n"));
-    let reg = &svc.registration;
-    let fl = base.key("flotilla");
-    if reg.ignore {
-        out.push_str("Label=flotilla.ignore=true\n");
-    } else {
-        out.push_str(&format!(
-            "Label={}\n",
-            word(
-                &fl.key("service"),
-                &format!("flotilla.service={}", reg.service)
-            )?
-        ));
-        for (i, p) in svc.ports.iter().enumerate() {
-            if let Some(ps) = &p.service {
-                out.push_str(&format!(
-                    "Label={}\n",
-                    word(
-                        &base.key("ports").index(i),
-                        &format!("flotilla.service.{}={ps}", p.container)
-                    )?
-                ));
-            }
-        }
-        if !reg.tags.is_empty() {
-            out.push_str(&format!(
-                "Label={}\n",
-                word(
-                    &fl.key("tags"),
-                    &format!("flotilla.tags={}", reg.tags.join(","))
-                )?
-            ));
-        }
-    }
-    for (k, v) in &svc.labels {
-        out.push_str(&format!(
-            "Label={}\n",
-            word(&base.key("labels").key(k), &format!("{k}={v}"))?
-        ));
+    for (field, label) in container_labels(svc) {
+        out.push_str(&format!("Label={}\n", word(&field, &label)?));
     }
     for (k, v) in &svc.env {
         out.push_str(&format!(
@@ -278,40 +213,12 @@ pub fn container_unit(
         ));
     }
     for (i, v) in svc.volumes.iter().enumerate() {
-        let spec = format!(
-            "{}:{}{}",
-            v.source,
-            v.target,
-            if v.read_only { ":ro" } else { "" }
-        );
         out.push_str(&format!(
             "Volume={}\n",
-            single(&base.key("volumes").index(i), &spec)?
+            single(&base.key("volumes").index(i), &volume_spec(v))?
         ));
     }
-    if let Some(h) = &svc.health {
-        let hp = base.key("health");
-        if single_value_is_portable(&h.cmd) {
-            out.push_str(&format!("HealthCmd={}\n", single(&hp.key("cmd"), &h.cmd)?));
-        } else {
-            out.push_str(&format!(
-                "# health.cmd starts or ends with a quote, whitespace or a backslash, which HealthCmd= does not keep in every Podman version.\nPodmanArgs=--health-cmd {}\n",
-                word(&hp.key("cmd"), &h.cmd)?
-            ));
-        }
-        for (key, v) in [
-            ("HealthInterval", h.interval),
-            ("HealthTimeout", h.timeout),
-            ("HealthStartPeriod", h.start_period),
-        ] {
-            if let Some(d) = v {
-                out.push_str(&format!("{key}={}\n", d.render()));
-            }
-        }
-        if let Some(r) = h.retries {
-            out.push_str(&format!("HealthRetries={r}\n"));
-        }
-    }
+    push_health(&mut out, svc, &word, &single)?;
     if let Some(m) = &svc.memory {
         out.push_str(&format!(
             "PodmanArgs=--memory {}\n",
@@ -344,6 +251,85 @@ pub fn container_unit(
 
     out.push_str("\n[Install]\nWantedBy=multi-user.target\n");
     Ok(out)
+}
+
+/// A function that makes one text of a unit file, or says why it cannot.
+type Quote<'a> = dyn Fn(&FieldPath, &str) -> Result<String, RenderError> + 'a;
+
+/// The `[Unit]` section of [`container_unit`] for instance `n`.
+fn push_unit_section(
+    out: &mut String,
+    svc: &Service,
+    n: u32,
+    image: &str,
+) -> Result<(), RenderError> {
+    let base = &svc.origins.service;
+    let err = |field: FieldPath| move |source| RenderError { field, source };
+    out.push_str("[Unit]\n");
+    let description = match &svc.description {
+        Some(d) => format!(
+            "{} (instance {n})",
+            setting_value(d).map_err(err(base.key("description")))?
+        ),
+        None => format!(
+            "{} instance {n}: {}",
+            svc.name,
+            setting_value(image).map_err(err(base.key("image")))?
+        ),
+    };
+    out.push_str(&format!("Description={description}\n"));
+    let after: Vec<String> = svc
+        .depends_on
+        .iter()
+        .map(|d| format!("{d}@{n}.service"))
+        .collect();
+    let main = svc.sidekick_of.as_ref().map(|m| format!("{m}@{n}.service"));
+    let requires: Vec<&String> = after.iter().filter(|u| Some(*u) != main.as_ref()).collect();
+    if !after.is_empty() {
+        out.push_str(&format!("After={}\n", after.join(" ")));
+    }
+    if !requires.is_empty() {
+        let r: Vec<&str> = requires.iter().map(|s| s.as_str()).collect();
+        out.push_str(&format!("Requires={}\n", r.join(" ")));
+    }
+    if let Some(m) = &main {
+        out.push_str(&format!("BindsTo={m}\n"));
+    }
+    Ok(())
+}
+
+/// The health check settings of [`container_unit`]; `word` and `single` quote a value.
+fn push_health(
+    out: &mut String,
+    svc: &Service,
+    word: &Quote<'_>,
+    single: &Quote<'_>,
+) -> Result<(), RenderError> {
+    let base = &svc.origins.service;
+    if let Some(h) = &svc.health {
+        let hp = base.key("health");
+        if single_value_is_portable(&h.cmd) {
+            out.push_str(&format!("HealthCmd={}\n", single(&hp.key("cmd"), &h.cmd)?));
+        } else {
+            out.push_str(&format!(
+                "# health.cmd starts or ends with a quote, whitespace or a backslash, which HealthCmd= does not keep in every Podman version.\nPodmanArgs=--health-cmd {}\n",
+                word(&hp.key("cmd"), &h.cmd)?
+            ));
+        }
+        for (key, v) in [
+            ("HealthInterval", h.interval),
+            ("HealthTimeout", h.timeout),
+            ("HealthStartPeriod", h.start_period),
+        ] {
+            if let Some(d) = v {
+                out.push_str(&format!("{key}={}\n", d.render()));
+            }
+        }
+        if let Some(r) = h.retries {
+            out.push_str(&format!("HealthRetries={r}\n"));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 use crate::path::FieldPath;
 use crate::placement::describe_match;
 use crate::quote::{exec_word, setting_value, ControlCharError};
-use crate::spec::{Daemon, MetadataMatch, Platform, Service};
+use crate::spec::{Daemon, MetadataMatch, Platform, Service, Volume};
+use flotilla_registry::labels;
 use std::net::IpAddr;
 
 /// First words of every generated file; files that start with them may be replaced or removed
@@ -113,8 +114,6 @@ pub fn service_unit(
     let words = Words {
         field: base.clone(),
     };
-    let tok = instance.token();
-    let dep = instance.dependency_token();
     let name = container_name(&svc.name, instance);
     let image = svc.image.to_string();
     let image_word = words.w(&base.key("image"), &image)?;
@@ -126,6 +125,43 @@ pub fn service_unit(
             "# Placed on host {h} by unitgen --format systemd.\n"
         ));
     }
+    push_unit_section(&mut out, svc, instance, &words, &image)?;
+
+    out.push_str("\n[Service]\n");
+    out.push_str("Restart=always\n");
+    out.push_str(&format!("RestartSec={}\n", svc.restart_sec.render()));
+    out.push_str(&format!("TimeoutStartSec={}\n", svc.start_timeout.render()));
+    out.push_str(&format!("TimeoutStopSec={}s\n", svc.stop_timeout_secs + 15));
+    out.push_str(&format!("ExecStartPre=-{docker} rm -f {name}\n"));
+    if opts.pull && svc.pull {
+        out.push_str(&format!("ExecStartPre={docker} pull {image_word}\n"));
+    }
+    let lines = run_lines(svc, &words, &docker, &name, image_word)?;
+    out.push_str(&format!("ExecStart={}\n", lines.join(" \\\n    ")));
+    out.push_str(&format!(
+        "ExecStop={docker} stop -t {} {name}\n",
+        svc.stop_timeout_secs
+    ));
+
+    if fleet {
+        push_fleet_section(&mut out, svc);
+    }
+
+    out.push_str("\n[Install]\nWantedBy=multi-user.target\n");
+    Ok(out)
+}
+
+/// The `[Unit]` section of [`service_unit`].
+fn push_unit_section(
+    out: &mut String,
+    svc: &Service,
+    instance: Instance,
+    words: &Words,
+    image: &str,
+) -> Result<(), RenderError> {
+    let base = &svc.origins.service;
+    let tok = instance.token();
+    let dep = instance.dependency_token();
     out.push_str("[Unit]\n");
     let description = match &svc.description {
         Some(d) => format!(
@@ -135,7 +171,7 @@ pub fn service_unit(
                 source
             })?
         ),
-        None => format!("{} instance {tok}: {}", svc.name, words.setting(&image)?),
+        None => format!("{} instance {tok}: {}", svc.name, words.setting(image)?),
     };
     out.push_str(&format!("Description={description}\n"));
     let mut after = vec!["docker.service".to_string()];
@@ -161,50 +197,69 @@ pub fn service_unit(
         // A sidekick stops with its main unit, whatever stops it.
         out.push_str(&format!("BindsTo={main}@{dep}.service\n"));
     }
+    Ok(())
+}
 
-    out.push_str("\n[Service]\n");
-    out.push_str("Restart=always\n");
-    out.push_str(&format!("RestartSec={}\n", svc.restart_sec.render()));
-    out.push_str(&format!("TimeoutStartSec={}\n", svc.start_timeout.render()));
-    out.push_str(&format!("TimeoutStopSec={}s\n", svc.stop_timeout_secs + 15));
-    out.push_str(&format!("ExecStartPre=-{docker} rm -f {name}\n"));
-    if opts.pull && svc.pull {
-        out.push_str(&format!("ExecStartPre={docker} pull {image_word}\n"));
-    }
-
-    // docker run, one option per continuation line.
-    let mut lines: Vec<String> = vec![format!("{docker} run --rm --name {name}")];
+/// The labels of an instance's container, each with the field it comes from: the
+/// registration presence reads, then `labels:`. Both unit formats write these.
+pub(crate) fn container_labels(svc: &Service) -> Vec<(FieldPath, String)> {
+    let base = &svc.origins.service;
     let reg = &svc.registration;
     let fl = base.key("flotilla");
+    let mut out = Vec::new();
     if reg.ignore {
-        lines.push("--label flotilla.ignore=true".into());
+        out.push((
+            fl.key("ignore"),
+            format!("{}=true", labels::label(labels::IGNORE)),
+        ));
     } else {
-        lines.push(format!(
-            "--label {}",
-            words.w(
-                &fl.key("service"),
-                &format!("flotilla.service={}", reg.service)
-            )?
+        out.push((
+            fl.key("service"),
+            format!("{}={}", labels::label(labels::SERVICE), reg.service),
         ));
         for (i, p) in svc.ports.iter().enumerate() {
             if let Some(ps) = &p.service {
-                let label = format!("flotilla.service.{}={ps}", p.container);
-                lines.push(format!(
-                    "--label {}",
-                    words.w(&base.key("ports").index(i), &label)?
+                out.push((
+                    base.key("ports").index(i),
+                    format!("{}={ps}", labels::port_label(labels::SERVICE, p.container)),
                 ));
             }
         }
         if !reg.tags.is_empty() {
-            let label = format!("flotilla.tags={}", reg.tags.join(","));
-            lines.push(format!("--label {}", words.w(&fl.key("tags"), &label)?));
+            out.push((
+                fl.key("tags"),
+                format!("{}={}", labels::label(labels::TAGS), reg.tags.join(",")),
+            ));
         }
     }
     for (k, v) in &svc.labels {
-        lines.push(format!(
-            "--label {}",
-            words.w(&base.key("labels").key(k), &format!("{k}={v}"))?
-        ));
+        out.push((base.key("labels").key(k), format!("{k}={v}")));
+    }
+    out
+}
+
+/// The `source:target[:ro]` of a volume, as `docker run -v` and Quadlet's `Volume=` take it.
+pub(crate) fn volume_spec(v: &Volume) -> String {
+    format!(
+        "{}:{}{}",
+        v.source,
+        v.target,
+        if v.read_only { ":ro" } else { "" }
+    )
+}
+
+/// The `docker run` of [`service_unit`], one option per line.
+fn run_lines(
+    svc: &Service,
+    words: &Words,
+    docker: &str,
+    name: &str,
+    image_word: String,
+) -> Result<Vec<String>, RenderError> {
+    let base = &svc.origins.service;
+    let mut lines: Vec<String> = vec![format!("{docker} run --rm --name {name}")];
+    for (field, label) in container_labels(svc) {
+        lines.push(format!("--label {}", words.w(&field, &label)?));
     }
     for (k, v) in &svc.env {
         lines.push(format!(
@@ -219,15 +274,9 @@ pub fn service_unit(
         ));
     }
     for (i, v) in svc.volumes.iter().enumerate() {
-        let spec = format!(
-            "{}:{}{}",
-            v.source,
-            v.target,
-            if v.read_only { ":ro" } else { "" }
-        );
         lines.push(format!(
             "-v {}",
-            words.w(&base.key("volumes").index(i), &spec)?
+            words.w(&base.key("volumes").index(i), &volume_spec(v))?
         ));
     }
     if let Some(m) = &svc.memory {
@@ -258,35 +307,29 @@ pub fn service_unit(
         last.push_str(&words.w(&base.key("command").index(i), a)?);
     }
     lines.push(last);
-    out.push_str(&format!("ExecStart={}\n", lines.join(" \\\n    ")));
-    out.push_str(&format!(
-        "ExecStop={docker} stop -t {} {name}\n",
-        svc.stop_timeout_secs
-    ));
+    Ok(lines)
+}
 
-    if fleet {
-        out.push_str("\n[X-Fleet]\n");
-        let c = &svc.constraints;
-        match c.max_per_host {
-            Some(1) => out.push_str(&format!("Conflicts={}@*.service\n", svc.name)),
-            Some(n) => out.push_str(&format!(
-                "# unitgen: max_per_host {n} has no fleet equivalent (only 1, as Conflicts=); fleet does not enforce it.\n"
-            )),
-            None => {}
-        }
-        push_machine_metadata(&mut out, &c.metadata);
-        for d in &svc.depends_on {
-            out.push_str(&format!("MachineOf={d}@%i.service\n"));
-        }
-        if let Some(k) = &c.spread {
-            out.push_str(&format!(
-                "# unitgen: spread over `{k}` has no fleet equivalent; fleet does not enforce it.\n"
-            ));
-        }
+/// The `[X-Fleet]` section of the fleet template.
+fn push_fleet_section(out: &mut String, svc: &Service) {
+    out.push_str("\n[X-Fleet]\n");
+    let c = &svc.constraints;
+    match c.max_per_host {
+        Some(1) => out.push_str(&format!("Conflicts={}@*.service\n", svc.name)),
+        Some(n) => out.push_str(&format!(
+            "# unitgen: max_per_host {n} has no fleet equivalent (only 1, as Conflicts=); fleet does not enforce it.\n"
+        )),
+        None => {}
     }
-
-    out.push_str("\n[Install]\nWantedBy=multi-user.target\n");
-    Ok(out)
+    push_machine_metadata(out, &c.metadata);
+    for d in &svc.depends_on {
+        out.push_str(&format!("MachineOf={d}@%i.service\n"));
+    }
+    if let Some(k) = &c.spread {
+        out.push_str(&format!(
+            "# unitgen: spread over `{k}` has no fleet equivalent; fleet does not enforce it.\n"
+        ));
+    }
 }
 
 fn push_machine_metadata(out: &mut String, md: &MetadataMatch) {

@@ -141,6 +141,24 @@ pub struct RolloutOptions {
     pub progress_deadline: Option<Duration>,
 }
 
+/// One batch of a rollout, as [`Driver::replace`] applies it.
+struct Step<'a> {
+    /// The batch's number, from 1.
+    no: u32,
+    /// Instances replaced in place.
+    in_place: &'a [u32],
+    /// Instances replaced with a surge unit beside them.
+    surged: &'a [u32],
+    /// The hosts of the batch's instances.
+    hosts: &'a BTreeSet<String>,
+    /// The surge units: (instance, host).
+    surge_units: &'a [(u32, String)],
+    /// When the batch must be healthy.
+    deadline: Instant,
+    /// progress_deadline, for messages.
+    deadline_per_batch: Duration,
+}
+
 /// An instance that did not become healthy, as the rollout saw it.
 #[derive(Clone, Debug)]
 struct Target {
@@ -288,13 +306,17 @@ impl EtcdLock {
     }
 }
 
+/// Every key below `prefix`; the error names it.
+async fn get_prefix(client: &Client, prefix: &str) -> Result<etcd_client::GetResponse, String> {
+    let mut c = client.clone();
+    c.get(prefix, Some(GetOptions::new().with_prefix()))
+        .await
+        .map_err(|e| format!("etcd get {prefix}: {e}"))
+}
+
 /// Every endpoint in the registry, validated (invalid records are skipped, as everywhere).
 pub async fn read_endpoints(client: &Client, keys: &Keys) -> Result<Vec<Endpoint>, String> {
-    let mut c = client.clone();
-    let resp = c
-        .get(keys.endpoints(), Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(|e| format!("etcd get {}: {e}", keys.endpoints()))?;
+    let resp = get_prefix(client, &keys.endpoints()).await?;
     Ok(resp
         .kvs()
         .iter()
@@ -307,11 +329,7 @@ pub async fn read_endpoints(client: &Client, keys: &Keys) -> Result<Vec<Endpoint
 
 /// Every rollout record in progress.
 pub async fn read_rollouts(client: &Client, keys: &Keys) -> Result<Vec<RolloutRecord>, String> {
-    let mut c = client.clone();
-    let resp = c
-        .get(keys.rollouts(), Some(GetOptions::new().with_prefix()))
-        .await
-        .map_err(|e| format!("etcd get {}: {e}", keys.rollouts()))?;
+    let resp = get_prefix(client, &keys.rollouts()).await?;
     Ok(resp
         .kvs()
         .iter()
@@ -432,11 +450,7 @@ pub fn preflight(
 
 /// `healthy`, `unhealthy` or `none`, as in the record.
 pub fn health_str(h: Health) -> &'static str {
-    match h {
-        Health::Healthy => "healthy",
-        Health::Unhealthy => "unhealthy",
-        Health::None => "none",
-    }
+    h.as_str()
 }
 
 /// The rollout driver.
@@ -767,37 +781,20 @@ impl<'a> Driver<'a> {
         deadline_per_batch: Duration,
     ) -> Result<String, RolloutError> {
         let name = self.opts.service.clone();
-        let svc = self.svc().clone();
-        let n = svc.instances;
-        let new_image = self.image_with(&self.opts.tag);
         let started = Instant::now();
-        let spec_image = svc.image.to_string();
-        let target = |i: u32, instance: Instance, image: &str| Target {
-            instance: i,
-            host: placed[&i].clone(),
-            container: render::container_name(&name, instance),
-            image: image.to_string(),
-        };
         let mut batch_no = 0;
         while !todo.is_empty() {
             batch_no += 1;
-            // How many may go down now: what is healthy beyond n - max_unavailable.
-            let wait_until = Instant::now() + deadline_per_batch;
-            let down = loop {
-                let healthy = self.healthy_now(placed).await?;
-                let budget = healthy.saturating_sub(n.saturating_sub(unavailable));
-                let down = budget.min(unavailable).min(todo.len() as u32);
-                if down > 0 || surge > 0 {
-                    break down;
-                }
-                if Instant::now() >= wait_until {
-                    return Err(RolloutError::Failed(format!(
-                        "rollout of {name} to {} stopped before batch {batch_no}: only {healthy} of {n} instances are healthy in the registry, and max_unavailable {unavailable} allows none more down within progress_deadline {:?}; nothing of this batch was changed",
-                        self.opts.tag, deadline_per_batch
-                    )));
-                }
-                tokio::time::sleep(self.opts.poll).await;
-            };
+            let down = self
+                .batch_down(
+                    placed,
+                    todo.len(),
+                    unavailable,
+                    surge,
+                    deadline_per_batch,
+                    batch_no,
+                )
+                .await?;
             let in_place: Vec<u32> = todo.iter().take(down as usize).copied().collect();
             let surged: Vec<u32> = todo
                 .iter()
@@ -819,117 +816,21 @@ impl<'a> Driver<'a> {
             );
 
             let before = deployed.clone();
-            let mut next = deployed.clone();
-            let set = |d: &mut Deployed, slots: &[u32], tag: &str| {
-                let e = d.entry(name.clone()).or_insert_with(|| DeployedTags {
-                    spec: spec_image.clone(),
-                    tags: BTreeMap::new(),
-                });
-                e.spec = spec_image.clone();
-                for i in slots {
-                    e.tags.insert(*i, tag.to_string());
-                }
-            };
-            // Every instance gets an explicit tag in the lock once a rollout touched it.
-            let all: Vec<u32> = placed.keys().copied().collect();
-            for i in &all {
-                let cur = next
-                    .get(&name)
-                    .and_then(|d| d.tags.get(i))
-                    .cloned()
-                    .unwrap_or_else(|| svc.image.tag.clone().unwrap_or_default());
-                set(&mut next, &[*i], &cur);
-            }
-            set(&mut next, &in_place, &self.opts.tag);
+            let mut next = self.next_deployed(deployed, placed, &in_place);
             let surge_units: Vec<(u32, String)> =
                 surged.iter().map(|i| (*i, placed[i].clone())).collect();
-            let deadline = Instant::now() + deadline_per_batch;
-
-            // Phase 1: in-place replacements, and surge units beside the old instances.
-            let mut waiting: Vec<Target> = in_place
-                .iter()
-                .map(|i| target(*i, Instance::Number(*i), &new_image))
-                .collect();
-            waiting.extend(
-                surged
-                    .iter()
-                    .map(|i| target(*i, Instance::Surge(*i), &new_image)),
-            );
-            let mut outcome = match self.apply(&hosts, &self.files(&next, &surge_units)?).await {
-                Ok(()) => {
-                    record.phase = "waiting for health".into();
-                    record.updated_at = now_rfc3339();
-                    lock.update(record).await?;
-                    self.wait_healthy(&waiting, deadline, lock).await?
-                }
-                Err(e) => {
-                    return self
-                        .roll_back(
-                            lock,
-                            record,
-                            &before,
-                            placed,
-                            &batch,
-                            &hosts,
-                            format!("applying batch {batch_no} failed: {e}"),
-                        )
-                        .await
-                }
+            let step = Step {
+                no: batch_no,
+                in_place: &in_place,
+                surged: &surged,
+                hosts: &hosts,
+                surge_units: &surge_units,
+                deadline: Instant::now() + deadline_per_batch,
+                deadline_per_batch,
             };
-            // Phase 2: the surged instances' own units move to the new tag (their surge unit
-            // serves meanwhile), then the surge units go.
-            if outcome.is_ok() && !surged.is_empty() {
-                set(&mut next, &surged, &self.opts.tag);
-                let waiting: Vec<Target> = surged
-                    .iter()
-                    .map(|i| target(*i, Instance::Number(*i), &new_image))
-                    .collect();
-                if let Err(e) = self.apply(&hosts, &self.files(&next, &surge_units)?).await {
-                    return self
-                        .roll_back(
-                            lock,
-                            record,
-                            &before,
-                            placed,
-                            &batch,
-                            &hosts,
-                            format!("applying batch {batch_no} failed: {e}"),
-                        )
-                        .await;
-                }
-                outcome = self.wait_healthy(&waiting, deadline, lock).await?;
-                if outcome.is_ok() {
-                    if let Err(e) = self.apply(&hosts, &self.files(&next, &[])?).await {
-                        return self
-                            .roll_back(
-                                lock,
-                                record,
-                                &before,
-                                placed,
-                                &batch,
-                                &hosts,
-                                format!("removing the surge units of batch {batch_no} failed: {e}"),
-                            )
-                            .await;
-                    }
-                }
-            }
-            if let Err(missing) = outcome {
-                let why = self.describe(&missing).await;
+            if let Err(why) = self.replace(lock, record, placed, &step, &mut next).await? {
                 return self
-                    .roll_back(
-                        lock,
-                        record,
-                        &before,
-                        placed,
-                        &batch,
-                        &hosts,
-                        format!(
-                            "batch {batch_no} did not become healthy within progress_deadline {:?}: {}",
-                            deadline_per_batch,
-                            why.join("; ")
-                        ),
-                    )
+                    .roll_back(lock, record, &before, placed, &batch, &hosts, why)
                     .await;
             }
             *deployed = next;
@@ -954,6 +855,162 @@ impl<'a> Driver<'a> {
             started.elapsed().as_secs_f64(),
             self.opts.lock_path.display()
         ))
+    }
+
+    /// How many of the `todo` instances may go down for batch `batch_no`: what is healthy
+    /// beyond n - max_unavailable. Waits up to `deadline_per_batch` while that is none and
+    /// there is no surge.
+    async fn batch_down(
+        &self,
+        placed: &BTreeMap<u32, String>,
+        todo: usize,
+        unavailable: u32,
+        surge: u32,
+        deadline_per_batch: Duration,
+        batch_no: u32,
+    ) -> Result<u32, RolloutError> {
+        let name = &self.opts.service;
+        let n = self.svc().instances;
+        let wait_until = Instant::now() + deadline_per_batch;
+        loop {
+            let healthy = self.healthy_now(placed).await?;
+            let budget = healthy.saturating_sub(n.saturating_sub(unavailable));
+            let down = budget.min(unavailable).min(todo as u32);
+            if down > 0 || surge > 0 {
+                return Ok(down);
+            }
+            if Instant::now() >= wait_until {
+                return Err(RolloutError::Failed(format!(
+                    "rollout of {name} to {} stopped before batch {batch_no}: only {healthy} of {n} instances are healthy in the registry, and max_unavailable {unavailable} allows none more down within progress_deadline {:?}; nothing of this batch was changed",
+                    self.opts.tag, deadline_per_batch
+                )));
+            }
+            tokio::time::sleep(self.opts.poll).await;
+        }
+    }
+
+    /// Sets the tag of the service's `slots` in `d` (and its spec image).
+    fn set_tags(&self, d: &mut Deployed, slots: &[u32], tag: &str) {
+        let spec_image = self.svc().image.to_string();
+        let e = d
+            .entry(self.opts.service.clone())
+            .or_insert_with(|| DeployedTags {
+                spec: spec_image.clone(),
+                tags: BTreeMap::new(),
+            });
+        e.spec = spec_image;
+        for i in slots {
+            e.tags.insert(*i, tag.to_string());
+        }
+    }
+
+    /// `deployed` with the new tag for `in_place`. Every instance gets an explicit tag in the
+    /// lock once a rollout touched it.
+    fn next_deployed(
+        &self,
+        deployed: &Deployed,
+        placed: &BTreeMap<u32, String>,
+        in_place: &[u32],
+    ) -> Deployed {
+        let name = &self.opts.service;
+        let mut next = deployed.clone();
+        for i in placed.keys() {
+            let cur = next
+                .get(name)
+                .and_then(|d| d.tags.get(i))
+                .cloned()
+                .unwrap_or_else(|| self.svc().image.tag.clone().unwrap_or_default());
+            self.set_tags(&mut next, &[*i], &cur);
+        }
+        self.set_tags(&mut next, in_place, &self.opts.tag);
+        next
+    }
+
+    /// Where instance `i` (as `instance`) runs `image`.
+    fn target(
+        &self,
+        placed: &BTreeMap<u32, String>,
+        i: u32,
+        instance: Instance,
+        image: &str,
+    ) -> Target {
+        Target {
+            instance: i,
+            host: placed[&i].clone(),
+            container: render::container_name(&self.opts.service, instance),
+            image: image.to_string(),
+        }
+    }
+
+    /// Replaces one batch: in-place replacements and surge units beside the old instances,
+    /// then the surged instances' own units. `Ok(Err(why))` when the batch is to be rolled
+    /// back.
+    async fn replace(
+        &self,
+        lock: &EtcdLock,
+        record: &mut RolloutRecord,
+        placed: &BTreeMap<u32, String>,
+        step: &Step<'_>,
+        next: &mut Deployed,
+    ) -> Result<Result<(), String>, RolloutError> {
+        let batch_no = step.no;
+        let new_image = self.image_with(&self.opts.tag);
+        // Phase 1: in-place replacements, and surge units beside the old instances.
+        let mut waiting: Vec<Target> = step
+            .in_place
+            .iter()
+            .map(|i| self.target(placed, *i, Instance::Number(*i), &new_image))
+            .collect();
+        waiting.extend(
+            step.surged
+                .iter()
+                .map(|i| self.target(placed, *i, Instance::Surge(*i), &new_image)),
+        );
+        let mut outcome = match self
+            .apply(step.hosts, &self.files(next, step.surge_units)?)
+            .await
+        {
+            Ok(()) => {
+                record.phase = "waiting for health".into();
+                record.updated_at = now_rfc3339();
+                lock.update(record).await?;
+                self.wait_healthy(&waiting, step.deadline, lock).await?
+            }
+            Err(e) => return Ok(Err(format!("applying batch {batch_no} failed: {e}"))),
+        };
+        // Phase 2: the surged instances' own units move to the new tag (their surge unit
+        // serves meanwhile), then the surge units go.
+        if outcome.is_ok() && !step.surged.is_empty() {
+            self.set_tags(next, step.surged, &self.opts.tag);
+            let waiting: Vec<Target> = step
+                .surged
+                .iter()
+                .map(|i| self.target(placed, *i, Instance::Number(*i), &new_image))
+                .collect();
+            if let Err(e) = self
+                .apply(step.hosts, &self.files(next, step.surge_units)?)
+                .await
+            {
+                return Ok(Err(format!("applying batch {batch_no} failed: {e}")));
+            }
+            outcome = self.wait_healthy(&waiting, step.deadline, lock).await?;
+            if outcome.is_ok() {
+                if let Err(e) = self.apply(step.hosts, &self.files(next, &[])?).await {
+                    return Ok(Err(format!(
+                        "removing the surge units of batch {batch_no} failed: {e}"
+                    )));
+                }
+            }
+        }
+        if let Err(missing) = outcome {
+            let why = self.describe(&missing).await;
+            return Ok(Err(format!(
+                "batch {batch_no} did not become healthy within progress_deadline {:?}: {}",
+                step.deadline_per_batch,
+                why.join("; ")
+            )));
+        }
+        Ok(Ok(()))
     }
 
     /// Puts the batch back on the tags in `before` (surge units removed) and waits for it to be

@@ -185,24 +185,8 @@ pub struct Constraints {
     pub spread: Option<String>,
 }
 
-/// TCP or UDP.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Proto {
-    /// TCP.
-    Tcp,
-    /// UDP.
-    Udp,
-}
-
-impl Proto {
-    /// `tcp` / `udp`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Proto::Tcp => "tcp",
-            Proto::Udp => "udp",
-        }
-    }
-}
+/// TCP or UDP, spelled as in the registry's records (`tcp`, `udp`).
+pub use flotilla_registry::Proto;
 
 /// A published port.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -313,11 +297,9 @@ fn re(cell: &'static OnceLock<Regex>, pattern: &str) -> &'static Regex {
     cell.get_or_init(|| Regex::new(pattern).expect("built-in regex is valid"))
 }
 
-/// A DNS label, as DESIGN.md requires for service and node names.
-pub fn is_dns_label(s: &str) -> bool {
-    static R: OnceLock<Regex> = OnceLock::new();
-    re(&R, r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$").is_match(s)
-}
+/// A DNS label, as DESIGN.md requires for service and node names: the registry's rule, the one
+/// presence and confgen apply.
+pub use flotilla_registry::record::is_dns_label;
 
 /// A host metadata key or value (fleet's `MachineMetadata=key=value` has no room for more).
 pub fn is_metadata_word(s: &str) -> bool {
@@ -814,161 +796,28 @@ fn build_service(
         s.volumes.as_deref().unwrap_or(&[]),
     );
 
-    let memory = match (&s.memory, &d.memory) {
-        (Some(m), _) => check_memory(ctx, &base.key("memory"), m),
-        (None, Some(m)) => Some(m.0.clone()), // checked in check_defaults
-        (None, None) => None,
-    };
-    let cpus = match (s.cpus, d.cpus) {
-        (Some(c), _) => check_cpus(ctx, &base.key("cpus"), c),
-        (None, Some(c)) => Some(format!("{c}")),
-        (None, None) => None,
-    };
-    let health = match (&s.health, &d.health) {
-        (Some(h), _) => build_health(ctx, &base.key("health"), h),
-        (None, Some(h)) => {
-            // Checked (and reported) in check_defaults; rebuild quietly.
-            let mut scratch = Ctx {
-                src: ctx.src,
-                diags: Vec::new(),
-            };
-            build_health(&mut scratch, &def.key("health"), h)
-        }
-        (None, None) => None,
-    };
+    let (memory, cpus, health) = build_limits(ctx, &base, &def, s, d);
 
     let depends_on: Vec<String> = s.dependencies().into_iter().map(|(d, ..)| d).collect();
 
-    // Registration.
-    let fl = s.flotilla.clone().unwrap_or_default();
-    let dfl = d.flotilla.clone().unwrap_or_default();
-    let reg_service = match &fl.service {
-        Some(n) => {
-            if !is_dns_label(n) {
-                ctx.err(
-                    &base.key("flotilla").key("service"),
-                    format!("Flotilla service name `{n}` must be a DNS label (lowercase letters, digits, `-`)"),
-                );
-            }
-            n.clone()
-        }
-        None => name.to_string(),
-    };
-    let tags = match (&fl.tags, &dfl.tags) {
-        (Some(t), _) => check_tags(ctx, &base.key("flotilla").key("tags"), t),
-        (None, Some(t)) => t.clone(),
-        (None, None) => Vec::new(),
-    };
-    let registration = Registration {
-        service: reg_service,
-        tags,
-        ignore: fl.ignore.or(dfl.ignore).unwrap_or(false),
-    };
-
-    // Constraints: each part inherited separately from defaults.
-    let (s_meta, s_max, s_spread) = match &s.constraints {
-        Some(c) => build_constraints_parts(ctx, &base.key("constraints"), c),
-        None => (None, None, None),
-    };
-    let (d_meta, d_max, d_spread) = match &d.constraints {
-        Some(c) => {
-            let mut scratch = Ctx {
-                src: ctx.src,
-                diags: Vec::new(),
-            };
-            build_constraints_parts(&mut scratch, &def.key("constraints"), c)
-        }
-        None => (None, None, None),
-    };
-    let mut max_per_host = s_max.or(d_max);
-    let cons_path = |key: &str| {
-        vec![
-            base.key("constraints").key(key),
-            def.key("constraints").key(key),
-        ]
-    };
-    let mut max_origin = cons_path("max_per_host");
-    let mut max_per_host_from_port = None;
-    // A fixed host port fits once per host.
-    if let Some((i, p)) = ports.iter().enumerate().find(|(_, p)| p.host.is_some()) {
-        let host = p.host.unwrap_or_default();
-        match max_per_host {
-            Some(m) if m > 1 => ctx.err_first(
-                &cons_path("max_per_host"),
-                format!("{name} publishes host port {host}, so only one instance fits on a host; max_per_host {m} cannot hold (drop the host port or set max_per_host: 1)"),
-            ),
-            Some(_) => {}
-            None => {
-                max_per_host = Some(1);
-                max_per_host_from_port = Some(host);
-                max_origin = vec![base.key("ports").index(i)];
-            }
-        }
-    }
-    // Metadata merges key by key (the service wins on a shared key), like env and labels.
-    // An empty list under the service drops the inherited key.
-    let mut metadata = d_meta.unwrap_or_default();
-    metadata.extend(s_meta.unwrap_or_default());
-    metadata.retain(|_, values| !values.is_empty());
-    let constraints = Constraints {
-        metadata,
-        max_per_host,
-        spread: s_spread.or(d_spread),
-    };
-
-    let dur = |ctx: &mut Ctx<'_>,
-               key: &str,
-               s: &Option<Scalar>,
-               d: &Option<Scalar>,
-               default: u64|
-     -> Option<Millis> {
-        let whole = key == "stop_timeout";
-        match (s, d) {
-            (Some(v), _) => duration_field(ctx, &base.key(key), v, whole),
-            (None, Some(v)) => parse_duration(&v.0).ok(),
-            (None, None) => Some(Millis(default)),
-        }
-    };
-    let restart_sec = dur(ctx, "restart_sec", &s.restart_sec, &d.restart_sec, 5_000);
-    let start_timeout = dur(
-        ctx,
-        "start_timeout",
-        &s.start_timeout,
-        &d.start_timeout,
-        300_000,
-    );
-    let stop_timeout = dur(
-        ctx,
-        "stop_timeout",
-        &s.stop_timeout,
-        &d.stop_timeout,
-        10_000,
-    );
+    let registration = build_registration(ctx, &base, name, s, d);
+    let (constraints, max_per_host_from_port, max_origin) =
+        build_service_constraints(ctx, &base, &def, name, &ports, s, d);
+    let (restart_sec, start_timeout, stop_timeout) = build_timeouts(ctx, &base, s, d);
 
     let origins = Origins {
         service: base.clone(),
         instances: vec![base.key("instances"), def.key("instances"), base.clone()],
-        metadata: cons_path("metadata"),
+        metadata: cons_path(&base, &def, "metadata"),
         max_per_host: max_origin,
-        spread: cons_path("spread"),
+        spread: cons_path(&base, &def, "spread"),
         depends_on: vec![base.key("depends_on"), base.key("sidekick_of")],
         ports: vec![base.key("ports")],
         health: vec![base.key("health"), def.key("health")],
         image: vec![base.key("tag"), base.key("image")],
         rollout: vec![base.key("rollout"), def.key("rollout"), base.clone()],
     };
-    let rollout = match (&s.rollout, &d.rollout) {
-        (Some(r), dr) => build_rollout(ctx, &base.key("rollout"), r, dr.as_ref()),
-        (None, Some(r)) => {
-            // Checked (and reported) once in `build`; rebuild quietly.
-            let mut scratch = Ctx {
-                src: ctx.src,
-                diags: Vec::new(),
-            };
-            build_rollout(&mut scratch, &def.key("rollout"), r, None)
-        }
-        (None, None) => RolloutSettings::default(),
-    };
+    let rollout = build_service_rollout(ctx, &base, &def, s, d);
 
     if ctx.diags.len() != errors_before {
         return None;
@@ -998,6 +847,200 @@ fn build_service(
         rollout,
         origins,
     })
+}
+
+/// `memory`, `cpus` and `health` of a service, each inherited from the defaults.
+fn build_limits(
+    ctx: &mut Ctx<'_>,
+    base: &FieldPath,
+    def: &FieldPath,
+    s: &RawService,
+    d: &RawDefaults,
+) -> (Option<String>, Option<String>, Option<Health>) {
+    let memory = match (&s.memory, &d.memory) {
+        (Some(m), _) => check_memory(ctx, &base.key("memory"), m),
+        (None, Some(m)) => Some(m.0.clone()), // checked in check_defaults
+        (None, None) => None,
+    };
+    let cpus = match (s.cpus, d.cpus) {
+        (Some(c), _) => check_cpus(ctx, &base.key("cpus"), c),
+        (None, Some(c)) => Some(format!("{c}")),
+        (None, None) => None,
+    };
+    let health = match (&s.health, &d.health) {
+        (Some(h), _) => build_health(ctx, &base.key("health"), h),
+        (None, Some(h)) => {
+            // Checked (and reported) in check_defaults; rebuild quietly.
+            let mut scratch = Ctx {
+                src: ctx.src,
+                diags: Vec::new(),
+            };
+            build_health(&mut scratch, &def.key("health"), h)
+        }
+        (None, None) => None,
+    };
+    (memory, cpus, health)
+}
+
+/// The registration of service `name`: `flotilla.service`, `flotilla.tags` and
+/// `flotilla.ignore`, each inherited from the defaults.
+fn build_registration(
+    ctx: &mut Ctx<'_>,
+    base: &FieldPath,
+    name: &str,
+    s: &RawService,
+    d: &RawDefaults,
+) -> Registration {
+    let fl = s.flotilla.clone().unwrap_or_default();
+    let dfl = d.flotilla.clone().unwrap_or_default();
+    let reg_service = match &fl.service {
+        Some(n) => {
+            if !is_dns_label(n) {
+                ctx.err(
+                    &base.key("flotilla").key("service"),
+                    format!("Flotilla service name `{n}` must be a DNS label (lowercase letters, digits, `-`)"),
+                );
+            }
+            n.clone()
+        }
+        None => name.to_string(),
+    };
+    let tags = match (&fl.tags, &dfl.tags) {
+        (Some(t), _) => check_tags(ctx, &base.key("flotilla").key("tags"), t),
+        (None, Some(t)) => t.clone(),
+        (None, None) => Vec::new(),
+    };
+    Registration {
+        service: reg_service,
+        tags,
+        ignore: fl.ignore.or(dfl.ignore).unwrap_or(false),
+    }
+}
+
+/// The paths of constraint `key` under the service and under the defaults.
+fn cons_path(base: &FieldPath, def: &FieldPath, key: &str) -> Vec<FieldPath> {
+    vec![
+        base.key("constraints").key(key),
+        def.key("constraints").key(key),
+    ]
+}
+
+/// The constraints of service `name`, each part inherited separately from defaults; also the
+/// host port that set max_per_host to 1, if one did, and where max_per_host came from.
+fn build_service_constraints(
+    ctx: &mut Ctx<'_>,
+    base: &FieldPath,
+    def: &FieldPath,
+    name: &str,
+    ports: &[Port],
+    s: &RawService,
+    d: &RawDefaults,
+) -> (Constraints, Option<u16>, Vec<FieldPath>) {
+    let (s_meta, s_max, s_spread) = match &s.constraints {
+        Some(c) => build_constraints_parts(ctx, &base.key("constraints"), c),
+        None => (None, None, None),
+    };
+    let (d_meta, d_max, d_spread) = match &d.constraints {
+        Some(c) => {
+            let mut scratch = Ctx {
+                src: ctx.src,
+                diags: Vec::new(),
+            };
+            build_constraints_parts(&mut scratch, &def.key("constraints"), c)
+        }
+        None => (None, None, None),
+    };
+    let mut max_per_host = s_max.or(d_max);
+    let mut max_origin = cons_path(base, def, "max_per_host");
+    let mut max_per_host_from_port = None;
+    // A fixed host port fits once per host.
+    if let Some((i, p)) = ports.iter().enumerate().find(|(_, p)| p.host.is_some()) {
+        let host = p.host.unwrap_or_default();
+        match max_per_host {
+            Some(m) if m > 1 => ctx.err_first(
+                &cons_path(base, def, "max_per_host"),
+                format!("{name} publishes host port {host}, so only one instance fits on a host; max_per_host {m} cannot hold (drop the host port or set max_per_host: 1)"),
+            ),
+            Some(_) => {}
+            None => {
+                max_per_host = Some(1);
+                max_per_host_from_port = Some(host);
+                max_origin = vec![base.key("ports").index(i)];
+            }
+        }
+    }
+    // Metadata merges key by key (the service wins on a shared key), like env and labels.
+    // An empty list under the service drops the inherited key.
+    let mut metadata = d_meta.unwrap_or_default();
+    metadata.extend(s_meta.unwrap_or_default());
+    metadata.retain(|_, values| !values.is_empty());
+    let constraints = Constraints {
+        metadata,
+        max_per_host,
+        spread: s_spread.or(d_spread),
+    };
+    (constraints, max_per_host_from_port, max_origin)
+}
+
+/// `restart_sec`, `start_timeout` and `stop_timeout` of a service, inherited from the defaults.
+fn build_timeouts(
+    ctx: &mut Ctx<'_>,
+    base: &FieldPath,
+    s: &RawService,
+    d: &RawDefaults,
+) -> (Option<Millis>, Option<Millis>, Option<Millis>) {
+    let dur = |ctx: &mut Ctx<'_>,
+               key: &str,
+               s: &Option<Scalar>,
+               d: &Option<Scalar>,
+               default: u64|
+     -> Option<Millis> {
+        let whole = key == "stop_timeout";
+        match (s, d) {
+            (Some(v), _) => duration_field(ctx, &base.key(key), v, whole),
+            (None, Some(v)) => parse_duration(&v.0).ok(),
+            (None, None) => Some(Millis(default)),
+        }
+    };
+    let restart_sec = dur(ctx, "restart_sec", &s.restart_sec, &d.restart_sec, 5_000);
+    let start_timeout = dur(
+        ctx,
+        "start_timeout",
+        &s.start_timeout,
+        &d.start_timeout,
+        300_000,
+    );
+    let stop_timeout = dur(
+        ctx,
+        "stop_timeout",
+        &s.stop_timeout,
+        &d.stop_timeout,
+        10_000,
+    );
+
+    (restart_sec, start_timeout, stop_timeout)
+}
+
+/// The rollout settings of a service, inherited from the defaults.
+fn build_service_rollout(
+    ctx: &mut Ctx<'_>,
+    base: &FieldPath,
+    def: &FieldPath,
+    s: &RawService,
+    d: &RawDefaults,
+) -> RolloutSettings {
+    match (&s.rollout, &d.rollout) {
+        (Some(r), dr) => build_rollout(ctx, &base.key("rollout"), r, dr.as_ref()),
+        (None, Some(r)) => {
+            // Checked (and reported) once in `build`; rebuild quietly.
+            let mut scratch = Ctx {
+                src: ctx.src,
+                diags: Vec::new(),
+            };
+            build_rollout(&mut scratch, &def.key("rollout"), r, None)
+        }
+        (None, None) => RolloutSettings::default(),
+    }
 }
 
 /// Parses `max_unavailable` / `max_surge`: a whole number or a percentage `0%`..`100%`.
@@ -1147,7 +1190,7 @@ fn parse_port_number(text: &str, what: &str) -> Result<u16, String> {
 fn parse_short_port(text: &str) -> Result<Port, String> {
     let (body, proto) = match text.rsplit_once('/') {
         Some((b, p)) => (b, p),
-        None => (text, "tcp"),
+        None => (text, Proto::Tcp.as_str()),
     };
     let proto = parse_proto(proto)?;
     // An IPv6 address is bracketed: [::1]:8080:80
@@ -1196,11 +1239,7 @@ fn parse_short_port(text: &str) -> Result<Port, String> {
 }
 
 fn parse_proto(p: &str) -> Result<Proto, String> {
-    match p {
-        "tcp" => Ok(Proto::Tcp),
-        "udp" => Ok(Proto::Udp),
-        other => Err(format!("protocol `{other}` must be tcp or udp")),
-    }
+    Proto::parse(p).ok_or_else(|| format!("protocol `{p}` must be tcp or udp"))
 }
 
 fn build_ports(ctx: &mut Ctx<'_>, path: &FieldPath, raw: &[RawPort]) -> Vec<Port> {
@@ -1268,8 +1307,8 @@ fn build_long_port(pp: &FieldPath, l: &RawPortLong) -> Result<Port, (FieldPath, 
         ),
         None => None,
     };
-    let proto =
-        parse_proto(l.proto.as_deref().unwrap_or("tcp")).map_err(|e| (pp.key("proto"), e))?;
+    let proto = parse_proto(l.proto.as_deref().unwrap_or(Proto::Tcp.as_str()))
+        .map_err(|e| (pp.key("proto"), e))?;
     if let Some(s) = &l.service {
         if !is_dns_label(s) {
             return Err((pp.key("service"), format!("Flotilla service name `{s}` must be a DNS label (lowercase letters, digits, `-`)")));
@@ -1531,73 +1570,10 @@ fn check_args(ctx: &mut Ctx<'_>, dp: &FieldPath, args: &Option<Vec<Scalar>>) {
 
 fn build_platform(ctx: &mut Ctx<'_>, p: RawPlatform) -> Platform {
     let base = FieldPath::keys(&["platform"]);
-    let mut etcd_args = Vec::new();
-    if let Some(e) = &p.etcd {
-        let ep = base.key("etcd");
-        if let Some(list) = &e.endpoints {
-            for (i, url) in list.iter().enumerate() {
-                let ok = (url.starts_with("http://") || url.starts_with("https://"))
-                    && url.len() > 8
-                    && !url.contains(',')
-                    && !url.contains(char::is_whitespace);
-                if !ok {
-                    ctx.err(
-                        &ep.key("endpoints").index(i),
-                        format!(
-                            "`{url}` is not an etcd endpoint URL (http:// or https://, no commas)"
-                        ),
-                    );
-                }
-            }
-            if list.is_empty() {
-                ctx.err(
-                    &ep.key("endpoints"),
-                    "endpoints is empty; leave it out to use the daemons' default",
-                );
-            } else {
-                etcd_args.push("--etcd-endpoints".to_string());
-                etcd_args.push(list.join(","));
-            }
-        }
-        for (key, flag) in [
-            ("cacert", "--etcd-cacert"),
-            ("cert", "--etcd-cert"),
-            ("key", "--etcd-key"),
-            ("password_file", "--etcd-password-file"),
-        ] {
-            let v = match key {
-                "cacert" => &e.cacert,
-                "cert" => &e.cert,
-                "password_file" => &e.password_file,
-                _ => &e.key,
-            };
-            if let Some(path) = abs_path(ctx, &ep.key(key), v, None) {
-                etcd_args.push(flag.to_string());
-                etcd_args.push(path);
-            }
-        }
-        if let Some(u) = &e.user {
-            if u.is_empty() || u.contains(':') {
-                ctx.err(
-                    &ep.key("user"),
-                    "the etcd user name must be non-empty and have no `:`",
-                );
-            }
-            etcd_args.push("--etcd-user".to_string());
-            etcd_args.push(u.clone());
-        }
-        if let Some(prefix) = &e.prefix {
-            static PREFIX: OnceLock<Regex> = OnceLock::new();
-            if !re(&PREFIX, r"^(/[A-Za-z0-9._-]+)+$").is_match(prefix) {
-                ctx.err(
-                    &ep.key("prefix"),
-                    format!("prefix `{prefix}` must look like /seg[/seg...] with segments of [A-Za-z0-9._-] and no trailing slash"),
-                );
-            }
-            etcd_args.push("--prefix".to_string());
-            etcd_args.push(prefix.clone());
-        }
-    }
+    let etcd_args = match &p.etcd {
+        Some(e) => build_etcd_args(ctx, &base.key("etcd"), e),
+        None => Vec::new(),
+    };
     let environment_file = abs_path(
         ctx,
         &base.key("environment_file"),
@@ -1612,120 +1588,203 @@ fn build_platform(ctx: &mut Ctx<'_>, p: RawPlatform) -> Platform {
     )
     .unwrap_or_default();
 
-    let common = |ctx: &mut Ctx<'_>,
-                  dp: &FieldPath,
-                  metrics: &Option<String>,
-                  log: &Option<String>,
-                  args: &mut Vec<String>| {
-        if let Some(m) = metrics {
-            if m.parse::<SocketAddr>().is_err() {
-                ctx.err(
-                    &dp.key("metrics_addr"),
-                    format!("`{m}` is not an address like 127.0.0.1:9100"),
-                );
-            }
-            args.push("--metrics-addr".into());
-            args.push(m.clone());
-        }
-        if let Some(l) = log {
-            if l != "text" && l != "json" {
-                ctx.err(
-                    &dp.key("log_format"),
-                    format!("log_format `{l}` must be text or json"),
-                );
-            }
-            args.push("--log-format".into());
-            args.push(l.clone());
-        }
-    };
-
-    let presence = p.presence.map(|r| {
-        let dp = base.key("presence");
-        let mut args = Vec::new();
-        for (key, flag, v) in [("ttl", "--ttl", &r.ttl), ("resync", "--resync", &r.resync)] {
-            if let Some(v) = v {
-                if let Some(d) = duration_field(ctx, &dp.key(key), v, false) {
-                    args.push(flag.to_string());
-                    args.push(d.render());
-                }
-            }
-        }
-        if r.explicit == Some(true) {
-            args.push("--explicit".into());
-        }
-        if let Some(h) = &r.docker_host {
-            if !(h.starts_with("unix:///") || h.starts_with("tcp://")) {
-                ctx.err(
-                    &dp.key("docker_host"),
-                    format!("docker_host `{h}` must be unix:///path or tcp://host:port"),
-                );
-            }
-            args.push("--docker-host".into());
-            args.push(h.clone());
-        }
-        let state = abs_path(
-            ctx,
-            &dp.key("state_file"),
-            &r.state_file,
-            Some("/var/lib/flotilla/presence.state"),
-        );
-        if let Some(s) = state {
-            args.push("--state-file".into());
-            args.push(s);
-        }
-        common(ctx, &dp, &r.metrics_addr, &r.log_format, &mut args);
-        args.extend(etcd_args.iter().cloned());
-        check_args(ctx, &dp, &r.args);
-        args.extend(r.args.iter().flatten().map(|a| a.0.clone()));
-        Daemon {
-            name: "presence",
-            binary: abs_path(
-                ctx,
-                &dp.key("binary"),
-                &r.binary,
-                Some("/usr/local/bin/presence"),
-            )
-            .unwrap_or_default(),
-            args,
-            metadata: platform_metadata(ctx, &dp, &r.metadata),
-            metadata_origin: dp.key("metadata"),
-        }
-    });
-    let confgen = p.confgen.map(|r| {
-        let dp = base.key("confgen");
-        let mut args = vec!["run".to_string(), "--confdir".to_string()];
-        args.push(
-            abs_path(
-                ctx,
-                &dp.key("confdir"),
-                &r.confdir,
-                Some("/etc/flotilla/confgen"),
-            )
-            .unwrap_or_default(),
-        );
-        common(ctx, &dp, &r.metrics_addr, &r.log_format, &mut args);
-        args.extend(etcd_args.iter().cloned());
-        check_args(ctx, &dp, &r.args);
-        args.extend(r.args.iter().flatten().map(|a| a.0.clone()));
-        Daemon {
-            name: "confgen",
-            binary: abs_path(
-                ctx,
-                &dp.key("binary"),
-                &r.binary,
-                Some("/usr/local/bin/confgen"),
-            )
-            .unwrap_or_default(),
-            args,
-            metadata: platform_metadata(ctx, &dp, &r.metadata),
-            metadata_origin: dp.key("metadata"),
-        }
-    });
+    let presence = p
+        .presence
+        .map(|r| build_presence(ctx, &base.key("presence"), r, &etcd_args));
+    let confgen = p
+        .confgen
+        .map(|r| build_confgen(ctx, &base.key("confgen"), r, &etcd_args));
     Platform {
         environment_file,
         node_env_file,
         presence,
         confgen,
+    }
+}
+
+/// The etcd flags both daemons get, from `platform.etcd` (at `ep`).
+fn build_etcd_args(ctx: &mut Ctx<'_>, ep: &FieldPath, e: &RawEtcd) -> Vec<String> {
+    let mut etcd_args = Vec::new();
+    if let Some(list) = &e.endpoints {
+        for (i, url) in list.iter().enumerate() {
+            let ok = (url.starts_with("http://") || url.starts_with("https://"))
+                && url.len() > 8
+                && !url.contains(',')
+                && !url.contains(char::is_whitespace);
+            if !ok {
+                ctx.err(
+                    &ep.key("endpoints").index(i),
+                    format!("`{url}` is not an etcd endpoint URL (http:// or https://, no commas)"),
+                );
+            }
+        }
+        if list.is_empty() {
+            ctx.err(
+                &ep.key("endpoints"),
+                "endpoints is empty; leave it out to use the daemons' default",
+            );
+        } else {
+            etcd_args.push("--etcd-endpoints".to_string());
+            etcd_args.push(list.join(","));
+        }
+    }
+    for (key, flag) in [
+        ("cacert", "--etcd-cacert"),
+        ("cert", "--etcd-cert"),
+        ("key", "--etcd-key"),
+        ("password_file", "--etcd-password-file"),
+    ] {
+        let v = match key {
+            "cacert" => &e.cacert,
+            "cert" => &e.cert,
+            "password_file" => &e.password_file,
+            _ => &e.key,
+        };
+        if let Some(path) = abs_path(ctx, &ep.key(key), v, None) {
+            etcd_args.push(flag.to_string());
+            etcd_args.push(path);
+        }
+    }
+    if let Some(u) = &e.user {
+        if u.is_empty() || u.contains(':') {
+            ctx.err(
+                &ep.key("user"),
+                "the etcd user name must be non-empty and have no `:`",
+            );
+        }
+        etcd_args.push("--etcd-user".to_string());
+        etcd_args.push(u.clone());
+    }
+    if let Some(prefix) = &e.prefix {
+        static PREFIX: OnceLock<Regex> = OnceLock::new();
+        if !re(&PREFIX, r"^(/[A-Za-z0-9._-]+)+$").is_match(prefix) {
+            ctx.err(
+                &ep.key("prefix"),
+                format!("prefix `{prefix}` must look like /seg[/seg...] with segments of [A-Za-z0-9._-] and no trailing slash"),
+            );
+        }
+        etcd_args.push("--prefix".to_string());
+        etcd_args.push(prefix.clone());
+    }
+    etcd_args
+}
+
+/// `--metrics-addr` and `--log-format` of a daemon (at `dp`), added to `args`.
+fn common_args(
+    ctx: &mut Ctx<'_>,
+    dp: &FieldPath,
+    metrics: &Option<String>,
+    log: &Option<String>,
+    args: &mut Vec<String>,
+) {
+    if let Some(m) = metrics {
+        if m.parse::<SocketAddr>().is_err() {
+            ctx.err(
+                &dp.key("metrics_addr"),
+                format!("`{m}` is not an address like 127.0.0.1:9100"),
+            );
+        }
+        args.push("--metrics-addr".into());
+        args.push(m.clone());
+    }
+    if let Some(l) = log {
+        if l != "text" && l != "json" {
+            ctx.err(
+                &dp.key("log_format"),
+                format!("log_format `{l}` must be text or json"),
+            );
+        }
+        args.push("--log-format".into());
+        args.push(l.clone());
+    }
+}
+
+/// The presence daemon of `platform.presence` (at `dp`).
+fn build_presence(
+    ctx: &mut Ctx<'_>,
+    dp: &FieldPath,
+    r: RawPresence,
+    etcd_args: &[String],
+) -> Daemon {
+    let mut args = Vec::new();
+    for (key, flag, v) in [("ttl", "--ttl", &r.ttl), ("resync", "--resync", &r.resync)] {
+        if let Some(v) = v {
+            if let Some(d) = duration_field(ctx, &dp.key(key), v, false) {
+                args.push(flag.to_string());
+                args.push(d.render());
+            }
+        }
+    }
+    if r.explicit == Some(true) {
+        args.push("--explicit".into());
+    }
+    if let Some(h) = &r.docker_host {
+        if !(h.starts_with("unix:///") || h.starts_with("tcp://")) {
+            ctx.err(
+                &dp.key("docker_host"),
+                format!("docker_host `{h}` must be unix:///path or tcp://host:port"),
+            );
+        }
+        args.push("--docker-host".into());
+        args.push(h.clone());
+    }
+    let state = abs_path(
+        ctx,
+        &dp.key("state_file"),
+        &r.state_file,
+        Some("/var/lib/flotilla/presence.state"),
+    );
+    if let Some(s) = state {
+        args.push("--state-file".into());
+        args.push(s);
+    }
+    common_args(ctx, dp, &r.metrics_addr, &r.log_format, &mut args);
+    args.extend(etcd_args.iter().cloned());
+    check_args(ctx, dp, &r.args);
+    args.extend(r.args.iter().flatten().map(|a| a.0.clone()));
+    Daemon {
+        name: "presence",
+        binary: abs_path(
+            ctx,
+            &dp.key("binary"),
+            &r.binary,
+            Some("/usr/local/bin/presence"),
+        )
+        .unwrap_or_default(),
+        args,
+        metadata: platform_metadata(ctx, dp, &r.metadata),
+        metadata_origin: dp.key("metadata"),
+    }
+}
+
+/// The confgen daemon of `platform.confgen` (at `dp`).
+fn build_confgen(ctx: &mut Ctx<'_>, dp: &FieldPath, r: RawConfgen, etcd_args: &[String]) -> Daemon {
+    let mut args = vec!["run".to_string(), "--confdir".to_string()];
+    args.push(
+        abs_path(
+            ctx,
+            &dp.key("confdir"),
+            &r.confdir,
+            Some("/etc/flotilla/confgen"),
+        )
+        .unwrap_or_default(),
+    );
+    common_args(ctx, dp, &r.metrics_addr, &r.log_format, &mut args);
+    args.extend(etcd_args.iter().cloned());
+    check_args(ctx, dp, &r.args);
+    args.extend(r.args.iter().flatten().map(|a| a.0.clone()));
+    Daemon {
+        name: "confgen",
+        binary: abs_path(
+            ctx,
+            &dp.key("binary"),
+            &r.binary,
+            Some("/usr/local/bin/confgen"),
+        )
+        .unwrap_or_default(),
+        args,
+        metadata: platform_metadata(ctx, dp, &r.metadata),
+        metadata_origin: dp.key("metadata"),
     }
 }
 

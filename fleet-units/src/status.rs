@@ -33,6 +33,15 @@ fn registry_view(eps: &[&Endpoint]) -> String {
 /// Renders the status text from a plan, the registry and the rollout records.
 pub fn render(plan: &SystemdPlan, eps: &[Endpoint], rollouts: &[RolloutRecord]) -> String {
     let mut out = String::new();
+    let accounted = push_services(&mut out, plan, eps);
+    push_registry_by_host(&mut out, eps, &accounted);
+    push_rollouts(&mut out, rollouts);
+    out
+}
+
+/// Each placed service and its instances, with what the registry shows of them; returns the
+/// (host, container) of every instance and surge unit listed.
+fn push_services(out: &mut String, plan: &SystemdPlan, eps: &[Endpoint]) -> Vec<(String, String)> {
     let placed = plan.output.placement.clone().unwrap_or_default();
     let deployed = &plan.output.deployed;
     let mut accounted: Vec<(String, String)> = Vec::new();
@@ -83,7 +92,12 @@ pub fn render(plan: &SystemdPlan, eps: &[Endpoint], rollouts: &[RolloutRecord]) 
             }
         }
     }
-    // What the registry shows per host, including containers unitgen did not place.
+    accounted
+}
+
+/// What the registry shows per host, including containers unitgen did not place (not in
+/// `accounted`).
+fn push_registry_by_host(out: &mut String, eps: &[Endpoint], accounted: &[(String, String)]) {
     let mut by_host: BTreeMap<&str, Vec<&Endpoint>> = BTreeMap::new();
     for e in eps {
         by_host.entry(e.node.as_str()).or_default().push(e);
@@ -125,6 +139,10 @@ pub fn render(plan: &SystemdPlan, eps: &[Endpoint], rollouts: &[RolloutRecord]) 
             out.push('\n');
         }
     }
+}
+
+/// The rollouts in progress.
+fn push_rollouts(out: &mut String, rollouts: &[RolloutRecord]) {
     if rollouts.is_empty() {
         out.push_str("rollouts in progress: none\n");
     } else {
@@ -154,5 +172,4 @@ pub fn render(plan: &SystemdPlan, eps: &[Endpoint], rollouts: &[RolloutRecord]) 
             ));
         }
     }
-    out
 }

@@ -229,45 +229,35 @@ impl Systemd {
 
     /// Enables units (their `[Install]` section: `WantedBy=multi-user.target`).
     pub async fn enable(&self, units: &[String]) -> Result<(), SystemdError> {
-        if units.is_empty() {
-            return Ok(());
-        }
-        let names: Vec<&str> = units.iter().map(String::as_str).collect();
-        match self {
-            Systemd::Dbus { .. } => {
-                self.manager()
-                    .await?
-                    .enable_unit_files(&names, false, true)
-                    .await
-                    .map_err(|e| call_err("EnableUnitFiles", &names.join(" "), e))?;
-                Ok(())
-            }
-            Systemd::Systemctl { program } => {
-                let mut args = vec!["enable", "--no-reload"];
-                args.extend(&names);
-                Self::systemctl_run(program, &args).await?;
-                Ok(())
-            }
-        }
+        self.unit_files(units, true).await
     }
 
     /// Disables units (removes their `[Install]` symlinks).
     pub async fn disable(&self, units: &[String]) -> Result<(), SystemdError> {
+        self.unit_files(units, false).await
+    }
+
+    /// Enables (`enable`) or disables unit files, without a daemon reload.
+    async fn unit_files(&self, units: &[String], enable: bool) -> Result<(), SystemdError> {
         if units.is_empty() {
             return Ok(());
         }
         let names: Vec<&str> = units.iter().map(String::as_str).collect();
         match self {
             Systemd::Dbus { .. } => {
-                self.manager()
-                    .await?
-                    .disable_unit_files(&names, false)
-                    .await
-                    .map_err(|e| call_err("DisableUnitFiles", &names.join(" "), e))?;
-                Ok(())
+                let manager = self.manager().await?;
+                let (call, result) = if enable {
+                    let r = manager.enable_unit_files(&names, false, true).await;
+                    ("EnableUnitFiles", r.map(drop))
+                } else {
+                    let r = manager.disable_unit_files(&names, false).await;
+                    ("DisableUnitFiles", r.map(drop))
+                };
+                result.map_err(|e| call_err(call, &names.join(" "), e))
             }
             Systemd::Systemctl { program } => {
-                let mut args = vec!["disable", "--no-reload"];
+                let verb = if enable { "enable" } else { "disable" };
+                let mut args = vec![verb, "--no-reload"];
                 args.extend(&names);
                 Self::systemctl_run(program, &args).await?;
                 Ok(())

@@ -1156,23 +1156,7 @@ impl Fleet {
             spec: spec.clone(),
             dir,
         };
-        for i in 0..spec.etcd_members {
-            let ns = Netns::create(&format!("{prefix}-e{i}"));
-            fleet.switch.attach(&ns, &format!("e{i}"), etcd_ip(i));
-            let mut m = EtcdMember {
-                name: format!("m{i}"),
-                ip: etcd_ip(i),
-                proc: None,
-                data: etcd_data.join(format!("m{i}.data")),
-                log: fleet.dir.path().join(format!("etcd-m{i}.log")),
-                initial_cluster: initial.clone(),
-                token: prefix.clone(),
-                started_once: false,
-                ns,
-            };
-            m.launch();
-            fleet.etcd.push(m);
-        }
+        fleet.start_etcd_members(&prefix, &etcd_data, &initial);
         fleet.wait_etcd_healthy(Duration::from_secs(60));
         for (k, v) in [
             ("http_bind", format!(":{HTTP_PORT}")),
@@ -1184,46 +1168,7 @@ impl Fleet {
                 .unwrap_or_else(|e| panic!("etcdctl put: {e}"));
         }
 
-        let endpoints = fleet.etcd_endpoints();
-        for (i, hs) in spec.hosts.iter().enumerate() {
-            let ns = Netns::create(&format!("{prefix}-h{i}"));
-            fleet.switch.attach(&ns, &format!("h{i}"), host_ip(i));
-            let hdir = fleet.dir.path().join(format!("host-{i}"));
-            fs::create_dir_all(&hdir).expect("host dir");
-            let mut host = Host {
-                index: i,
-                name: node_name(i),
-                ip: host_ip(i),
-                presence: None,
-                confgen: None,
-                haproxy: None,
-                dockerd: hs.docker.as_ref().map(|d| Dockerd {
-                    root: PathBuf::from(format!("/var/lib/{DOCKERD_ROOT_PREFIX}{}", ns.name())),
-                    live_restore: d.live_restore,
-                    proc: None,
-                    containerd: None,
-                }),
-                spec: hs.clone(),
-                dest: PathBuf::new(),
-                confdir: hdir.join("confdir"),
-                dir: hdir,
-                etcd_endpoints: endpoints.clone(),
-                ttl: spec.ttl,
-                rust_log: spec.rust_log.clone(),
-                bins: spec.bins.clone(),
-                filler: None,
-                tmpfs: None,
-                cut_chain: false,
-                presence_starts: 0,
-                ns,
-            };
-            if let Some(d) = host.dockerd.as_mut() {
-                let _ = fs::remove_dir_all(&d.root);
-                fs::create_dir_all(&d.root).expect("dockerd root");
-                d.launch(&host.ns);
-            }
-            fleet.hosts.push(host);
-        }
+        fleet.start_hosts(&prefix);
         // Everything below waits for the dockerds, which started in parallel.
         let image = crate::docker::busybox_image();
         for host in &mut fleet.hosts {
@@ -1262,6 +1207,72 @@ impl Fleet {
             }
         }
         fleet
+    }
+
+    /// Creates and launches the etcd members (`initial` is the initial cluster), data below
+    /// `etcd_data`.
+    fn start_etcd_members(&mut self, prefix: &str, etcd_data: &Path, initial: &str) {
+        for i in 0..self.spec.etcd_members {
+            let ns = Netns::create(&format!("{prefix}-e{i}"));
+            self.switch.attach(&ns, &format!("e{i}"), etcd_ip(i));
+            let mut m = EtcdMember {
+                name: format!("m{i}"),
+                ip: etcd_ip(i),
+                proc: None,
+                data: etcd_data.join(format!("m{i}.data")),
+                log: self.dir.path().join(format!("etcd-m{i}.log")),
+                initial_cluster: initial.to_string(),
+                token: prefix.to_string(),
+                started_once: false,
+                ns,
+            };
+            m.launch();
+            self.etcd.push(m);
+        }
+    }
+
+    /// Creates the hosts of the spec, each in its own namespace, and launches their dockerds.
+    fn start_hosts(&mut self, prefix: &str) {
+        let endpoints = self.etcd_endpoints();
+        for (i, hs) in self.spec.hosts.clone().iter().enumerate() {
+            let ns = Netns::create(&format!("{prefix}-h{i}"));
+            self.switch.attach(&ns, &format!("h{i}"), host_ip(i));
+            let hdir = self.dir.path().join(format!("host-{i}"));
+            fs::create_dir_all(&hdir).expect("host dir");
+            let mut host = Host {
+                index: i,
+                name: node_name(i),
+                ip: host_ip(i),
+                presence: None,
+                confgen: None,
+                haproxy: None,
+                dockerd: hs.docker.as_ref().map(|d| Dockerd {
+                    root: PathBuf::from(format!("/var/lib/{DOCKERD_ROOT_PREFIX}{}", ns.name())),
+                    live_restore: d.live_restore,
+                    proc: None,
+                    containerd: None,
+                }),
+                spec: hs.clone(),
+                dest: PathBuf::new(),
+                confdir: hdir.join("confdir"),
+                dir: hdir,
+                etcd_endpoints: endpoints.clone(),
+                ttl: self.spec.ttl,
+                rust_log: self.spec.rust_log.clone(),
+                bins: self.spec.bins.clone(),
+                filler: None,
+                tmpfs: None,
+                cut_chain: false,
+                presence_starts: 0,
+                ns,
+            };
+            if let Some(d) = host.dockerd.as_mut() {
+                let _ = fs::remove_dir_all(&d.root);
+                fs::create_dir_all(&d.root).expect("dockerd root");
+                d.launch(&host.ns);
+            }
+            self.hosts.push(host);
+        }
     }
 
     fn setup_proxy(&mut self, i: usize) {

@@ -312,12 +312,21 @@ fn compute(proxies: &[Proxy], hosts: &[usize], bootstrap: &[String], st: State) 
     let mut marks = st.marks.clone();
     marks.sort_by_key(Mark::at);
     let end = Instant::now();
+    let intervals = live_intervals(&marks, end);
+    count_lost(&mut fig, proxies, hosts, &st, &intervals);
+    count_stale(&mut fig, proxies, hosts, &st, &marks, end);
+    count_versions(&mut fig, proxies, bootstrap, &st, &intervals);
+    fig
+}
 
-    // Live intervals per instance, with the proxies exempt from the loss count.
-    type Interval = (Instant, Instant, Vec<usize>);
+/// A live interval of an instance, with the proxies exempt from the loss count.
+type Interval = (Instant, Instant, Vec<usize>);
+
+/// Live intervals per instance, from the marks (sorted); one still open ends at `end`.
+fn live_intervals(marks: &[Mark], end: Instant) -> BTreeMap<String, Vec<Interval>> {
     let mut intervals: BTreeMap<String, Vec<Interval>> = BTreeMap::new();
     let mut open: BTreeMap<String, (Instant, Vec<usize>)> = BTreeMap::new();
-    for m in &marks {
+    for m in marks {
         match m {
             Mark::Live {
                 at,
@@ -343,14 +352,23 @@ fn compute(proxies: &[Proxy], hosts: &[usize], bootstrap: &[String], st: State) 
     for (x, (from, ex)) in open {
         intervals.entry(x).or_default().push((from, end, ex));
     }
+    intervals
+}
 
-    // Lost: routed at some sample inside a live interval, then missing at a later one inside it.
+/// Lost: routed at some sample inside a live interval, then missing at a later one inside it.
+fn count_lost(
+    fig: &mut Figures,
+    proxies: &[Proxy],
+    hosts: &[usize],
+    st: &State,
+    intervals: &BTreeMap<String, Vec<Interval>>,
+) {
     for (p, proxy) in proxies.iter().enumerate() {
         for (kind, timeline) in [
             ("running HAProxy", &st.routed[p]),
             ("config file", &st.file_servers[p]),
         ] {
-            for (x, ivs) in &intervals {
+            for (x, ivs) in intervals {
                 for (from, to, exempt) in ivs {
                     let (from, to) = (*from, *to);
                     // The states in force during [from, to): the one at `from`, then each
@@ -387,9 +405,18 @@ fn compute(proxies: &[Proxy], hosts: &[usize], bootstrap: &[String], st: State) 
             }
         }
     }
+}
 
-    // Stale: a dead mark with a bound; the first sample without it after the mark.
-    for m in &marks {
+/// Stale: a dead mark with a bound; the first sample without it after the mark.
+fn count_stale(
+    fig: &mut Figures,
+    proxies: &[Proxy],
+    hosts: &[usize],
+    st: &State,
+    marks: &[Mark],
+    end: Instant,
+) {
+    for m in marks {
         let Mark::Dead {
             at: dead_at,
             instances,
@@ -444,8 +471,16 @@ fn compute(proxies: &[Proxy], hosts: &[usize], bootstrap: &[String], st: State) 
             }
         }
     }
+}
 
-    // Partial and empty versions.
+/// Partial and empty versions of the config files.
+fn count_versions(
+    fig: &mut Figures,
+    proxies: &[Proxy],
+    bootstrap: &[String],
+    st: &State,
+    intervals: &BTreeMap<String, Vec<Interval>>,
+) {
     let live_at = |t: Instant| {
         intervals
             .values()
@@ -494,7 +529,6 @@ fn compute(proxies: &[Proxy], hosts: &[usize], bootstrap: &[String], st: State) 
             }
         }
     }
-    fig
 }
 
 /// Requests through some proxies, from the client namespace, until stopped.

@@ -193,6 +193,55 @@ impl Cli {
         let (docker_host, docker_host_from) =
             resolve_docker_host(self.docker_host.as_deref(), docker_host_env);
         let mut errors = Vec::new();
+        self.check_settings(&mut errors);
+        check_docker_host(&docker_host, docker_host_from, &mut errors);
+        for f in &self.label_filter {
+            let key = f.split_once('=').map_or(f.as_str(), |(k, _)| k);
+            if key.is_empty() || f.chars().any(|c| c.is_control()) {
+                errors.push(format!(
+                    "--label-filter {f:?}: must be KEY or KEY=VALUE without control characters"
+                ));
+            }
+        }
+        let node_labels = self.node_labels(&mut errors);
+        if let Err(e) = self.etcd.validate() {
+            if !self.dry_run {
+                errors.push(e.to_string());
+            }
+        }
+        let keys = match self.etcd.keys() {
+            Ok(k) => Some(k),
+            Err(e) => {
+                if self.dry_run {
+                    errors.push(e.to_string());
+                }
+                None
+            }
+        };
+        match keys {
+            Some(keys) if errors.is_empty() => Ok(Config {
+                node: self.node.clone(),
+                advertise_ip: self.advertise_ip,
+                ttl: self.ttl,
+                resync: self.resync,
+                explicit: self.explicit,
+                internal: self.internal,
+                allow_loopback: self.allow_loopback,
+                docker_host,
+                docker_host_from,
+                label_filter: self.label_filter.clone(),
+                state_file: self.state_file.clone(),
+                node_labels,
+                max_txn_bytes: self.max_txn_bytes,
+                keys,
+            }),
+            _ => Err(errors),
+        }
+    }
+
+    /// Checks the node name, the advertised address and the numbers, adding a message per
+    /// bad value to `errors`.
+    fn check_settings(&self, errors: &mut Vec<String>) {
         if !is_dns_label(&self.node) {
             errors.push(format!(
                 "--node {:?}: must be a DNS label (lowercase letters, digits, '-', 1-63 chars)",
@@ -231,26 +280,10 @@ impl Cli {
                 self.max_txn_bytes
             ));
         }
-        if !(docker_host.starts_with("unix://") || docker_host.starts_with("tcp://")) {
-            let (from, why) = match docker_host_from {
-                "DOCKER_HOST" => (
-                    "DOCKER_HOST",
-                    " (read because neither --docker-host nor FLOTILLA_DOCKER_HOST is set)",
-                ),
-                _ => ("--docker-host", ""),
-            };
-            errors.push(format!(
-                "{from} {docker_host:?}: must start with unix:// or tcp:// (presence speaks plain HTTP to the engine){why}"
-            ));
-        }
-        for f in &self.label_filter {
-            let key = f.split_once('=').map_or(f.as_str(), |(k, _)| k);
-            if key.is_empty() || f.chars().any(|c| c.is_control()) {
-                errors.push(format!(
-                    "--label-filter {f:?}: must be KEY or KEY=VALUE without control characters"
-                ));
-            }
-        }
+    }
+
+    /// The `--node-label` pairs; a message per bad one is added to `errors`.
+    fn node_labels(&self, errors: &mut Vec<String>) -> BTreeMap<String, String> {
         let mut node_labels = BTreeMap::new();
         for l in &self.node_label {
             let ok = l.split_once('=').filter(|(k, v)| {
@@ -270,39 +303,24 @@ impl Cli {
                 )),
             }
         }
-        if let Err(e) = self.etcd.validate() {
-            if !self.dry_run {
-                errors.push(e.to_string());
-            }
-        }
-        let keys = match self.etcd.keys() {
-            Ok(k) => Some(k),
-            Err(e) => {
-                if self.dry_run {
-                    errors.push(e.to_string());
-                }
-                None
-            }
+        node_labels
+    }
+}
+
+/// Checks the Docker host's scheme (`from` names where it was read), adding a message to
+/// `errors` when it is not one presence speaks.
+fn check_docker_host(docker_host: &str, docker_host_from: &str, errors: &mut Vec<String>) {
+    if !(docker_host.starts_with("unix://") || docker_host.starts_with("tcp://")) {
+        let (from, why) = match docker_host_from {
+            "DOCKER_HOST" => (
+                "DOCKER_HOST",
+                " (read because neither --docker-host nor FLOTILLA_DOCKER_HOST is set)",
+            ),
+            _ => ("--docker-host", ""),
         };
-        match keys {
-            Some(keys) if errors.is_empty() => Ok(Config {
-                node: self.node.clone(),
-                advertise_ip: self.advertise_ip,
-                ttl: self.ttl,
-                resync: self.resync,
-                explicit: self.explicit,
-                internal: self.internal,
-                allow_loopback: self.allow_loopback,
-                docker_host,
-                docker_host_from,
-                label_filter: self.label_filter.clone(),
-                state_file: self.state_file.clone(),
-                node_labels,
-                max_txn_bytes: self.max_txn_bytes,
-                keys,
-            }),
-            _ => Err(errors),
-        }
+        errors.push(format!(
+            "{from} {docker_host:?}: must start with unix:// or tcp:// (presence speaks plain HTTP to the engine){why}"
+        ));
     }
 }
 

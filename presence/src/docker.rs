@@ -289,12 +289,9 @@ impl EventSource for Engine {
 }
 
 fn parse_port_key(key: &str) -> Option<(u16, Proto)> {
-    let (port, proto) = key.split_once('/').unwrap_or((key, "tcp"));
-    let proto = match proto {
-        "tcp" => Proto::Tcp,
-        "udp" => Proto::Udp,
-        _ => return None, // sctp cannot be represented in a record
-    };
+    let (port, proto) = key.split_once('/').unwrap_or((key, Proto::Tcp.as_str()));
+    // sctp cannot be represented in a record.
+    let proto = Proto::parse(proto)?;
     Some((port.parse().ok()?, proto))
 }
 

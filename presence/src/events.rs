@@ -16,6 +16,7 @@ use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use flotilla_registry::backoff::Backoff;
+use flotilla_registry::retry::Retry;
 use futures::{Stream, StreamExt};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::Instant;
@@ -241,7 +242,7 @@ pub fn now_nanos() -> i64 {
 pub async fn run_reader<S: EventSource>(
     source: S,
     tx: UnboundedSender<ReaderMsg>,
-    mut backoff: Backoff,
+    backoff: Backoff,
     pulse: Pulse,
     on_reconnect: impl Fn() + Send,
 ) {
@@ -251,23 +252,18 @@ pub async fn run_reader<S: EventSource>(
     let start_since = now_nanos() - 1_000_000_000;
     let mut state = State::Connecting { reconnect: false };
     let mut stream: Option<S::Stream> = None;
-    let mut down_reported = false;
+    let mut retry = Retry::new("the Docker engine", backoff);
     let mut beat = beat_interval();
     loop {
         pulse.round(Loop::Reader).await;
         match state {
             State::Connecting { reconnect } => {
                 if let Err(e) = bounded("ping", source.ping()).await {
-                    if !down_reported {
-                        warn!(error = %e, "Docker engine does not answer; retrying");
-                        down_reported = true;
-                    } else {
-                        debug!(error = %e, "Docker engine still does not answer");
-                    }
+                    let delay = retry.failed(&e);
                     if tx.send(ReaderMsg::Down(e.to_string())).is_err() {
                         return;
                     }
-                    tokio::time::sleep(backoff.next_delay()).await;
+                    tokio::time::sleep(delay).await;
                     continue;
                 }
                 let since = if dedup.newest() > 0 {
@@ -282,8 +278,7 @@ pub async fn run_reader<S: EventSource>(
                 } else {
                     debug!(since_nano = since, "Docker event stream subscribed");
                 }
-                down_reported = false;
-                backoff.success();
+                retry.succeeded();
                 if tx.send(ReaderMsg::Subscribed { reconnect }).is_err() {
                     return;
                 }
@@ -317,12 +312,12 @@ pub async fn run_reader<S: EventSource>(
                             _ => "Docker event stream ended".to_owned(),
                         };
                         warn!(reason = %why, "Docker event stream lost; reconnecting");
-                        down_reported = true;
+                        let delay = retry.failed_logged();
                         stream = None;
                         if tx.send(ReaderMsg::Down(why)).is_err() {
                             return;
                         }
-                        tokio::time::sleep(backoff.next_delay()).await;
+                        tokio::time::sleep(delay).await;
                         state = State::Connecting { reconnect: true };
                     }
                 }

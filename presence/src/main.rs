@@ -179,12 +179,9 @@ async fn connect_etcd(cli: &Cli) -> anyhow::Result<etcd_client::Client> {
     }
 }
 
-async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
-    // Before any work: the first SIGTERM/SIGINT starts a clean shutdown, a second forces exit.
-    let mut hup = Hangups::install().context("installing the SIGHUP handler")?;
-    let mut signals = Shutdown::install().context("installing the SIGTERM/SIGINT handlers")?;
-
-    let status: SharedStatus = Arc::new(Mutex::new(Status::default()));
+/// Builds the metrics and serves them with /healthz (`--metrics-addr`), and starts the systemd
+/// watchdog ping.
+async fn observe(cli: &Cli, status: &SharedStatus) -> anyhow::Result<Metrics> {
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
     if let Some(addr) = cli.obs.metrics_addr {
@@ -199,8 +196,12 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
         let liveness = metrics.pulse.liveness.clone();
         daemon::spawn_watchdog(Arc::new(move || liveness.alive()));
     }
+    Ok(metrics)
+}
 
-    let predecessor = match cfg.state_file.as_deref().map(state_file::read).transpose() {
+/// The lease a predecessor of this node left in `--state-file`, to revoke after the first sync.
+fn predecessor(cfg: &Config) -> Option<i64> {
+    match cfg.state_file.as_deref().map(state_file::read).transpose() {
         Ok(Some(Some(st))) if st.node == cfg.node => {
             info!(lease = %format!("{:x}", st.lease), pid = st.pid, "found the predecessor's lease in the state file; it is revoked after the first sync");
             Some(st.lease)
@@ -214,7 +215,47 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
             warn!(error = %e, "ignoring the state file");
             None
         }
+    }
+}
+
+/// The etcd writer of this node's record and endpoints.
+fn writer(
+    cfg: &Config,
+    client: etcd_client::Client,
+    predecessor: Option<i64>,
+    metrics: Metrics,
+    status: SharedStatus,
+) -> Writer<flotilla_registry::store::EtcdStore> {
+    let node = Node {
+        node: cfg.node.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        started_at: now_rfc3339(),
+        advertise_ip: cfg.advertise_ip,
+        labels: cfg.node_labels.clone(),
     };
+    Writer::new(
+        flotilla_registry::store::EtcdStore::new(client),
+        WriterConfig {
+            keys: cfg.keys.clone(),
+            node,
+            ttl: cfg.ttl,
+            state_file: cfg.state_file.clone(),
+            predecessor,
+            max_txn_bytes: cfg.max_txn_bytes,
+        },
+        metrics,
+        status,
+    )
+}
+
+async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
+    // Before any work: the first SIGTERM/SIGINT starts a clean shutdown, a second forces exit.
+    let mut hup = Hangups::install().context("installing the SIGHUP handler")?;
+    let mut signals = Shutdown::install().context("installing the SIGTERM/SIGINT handlers")?;
+
+    let status: SharedStatus = Arc::new(Mutex::new(Status::default()));
+    let metrics = observe(&cli, &status).await?;
+    let predecessor = predecessor(&cfg);
 
     // Docker first: events queue up while etcd is being reached.
     let engine = tokio::select! {
@@ -253,26 +294,7 @@ async fn run(cli: Cli, cfg: Config) -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    let node = Node {
-        node: cfg.node.clone(),
-        version: env!("CARGO_PKG_VERSION").to_owned(),
-        started_at: now_rfc3339(),
-        advertise_ip: cfg.advertise_ip,
-        labels: cfg.node_labels.clone(),
-    };
-    let writer = Writer::new(
-        flotilla_registry::store::EtcdStore::new(client),
-        WriterConfig {
-            keys: cfg.keys.clone(),
-            node,
-            ttl: cfg.ttl,
-            state_file: cfg.state_file.clone(),
-            predecessor,
-            max_txn_bytes: cfg.max_txn_bytes,
-        },
-        metrics,
-        status,
-    );
+    let writer = writer(&cfg, client, predecessor, metrics, status);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut writer_task = tokio::spawn(writer.run(writer_rx, stop_rx));
     info!(node = %cfg.node, advertise_ip = %cfg.advertise_ip, ttl = %humantime::format_duration(cfg.ttl), "presence running");

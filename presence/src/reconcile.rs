@@ -154,14 +154,7 @@ impl<D: DockerApi> Reconciler<D> {
                 Some(ReaderMsg::Subscribed { .. }) => {
                     subscribed = true;
                     self.status.lock().expect("status").docker = Ok(());
-                    retry_at = self
-                        .full_list(&mut from_reader)
-                        .await
-                        .err()
-                        .map(|_| Instant::now() + backoff.next_delay());
-                    if retry_at.is_none() {
-                        backoff.success();
-                    }
+                    retry_at = self.relist(&mut from_reader, &mut backoff).await;
                 }
                 Some(ReaderMsg::Down(e)) => {
                     subscribed = false;
@@ -176,14 +169,7 @@ impl<D: DockerApi> Reconciler<D> {
                 // A tick, SIGHUP or retry: a full list (once the stream is up; the
                 // subscription itself triggers one).
                 None if subscribed => {
-                    retry_at = self
-                        .full_list(&mut from_reader)
-                        .await
-                        .err()
-                        .map(|_| Instant::now() + backoff.next_delay());
-                    if retry_at.is_none() {
-                        backoff.success();
-                    }
+                    retry_at = self.relist(&mut from_reader, &mut backoff).await;
                 }
                 None => {}
             }
@@ -353,6 +339,23 @@ impl<D: DockerApi> Reconciler<D> {
     /// Lists and inspects every container and sends the whole desired state. Events that
     /// arrived meanwhile are applied on top (deregistrations first, so a container killed during
     /// the listing is not registered again for a moment).
+    /// A full list; when it fails, when to try again (the backoff's next delay).
+    async fn relist(
+        &mut self,
+        from_reader: &mut UnboundedReceiver<ReaderMsg>,
+        backoff: &mut Backoff,
+    ) -> Option<Instant> {
+        let retry_at = self
+            .full_list(from_reader)
+            .await
+            .err()
+            .map(|_| Instant::now() + backoff.next_delay());
+        if retry_at.is_none() {
+            backoff.success();
+        }
+        retry_at
+    }
+
     async fn full_list(
         &mut self,
         from_reader: &mut UnboundedReceiver<ReaderMsg>,

@@ -30,7 +30,7 @@ use flotilla_registry::record::{
     escaped, is_dns_label, is_host_local, is_instance_char, is_meta_char, is_tag_char, MAX_ITEMS,
     MAX_LABEL, MAX_META_VALUE, MAX_TAG,
 };
-use flotilla_registry::{Endpoint, Health, Keys, Proto};
+use flotilla_registry::{labels, Endpoint, Health, Keys, Proto};
 
 /// Largest label or variable value presence reads at all (anything larger is refused).
 pub const MAX_VALUE: usize = 4096;
@@ -336,123 +336,137 @@ fn read_meta(c: &ContainerInfo) -> Result<Meta, SpecError> {
         .env
         .iter()
         .filter_map(|kv| kv.split_once('='))
-        .filter(|(k, _)| k.starts_with("SERVICE_"))
+        .filter(|(k, _)| k.starts_with(labels::REGISTRATOR_PREFIX))
         .collect();
     env.sort();
     let mut labels: Vec<(&String, &String)> = c.labels.iter().collect();
     labels.sort();
 
-    // Registrator's bridge/util.go serviceMetaData: the part after `SERVICE_` is lowercased;
-    // if it starts with a number and `_`, the rest applies to that private port only,
-    // otherwise all of it applies to every port (`SERVICE_DB_NAME` is the attribute `db_name`).
-    let registrator = |m: &mut Meta, kind: &str, key: &str, value: &str| -> Result<(), SpecError> {
-        let field = format!("{kind} {key}");
-        let Some(rest) = key.strip_prefix("SERVICE_") else {
-            return Ok(());
-        };
-        let lower = rest.to_ascii_lowercase();
-        let (port, what) = match lower.split_once('_') {
-            // Digits that are not a valid port (0, 70000) are an error.
-            Some((p, what)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
-                (Some(parse_port(c, &field, p)?), what)
-            }
-            _ => (None, lower.as_str()),
-        };
-        let attr = classify(what);
-        if matches!(attr, Attr::NotOurs) {
-            return Ok(());
-        }
-        check_size(c, &field, value)?;
-        let settings = match port {
-            Some(p) => m.per_port.entry(p).or_default(),
-            None => &mut m.general,
-        };
-        let sourced = Sourced {
-            value: value.to_owned(),
-            field,
-        };
-        match attr {
-            Attr::Setting(which) => *settings.slot(which) = Some(sourced),
-            Attr::Meta(meta_key) => {
-                if !value.is_empty() {
-                    check_meta_key(c, &sourced.field, &meta_key)?;
-                }
-                if meta_key == CHECK_PATH && !value.is_empty() && !value.starts_with('/') {
-                    return Err(c.err(
-                        &sourced.field,
-                        format!(
-                            "{} must be a path starting with '/' (Registrator's SERVICE_CHECK_HTTP \
-                             is the path of an HTTP check, e.g. /health)",
-                            escaped(value)
-                        ),
-                    ));
-                }
-                settings.meta.insert(
-                    meta_key,
-                    MetaSetting {
-                        src: sourced,
-                        empty_unsets: true,
-                    },
-                );
-            }
-            Attr::NotOurs => {}
-        }
-        Ok(())
-    };
-
     for (k, v) in &env {
-        registrator(&mut m, "env", k, v)?;
+        apply_registrator(c, &mut m, "env", k, v)?;
     }
     for (k, v) in &labels {
-        registrator(&mut m, "label", k, v)?;
+        apply_registrator(c, &mut m, "label", k, v)?;
     }
     for (k, v) in &labels {
-        let Some(rest) = k.strip_prefix("flotilla.") else {
-            continue;
-        };
-        let field = format!("label {k}");
-        check_size(c, &field, v)?;
-        let sourced = Sourced {
-            value: (*v).clone(),
-            field: field.clone(),
-        };
-        let (head, port) = match rest.split_once('.') {
-            Some((head, tail)) => (head, Some(tail)),
-            None => (rest, None),
-        };
-        match (head, port) {
-            ("service", None) => {
-                m.general.name = Some(sourced);
-                m.general_name_verbatim = true;
-            }
-            ("tags", None) => m.general.tags = Some(sourced),
-            ("ignore", None) => m.general.ignore = Some(sourced),
-            ("network", None) => m.network = Some(sourced),
-            ("service" | "tags" | "ignore", Some(p)) => {
-                let p = parse_port(c, &field, p)?;
-                let s = m.per_port.entry(p).or_default();
-                let which = match head {
-                    "service" => Which::Name,
-                    "tags" => Which::Tags,
-                    _ => Which::Ignore,
-                };
-                *s.slot(which) = Some(sourced);
-            }
-            ("meta", Some(key)) => {
-                check_meta_key(c, &field, key)?;
-                m.general.meta.insert(
-                    key.to_owned(),
-                    MetaSetting {
-                        src: sourced,
-                        empty_unsets: false,
-                    },
-                );
-            }
-            // Unknown flotilla.* labels are left alone (forward compatibility).
-            _ => {}
-        }
+        apply_flotilla(c, &mut m, k, v)?;
     }
     Ok(m)
+}
+
+/// Applies one `SERVICE_*` env entry or label (`kind` says which) to `m`.
+///
+/// Registrator's bridge/util.go serviceMetaData: the part after `SERVICE_` is lowercased;
+/// if it starts with a number and `_`, the rest applies to that private port only,
+/// otherwise all of it applies to every port (`SERVICE_DB_NAME` is the attribute `db_name`).
+fn apply_registrator(
+    c: &ContainerInfo,
+    m: &mut Meta,
+    kind: &str,
+    key: &str,
+    value: &str,
+) -> Result<(), SpecError> {
+    let field = format!("{kind} {key}");
+    let Some(rest) = key.strip_prefix(labels::REGISTRATOR_PREFIX) else {
+        return Ok(());
+    };
+    let lower = rest.to_ascii_lowercase();
+    let (port, what) = match lower.split_once('_') {
+        // Digits that are not a valid port (0, 70000) are an error.
+        Some((p, what)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => {
+            (Some(parse_port(c, &field, p)?), what)
+        }
+        _ => (None, lower.as_str()),
+    };
+    let attr = classify(what);
+    if matches!(attr, Attr::NotOurs) {
+        return Ok(());
+    }
+    check_size(c, &field, value)?;
+    let settings = match port {
+        Some(p) => m.per_port.entry(p).or_default(),
+        None => &mut m.general,
+    };
+    let sourced = Sourced {
+        value: value.to_owned(),
+        field,
+    };
+    match attr {
+        Attr::Setting(which) => *settings.slot(which) = Some(sourced),
+        Attr::Meta(meta_key) => {
+            if !value.is_empty() {
+                check_meta_key(c, &sourced.field, &meta_key)?;
+            }
+            if meta_key == CHECK_PATH && !value.is_empty() && !value.starts_with('/') {
+                return Err(c.err(
+                    &sourced.field,
+                    format!(
+                        "{} must be a path starting with '/' (Registrator's SERVICE_CHECK_HTTP \
+                         is the path of an HTTP check, e.g. /health)",
+                        escaped(value)
+                    ),
+                ));
+            }
+            settings.meta.insert(
+                meta_key,
+                MetaSetting {
+                    src: sourced,
+                    empty_unsets: true,
+                },
+            );
+        }
+        Attr::NotOurs => {}
+    }
+    Ok(())
+}
+
+/// Applies one `flotilla.*` label to `m` (other labels are left alone).
+fn apply_flotilla(c: &ContainerInfo, m: &mut Meta, k: &str, v: &str) -> Result<(), SpecError> {
+    let Some(rest) = k.strip_prefix(labels::PREFIX) else {
+        return Ok(());
+    };
+    let field = format!("label {k}");
+    check_size(c, &field, v)?;
+    let sourced = Sourced {
+        value: v.to_owned(),
+        field: field.clone(),
+    };
+    let (head, port) = match rest.split_once('.') {
+        Some((head, tail)) => (head, Some(tail)),
+        None => (rest, None),
+    };
+    match (head, port) {
+        (labels::SERVICE, None) => {
+            m.general.name = Some(sourced);
+            m.general_name_verbatim = true;
+        }
+        (labels::TAGS, None) => m.general.tags = Some(sourced),
+        (labels::IGNORE, None) => m.general.ignore = Some(sourced),
+        (labels::NETWORK, None) => m.network = Some(sourced),
+        (labels::SERVICE | labels::TAGS | labels::IGNORE, Some(p)) => {
+            let p = parse_port(c, &field, p)?;
+            let s = m.per_port.entry(p).or_default();
+            let which = match head {
+                labels::SERVICE => Which::Name,
+                labels::TAGS => Which::Tags,
+                _ => Which::Ignore,
+            };
+            *s.slot(which) = Some(sourced);
+        }
+        (labels::META, Some(key)) => {
+            check_meta_key(c, &field, key)?;
+            m.general.meta.insert(
+                key.to_owned(),
+                MetaSetting {
+                    src: sourced,
+                    empty_unsets: false,
+                },
+            );
+        }
+        // Unknown flotilla.* labels are left alone (forward compatibility).
+        _ => {}
+    }
+    Ok(())
 }
 
 fn check_size(c: &ContainerInfo, field: &str, v: &str) -> Result<(), SpecError> {
@@ -626,8 +640,79 @@ fn decide_inner(
         return Ok(Decision::Skip(SkipReason::Paused));
     }
     let meta = read_meta(c)?;
-    // Validate every setting, also of ports that are not published, so a bad value is always
-    // reported (and never half-applied).
+    let parsed = parse_settings(c, &meta)?;
+    let default_name = default_name(c, cfg, &parsed)?;
+
+    if parsed.ignore_all {
+        return Ok(Decision::Skip(SkipReason::Ignored));
+    }
+    if matches!(c.health, Some(h) if h != HealthState::Healthy) {
+        return Ok(Decision::Skip(SkipReason::HealthNotHealthy));
+    }
+
+    let (targets, candidates) = targets(c, cfg, &meta, local)?;
+    let group = candidates.len() > 1;
+    // Only ports that would be announced are reported as left out.
+    local.retain(|b| {
+        let (name, ignore) = parsed
+            .per_port
+            .get(&b.port)
+            .map_or((None, false), |s| (s.name.as_ref(), s.ignore));
+        !ignore && (name.is_some() || parsed.general_name.is_some() || default_name.is_some())
+    });
+    local.sort();
+    local.dedup_by(|a, b| a.port == b.port && a.proto == b.proto);
+    if targets.is_empty() {
+        return Ok(Decision::Skip(if local.is_empty() {
+            SkipReason::NoPorts
+        } else {
+            SkipReason::LocalOnly
+        }));
+    }
+
+    let naming = Naming {
+        meta: &meta,
+        parsed: &parsed,
+        default_name: default_name.as_ref(),
+        group,
+        ports: candidates.len(),
+    };
+    let mut endpoints = Vec::new();
+    for target in targets {
+        if let Some(ep) = endpoint(c, cfg, &naming, target)? {
+            endpoints.push(ep);
+        }
+    }
+    if endpoints.is_empty() {
+        let reason = if cfg.explicit {
+            SkipReason::Unnamed
+        } else {
+            SkipReason::Ignored
+        };
+        return Ok(Decision::Skip(reason));
+    }
+    Ok(Decision::Register(endpoints))
+}
+
+/// The settings of a container, every one parsed and validated.
+struct Parsed {
+    /// The container-wide service name.
+    general_name: Option<String>,
+    /// The container-wide tags.
+    general_tags: Vec<String>,
+    /// The container is ignored as a whole.
+    ignore_all: bool,
+    /// The settings of single private ports.
+    per_port: BTreeMap<u16, PortSettings>,
+    /// The container-wide meta entries.
+    meta_map: BTreeMap<String, String>,
+    /// The container's name, when it is a valid meta value (`container_name`).
+    container_name: Option<String>,
+}
+
+/// Parses every setting of `meta`, also of ports that are not published, so a bad value is
+/// always reported (and never half-applied).
+fn parse_settings(c: &ContainerInfo, meta: &Meta) -> Result<Parsed, SpecError> {
     let general_name = meta
         .general
         .name
@@ -671,37 +756,57 @@ fn decide_inner(
     let container_name =
         (!c.name.is_empty() && c.name.len() <= MAX_META_VALUE && c.name.chars().all(is_meta_char))
             .then(|| c.name.clone());
-    let default_name = if cfg.explicit {
-        None
-    } else {
-        match default_service_name(&c.image) {
-            Some(n) => Some(n),
-            None if general_name.is_none() => {
-                return Err(c.err(
-                    "image",
-                    format!(
-                        "cannot derive a service name (a DNS label) from image {}; set the label flotilla.service",
-                        escaped(&c.image)
-                    ),
-                ))
-            }
-            None => None,
-        }
-    };
+    Ok(Parsed {
+        general_name,
+        general_tags,
+        ignore_all,
+        per_port,
+        meta_map,
+        container_name,
+    })
+}
 
-    if ignore_all {
-        return Ok(Decision::Skip(SkipReason::Ignored));
+/// The service name derived from the image (none with `--explicit`); an error when there is
+/// neither that nor a container-wide name.
+fn default_name(
+    c: &ContainerInfo,
+    cfg: &SpecConfig,
+    parsed: &Parsed,
+) -> Result<Option<String>, SpecError> {
+    if cfg.explicit {
+        return Ok(None);
     }
-    if matches!(c.health, Some(h) if h != HealthState::Healthy) {
-        return Ok(Decision::Skip(SkipReason::HealthNotHealthy));
+    match default_service_name(&c.image) {
+        Some(n) => Ok(Some(n)),
+        None if parsed.general_name.is_none() => Err(c.err(
+            "image",
+            format!(
+                "cannot derive a service name (a DNS label) from image {}; set the label flotilla.service",
+                escaped(&c.image)
+            ),
+        )),
+        None => Ok(None),
     }
+}
 
-    // (private port, proto, host, host port)
+/// Where one private port is reached: (private port, proto, host, host port).
+type Target = (u16, Proto, String, u16);
+
+/// A private port and its protocol.
+type PortProto = (u16, Proto);
+
+/// The ports to announce, sorted and one per (private port, proto), and the ports Registrator
+/// would register (bridge/bridge.go `add`: `servicePorts`), counted before ignore, naming and
+/// (here) the loopback rule: more than one makes a group, whose ports are named
+/// `<name>-<private port>`. Ports bound to local addresses only are added to `local`.
+fn targets(
+    c: &ContainerInfo,
+    cfg: &SpecConfig,
+    meta: &Meta,
+    local: &mut Vec<LocalBinding>,
+) -> Result<(Vec<Target>, Vec<PortProto>), SpecError> {
     let host_mode = c.network_mode == "host";
-    let mut targets: Vec<(u16, Proto, String, u16)> = Vec::new();
-    // The ports Registrator would register (bridge/bridge.go `add`: `servicePorts`), counted
-    // before ignore, naming and (here) the loopback rule: more than one makes a group, whose
-    // ports are named `<name>-<private port>`.
+    let mut targets: Vec<Target> = Vec::new();
     let mut candidates: Vec<(u16, Proto)> = Vec::new();
     if host_mode {
         for (port, proto) in &c.exposed {
@@ -709,47 +814,7 @@ fn decide_inner(
             candidates.push((*port, *proto));
         }
     } else if cfg.internal {
-        let ip = match &meta.network {
-            Some(s) => match c.networks.get(&s.value) {
-                Some(ip) => ip.clone(),
-                None => {
-                    return Err(c.err(
-                        &s.field,
-                        format!(
-                            "the container is not attached to network {} (attached: {})",
-                            escaped(&s.value),
-                            c.networks.keys().cloned().collect::<Vec<_>>().join(", ")
-                        ),
-                    ))
-                }
-            },
-            None => c
-                .networks
-                .values()
-                .find(|ip| !ip.is_empty())
-                .cloned()
-                .unwrap_or_default(),
-        };
-        if !ip.is_empty() {
-            let mut ports: Vec<(u16, Proto)> = c.exposed.clone();
-            ports.extend(c.ports.iter().map(|p| (p.port, p.proto)));
-            ports.sort();
-            ports.dedup();
-            candidates.extend(ports.iter().copied());
-            let local_ip = is_local_host(&ip) && !cfg.allow_loopback;
-            for (port, proto) in ports {
-                if local_ip {
-                    local.push(LocalBinding {
-                        port,
-                        proto,
-                        host_ip: ip.clone(),
-                        host_port: port,
-                    });
-                } else {
-                    targets.push((port, proto, ip.clone(), port));
-                }
-            }
-        }
+        internal_targets(c, cfg, meta, local, &mut targets, &mut candidates)?;
     } else {
         for p in &c.ports {
             let pick = pick_binding(&p.bindings, cfg.advertise_ip, cfg.allow_loopback);
@@ -772,115 +837,175 @@ fn decide_inner(
     targets.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
     candidates.sort();
     candidates.dedup();
-    let group = candidates.len() > 1;
-    // Only ports that would be announced are reported as left out.
-    local.retain(|b| {
-        let (name, ignore) = per_port
-            .get(&b.port)
-            .map_or((None, false), |s| (s.name.as_ref(), s.ignore));
-        !ignore && (name.is_some() || general_name.is_some() || default_name.is_some())
-    });
-    local.sort();
-    local.dedup_by(|a, b| a.port == b.port && a.proto == b.proto);
-    if targets.is_empty() {
-        return Ok(Decision::Skip(if local.is_empty() {
-            SkipReason::NoPorts
-        } else {
-            SkipReason::LocalOnly
-        }));
-    }
+    Ok((targets, candidates))
+}
 
+/// [`targets`] with `--internal`: every exposed or published port at the container's address
+/// on its network (the one `flotilla.network` names, else the first with an address).
+fn internal_targets(
+    c: &ContainerInfo,
+    cfg: &SpecConfig,
+    meta: &Meta,
+    local: &mut Vec<LocalBinding>,
+    targets: &mut Vec<Target>,
+    candidates: &mut Vec<(u16, Proto)>,
+) -> Result<(), SpecError> {
+    let ip = match &meta.network {
+        Some(s) => match c.networks.get(&s.value) {
+            Some(ip) => ip.clone(),
+            None => {
+                return Err(c.err(
+                    &s.field,
+                    format!(
+                        "the container is not attached to network {} (attached: {})",
+                        escaped(&s.value),
+                        c.networks.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                ))
+            }
+        },
+        None => c
+            .networks
+            .values()
+            .find(|ip| !ip.is_empty())
+            .cloned()
+            .unwrap_or_default(),
+    };
+    if ip.is_empty() {
+        return Ok(());
+    }
+    let mut ports: Vec<(u16, Proto)> = c.exposed.clone();
+    ports.extend(c.ports.iter().map(|p| (p.port, p.proto)));
+    ports.sort();
+    ports.dedup();
+    candidates.extend(ports.iter().copied());
+    let local_ip = is_local_host(&ip) && !cfg.allow_loopback;
+    for (port, proto) in ports {
+        if local_ip {
+            local.push(LocalBinding {
+                port,
+                proto,
+                host_ip: ip.clone(),
+                host_port: port,
+            });
+        } else {
+            targets.push((port, proto, ip.clone(), port));
+        }
+    }
+    Ok(())
+}
+
+/// What names the endpoints of one container.
+struct Naming<'a> {
+    meta: &'a Meta,
+    parsed: &'a Parsed,
+    default_name: Option<&'a String>,
+    /// The container has more than one port Registrator would register.
+    group: bool,
+    /// How many such ports.
+    ports: usize,
+}
+
+/// The endpoint of one target, validated; `None` when the port is ignored or has no name.
+fn endpoint(
+    c: &ContainerInfo,
+    cfg: &SpecConfig,
+    naming: &Naming<'_>,
+    (port, proto, host, host_port): Target,
+) -> Result<Option<Endpoint>, SpecError> {
+    let parsed = naming.parsed;
+    let no_settings = PortSettings::default();
+    let settings = parsed.per_port.get(&port).unwrap_or(&no_settings);
+    if settings.ignore {
+        return Ok(None);
+    }
+    let Some(service) = service_name(c, naming, settings, port)? else {
+        return Ok(None);
+    };
+    let mut ep_meta = parsed.meta_map.clone();
+    for (k, v) in &settings.meta {
+        match v {
+            Some(v) => ep_meta.insert(k.clone(), v.clone()),
+            None => ep_meta.remove(k),
+        };
+    }
+    if let Some(n) = &parsed.container_name {
+        ep_meta
+            .entry("container_name".to_owned())
+            .or_insert_with(|| n.clone());
+    }
     let health = if c.health.is_some() {
         Health::Healthy
     } else {
         Health::None
     };
-    let mut endpoints = Vec::new();
-    let no_settings = PortSettings::default();
-    for (port, proto, host, host_port) in targets {
-        let settings = per_port.get(&port).unwrap_or(&no_settings);
-        if settings.ignore {
-            continue;
-        }
-        let service = if let Some(name) = &settings.name {
-            name.clone()
-        } else {
-            // Registrator (bridge/bridge.go newService): `if isgroup && !metadataFromPort["name"]`
-            // the private port is appended, to SERVICE_NAME as to the image's name.
-            let (base, field) = match (&general_name, &meta.general.name) {
-                (Some(n), Some(s)) => (n, s.field.as_str()),
-                _ => match &default_name {
-                    Some(n) => (n, "image"),
-                    None => continue,
-                },
-            };
-            if group && !(general_name.is_some() && meta.general_name_verbatim) {
-                let name = format!("{base}-{port}");
-                if !is_dns_label(&name) {
-                    return Err(c.err(
-                        field,
-                        format!(
-                            "service name {} is not a DNS label (1-{MAX_LABEL} chars): the container has {} ports, so each port without a name of its own is named <name>-<private port>, as Registrator names them; name this port with SERVICE_{port}_NAME or flotilla.service.{port}, or every port with flotilla.service",
-                            escaped(&name),
-                            candidates.len()
-                        ),
-                    ));
-                }
-                name
-            } else {
-                base.clone()
-            }
+    let suffix = if proto == Proto::Udp { "-udp" } else { "" };
+    let ep = Endpoint {
+        service,
+        instance: format!("{}-{}-{port}{suffix}", cfg.node, c.short_id()),
+        node: cfg.node.clone(),
+        host,
+        port: host_port,
+        proto,
+        container: c.short_id().to_owned(),
+        image: c.image.clone(),
+        tags: settings
+            .tags
+            .clone()
+            .unwrap_or_else(|| parsed.general_tags.clone()),
+        meta: ep_meta,
+        health,
+        registered_at: flotilla_registry::record::now_rfc3339(),
+    };
+    let key = ep.key(&cfg.keys);
+    if let Err(e) = ep.validate(&key) {
+        let field = match e.field.as_str() {
+            "image" => "image".to_owned(),
+            "container" => "id".to_owned(),
+            other => format!("endpoint {other}"),
         };
-        let mut ep_meta = meta_map.clone();
-        for (k, v) in &settings.meta {
-            match v {
-                Some(v) => ep_meta.insert(k.clone(), v.clone()),
-                None => ep_meta.remove(k),
-            };
-        }
-        if let Some(n) = &container_name {
-            ep_meta
-                .entry("container_name".to_owned())
-                .or_insert_with(|| n.clone());
-        }
-        let suffix = if proto == Proto::Udp { "-udp" } else { "" };
-        let ep = Endpoint {
-            service,
-            instance: format!("{}-{}-{port}{suffix}", cfg.node, c.short_id()),
-            node: cfg.node.clone(),
-            host,
-            port: host_port,
-            proto,
-            container: c.short_id().to_owned(),
-            image: c.image.clone(),
-            tags: settings
-                .tags
-                .clone()
-                .unwrap_or_else(|| general_tags.clone()),
-            meta: ep_meta,
-            health,
-            registered_at: flotilla_registry::record::now_rfc3339(),
-        };
-        let key = ep.key(&cfg.keys);
-        if let Err(e) = ep.validate(&key) {
-            let field = match e.field.as_str() {
-                "image" => "image".to_owned(),
-                "container" => "id".to_owned(),
-                other => format!("endpoint {other}"),
-            };
-            return Err(c.err(field, e.reason));
-        }
-        endpoints.push(ep);
+        return Err(c.err(field, e.reason));
     }
-    if endpoints.is_empty() {
-        let reason = if cfg.explicit {
-            SkipReason::Unnamed
-        } else {
-            SkipReason::Ignored
-        };
-        return Ok(Decision::Skip(reason));
+    Ok(Some(ep))
+}
+
+/// The service name of private port `port`: its own, else the container-wide or the image's,
+/// with `-<port>` in a group; `None` when there is none.
+fn service_name(
+    c: &ContainerInfo,
+    naming: &Naming<'_>,
+    settings: &PortSettings,
+    port: u16,
+) -> Result<Option<String>, SpecError> {
+    if let Some(name) = &settings.name {
+        return Ok(Some(name.clone()));
     }
-    Ok(Decision::Register(endpoints))
+    let general_name = &naming.parsed.general_name;
+    // Registrator (bridge/bridge.go newService): `if isgroup && !metadataFromPort["name"]`
+    // the private port is appended, to SERVICE_NAME as to the image's name.
+    let (base, field) = match (general_name, &naming.meta.general.name) {
+        (Some(n), Some(s)) => (n, s.field.as_str()),
+        _ => match naming.default_name {
+            Some(n) => (n, "image"),
+            None => return Ok(None),
+        },
+    };
+    if naming.group && !(general_name.is_some() && naming.meta.general_name_verbatim) {
+        let name = format!("{base}-{port}");
+        if !is_dns_label(&name) {
+            return Err(c.err(
+                field,
+                format!(
+                    "service name {} is not a DNS label (1-{MAX_LABEL} chars): the container has {} ports, so each port without a name of its own is named <name>-<private port>, as Registrator names them; name this port with SERVICE_{port}_NAME or flotilla.service.{port}, or every port with flotilla.service",
+                    escaped(&name),
+                    naming.ports
+                ),
+            ));
+        }
+        Ok(Some(name))
+    } else {
+        Ok(Some(base.clone()))
+    }
 }
 
 #[cfg(test)]

@@ -109,6 +109,19 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Puts `ep` at `key`.
+    fn put(&mut self, key: &str, ep: Endpoint) {
+        self.puts.push((key.to_owned(), ep.clone()));
+        self.result.insert(key.to_owned(), ep);
+    }
+
+    /// Puts `want` at `key` as a new or changed endpoint: registered now.
+    fn put_new(&mut self, key: &str, want: &Endpoint, now: &str) {
+        let mut ep = want.clone();
+        ep.registered_at = now.to_owned();
+        self.put(key, ep);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.deletes.is_empty() && self.puts.is_empty()
     }
@@ -159,16 +172,8 @@ pub fn plan_full(
             Some((ep, l)) if same(&ep, want) && l == lease => {
                 plan.result.insert(key.clone(), ep);
             }
-            Some((ep, _)) if same(&ep, want) => {
-                plan.puts.push((key.clone(), ep.clone()));
-                plan.result.insert(key.clone(), ep);
-            }
-            _ => {
-                let mut ep = want.clone();
-                ep.registered_at = now.to_owned();
-                plan.puts.push((key.clone(), ep.clone()));
-                plan.result.insert(key.clone(), ep);
-            }
+            Some((ep, _)) if same(&ep, want) => plan.put(key, ep),
+            _ => plan.put_new(key, want, now),
         }
     }
     plan
@@ -191,12 +196,7 @@ pub fn plan_incremental(
             Some(have) if same(have, want) => {
                 plan.result.insert(key.clone(), have.clone());
             }
-            _ => {
-                let mut ep = want.clone();
-                ep.registered_at = now.to_owned();
-                plan.puts.push((key.clone(), ep.clone()));
-                plan.result.insert(key.clone(), ep);
-            }
+            _ => plan.put_new(key, want, now),
         }
     }
     plan
@@ -347,26 +347,39 @@ impl<S: Store> Writer<S> {
         st.lease = self.lease;
     }
 
+    /// Absorbs messages until the first full list; false when `shutdown` turned true or the
+    /// reconciler is gone first. Nothing is written before the first full list: writing from a
+    /// partial view would delete live entries of a predecessor.
+    async fn first_list(
+        &mut self,
+        rx: &mut UnboundedReceiver<WriterMsg>,
+        shutdown: &mut watch::Receiver<bool>,
+        beat: &mut tokio::time::Interval,
+    ) -> bool {
+        let pulse = self.metrics.pulse.clone();
+        loop {
+            pulse.round(Loop::Writer).await;
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => if self.absorb(m) { return true },
+                    None => return false,
+                },
+                _ = shutdown.changed() => return false,
+                _ = beat.tick() => {}
+            }
+        }
+    }
+
     /// Runs until `shutdown` turns true (then revokes the lease) or the reconciler is gone.
     pub async fn run(
         mut self,
         mut rx: UnboundedReceiver<WriterMsg>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        // Nothing is written before the first full list: writing from a partial view would
-        // delete live entries of a predecessor.
         let pulse = self.metrics.pulse.clone();
         let mut beat = beat_interval();
-        loop {
-            pulse.round(Loop::Writer).await;
-            tokio::select! {
-                m = rx.recv() => match m {
-                    Some(m) => if self.absorb(m) { break },
-                    None => return,
-                },
-                _ = shutdown.changed() => return,
-                _ = beat.tick() => {}
-            }
+        if !self.first_list(&mut rx, &mut shutdown, &mut beat).await {
+            return;
         }
         let mut backoff = Backoff::new(
             Duration::from_millis(100),

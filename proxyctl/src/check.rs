@@ -104,6 +104,36 @@ impl CheckReport {
     }
 }
 
+/// `Default` (the binary `$name` on `PATH`), `new` and `with_timeout` of a proxy binary type
+/// with the fields `binary` and `timeout` (30 s by default); `$timeout_doc` documents
+/// `with_timeout`.
+macro_rules! proxy_binary {
+    ($ty:ident, $name:literal, $timeout_doc:literal) => {
+        impl Default for $ty {
+            fn default() -> Self {
+                $ty::new($name)
+            }
+        }
+
+        impl $ty {
+            /// Uses `binary` (a path, or a name looked up on `PATH`).
+            pub fn new(binary: impl Into<PathBuf>) -> Self {
+                $ty {
+                    binary: binary.into(),
+                    timeout: Duration::from_secs(30),
+                }
+            }
+
+            #[doc = $timeout_doc]
+            pub fn with_timeout(mut self, timeout: Duration) -> Self {
+                self.timeout = timeout;
+                self
+            }
+        }
+    };
+}
+pub(crate) use proxy_binary;
+
 /// The HAProxy binary: configuration checks. Reloads go through [`crate::MasterSocket`].
 #[derive(Debug, Clone)]
 pub struct Haproxy {
@@ -111,40 +141,58 @@ pub struct Haproxy {
     timeout: Duration,
 }
 
-impl Default for Haproxy {
-    fn default() -> Self {
-        Haproxy::new("haproxy")
-    }
-}
+proxy_binary!(
+    Haproxy,
+    "haproxy",
+    "Bounds how long `haproxy -c` may run (default 30 s; a `resolvers` section can make it\n\
+     slow)."
+);
 
 impl Haproxy {
-    /// Uses `binary` (a path, or a name looked up on `PATH`).
-    pub fn new(binary: impl Into<PathBuf>) -> Self {
-        Haproxy {
-            binary: binary.into(),
-            timeout: Duration::from_secs(30),
-        }
-    }
-
-    /// Bounds how long `haproxy -c` may run (default 30 s; a `resolvers` section can make it
-    /// slow).
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
     /// Runs `haproxy -c -f <config>`. `Ok` means HAProxy accepted it (possibly with warnings);
     /// [`Error::CheckFailed`] carries HAProxy's messages otherwise.
     pub async fn check(&self, config: &Path) -> Result<CheckReport, Error> {
-        ensure_readable(config)?;
-        let mut cmd = tokio::process::Command::new(&self.binary);
-        cmd.arg("-c").arg("-f").arg(config);
-        let (valid, output) = run_check(&self.binary, &mut cmd, self.timeout, "haproxy -c").await?;
-        let report = CheckReport {
+        let check = ConfigCheck {
             proxy: "haproxy",
+            what: "haproxy -c",
+            flags: ["-c", "-f"],
+            parse: parse_haproxy_output,
+        };
+        check.run(&self.binary, config, self.timeout).await
+    }
+}
+
+/// How a proxy checks a config file: `<binary> <flags> <config>`.
+pub(crate) struct ConfigCheck {
+    /// The proxy's name in the report.
+    pub proxy: &'static str,
+    /// The command as messages name it (`haproxy -c`).
+    pub what: &'static str,
+    /// The flags before the config's path.
+    pub flags: [&'static str; 2],
+    /// Reads the proxy's messages.
+    pub parse: fn(&str) -> Vec<Diagnostic>,
+}
+
+impl ConfigCheck {
+    /// Runs the check of `config` with `binary`, for at most `timeout`. `Ok` means the proxy
+    /// accepted it (possibly with warnings); [`Error::CheckFailed`] carries its messages
+    /// otherwise.
+    pub async fn run(
+        &self,
+        binary: &Path,
+        config: &Path,
+        timeout: Duration,
+    ) -> Result<CheckReport, Error> {
+        ensure_readable(config)?;
+        let mut cmd = tokio::process::Command::new(binary);
+        cmd.args(self.flags).arg(config);
+        let (valid, output) = run_check(binary, &mut cmd, timeout, self.what).await?;
+        let report = CheckReport {
+            proxy: self.proxy,
             config: config.to_path_buf(),
             valid,
-            diagnostics: parse_haproxy_output(&output),
+            diagnostics: (self.parse)(&output),
             output,
         };
         if report.valid {

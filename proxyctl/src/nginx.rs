@@ -9,7 +9,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::Serialize;
 
-use crate::check::{ensure_readable, parse_nginx_output, run_check, CheckReport};
+use crate::check::{parse_nginx_output, proxy_binary, run_check, CheckReport, ConfigCheck};
 use crate::master::config_is_running;
 use crate::Error;
 
@@ -20,11 +20,11 @@ pub struct Nginx {
     timeout: Duration,
 }
 
-impl Default for Nginx {
-    fn default() -> Self {
-        Nginx::new("nginx")
-    }
-}
+proxy_binary!(
+    Nginx,
+    "nginx",
+    "Bounds how long `nginx -t` may run (default 30 s)."
+);
 
 /// What a verified nginx reload did.
 #[derive(Debug, Clone, Serialize)]
@@ -41,40 +41,15 @@ pub struct NginxReloadOutcome {
 }
 
 impl Nginx {
-    /// Uses `binary` (a path, or a name looked up on `PATH`).
-    pub fn new(binary: impl Into<PathBuf>) -> Self {
-        Nginx {
-            binary: binary.into(),
-            timeout: Duration::from_secs(30),
-        }
-    }
-
-    /// Bounds how long `nginx -t` may run (default 30 s).
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
     /// Runs `nginx -t -c <config>`. [`Error::CheckFailed`] carries nginx's messages.
     pub async fn check(&self, config: &Path) -> Result<CheckReport, Error> {
-        ensure_readable(config)?;
-        let mut cmd = tokio::process::Command::new(&self.binary);
-        cmd.arg("-t").arg("-c").arg(config);
-        let (valid, output) = run_check(&self.binary, &mut cmd, self.timeout, "nginx -t").await?;
-        let report = CheckReport {
+        let check = ConfigCheck {
             proxy: "nginx",
-            config: config.to_path_buf(),
-            valid,
-            diagnostics: parse_nginx_output(&output),
-            output,
+            what: "nginx -t",
+            flags: ["-t", "-c"],
+            parse: parse_nginx_output,
         };
-        if report.valid {
-            Ok(report)
-        } else {
-            Err(Error::CheckFailed {
-                report: Box::new(report),
-            })
-        }
+        check.run(&self.binary, config, self.timeout).await
     }
 
     /// Finds the master through `pid_file` (or the `pid` directive of `config`, or nginx's

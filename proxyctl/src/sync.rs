@@ -182,53 +182,7 @@ pub async fn apply_servers(
         let empty = BTreeMap::new();
         let running = states.get(&b.backend).unwrap_or(&empty);
         let plan = plan(b, running, &options.release);
-        let r = |s: &str| server_ref(&b.backend, s);
-        for name in &plan.remove {
-            api.set_server_state(&r(name)?, crate::AdminState::Maint)
-                .await?;
-            report.commands += 1;
-            removals.push(r(name)?);
-        }
-        for s in &plan.add {
-            let sr = r(&s.name)?;
-            api.add_server(&sr, &s.args).await?;
-            report.commands += 1;
-            if s.checked() {
-                api.enable_health(&sr).await?;
-                report.commands += 1;
-            }
-            if !s.disabled() {
-                api.enable_server(&sr).await?;
-                report.commands += 1;
-            }
-            report.added.push(sr);
-        }
-        for s in &plan.addr {
-            let (ip, port) = s.endpoint.expect("checked by server_changes");
-            api.set_server_addr(&r(&s.name)?, ip, port).await?;
-            report.commands += 1;
-            report.moved.push(r(&s.name)?);
-        }
-        for s in &plan.weight {
-            api.set_server_weight(&r(&s.name)?, s.effective_weight())
-                .await?;
-            report.commands += 1;
-            report.reweighted.push(r(&s.name)?);
-        }
-        let mut repaired = BTreeSet::new();
-        for s in &plan.enable_health {
-            api.enable_health(&r(&s.name)?).await?;
-            report.commands += 1;
-            repaired.insert(s.name.as_str());
-        }
-        for s in &plan.enable_server {
-            api.enable_server(&r(&s.name)?).await?;
-            report.commands += 1;
-            repaired.insert(s.name.as_str());
-        }
-        for name in &repaired {
-            report.repaired.push(r(name)?);
-        }
+        let repaired = apply_plan(api, &b.backend, &plan, &mut report, &mut removals).await?;
         let t = touched.entry(b.backend.as_str()).or_default();
         t.extend(plan.add.iter().map(|s| s.name.as_str()));
         t.extend(plan.weight.iter().map(|s| s.name.as_str()));
@@ -236,25 +190,7 @@ pub async fn apply_servers(
     }
     // Deleted last: their sessions had the time the other commands took to end.
     for sr in removals {
-        let begun = Instant::now();
-        let mut pause = Duration::from_millis(2);
-        loop {
-            report.commands += 1;
-            match api.del_server(&sr).await? {
-                Removal::Deleted => break,
-                Removal::Busy if begun.elapsed() >= options.drain_timeout => {
-                    return Err(SyncError::Busy {
-                        server: sr,
-                        waited: begun.elapsed(),
-                    })
-                }
-                Removal::Busy => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(50));
-                }
-            }
-        }
-        report.removed.push(sr);
+        delete_drained(api, sr, options.drain_timeout, &mut report).await?;
     }
     // Read back and compare, server by server.
     let mut differences = Vec::new();
@@ -271,18 +207,110 @@ pub async fn apply_servers(
     if differences.is_empty() {
         Ok(report)
     } else {
-        let n = differences.len();
-        differences.truncate(5);
-        let more = if n > 5 {
-            format!(" (and {} more)", n - 5)
-        } else {
-            String::new()
-        };
-        Err(SyncError::Mismatch(format!(
-            "{}{more}",
-            differences.join("; ")
-        )))
+        Err(mismatch(differences))
     }
+}
+
+/// Sends the commands of `plan` for `backend` but its deletions, which are added to `removals`
+/// (servers set to maintenance first); returns the servers whose health check or admin state
+/// was repaired.
+async fn apply_plan<'a>(
+    api: &RuntimeApi,
+    backend: &str,
+    plan: &Plan<'a>,
+    report: &mut SyncReport,
+    removals: &mut Vec<ServerRef>,
+) -> Result<BTreeSet<&'a str>, SyncError> {
+    let r = |s: &str| server_ref(backend, s);
+
+    for name in &plan.remove {
+        api.set_server_state(&r(name)?, crate::AdminState::Maint)
+            .await?;
+        report.commands += 1;
+        removals.push(r(name)?);
+    }
+    for s in &plan.add {
+        let sr = r(&s.name)?;
+        api.add_server(&sr, &s.args).await?;
+        report.commands += 1;
+        if s.checked() {
+            api.enable_health(&sr).await?;
+            report.commands += 1;
+        }
+        if !s.disabled() {
+            api.enable_server(&sr).await?;
+            report.commands += 1;
+        }
+        report.added.push(sr);
+    }
+    for s in &plan.addr {
+        let (ip, port) = s.endpoint.expect("checked by server_changes");
+        api.set_server_addr(&r(&s.name)?, ip, port).await?;
+        report.commands += 1;
+        report.moved.push(r(&s.name)?);
+    }
+    for s in &plan.weight {
+        api.set_server_weight(&r(&s.name)?, s.effective_weight())
+            .await?;
+        report.commands += 1;
+        report.reweighted.push(r(&s.name)?);
+    }
+    let mut repaired = BTreeSet::new();
+    for s in &plan.enable_health {
+        api.enable_health(&r(&s.name)?).await?;
+        report.commands += 1;
+        repaired.insert(s.name.as_str());
+    }
+    for s in &plan.enable_server {
+        api.enable_server(&r(&s.name)?).await?;
+        report.commands += 1;
+        repaired.insert(s.name.as_str());
+    }
+    for name in &repaired {
+        report.repaired.push(r(name)?);
+    }
+    Ok(repaired)
+}
+
+/// Deletes `sr`, retrying while it still has sessions, up to `drain_timeout`.
+async fn delete_drained(
+    api: &RuntimeApi,
+    sr: ServerRef,
+    drain_timeout: Duration,
+    report: &mut SyncReport,
+) -> Result<(), SyncError> {
+    let begun = Instant::now();
+    let mut pause = Duration::from_millis(2);
+    loop {
+        report.commands += 1;
+        match api.del_server(&sr).await? {
+            Removal::Deleted => break,
+            Removal::Busy if begun.elapsed() >= drain_timeout => {
+                return Err(SyncError::Busy {
+                    server: sr,
+                    waited: begun.elapsed(),
+                })
+            }
+            Removal::Busy => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+        }
+    }
+    report.removed.push(sr);
+    Ok(())
+}
+
+/// The error of a read-back that differs from the file: the first five differences.
+fn mismatch(mut differences: Vec<String>) -> SyncError {
+    let n = differences.len();
+    differences.truncate(5);
+    let more = if n > 5 {
+        format!(" (and {} more)", n - 5)
+    } else {
+        String::new()
+    };
+    SyncError::Mismatch(format!("{}{more}", differences.join("; ")))
 }
 
 type Running = BTreeMap<String, BTreeMap<String, ServerState>>;

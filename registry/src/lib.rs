@@ -23,6 +23,7 @@ pub mod cli;
 pub mod daemon;
 pub mod etcd;
 pub mod keys;
+pub mod labels;
 pub mod malloc;
 pub mod policy;
 pub mod process;

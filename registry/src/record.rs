@@ -64,12 +64,27 @@ pub enum Proto {
     Udp,
 }
 
-impl fmt::Display for Proto {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Proto {
+    /// Its spelling in records, in Docker's port keys (`80/tcp`) and in unitgen's specs: `tcp`
+    /// or `udp`.
+    pub fn as_str(self) -> &'static str {
+        match self {
             Proto::Tcp => "tcp",
             Proto::Udp => "udp",
-        })
+        }
+    }
+
+    /// The protocol spelled `s` ([`Proto::as_str`]), if it is one.
+    pub fn parse(s: &str) -> Option<Proto> {
+        [Proto::Tcp, Proto::Udp]
+            .into_iter()
+            .find(|p| p.as_str() == s)
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -83,6 +98,25 @@ pub enum Health {
     Unhealthy,
     /// The container has no HEALTHCHECK.
     None,
+}
+
+impl Health {
+    /// Its spelling in records (and in Docker's health states, but `none`): `healthy`,
+    /// `unhealthy` or `none`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+            Health::None => "none",
+        }
+    }
+
+    /// The health spelled `s` ([`Health::as_str`]), if it is one.
+    pub fn parse(s: &str) -> Option<Health> {
+        [Health::Healthy, Health::Unhealthy, Health::None]
+            .into_iter()
+            .find(|h| h.as_str() == s)
+    }
 }
 
 /// One published port of one container: `<prefix>/endpoints/<node>/<service>/<instance>`.
@@ -157,7 +191,7 @@ struct EndpointWire {
 }
 
 fn default_proto() -> String {
-    "tcp".into()
+    Proto::Tcp.as_str().into()
 }
 fn default_health() -> String {
     "none".into()
@@ -255,29 +289,23 @@ impl Endpoint {
             .ok_or_else(|| {
                 RecordError::new(key, "port", format!("must be 1-65535, got {}", wire.port))
             })?;
-        let proto = match wire.proto.as_str() {
-            "tcp" => Proto::Tcp,
-            "udp" => Proto::Udp,
-            other => {
-                return Err(RecordError::new(
-                    key,
-                    "proto",
-                    format!("must be tcp or udp, got {}", escaped(other)),
-                ))
-            }
-        };
-        let health = match wire.health.as_str() {
-            "healthy" => Health::Healthy,
-            "unhealthy" => Health::Unhealthy,
-            "none" => Health::None,
-            other => {
-                return Err(RecordError::new(
-                    key,
-                    "health",
-                    format!("must be healthy, unhealthy or none, got {}", escaped(other)),
-                ))
-            }
-        };
+        let proto = Proto::parse(&wire.proto).ok_or_else(|| {
+            RecordError::new(
+                key,
+                "proto",
+                format!("must be tcp or udp, got {}", escaped(&wire.proto)),
+            )
+        })?;
+        let health = Health::parse(&wire.health).ok_or_else(|| {
+            RecordError::new(
+                key,
+                "health",
+                format!(
+                    "must be healthy, unhealthy or none, got {}",
+                    escaped(&wire.health)
+                ),
+            )
+        })?;
         let ep = Endpoint {
             service: wire.service,
             instance: wire.instance,

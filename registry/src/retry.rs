@@ -41,6 +41,14 @@ impl Retry {
         self.backoff.next_delay()
     }
 
+    /// [`Retry::failed`] for a failure the caller has logged itself (a lost stream, said once
+    /// at warn with its reason): counted, so the failures that follow log at debug and the end
+    /// of the run logs once; returns the delay before the next attempt.
+    pub fn failed_logged(&mut self) -> Duration {
+        self.failures += 1;
+        self.backoff.next_delay()
+    }
+
     /// [`Retry::failed`], then sleeps the delay.
     pub async fn failed_then_wait(&mut self, error: &dyn Display) {
         let delay = self.failed(error);
@@ -85,6 +93,25 @@ mod tests {
         let t0 = tokio::time::Instant::now();
         r.failed_then_wait(&"down").await;
         assert!(t0.elapsed() >= Duration::from_millis(500));
+        r.succeeded();
+        assert_eq!(r.failures(), 0);
+    }
+
+    #[test]
+    fn a_failure_logged_by_the_caller_counts_in_the_run() {
+        let mut r = Retry::new(
+            "thing",
+            Backoff::new(
+                Duration::from_millis(100),
+                Duration::from_secs(1),
+                Duration::from_secs(5),
+            ),
+        );
+        let first = r.failed_logged();
+        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+        assert_eq!(r.failures(), 1);
+        r.failed(&"down");
+        assert_eq!(r.failures(), 2);
         r.succeeded();
         assert_eq!(r.failures(), 0);
     }
