@@ -273,21 +273,8 @@ async fn run(a: RunArgs) -> anyhow::Result<u8> {
     let updates = cache.updates();
     let follower = cache.clone();
     daemon.follow_prefixes(Box::new(move |p| follower.set_prefixes(p)));
-    if a.onetime {
-        let mut status = cache.status();
-        let mut snaps = cache.subscribe();
-        let current = async {
-            let _ = snaps.wait_for(|s| s.complete).await;
-            let _ = status.wait_for(|s| s.state == CacheState::Watching).await;
-        };
-        if tokio::time::timeout(a.sync_timeout, current).await.is_err() {
-            let state = cache.status().borrow().state.clone();
-            eprintln!(
-                "confgen: error: no complete registry view within --sync-timeout {} ({state:?}); nothing was written",
-                humantime::format_duration(a.sync_timeout)
-            );
-            return Ok(EXIT_UNREACHABLE);
-        }
+    if a.onetime && !current_within(&cache, a.sync_timeout).await {
+        return Ok(EXIT_UNREACHABLE);
     }
     let heartbeat = daemon.heartbeat();
     let _watchdog = plumbing::spawn_watchdog(Arc::new(move || {
@@ -321,6 +308,26 @@ async fn run(a: RunArgs) -> anyhow::Result<u8> {
         std::process::exit(i32::from(code));
     }
     Ok(code)
+}
+
+/// Waits until the cache holds a complete view and watches from it (`--onetime`); false, said
+/// on stderr, if `--sync-timeout` passes first.
+async fn current_within(cache: &WatchCache, sync_timeout: std::time::Duration) -> bool {
+    let mut status = cache.status();
+    let mut snaps = cache.subscribe();
+    let current = async {
+        let _ = snaps.wait_for(|s| s.complete).await;
+        let _ = status.wait_for(|s| s.state == CacheState::Watching).await;
+    };
+    if tokio::time::timeout(sync_timeout, current).await.is_err() {
+        let state = cache.status().borrow().state.clone();
+        eprintln!(
+            "confgen: error: no complete registry view within --sync-timeout {} ({state:?}); nothing was written",
+            humantime::format_duration(sync_timeout)
+        );
+        return false;
+    }
+    true
 }
 
 /// Watches `dirs` (recursively) and sends a unit per relevant event.

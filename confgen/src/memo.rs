@@ -641,38 +641,7 @@ impl Memo {
             let ctx = Context::from_value(Value::Object(ctx)).expect("an object");
             Ok(self.tera.render(&frag, &ctx)?.into())
         };
-        // Many misses (the first render, a change of a variable every service uses): rendered
-        // on every core. At 10,000 endpoints in 500 services that is most of a first render.
-        let threads = if misses.len() >= PARALLEL_MIN {
-            std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
-        } else {
-            1
-        };
-        let rendered: Vec<tera::Result<Arc<str>>> = if threads > 1 {
-            let chunk = misses.len().div_ceil(threads);
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = misses
-                    .chunks(chunk)
-                    .map(|part| {
-                        let render = &render;
-                        scope.spawn(move || {
-                            part.iter()
-                                .map(|(name, list)| render(name, list))
-                                .collect::<Vec<_>>()
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .flat_map(|h| h.join().expect("a fragment render panicked"))
-                    .collect()
-            })
-        } else {
-            misses
-                .iter()
-                .map(|(name, list)| render(name, list))
-                .collect()
-        };
+        let rendered = render_all(&misses, &render);
         let mut fresh: HashMap<&String, Arc<str>> = HashMap::with_capacity(misses.len());
         for ((name, _), text) in misses.iter().zip(rendered) {
             let text = text?;
@@ -710,6 +679,49 @@ impl Memo {
         let mut spliced = self.spliced.lock().expect("memo splice lock");
         spliced.push(out);
         Ok(Value::String(self.marker(spliced.len() - 1)))
+    }
+}
+
+/// Renders each miss with `render`, in order; on every core when there are many (the first
+/// render, a change of a variable every service uses).
+fn render_all<F>(
+    misses: &[(&String, &Arc<crate::view::ServiceList>)],
+    render: &F,
+) -> Vec<tera::Result<Arc<str>>>
+where
+    F: Fn(&String, &crate::view::ServiceList) -> tera::Result<Arc<str>> + Sync,
+{
+    // Many misses (the first render, a change of a variable every service uses): rendered
+    // on every core. At 10,000 endpoints in 500 services that is most of a first render.
+    let threads = if misses.len() >= PARALLEL_MIN {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+    } else {
+        1
+    };
+    if threads > 1 {
+        let chunk = misses.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = misses
+                .chunks(chunk)
+                .map(|part| {
+                    let render = &render;
+                    scope.spawn(move || {
+                        part.iter()
+                            .map(|(name, list)| render(name, list))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().expect("a fragment render panicked"))
+                .collect()
+        })
+    } else {
+        misses
+            .iter()
+            .map(|(name, list)| render(name, list))
+            .collect()
     }
 }
 

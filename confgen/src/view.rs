@@ -795,6 +795,53 @@ impl View {
         self.excluded.insert(key.to_owned(), why.clone())
     }
 
+    /// Records each key's verdict of [`View::route_service`] (excluded, or routed again) and
+    /// what to log about it.
+    fn apply_verdicts(
+        &mut self,
+        service: &str,
+        verdicts: Vec<(Key, Option<Excluded>)>,
+        log: &mut ExclusionLog,
+    ) {
+        for (k, verdict) in verdicts {
+            let k: &str = &k;
+            match verdict {
+                Some(e) => match self.exclude(k, &e) {
+                    Some(old) if old == e => {}
+                    Some(old) => {
+                        log.gone(service, k, &old);
+                        log.left_out(service, k, &e);
+                    }
+                    None => log.left_out(service, k, &e),
+                },
+                None => {
+                    if let Some(was) = self.excluded.remove(k) {
+                        self.hidden.remove(k);
+                        log.routed_again(service, k, &was);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The operator's settings of `service` (`<prefix>/config/services/<svc>/<setting>`).
+    fn service_config(&self, service: &str) -> BTreeMap<&'static str, String> {
+        let mut config = BTreeMap::new();
+        for setting in SETTINGS {
+            if let Some(v) = self
+                .snap
+                .kvs
+                .get(&self.keys.service_setting(service, setting))
+            {
+                let v = String::from_utf8_lossy(v).trim().to_owned();
+                if !v.is_empty() {
+                    config.insert(setting, v);
+                }
+            }
+        }
+        config
+    }
+
     /// Recomputes the routed list of `service`; returns true if it changed.
     fn route_service(&mut self, service: &str, log: &mut ExclusionLog) -> bool {
         let mut admitted: Vec<(Key, Arc<Endpoint>)> = Vec::new();
@@ -844,38 +891,8 @@ impl View {
             }
         }
         unique.sort_by(|a, b| (&a.1.node, &a.1.instance).cmp(&(&b.1.node, &b.1.instance)));
-        for (k, verdict) in verdicts {
-            let k: &str = &k;
-            match verdict {
-                Some(e) => match self.exclude(k, &e) {
-                    Some(old) if old == e => {}
-                    Some(old) => {
-                        log.gone(service, k, &old);
-                        log.left_out(service, k, &e);
-                    }
-                    None => log.left_out(service, k, &e),
-                },
-                None => {
-                    if let Some(was) = self.excluded.remove(k) {
-                        self.hidden.remove(k);
-                        log.routed_again(service, k, &was);
-                    }
-                }
-            }
-        }
-        let mut config = BTreeMap::new();
-        for setting in SETTINGS {
-            if let Some(v) = self
-                .snap
-                .kvs
-                .get(&self.keys.service_setting(service, setting))
-            {
-                let v = String::from_utf8_lossy(v).trim().to_owned();
-                if !v.is_empty() {
-                    config.insert(setting, v);
-                }
-            }
-        }
+        self.apply_verdicts(service, verdicts, log);
+        let config = self.service_config(service);
         let eps: Vec<&Endpoint> = unique.iter().map(|(_, e)| e.as_ref()).collect();
         let next = Routed {
             settings: Settings::effective(&config, &eps),
