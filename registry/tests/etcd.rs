@@ -284,6 +284,7 @@ async fn watch_cache_stays_exact_across_compaction() {
     // starts: the watch is refused as compacted and the cache must relist.
     let tuning = Tuning {
         pause_before_watch: Duration::from_secs(2),
+        ..Tuning::default()
     };
     let cache = WatchCache::spawn_tuned(a.clone(), keys(), vec![keys().root()], tuning);
     let mut follower = Follower::new(&cache);
