@@ -48,7 +48,8 @@ pub struct RangePage {
     pub kvs: Vec<RangeKv>,
     /// True if the range has more keys after the last one.
     pub more: bool,
-    /// The store's revision the page was read at (the pinned one, or the current one).
+    /// The store's current revision when the page was read (etcd's header: a page pinned to
+    /// an older revision reads the keys as they were then, and still reports the current one).
     pub revision: i64,
 }
 
@@ -274,6 +275,10 @@ pub async fn etcd_range_page(
     })
 }
 
+fn is_out_of_range(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::OutOfRange)
+}
+
 /// etcd-client's watch stream, with the ids of its watchers in the order etcd created them.
 pub struct EtcdWatch {
     stream: WatchStream,
@@ -404,7 +409,16 @@ impl Store for EtcdStore {
         async move {
             etcd_range_page(&mut kv, from, end, revision, limit)
                 .await
-                .map_err(|e| StoreError::from_etcd("list", &e))
+                .map_err(|e| match StoreError::from_etcd("list", &e) {
+                    // etcd answers a read pinned to a compacted (or future) revision with
+                    // OutOfRange, which `from_etcd` counts as a message too large.
+                    StoreError::TooLarge { what, detail }
+                        if revision > 0 && is_out_of_range(&e) =>
+                    {
+                        StoreError::Failed { what, detail }
+                    }
+                    other => other,
+                })
         }
     }
 
@@ -959,7 +973,6 @@ impl Store for MemStore {
         self.with(|s| {
             s.enter("list")?;
             let view = s.view_at("list", revision)?;
-            let rev = if revision > 0 { revision } else { s.revision };
             let from = String::from_utf8_lossy(&from).into_owned();
             // etcd's conventions: no end is the key alone, "\0" is every key from `from` on.
             let in_range = |k: &str| match &end[..] {
@@ -968,7 +981,7 @@ impl Store for MemStore {
                 end => k.as_bytes() < end,
             };
             let mut page = RangePage {
-                revision: rev,
+                revision: s.revision,
                 ..RangePage::default()
             };
             for (k, kv) in view.range(from.clone()..) {
