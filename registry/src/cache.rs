@@ -1233,6 +1233,37 @@ mod tests {
         }
 
         #[tokio::test(start_paused = true)]
+        async fn with_two_prefixes_only_the_registrys_watcher_moves_the_revision() {
+            let (store, eps) = store().await;
+            let cache = WatchCache::spawn_with(
+                store.clone(),
+                keys(),
+                // "/app/" sorts before the registry's prefix: the cache still creates the
+                // registry's watcher first.
+                vec!["/app/".into(), keys().root()],
+                Tuning::default(),
+            );
+            let mut updates = cache.updates();
+            let u = recv(&mut updates).await;
+            assert!(!u.snapshot.kvs.contains_key("/other/y"));
+            let listed = u.snapshot.revision;
+            store.txn(vec![put("/app/z", b"3")]).await.unwrap();
+            let u = recv(&mut updates).await;
+            assert_eq!(*u.changed, vec!["/app/z".to_string()]);
+            assert_eq!(u.snapshot.revision, listed, "another watcher's event");
+            store.txn(vec![put(&eps[2].0, &eps[2].1)]).await.unwrap();
+            let u = recv(&mut updates).await;
+            assert_eq!(*u.changed, vec![eps[2].0.clone()]);
+            assert_eq!(u.snapshot.revision, store.revision());
+            // A changed set relists: keys no longer covered leave in one update.
+            assert!(cache.set_prefixes(vec![keys().root()]));
+            let u = recv(&mut updates).await;
+            assert!(u.relisted);
+            assert_eq!(*u.changed, vec!["/app/z".to_string()]);
+            assert!(!u.snapshot.kvs.contains_key("/app/z"));
+        }
+
+        #[tokio::test(start_paused = true)]
         async fn a_compacted_watch_revision_relists() {
             let (store, eps) = store().await;
             let cache = spawn(
