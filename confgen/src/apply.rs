@@ -7,20 +7,21 @@
 
 use std::fmt;
 use std::future::Future;
+use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use flotilla_registry::atomic::{self, Options, Staged};
+use flotilla_registry::atomic::{self, AtomicError, Options, Staged};
 use tokio::io::AsyncReadExt;
 
 use crate::resource::{substitute_src, Resource};
 use crate::template::TemplateError;
 
 /// How applying one resource's render ended.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub enum Outcome {
     /// The render equals the destination: nothing written, nothing reloaded.
     Unchanged,
@@ -60,8 +61,8 @@ pub enum Outcome {
     },
     /// Staging, renaming or setting owner/mode failed; the destination is untouched.
     WriteFailed {
-        /// The I/O error with the path.
-        error: String,
+        /// The step, the path and the I/O error.
+        error: WriteError,
     },
     /// The reload command failed; the previous file was restored (`rolled_back`) and the
     /// reload run again.
@@ -172,6 +173,59 @@ impl fmt::Display for Outcome {
 /// A command that failed: exit status or timeout, with its output.
 #[derive(Debug, Clone)]
 pub struct CommandFailure(pub String);
+
+/// Why confgen could not read, stage, keep, put in place or restore a destination: the step,
+/// the path and the I/O error (the source). The message is the one logged and shown on
+/// `/healthz` after `write failed: `.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// Reading the current destination failed (other than: there is none yet).
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The destination.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// A step of an atomic write: creating, writing or fsyncing the staged file, renaming it
+    /// into place, fsyncing the directory.
+    #[error(transparent)]
+    Atomic(#[from] AtomicError),
+    /// Renaming the link to the current destination onto `<dest>.bak`.
+    #[error("cannot rename {} to {}: {source}", from.display(), to.display())]
+    KeepBak {
+        /// The staged link to the current destination.
+        from: PathBuf,
+        /// `<dest>.bak`.
+        to: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Removing a destination that had no previous content (a rollback).
+    #[error("cannot remove {}: {source}", path.display())]
+    Remove {
+        /// The destination.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The thread that stages a file beside a runtime apply panicked or was cancelled.
+    #[error("staging task failed: {0}")]
+    StagingTask(#[source] tokio::task::JoinError),
+}
+
+/// A reload command that failed (see [`reload_group`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadFailure {
+    /// What the command said (and how it ended), then what failed in the rollback and the
+    /// reload after it.
+    pub output: String,
+    /// True if every destination of the batch was restored.
+    pub rolled_back: bool,
+}
 
 /// Runs `check_cmd` and `reload_cmd` (already substituted). The daemon holds one: [`Shell`]
 /// ([`run_command`]). Its unit tests hold one that records each command and answers at once:
@@ -288,11 +342,14 @@ pub struct Committed {
 }
 
 /// The destination's current content (`None`: no file yet).
-pub fn read_dest(resource: &Resource) -> Result<Option<Vec<u8>>, String> {
+pub fn read_dest(resource: &Resource) -> Result<Option<Vec<u8>>, WriteError> {
     match std::fs::read(&resource.dest) {
         Ok(c) => Ok(Some(c)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("cannot read {}: {e}", resource.dest.display())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(WriteError::Read {
+            path: resource.dest.clone(),
+            source,
+        }),
     }
 }
 
@@ -301,14 +358,11 @@ pub async fn check_staged(
     cmds: &dyn Commands,
     resource: &Resource,
     staged: &Path,
-) -> Result<(), String> {
+) -> Result<(), CommandFailure> {
     match &resource.check_cmd {
         Some(check) => {
             let cmd = substitute_src(check, staged);
-            cmds.run(&cmd, resource.check_timeout)
-                .await
-                .map(|_| ())
-                .map_err(|CommandFailure(output)| output)
+            cmds.run(&cmd, resource.check_timeout).await.map(|_| ())
         }
         None => Ok(()),
     }
@@ -320,11 +374,11 @@ pub fn commit(
     resource: &Resource,
     staged: Staged,
     current: Option<Vec<u8>>,
-) -> Result<Committed, String> {
+) -> Result<Committed, WriteError> {
     if let Some(prev) = &current {
         keep_bak(&resource.dest, prev)?;
     }
-    staged.commit().map_err(|e| e.to_string())?;
+    staged.commit()?;
     Ok(Committed {
         dest: resource.dest.clone(),
         previous: current,
@@ -352,7 +406,7 @@ pub async fn write_checked(
         Ok(s) => s,
         Err(error) => return (Outcome::WriteFailed { error }, None),
     };
-    if let Err(output) = check_staged(cmds, resource, staged.path()).await {
+    if let Err(CommandFailure(output)) = check_staged(cmds, resource, staged.path()).await {
         return (Outcome::CheckFailed { output }, None);
     }
     if noop {
@@ -365,13 +419,16 @@ pub async fn write_checked(
 }
 
 /// Restores what [`write_checked`] replaced: the previous content (atomically), or no file.
-pub fn roll_back(c: &Committed) -> Result<(), String> {
+pub fn roll_back(c: &Committed) -> Result<(), WriteError> {
     match &c.previous {
         Some(prev) => replace(&c.dest, prev, Some(&c.dest)),
         None => match std::fs::remove_file(&c.dest) {
-            Ok(()) => atomic::sync_parent(&c.dest).map_err(|e| e.to_string()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(format!("cannot remove {}: {e}", c.dest.display())),
+            Ok(()) => Ok(atomic::sync_parent(&c.dest)?),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(WriteError::Remove {
+                path: c.dest.clone(),
+                source,
+            }),
         },
     }
 }
@@ -395,7 +452,7 @@ impl BakPath for Path {
 /// the rename of the new destination that follows. That keeps two fsyncs of the file's size off
 /// every change. Where a link is not possible (not a regular file, a file system without links),
 /// `current` is written as a copy.
-fn keep_bak(dest: &Path, current: &[u8]) -> Result<(), String> {
+fn keep_bak(dest: &Path, current: &[u8]) -> Result<(), WriteError> {
     let bak = dest.with_extension_bak();
     let regular = std::fs::symlink_metadata(dest).is_ok_and(|m| m.file_type().is_file());
     if regular {
@@ -405,13 +462,13 @@ fn keep_bak(dest: &Path, current: &[u8]) -> Result<(), String> {
             fastrand::u64(..)
         ));
         if std::fs::hard_link(dest, &staged).is_ok() {
-            return std::fs::rename(&staged, &bak).map_err(|e| {
+            return std::fs::rename(&staged, &bak).map_err(|source| {
                 let _ = std::fs::remove_file(&staged);
-                format!(
-                    "cannot rename {} to {}: {e}",
-                    staged.display(),
-                    bak.display()
-                )
+                WriteError::KeepBak {
+                    from: staged,
+                    to: bak,
+                    source,
+                }
             });
         }
     }
@@ -430,7 +487,7 @@ pub const TAG: &str = "confgen";
 /// Writes `content` to a staged file beside the destination with the destination's mode and
 /// owner (from the resource, else from the current file), fsynced; `check_cmd` runs on it
 /// before [`commit`] renames it into place.
-pub fn stage(resource: &Resource, content: &[u8]) -> Result<Staged, String> {
+pub fn stage(resource: &Resource, content: &[u8]) -> Result<Staged, WriteError> {
     let existing = std::fs::metadata(&resource.dest).ok();
     let options = Options {
         mode: Some(
@@ -444,9 +501,9 @@ pub fn stage(resource: &Resource, content: &[u8]) -> Result<Staged, String> {
         gid: resource.gid.or(existing.as_ref().map(|m| m.gid())),
         ..Options::tagged(TAG)
     };
-    let mut staged = Staged::new(&resource.dest, &options).map_err(|e| e.to_string())?;
-    staged.write_all(content).map_err(|e| e.to_string())?;
-    staged.sync().map_err(|e| e.to_string())?;
+    let mut staged = Staged::new(&resource.dest, &options)?;
+    staged.write_all(content)?;
+    staged.sync()?;
     Ok(staged)
 }
 
@@ -464,9 +521,9 @@ pub fn write_own(path: &Path, content: &[u8]) -> Result<(), atomic::AtomicError>
 
 /// Atomically replaces `path` with `content`, copying mode and owner from `like` if given (best
 /// effort: a rollback or a `.bak` is written even where they cannot be set), else mode 0644.
-fn replace(path: &Path, content: &[u8], like: Option<&Path>) -> Result<(), String> {
+fn replace(path: &Path, content: &[u8], like: Option<&Path>) -> Result<(), WriteError> {
     let meta = like.and_then(|l| std::fs::metadata(l).ok());
-    let mut staged = Staged::new(path, &Options::tagged(TAG)).map_err(|e| e.to_string())?;
+    let mut staged = Staged::new(path, &Options::tagged(TAG))?;
     let mode = meta.as_ref().map_or(0o644, |m| m.mode() & 0o7777);
     let _ = staged
         .file()
@@ -474,8 +531,8 @@ fn replace(path: &Path, content: &[u8], like: Option<&Path>) -> Result<(), Strin
     if let Some(m) = &meta {
         let _ = std::os::unix::fs::fchown(staged.file(), Some(m.uid()), Some(m.gid()));
     }
-    staged.write_all(content).map_err(|e| e.to_string())?;
-    staged.commit().map_err(|e| e.to_string())
+    staged.write_all(content)?;
+    Ok(staged.commit()?)
 }
 
 /// A unified diff of the destination against the render.
@@ -499,7 +556,7 @@ pub async fn reload_group(
     cmd: &str,
     timeout: Duration,
     committed: &[Committed],
-) -> Result<Duration, (String, bool)> {
+) -> Result<Duration, ReloadFailure> {
     let started = Instant::now();
     match cmds.run(cmd, timeout).await {
         Ok(_) => Ok(started.elapsed()),
@@ -509,7 +566,7 @@ pub async fn reload_group(
             for c in committed {
                 if let Err(e) = roll_back(c) {
                     rolled_back = false;
-                    notes.push(e);
+                    notes.push(e.to_string());
                 }
             }
             let again = cmds.run(cmd, timeout).await;
@@ -520,7 +577,10 @@ pub async fn reload_group(
             if let Err(CommandFailure(o)) = again {
                 output.push_str(&format!("; reload after rollback also failed: {o}"));
             }
-            Err((output, rolled_back))
+            Err(ReloadFailure {
+                output,
+                rolled_back,
+            })
         }
     }
 }
@@ -560,7 +620,7 @@ mod tests {
         let r = resource(dir.path(), Some("grep -q new {{src}}"));
         std::fs::write(&r.dest, "old\n").unwrap();
         let (o, c) = write_checked(&Shell, &r, b"new\n", false, false).await;
-        assert_eq!(o, Outcome::Written);
+        assert!(matches!(o, Outcome::Written), "{o:?}");
         assert_eq!(std::fs::read_to_string(&r.dest).unwrap(), "new\n");
         assert_eq!(std::fs::read_to_string(bak_path(&r.dest)).unwrap(), "old\n");
         assert_eq!(
@@ -569,7 +629,7 @@ mod tests {
         );
         assert_eq!(c.unwrap().previous.as_deref(), Some(&b"old\n"[..]));
         let (o, c) = write_checked(&Shell, &r, b"new\n", false, false).await;
-        assert_eq!(o, Outcome::Unchanged);
+        assert!(matches!(o, Outcome::Unchanged), "{o:?}");
         assert!(c.is_none());
         // No staged file is left behind.
         let names: Vec<String> = std::fs::read_dir(dir.path())
@@ -619,13 +679,13 @@ mod tests {
         let r = resource(dir.path(), None);
         std::fs::write(&r.dest, "old\n").unwrap();
         let (o, c) = write_checked(&Shell, &r, b"new\n", false, false).await;
-        assert_eq!(o, Outcome::Written);
+        assert!(matches!(o, Outcome::Written), "{o:?}");
         let marker = dir.path().join("reloads");
         let cmd = format!("echo x >> {}; exit 1", marker.display());
         let err = reload_group(&Shell, &cmd, Duration::from_secs(5), &[c.unwrap()])
             .await
             .unwrap_err();
-        assert!(err.1, "rolled back");
+        assert!(err.rolled_back, "rolled back");
         assert_eq!(std::fs::read_to_string(&r.dest).unwrap(), "old\n");
         // Reloaded twice: the failed one and the one after the rollback.
         assert_eq!(std::fs::read_to_string(&marker).unwrap(), "x\nx\n");
@@ -636,7 +696,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let r = resource(dir.path(), None);
         let (o, c) = write_checked(&Shell, &r, b"new\n", false, false).await;
-        assert_eq!(o, Outcome::Written);
+        assert!(matches!(o, Outcome::Written), "{o:?}");
         roll_back(&c.unwrap()).unwrap();
         assert!(!r.dest.exists());
     }

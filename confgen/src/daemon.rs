@@ -925,9 +925,9 @@ impl Daemon {
                         debug!(resource = %slot.res.name, took = ?took, "reloaded");
                         Outcome::Reloaded
                     }
-                    Err((output, rolled_back)) => Outcome::ReloadFailed {
-                        output: output.clone(),
-                        rolled_back: *rolled_back,
+                    Err(failure) => Outcome::ReloadFailed {
+                        output: failure.output.clone(),
+                        rolled_back: failure.rolled_back,
                     },
                 };
             }

@@ -176,9 +176,45 @@ struct Raw {
 #[derive(Debug, Clone, Copy)]
 struct Fraction(f64);
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("{s:?} is not a duration like \"500ms\", \"2s\", \"1m\": {e}"))
+/// A resource field that is not a duration.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{value:?} is not a duration like \"500ms\", \"2s\", \"1m\": {source}")]
+pub struct DurationError {
+    /// The value as written.
+    pub value: String,
+    /// humantime's reason.
+    #[source]
+    pub source: humantime::DurationError,
+}
+
+/// A `wait` that confgen cannot use.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum WaitError {
+    /// `min` or `max` is not a duration.
+    #[error(transparent)]
+    Duration(#[from] DurationError),
+    /// `min` or `max` is longer than [`Wait::LONGEST`].
+    #[error(
+        "{value:?} is too long: a wait is at most {}",
+        humantime::format_duration(Wait::LONGEST)
+    )]
+    TooLong {
+        /// The value as written.
+        value: String,
+    },
+    /// `max` is smaller than `min`.
+    #[error("{value:?}: max must not be smaller than min")]
+    MaxBelowMin {
+        /// The whole `wait` as written.
+        value: String,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, DurationError> {
+    humantime::parse_duration(s.trim()).map_err(|source| DurationError {
+        value: s.to_string(),
+        source,
+    })
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
@@ -199,14 +235,13 @@ impl Wait {
 
     /// Parses `"min:max"` (or `"min"`, meaning max = 4 × min, as consul-template does).
     /// Each value is at most [`Wait::LONGEST`], so `4 × min` and `now + max` cannot overflow.
-    pub fn parse(s: &str) -> Result<Wait, String> {
+    pub fn parse(s: &str) -> Result<Wait, WaitError> {
         let bounded = |v: &str| {
             let d = parse_duration(v)?;
             if d > Wait::LONGEST {
-                return Err(format!(
-                    "{v:?} is too long: a wait is at most {}",
-                    humantime::format_duration(Wait::LONGEST)
-                ));
+                return Err(WaitError::TooLong {
+                    value: v.to_string(),
+                });
             }
             Ok(d)
         };
@@ -218,7 +253,9 @@ impl Wait {
             }
         };
         if max < min {
-            return Err(format!("{s:?}: max must not be smaller than min"));
+            return Err(WaitError::MaxBelowMin {
+                value: s.to_string(),
+            });
         }
         Ok(Wait { min, max })
     }
@@ -739,7 +776,8 @@ runtime_timeout = "500ms"
             "150000000000y:150000000000y",
         ] {
             let e = Wait::parse(w).expect_err(w);
-            assert!(e.contains("at most"), "{w}: {e}");
+            assert!(matches!(e, WaitError::TooLong { .. }), "{w}: {e}");
+            assert!(e.to_string().ends_with("a wait is at most 1h"), "{w}: {e}");
         }
         assert!(Wait::parse("1h").is_ok());
     }

@@ -41,7 +41,7 @@ use proxyctl::{apply_servers, Config, RuntimeApi, Scope, SyncError, SyncOptions,
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::apply::{self, Commands};
+use crate::apply::{self, CommandFailure, Commands, WriteError};
 use crate::metrics::Metrics;
 use crate::resource::Resource;
 
@@ -109,11 +109,19 @@ pub enum Attempt {
     },
     /// Reading the destination or staging the new file failed.
     WriteFailed {
-        /// The error with the path.
-        error: String,
+        /// The step, the path and the I/O error.
+        error: WriteError,
         /// Whether the running servers equal the destination (false: reload it).
         reverted: bool,
     },
+}
+
+/// Why a render beside a runtime apply is not staged and checked.
+enum NotStaged {
+    /// `check_cmd` rejected it: its output.
+    CheckFailed(String),
+    /// Staging it failed.
+    WriteFailed(WriteError),
 }
 
 impl Runtime {
@@ -258,7 +266,7 @@ impl Runtime {
             async {
                 staging
                     .await
-                    .map_err(|e| format!("staging task failed: {e}"))
+                    .map_err(WriteError::StagingTask)
                     .and_then(|r| r)
             },
             async {
@@ -269,13 +277,12 @@ impl Runtime {
                 (r, Instant::now())
             }
         );
-        // Err(Ok(output)): the check failed; Err(Err(error)): staging failed.
-        let staged: Result<Staged, Result<String, String>> = match staged {
+        let staged: Result<Staged, NotStaged> = match staged {
             Ok(staged) => match apply::check_staged(cmds, res, staged.path()).await {
                 Ok(()) => Ok(staged),
-                Err(output) => Err(Ok(output)),
+                Err(CommandFailure(output)) => Err(NotStaged::CheckFailed(output)),
             },
-            Err(error) => Err(Err(error)),
+            Err(error) => Err(NotStaged::WriteFailed(error)),
         };
         let (result, applied_at) = result;
         let result = self.note(res, result);
@@ -288,7 +295,6 @@ impl Runtime {
             self.options.release.clear();
             remove_journal(&res.dest);
         }
-        // Err(Ok(output)): the check failed; Err(Err(error)): staging failed.
         let staged = match staged {
             Ok(staged) => staged,
             Err(failure) => {
@@ -313,8 +319,8 @@ impl Runtime {
                     None => false,
                 };
                 return match failure {
-                    Ok(output) => Attempt::CheckFailed { output, reverted },
-                    Err(error) => Attempt::WriteFailed { error, reverted },
+                    NotStaged::CheckFailed(output) => Attempt::CheckFailed { output, reverted },
+                    NotStaged::WriteFailed(error) => Attempt::WriteFailed { error, reverted },
                 };
             }
         };

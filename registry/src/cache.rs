@@ -1,5 +1,9 @@
 //! The watch cache: an exact in-memory mirror of one or more etcd prefixes.
 //!
+//! It reads the store through the [`Store`] trait ([`Store::range_page`], [`Store::watch`]):
+//! etcd in the daemons ([`WatchCache::spawn_prefixes`] with [`EtcdArgs`]), the in-memory
+//! [`MemStore`](crate::store::MemStore) in unit tests ([`WatchCache::spawn_with`]).
+//!
 //! A state machine (`Connect → List → Watch`, with `Backoff` on faults):
 //!
 //! - **List** reads the prefix in pages, all pinned to the revision `R` of the first page, into a
@@ -46,21 +50,52 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use std::future::Future;
+
+use etcd_client::Client;
 use imbl::OrdMap;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
-use crate::etcd::{error_chain, EtcdArgs};
+use crate::etcd::{EtcdArgs, StoreError};
 use crate::keys::{prefix_end, KeyKind, Keys};
 use crate::record::{Endpoint, Node};
+use crate::store::{
+    etcd_range_page, EtcdStore, RangeKv, RangePage, Store, Watch, WatchError, WatchEvent,
+    MAX_MESSAGE,
+};
 
 /// Keys per page when listing. Each page is a round trip, so pages are large (10,000 endpoint
 /// records are about 4 MB): a 10k registry lists in one request instead of eleven.
 const PAGE: i64 = 10_000;
-/// Largest gRPC message accepted from etcd (a watch response can carry many events).
-const MAX_MESSAGE: usize = 256 * 1024 * 1024;
+
+/// How the cache gets a [`Store`]: once at start and again after a fault.
+pub trait Connector: Send + Sync + 'static {
+    /// The store it opens.
+    type Store: Store;
+    /// Opens the store (for etcd: connects); the error, one line.
+    fn open(&self) -> impl Future<Output = Result<Self::Store, String>> + Send;
+}
+
+impl Connector for EtcdArgs {
+    type Store = EtcdStore;
+
+    async fn open(&self) -> Result<EtcdStore, String> {
+        self.connect()
+            .await
+            .map(EtcdStore::new)
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl Connector for crate::store::MemStore {
+    type Store = crate::store::MemStore;
+
+    async fn open(&self) -> Result<Self::Store, String> {
+        Ok(self.clone())
+    }
+}
 
 /// A raw etcd value, shared between snapshots.
 pub type Bytes = Arc<[u8]>;
@@ -264,6 +299,8 @@ pub struct Tuning {
     /// Wait this long between a list and the watch that follows it. Tests use it to let the
     /// listed revision be compacted before the watch starts, forcing the relist path.
     pub pause_before_watch: std::time::Duration,
+    /// Keys per page when listing (0: [`PAGE`], 10,000).
+    pub page: i64,
 }
 
 impl WatchCache {
@@ -286,6 +323,17 @@ impl WatchCache {
         prefixes: Vec<String>,
         tuning: Tuning,
     ) -> WatchCache {
+        Self::spawn_with(args, keys, prefixes, tuning)
+    }
+
+    /// [`WatchCache::spawn_tuned`] over any store: `connector` opens it at start and after
+    /// each fault.
+    pub fn spawn_with<C: Connector>(
+        connector: C,
+        keys: Keys,
+        prefixes: Vec<String>,
+        tuning: Tuning,
+    ) -> WatchCache {
         let (prefixes_tx, prefixes_rx) = watch::channel(cover(prefixes));
         let (snap_tx, snap_rx) = watch::channel(Snapshot::default());
         let (status_tx, status_rx) = watch::channel(CacheStatus {
@@ -296,7 +344,7 @@ impl WatchCache {
         });
         let subscribers: Subscribers = Arc::default();
         let worker = Worker {
-            args,
+            connector,
             keys,
             prefixes: prefixes_rx,
             snap: snap_tx,
@@ -396,8 +444,8 @@ enum WatchEnd {
     Fault(String),
 }
 
-struct Worker {
-    args: EtcdArgs,
+struct Worker<C: Connector> {
+    connector: C,
     keys: Keys,
     /// The prefixes to mirror, always a [`cover`]; a change makes the worker relist.
     prefixes: watch::Receiver<Vec<String>>,
@@ -407,34 +455,31 @@ struct Worker {
     tuning: Tuning,
 }
 
-impl Worker {
+impl<C: Connector> Worker<C> {
     async fn run(mut self) {
         let mut backoff = Backoff::default();
-        let mut client: Option<Client> = None;
+        let mut store: Option<C::Store> = None;
         loop {
             if self.snap.is_closed() {
                 return;
             }
             let prefixes = self.prefixes.borrow_and_update().clone();
             let shown = prefixes.join(",");
-            let mut c = match client.take() {
+            let c = match store.take() {
                 Some(c) => c,
-                None => match self.args.connect().await {
+                None => match self.connector.open().await {
                     Ok(c) => c,
                     Err(e) => {
-                        self.fault(e.to_string(), &mut backoff).await;
+                        self.fault(e, &mut backoff).await;
                         continue;
                     }
                 },
             };
-            let revision = match self.list(&mut c, &prefixes).await {
+            let revision = match self.list(&c, &prefixes).await {
                 Ok(rev) => rev,
                 Err(e) => {
-                    self.fault(
-                        format!("listing {shown}: {}", error_chain(&e)),
-                        &mut backoff,
-                    )
-                    .await;
+                    self.fault(format!("listing {shown}: {e}"), &mut backoff)
+                        .await;
                     continue;
                 }
             };
@@ -443,17 +488,17 @@ impl Worker {
                 tokio::time::sleep(self.tuning.pause_before_watch).await;
             }
             self.set_state(CacheState::Watching, &shown);
-            match self.watch(&mut c, revision, &prefixes).await {
+            match self.watch(&c, revision, &prefixes).await {
                 WatchEnd::Closed => return,
                 WatchEnd::Compacted(compact) => {
                     info!(prefix = %shown, revision, compact, "watch revision compacted; relisting");
                     self.status.send_modify(|s| s.compactions += 1);
-                    client = Some(c);
+                    store = Some(c);
                 }
                 WatchEnd::Rewatch => {
                     let next = self.prefixes.borrow().join(",");
                     info!(from = %shown, to = %next, "watched prefixes changed; relisting");
-                    client = Some(c);
+                    store = Some(c);
                 }
                 WatchEnd::Fault(error) => {
                     self.fault(format!("watching {shown}: {error}"), &mut backoff)
@@ -504,14 +549,17 @@ impl Worker {
     }
 
     /// Lists the prefixes (see [`fetch_snapshot`]), then swaps the result in.
-    async fn list(
-        &self,
-        client: &mut Client,
-        prefixes: &[String],
-    ) -> Result<i64, etcd_client::Error> {
+    async fn list(&self, store: &C::Store, prefixes: &[String]) -> Result<i64, StoreError> {
         let known_bad = self.snap.borrow().rejected.clone();
-        let fresh =
-            list_prefixes(client, &self.keys, prefixes, |k| !known_bad.contains_key(k)).await?;
+        let page = if self.tuning.page > 0 {
+            self.tuning.page
+        } else {
+            PAGE
+        };
+        let fresh = list_prefixes(&mut StorePager(store), &self.keys, prefixes, page, |k| {
+            !known_bad.contains_key(k)
+        })
+        .await?;
         let revision = fresh.revision;
         let count = fresh.kvs.len();
         let changed = {
@@ -526,43 +574,30 @@ impl Worker {
 
     /// Watches every prefix from `revision + 1` (one watcher each, on one stream), applying
     /// events until the watch ends or the set of prefixes changes.
-    async fn watch(&mut self, client: &mut Client, revision: i64, prefixes: &[String]) -> WatchEnd {
-        let opts = |p: &str| {
-            WatchOptions::new()
-                .with_range(prefix_end(p))
-                .with_start_revision(revision + 1)
-                .with_progress_notify()
-        };
-        // The watcher of the prefix that covers the registry (`keys.root()`) is created first:
-        // its answers alone move the published revision (below).
+    async fn watch(&mut self, store: &C::Store, revision: i64, prefixes: &[String]) -> WatchEnd {
+        // The watcher of the prefix that covers the registry (`keys.root()`) is created first
+        // (watcher 0): its answers alone move the published revision (below).
         let root = self.keys.root();
-        let mut ordered: Vec<&String> = prefixes.iter().collect();
+        let mut ordered: Vec<String> = prefixes.to_vec();
         if let Some(i) = ordered.iter().position(|p| root.starts_with(p.as_str())) {
             let p = ordered.remove(i);
             ordered.insert(0, p);
         }
         let multi = ordered.len() > 1;
-        let mut root_watch: Option<i64> = None;
-        let Some((first, rest)) = ordered.split_first() else {
+        if ordered.is_empty() {
             // Nothing to watch: wait for a set that has something.
             return match self.prefixes.changed().await {
                 Ok(()) => WatchEnd::Rewatch,
                 Err(_) => WatchEnd::Closed,
             };
-        };
-        let mut wc = client.watch_client().max_decoding_message_size(MAX_MESSAGE);
-        let mut stream = match wc.watch((*first).clone(), Some(opts(first))).await {
-            Ok(s) => s,
-            Err(e) => return WatchEnd::Fault(error_chain(&e)),
-        };
-        for p in rest {
-            if let Err(e) = stream.watch((*p).clone(), Some(opts(p))).await {
-                return WatchEnd::Fault(format!("adding a watch on {p}: {}", error_chain(&e)));
-            }
         }
+        let mut stream = match store.watch(ordered, revision + 1).await {
+            Ok(s) => s,
+            Err(e) => return WatchEnd::Fault(e.to_string()),
+        };
         loop {
             let msg = tokio::select! {
-                m = stream.message() => m,
+                m = stream.next() => m,
                 _ = self.snap.closed() => return WatchEnd::Closed,
                 c = self.prefixes.changed() => match c {
                     Ok(()) => return WatchEnd::Rewatch,
@@ -570,63 +605,42 @@ impl Worker {
                 },
             };
             let resp = match msg {
-                Ok(Some(r)) => r,
-                Ok(None) => return WatchEnd::Fault("watch stream ended".into()),
-                Err(e) => return WatchEnd::Fault(error_chain(&e)),
+                Ok(r) => r,
+                Err(WatchError::Compacted { compact_revision }) => {
+                    return WatchEnd::Compacted(compact_revision)
+                }
+                Err(e) => return WatchEnd::Fault(e.to_string()),
             };
-            if resp.compact_revision() > 0 {
-                return WatchEnd::Compacted(resp.compact_revision());
-            }
-            if resp.canceled() {
-                let reason = resp.cancel_reason();
-                return WatchEnd::Fault(format!(
-                    "watch cancelled by etcd{}",
-                    if reason.is_empty() {
-                        String::new()
-                    } else {
-                        format!(": {reason}")
-                    }
-                ));
-            }
-            let header_rev = resp.header().map(|h| h.revision()).unwrap_or(0);
             // With several watchers on the stream, etcd orders each watcher's events but not
             // one watcher's against another's (a watcher catching up can lag behind), so a
             // revision seen by one says nothing of the others. The published revision follows
-            // the registry's watcher alone (its `created` answer comes first: it was created
-            // first): `wait_for_revision` vouches for the registry, and keys outside it arrive
-            // as their watcher delivers them.
-            if resp.created() && root_watch.is_none() {
-                root_watch = Some(resp.watch_id());
-            }
-            let moves_revision = !multi || root_watch == Some(resp.watch_id());
-            if resp.events().is_empty() {
-                // A progress notification means every event up to its header revision has been
-                // delivered. The `created` response does not: its header is the store's revision
-                // at creation, while the events since `revision + 1` are still to come.
-                if moves_revision && !resp.created() && header_rev > self.snap.borrow().revision {
+            // the registry's watcher alone: `wait_for_revision` vouches for the registry, and
+            // keys outside it arrive as their watcher delivers them.
+            let moves_revision = !multi || resp.watcher == 0;
+            if resp.events.is_empty() {
+                // A progress notification: every event up to its revision has been delivered.
+                if moves_revision && resp.revision > self.snap.borrow().revision {
                     let mut next = self.snap.borrow().clone();
-                    next.revision = header_rev;
+                    next.revision = resp.revision;
                     self.publish(next, Vec::new(), false);
                 }
                 continue;
             }
             let last_rev = resp
-                .events()
+                .events
                 .iter()
-                .filter_map(|e| e.kv())
-                .map(|kv| kv.mod_revision())
+                .map(WatchEvent::mod_revision)
                 .max()
                 .unwrap_or(0);
             let (mut m, covered) = {
                 let cur = self.snap.borrow();
                 (Mirror::of(&cur), cur.prefixes.clone())
             };
-            let mut changed = Vec::with_capacity(resp.events().len());
-            for ev in resp.events() {
-                let Some(kv) = ev.kv() else { continue };
-                let key = match ev.event_type() {
-                    EventType::Put => m.put(&self.keys, kv.key(), kv.value(), true),
-                    EventType::Delete => m.delete(&self.keys, kv.key()),
+            let mut changed = Vec::with_capacity(resp.events.len());
+            for ev in resp.events {
+                let key = match ev {
+                    WatchEvent::Put { key, value, .. } => m.put(&self.keys, &key, value, true),
+                    WatchEvent::Delete { key, .. } => m.delete(&self.keys, &key),
                 };
                 changed.extend(key);
             }
@@ -653,7 +667,8 @@ pub async fn fetch_snapshot(
     keys: &Keys,
     prefix: &str,
 ) -> Result<Snapshot, etcd_client::Error> {
-    list_prefixes(client, keys, &[prefix.to_owned()], |_| true).await
+    let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+    list_prefixes(&mut kv, keys, &[prefix.to_owned()], PAGE, |_| true).await
 }
 
 /// [`fetch_snapshot`] of several prefixes into one snapshot, every one at the same revision
@@ -663,61 +678,106 @@ pub async fn fetch_snapshot_of(
     keys: &Keys,
     prefixes: &[String],
 ) -> Result<Snapshot, etcd_client::Error> {
-    list_prefixes(client, keys, prefixes, |_| true).await
+    let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+    list_prefixes(&mut kv, keys, prefixes, PAGE, |_| true).await
 }
 
-async fn list_prefixes(
-    client: &mut Client,
+/// Reads one page of a range ([`Store::range_page`]'s arguments): a [`Store`] (for the cache)
+/// or etcd-client's KV client (for [`fetch_snapshot`], whose callers see etcd-client's error).
+trait Pager {
+    type Error;
+    fn page(
+        &mut self,
+        from: Vec<u8>,
+        end: Vec<u8>,
+        revision: i64,
+        limit: i64,
+    ) -> impl Future<Output = Result<RangePage, Self::Error>> + Send;
+}
+
+struct StorePager<'a, S>(&'a S);
+
+impl<S: Store> Pager for StorePager<'_, S> {
+    type Error = StoreError;
+    fn page(
+        &mut self,
+        from: Vec<u8>,
+        end: Vec<u8>,
+        revision: i64,
+        limit: i64,
+    ) -> impl Future<Output = Result<RangePage, StoreError>> + Send {
+        self.0.range_page(from, end, revision, limit)
+    }
+}
+
+impl Pager for etcd_client::KvClient {
+    type Error = etcd_client::Error;
+    fn page(
+        &mut self,
+        from: Vec<u8>,
+        end: Vec<u8>,
+        revision: i64,
+        limit: i64,
+    ) -> impl Future<Output = Result<RangePage, etcd_client::Error>> + Send {
+        etcd_range_page(self, from, end, revision, limit)
+    }
+}
+
+async fn list_prefixes<P: Pager>(
+    pager: &mut P,
     keys: &Keys,
     prefixes: &[String],
+    page: i64,
     warn_bad: impl Fn(&str) -> bool,
-) -> Result<Snapshot, etcd_client::Error> {
-    let mut kv = client.kv_client().max_decoding_message_size(MAX_MESSAGE);
+) -> Result<Snapshot, P::Error> {
     let mut revision = 0i64;
     let mut fresh = Mirror::default();
     for prefix in prefixes {
-        revision = list_into(&mut kv, keys, prefix, revision, &mut fresh, &warn_bad).await?;
+        revision = list_into(pager, keys, prefix, revision, page, &mut fresh, &warn_bad).await?;
     }
     if revision == 0 {
         // No prefix at all: the store's revision still dates the (empty) view.
-        let resp = kv.get("\0", None).await?;
-        revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        revision = pager.page(b"\0".to_vec(), Vec::new(), 0, 1).await?.revision;
     }
     let mut snap = fresh.into_snapshot(revision, true);
     snap.prefixes = Arc::new(prefixes.to_vec());
     Ok(snap)
 }
 
-/// Lists one prefix into `fresh` at `revision` (0: the current one, returned for the next).
-async fn list_into(
-    kv: &mut etcd_client::KvClient,
+/// Lists one prefix into `fresh` at `revision` (0: the current one, returned for the next), in
+/// pages of `page` keys.
+async fn list_into<P: Pager>(
+    pager: &mut P,
     keys: &Keys,
     prefix: &str,
     mut revision: i64,
+    page: i64,
     fresh: &mut Mirror,
     warn_bad: &impl Fn(&str) -> bool,
-) -> Result<i64, etcd_client::Error> {
+) -> Result<i64, P::Error> {
     let end = prefix_end(prefix);
     let mut from = prefix.as_bytes().to_vec();
     loop {
-        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
-        if revision > 0 {
-            opts = opts.with_revision(revision);
-        }
-        let resp = kv.get(from.clone(), Some(opts)).await?;
+        let resp = pager.page(from, end.clone(), revision, page).await?;
         if revision == 0 {
-            revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            revision = resp.revision;
         }
-        for (item, decoded) in resp.kvs().iter().zip(decode_page(keys, resp.kvs())) {
-            let warn = std::str::from_utf8(item.key()).is_ok_and(warn_bad);
-            fresh.store(item.key(), item.value(), decoded, warn);
-        }
-        match resp.kvs().last() {
-            Some(last) if resp.more() => {
-                from = last.key().to_vec();
-                from.push(0);
+        let decoded = decode_page(keys, &resp.kvs);
+        let next = match resp.kvs.last() {
+            Some(last) if resp.more => {
+                let mut k = last.key.clone();
+                k.push(0);
+                Some(k)
             }
-            _ => break,
+            _ => None,
+        };
+        for (item, decoded) in resp.kvs.into_iter().zip(decoded) {
+            let warn = std::str::from_utf8(&item.key).is_ok_and(warn_bad);
+            fresh.store(&item.key, item.value, decoded, warn);
+        }
+        match next {
+            Some(k) => from = k,
+            None => break,
         }
     }
     Ok(revision)
@@ -777,8 +837,8 @@ impl Mirror {
 
     /// Stores `value` at `key`, decoding records; a bad record is warned about if `warn_bad`
     /// and its value is not kept. Returns the key if it is UTF-8.
-    fn put(&mut self, keys: &Keys, key: &[u8], value: &[u8], warn_bad: bool) -> Option<String> {
-        let decoded = decode(keys, key, value);
+    fn put(&mut self, keys: &Keys, key: &[u8], value: Bytes, warn_bad: bool) -> Option<String> {
+        let decoded = decode(keys, key, &value);
         self.store(key, value, decoded, warn_bad)
     }
 
@@ -786,7 +846,7 @@ impl Mirror {
     fn store(
         &mut self,
         key: &[u8],
-        value: &[u8],
+        value: Bytes,
         decoded: Decoded,
         warn_bad: bool,
     ) -> Option<String> {
@@ -813,7 +873,7 @@ impl Mirror {
         };
         match result {
             Ok(()) => {
-                self.kvs.insert(key.to_owned(), Bytes::from(value));
+                self.kvs.insert(key.to_owned(), value);
             }
             Err(e) => {
                 // One warning per write of a bad value (a relist does not repeat it). The value
@@ -887,7 +947,7 @@ const PARALLEL_DECODE_MIN: usize = 2_000;
 
 /// [`decode`] for every key-value of a page, on every core when the page is large (decoding and
 /// validating records is most of a 10,000-key list's CPU); in the page's order.
-fn decode_page(keys: &Keys, kvs: &[etcd_client::KeyValue]) -> Vec<Decoded> {
+fn decode_page(keys: &Keys, kvs: &[RangeKv]) -> Vec<Decoded> {
     let threads = if kvs.len() >= PARALLEL_DECODE_MIN {
         std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
     } else {
@@ -896,7 +956,7 @@ fn decode_page(keys: &Keys, kvs: &[etcd_client::KeyValue]) -> Vec<Decoded> {
     if threads == 1 {
         return kvs
             .iter()
-            .map(|kv| decode(keys, kv.key(), kv.value()))
+            .map(|kv| decode(keys, &kv.key, &kv.value))
             .collect();
     }
     let chunk = kvs.len().div_ceil(threads);
@@ -906,7 +966,7 @@ fn decode_page(keys: &Keys, kvs: &[etcd_client::KeyValue]) -> Vec<Decoded> {
             .map(|part| {
                 scope.spawn(move || {
                     part.iter()
-                        .map(|kv| decode(keys, kv.key(), kv.value()))
+                        .map(|kv| decode(keys, &kv.key, &kv.value))
                         .collect::<Vec<_>>()
                 })
             })
@@ -970,13 +1030,13 @@ mod tests {
         let keys = keys();
         let mut m = Mirror::default();
         let (k, v) = ep("a", "web", 80);
-        m.put(&keys, k.as_bytes(), &v, false);
+        m.put(&keys, k.as_bytes(), Bytes::from(&v[..]), false);
         assert!(m.endpoints.contains_key(&k) && m.kvs.contains_key(&k));
-        m.put(&keys, k.as_bytes(), b"{bad", false);
+        m.put(&keys, k.as_bytes(), Bytes::from(&b"{bad"[..]), false);
         assert!(!m.endpoints.contains_key(&k));
         assert!(!m.kvs.contains_key(&k), "the invalid value is not kept");
         assert!(m.rejected.contains_key(&k));
-        m.put(&keys, k.as_bytes(), &v, false);
+        m.put(&keys, k.as_bytes(), Bytes::from(&v[..]), false);
         assert!(m.endpoints.contains_key(&k) && !m.rejected.contains_key(&k));
     }
 
@@ -987,19 +1047,246 @@ mod tests {
         let (k1, v1) = ep("a", "web", 80);
         let (k2, v2) = ep("a", "web", 81);
         let (k3, v3) = ep("b", "web", 82);
-        a.put(&keys, k1.as_bytes(), &v1, false);
-        a.put(&keys, k2.as_bytes(), &v2, false);
-        a.put(&keys, b"/flotilla/config/x", b"1", false);
+        a.put(&keys, k1.as_bytes(), Bytes::from(&v1[..]), false);
+        a.put(&keys, k2.as_bytes(), Bytes::from(&v2[..]), false);
+        a.put(&keys, b"/flotilla/config/x", Bytes::from(&b"1"[..]), false);
         let before = a.into_snapshot(5, true);
         let mut b = Mirror::of(&before);
         b.delete(&keys, k1.as_bytes());
-        b.put(&keys, k2.as_bytes(), b"{bad", false);
-        b.put(&keys, k3.as_bytes(), &v3, false);
-        b.put(&keys, b"/flotilla/config/x", b"1", false);
+        b.put(&keys, k2.as_bytes(), Bytes::from(&b"{bad"[..]), false);
+        b.put(&keys, k3.as_bytes(), Bytes::from(&v3[..]), false);
+        b.put(&keys, b"/flotilla/config/x", Bytes::from(&b"1"[..]), false);
         let after = b.into_snapshot(9, true);
         assert_eq!(changed_between(&before, &after), vec![k1, k2, k3]);
         // The earlier snapshot is untouched by the edits (persistent maps).
         assert_eq!(before.endpoints.len(), 2);
         assert_eq!(changed_between(&after, &after), Vec::<String>::new());
+    }
+
+    /// The cache over [`crate::store::MemStore`], on tokio's paused clock.
+    mod over_mem_store {
+        use super::*;
+        use crate::store::{MemStore, Write};
+        use std::time::Duration;
+
+        fn put(key: &str, value: &[u8]) -> Write {
+            Write::Put {
+                key: key.into(),
+                value: value.to_vec(),
+                lease: 0,
+            }
+        }
+
+        fn delete(key: &str) -> Write {
+            Write::Delete { key: key.into() }
+        }
+
+        async fn recv(updates: &mut Updates) -> Update {
+            tokio::time::timeout(Duration::from_secs(60), updates.recv())
+                .await
+                .expect("an update within 60 s")
+                .expect("the cache is running")
+        }
+
+        fn sorted(keys: &[&str]) -> Vec<String> {
+            let mut v: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+            v.sort();
+            v
+        }
+
+        /// A store with two endpoints, a config key and a key outside the registry.
+        async fn store() -> (MemStore, Vec<(String, Vec<u8>)>) {
+            let store = MemStore::new();
+            let eps = vec![ep("a", "web", 80), ep("b", "web", 81), ep("c", "api", 82)];
+            store
+                .txn(vec![
+                    put(&eps[0].0, &eps[0].1),
+                    put(&eps[1].0, &eps[1].1),
+                    put("/flotilla/config/x", b"1"),
+                    put("/other/y", b"2"),
+                ])
+                .await
+                .unwrap();
+            (store, eps)
+        }
+
+        fn spawn(store: &MemStore, tuning: Tuning) -> WatchCache {
+            WatchCache::spawn_with(store.clone(), keys(), vec![keys().root()], tuning)
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn the_first_update_is_a_complete_listing_in_pages() {
+            let (store, eps) = store().await;
+            let cache = spawn(
+                &store,
+                Tuning {
+                    page: 2,
+                    ..Tuning::default()
+                },
+            );
+            let mut updates = cache.updates();
+            let u = recv(&mut updates).await;
+            assert!(u.relisted && u.snapshot.complete);
+            assert_eq!(u.snapshot.revision, store.revision());
+            assert_eq!(
+                *u.changed,
+                sorted(&[&eps[0].0, &eps[1].0, "/flotilla/config/x"])
+            );
+            assert_eq!(u.snapshot.endpoints.len(), 2);
+            assert_eq!(u.snapshot.services()["web"].len(), 2);
+            assert!(
+                !u.snapshot.kvs.contains_key("/other/y"),
+                "outside the prefix"
+            );
+            assert_eq!(&*u.snapshot.kvs["/flotilla/config/x"], b"1");
+            assert_eq!(cache.status().borrow().lists, 1);
+            assert_eq!(cache.status().borrow().state, CacheState::Watching);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn puts_and_deletes_are_published_with_their_keys_and_revision() {
+            let (store, eps) = store().await;
+            let cache = spawn(&store, Tuning::default());
+            let mut updates = cache.updates();
+            let first = recv(&mut updates).await;
+            store.txn(vec![put(&eps[2].0, &eps[2].1)]).await.unwrap();
+            let u = recv(&mut updates).await;
+            assert!(!u.relisted);
+            assert_eq!(*u.changed, vec![eps[2].0.clone()]);
+            assert_eq!(u.snapshot.revision, store.revision());
+            assert_eq!(u.snapshot.services()["api"].len(), 1);
+            // One transaction: one update with both keys; a bad value is rejected, not kept.
+            store
+                .txn(vec![delete(&eps[0].0), put(&eps[1].0, b"{bad")])
+                .await
+                .unwrap();
+            let u = recv(&mut updates).await;
+            assert_eq!(*u.changed, sorted(&[&eps[0].0, &eps[1].0]));
+            assert_eq!(u.snapshot.revision, store.revision());
+            assert!(!u.snapshot.kvs.contains_key(&eps[0].0));
+            assert!(u.snapshot.rejected.contains_key(&eps[1].0));
+            assert!(!u.snapshot.kvs.contains_key(&eps[1].0));
+            assert_eq!(u.snapshot.endpoints.len(), 1);
+            // The values not written are the very allocations of the first snapshot.
+            assert!(Arc::ptr_eq(
+                &first.snapshot.kvs["/flotilla/config/x"],
+                &u.snapshot.kvs["/flotilla/config/x"]
+            ));
+            // A write outside the prefix publishes nothing; a progress notification moves the
+            // revision.
+            store.txn(vec![put("/other/z", b"3")]).await.unwrap();
+            store.progress();
+            let snap = tokio::time::timeout(
+                Duration::from_secs(60),
+                cache.wait_for_revision(store.revision()),
+            )
+            .await
+            .expect("the revision moves");
+            assert_eq!(snap.revision, store.revision());
+            assert!(updates.try_recv().is_none(), "nothing changed");
+            assert_eq!(cache.status().borrow().lists, 1, "no relist");
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_failed_watch_relists_and_publishes_only_the_difference() {
+            let (store, eps) = store().await;
+            let cache = spawn(&store, Tuning::default());
+            let mut updates = cache.updates();
+            recv(&mut updates).await;
+            store.break_watches();
+            store
+                .txn(vec![delete(&eps[0].0), put(&eps[2].0, &eps[2].1)])
+                .await
+                .unwrap();
+            let u = recv(&mut updates).await;
+            assert!(u.relisted);
+            assert_eq!(*u.changed, sorted(&[&eps[0].0, &eps[2].0]));
+            assert_eq!(u.snapshot.revision, store.revision());
+            assert_eq!(u.snapshot.endpoints.len(), 2);
+            let status = cache.status().borrow().clone();
+            assert_eq!((status.lists, status.faults), (2, 1));
+            // Watching again.
+            store
+                .txn(vec![put("/flotilla/config/x", b"2")])
+                .await
+                .unwrap();
+            let u = recv(&mut updates).await;
+            assert!(!u.relisted);
+            assert_eq!(*u.changed, vec!["/flotilla/config/x".to_string()]);
+            assert_eq!(cache.status().borrow().state, CacheState::Watching);
+            // The store away: the view is kept (degraded), then relisted when it is back.
+            store.set_unreachable(true);
+            let mut status = cache.status();
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                status.wait_for(|s| matches!(s.state, CacheState::Degraded { .. })),
+            )
+            .await
+            .expect("degraded")
+            .unwrap();
+            assert_eq!(cache.current().endpoints.len(), 2, "the last view is kept");
+            store.set_unreachable(false);
+            store.txn(vec![delete("/flotilla/config/x")]).await.unwrap();
+            let u = recv(&mut updates).await;
+            assert!(u.relisted);
+            assert_eq!(*u.changed, vec!["/flotilla/config/x".to_string()]);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn with_two_prefixes_only_the_registrys_watcher_moves_the_revision() {
+            let (store, eps) = store().await;
+            let cache = WatchCache::spawn_with(
+                store.clone(),
+                keys(),
+                // "/app/" sorts before the registry's prefix: the cache still creates the
+                // registry's watcher first.
+                vec!["/app/".into(), keys().root()],
+                Tuning::default(),
+            );
+            let mut updates = cache.updates();
+            let u = recv(&mut updates).await;
+            assert!(!u.snapshot.kvs.contains_key("/other/y"));
+            let listed = u.snapshot.revision;
+            store.txn(vec![put("/app/z", b"3")]).await.unwrap();
+            let u = recv(&mut updates).await;
+            assert_eq!(*u.changed, vec!["/app/z".to_string()]);
+            assert_eq!(u.snapshot.revision, listed, "another watcher's event");
+            store.txn(vec![put(&eps[2].0, &eps[2].1)]).await.unwrap();
+            let u = recv(&mut updates).await;
+            assert_eq!(*u.changed, vec![eps[2].0.clone()]);
+            assert_eq!(u.snapshot.revision, store.revision());
+            // A changed set relists: keys no longer covered leave in one update.
+            assert!(cache.set_prefixes(vec![keys().root()]));
+            let u = recv(&mut updates).await;
+            assert!(u.relisted);
+            assert_eq!(*u.changed, vec!["/app/z".to_string()]);
+            assert!(!u.snapshot.kvs.contains_key("/app/z"));
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_compacted_watch_revision_relists() {
+            let (store, eps) = store().await;
+            let cache = spawn(
+                &store,
+                Tuning {
+                    pause_before_watch: Duration::from_secs(1),
+                    ..Tuning::default()
+                },
+            );
+            let mut updates = cache.updates();
+            let first = recv(&mut updates).await;
+            // Between the list and the watch: two writes, then a compaction past the watch's
+            // start revision.
+            store.txn(vec![put(&eps[2].0, &eps[2].1)]).await.unwrap();
+            store.txn(vec![delete(&eps[1].0)]).await.unwrap();
+            store.compact(store.revision());
+            let u = recv(&mut updates).await;
+            assert!(u.relisted);
+            assert_eq!(*u.changed, sorted(&[&eps[1].0, &eps[2].0]));
+            assert_eq!(u.snapshot.revision, store.revision());
+            assert!(u.snapshot.revision > first.snapshot.revision);
+            let status = cache.status().borrow().clone();
+            assert_eq!((status.compactions, status.faults, status.lists), (1, 0, 2));
+        }
     }
 }

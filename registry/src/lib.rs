@@ -33,7 +33,8 @@ pub mod shutdown;
 pub mod store;
 
 pub use cache::{
-    fetch_snapshot, Bytes, CacheState, CacheStatus, Snapshot, Tuning, Update, Updates, WatchCache,
+    fetch_snapshot, Bytes, CacheState, CacheStatus, Connector, Snapshot, Tuning, Update, Updates,
+    WatchCache,
 };
 pub use etcd::{EtcdArgs, EtcdError, StoreError};
 pub use keys::{KeyKind, Keys};

@@ -284,6 +284,7 @@ async fn watch_cache_stays_exact_across_compaction() {
     // starts: the watch is refused as compacted and the cache must relist.
     let tuning = Tuning {
         pause_before_watch: Duration::from_secs(2),
+        ..Tuning::default()
     };
     let cache = WatchCache::spawn_tuned(a.clone(), keys(), vec![keys().root()], tuning);
     let mut follower = Follower::new(&cache);
@@ -800,4 +801,98 @@ async fn watch_cache_mirrors_keys_outside_the_prefix_and_follows_a_changed_set()
     })
     .await
     .expect("keys that left the set and new ones are listed as changed");
+}
+
+/// `EtcdStore`'s side of the store trait that the cache uses: pages pinned to a revision, a
+/// watch of two prefixes (watcher indices, events, progress), compaction as typed errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_store_pages_and_watches_as_the_trait_says() {
+    use flotilla_registry::store::{EtcdStore, Store, Watch, WatchError, WatchEvent};
+    use flotilla_registry::StoreError;
+    let etcd = Etcd::start();
+    let mut client = args(vec![etcd.endpoint()])
+        .connect()
+        .await
+        .expect("connect");
+    let store = EtcdStore::new(client.clone());
+    for k in ["/a/1", "/a/2", "/a/3", "/b/1"] {
+        client.put(k, "v", None).await.unwrap();
+    }
+    let first = store
+        .range_page(b"/a/".to_vec(), b"/a0".to_vec(), 0, 2)
+        .await
+        .unwrap();
+    assert!(first.more);
+    assert_eq!(first.kvs.len(), 2);
+    client.put("/a/4", "v", None).await.unwrap();
+    client.delete("/a/3", None).await.unwrap();
+    let second = store
+        .range_page(b"/a/2\0".to_vec(), b"/a0".to_vec(), first.revision, 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        second.kvs.iter().map(|kv| &kv.key[..]).collect::<Vec<_>>(),
+        [b"/a/3"],
+        "pinned to the first page's revision"
+    );
+    assert!(
+        second.revision > first.revision,
+        "the header is the current revision"
+    );
+
+    let start = first.revision + 1;
+    let mut w = store
+        .watch(vec!["/b/".into(), "/a/".into()], start)
+        .await
+        .unwrap();
+    client.put("/b/2", "x", None).await.unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let r = tokio::time::timeout(DEADLINE, w.next())
+            .await
+            .expect("an answer")
+            .unwrap();
+        for ev in r.events {
+            let kind = matches!(ev, WatchEvent::Put { .. });
+            seen.push((
+                r.watcher,
+                String::from_utf8(ev.key().to_vec()).unwrap(),
+                kind,
+            ));
+        }
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            (0, "/b/2".to_string(), true),
+            (1, "/a/3".to_string(), false),
+            (1, "/a/4".to_string(), true)
+        ]
+    );
+
+    let now = client
+        .get("/", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision();
+    client.compact(now, None).await.expect("compact");
+    let e = store
+        .range_page(b"/a/".to_vec(), b"/a0".to_vec(), first.revision, 0)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Failed { .. }), "{e}");
+    let mut old = store.watch(vec!["/a/".into()], start).await.unwrap();
+    let e = tokio::time::timeout(DEADLINE, old.next())
+        .await
+        .expect("an answer")
+        .unwrap_err();
+    assert_eq!(
+        e,
+        WatchError::Compacted {
+            compact_revision: now
+        }
+    );
 }
