@@ -35,12 +35,9 @@ const CRATES: [&str; 7] = [
 /// longer over the limit fails the test, so the list only shrinks: remove an entry when its
 /// function is split.
 ///
-/// These live in files other engineers are changing now (issue #15: the store trait, the change
-/// feed); they remove the entries when they split the functions.
-const ALLOWED_ELSEWHERE: &[(&str, &str)] = &[
-    ("confgen/src/runtime.rs", "Runtime::attempt"),
-    ("registry/src/cache.rs", "Worker::watch"),
-];
+/// Empty: every non-test function is within the limit. An entry is a debt, named here so it
+/// is seen.
+const ALLOWED_ELSEWHERE: &[(&str, &str)] = &[];
 
 /// One function longer than the limit.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]

@@ -184,52 +184,11 @@ impl Runtime {
             if self.compared || self.backing_off() {
                 return Attempt::Unchanged;
             }
-            // First look since start: the running HAProxy may differ from the file (a run
-            // killed in the middle of an apply). Make it equal.
-            let Ok(cfg) = Config::parse(&String::from_utf8_lossy(rendered)) else {
-                return Attempt::Unchanged;
-            };
-            let Ok(changes) = cfg.server_changes(&cfg) else {
-                return Attempt::Unchanged;
-            };
-            let started = Instant::now();
-            let result = apply_servers(&self.api, &changes, Scope::All, &self.options).await;
-            metrics
-                .runtime_apply_seconds
-                .observe(started.elapsed().as_secs_f64());
-            return match self.note(res, result) {
-                Ok(report) => {
-                    self.compared = true;
-                    self.released(res);
-                    if !report.is_noop() {
-                        metrics
-                            .runtime_applies
-                            .get_or_create(&crate::metrics::resource(&res.name))
-                            .inc();
-                        warn!(resource = %res.name, socket = %self.socket.display(), changed = %report, "the running HAProxy differed from the destination (an earlier run was interrupted); its servers now equal the file");
-                    }
-                    Attempt::Unchanged
-                }
-                Err(e) => Attempt::ReloadCurrent {
-                    reason: e.reason(),
-                    detail: e.to_string(),
-                },
-            };
+            return self.make_running_equal(res, rendered, metrics).await;
         }
-        let Some(old) = current.as_deref() else {
-            return skip("structural", "no destination file yet".into());
-        };
-        let old = match Config::parse(&String::from_utf8_lossy(old)) {
-            Ok(c) => c,
-            Err(e) => return skip("unparseable", format!("{}: {e}", res.dest.display())),
-        };
-        let new = match Config::parse(&String::from_utf8_lossy(rendered)) {
-            Ok(c) => c,
-            Err(e) => return skip("unparseable", format!("the render: {e}")),
-        };
-        let changes = match old.server_changes(&new) {
-            Ok(c) => c,
-            Err(s) => return skip("structural", s.detail),
+        let (old, new, changes) = match plan(res, current.as_deref(), rendered) {
+            Ok(p) => p,
+            Err((reason, detail)) => return skip(reason, detail),
         };
         if self.backing_off() {
             return skip(
@@ -242,17 +201,7 @@ impl Runtime {
         } else {
             Scope::All
         };
-        // Servers this apply puts in maintenance to remove them, noted beside `dest` until the
-        // apply is over: a run killed in between cannot tell them from an operator's
-        // maintenance otherwise, and one that comes back to the file would stay out.
-        let removing: BTreeSet<(String, String)> = changes
-            .changed()
-            .flat_map(|b| b.removed().map(|s| (b.backend.clone(), s.clone())))
-            .collect();
-        if !removing.is_empty() {
-            let all: BTreeSet<_> = self.options.release.union(&removing).cloned().collect();
-            write_journal(&res.dest, &all);
-        }
+        let removing = self.journal_removals(res, &changes);
         // The runtime commands go first; the new file is staged (a write and an fsync of the
         // whole file) on another thread meanwhile, and checked once the commands are done: the
         // check is a fork of `haproxy -c` that needs a core for tens of milliseconds, which on
@@ -298,26 +247,7 @@ impl Runtime {
         let staged = match staged {
             Ok(staged) => staged,
             Err(failure) => {
-                // The running servers may be ahead of the file that stays: bring them back
-                // (through the socket if it answers; else the caller reloads the file).
-                let back = match &result {
-                    Err(SyncError::Unreachable(_)) => None,
-                    _ => new.server_changes(&old).ok(),
-                };
-                let reverted = match back {
-                    Some(back) => {
-                        let r =
-                            apply_servers(&self.api, &back, Scope::Changed, &self.options).await;
-                        match self.note(res, r) {
-                            Ok(_) => true,
-                            Err(e) => {
-                                warn!(resource = %res.name, error = %e, "cannot revert the servers applied with a render that was not written; reloading the current file");
-                                false
-                            }
-                        }
-                    }
-                    None => false,
-                };
+                let reverted = self.revert(res, &result, &old, &new).await;
                 return match failure {
                     NotStaged::CheckFailed(output) => Attempt::CheckFailed { output, reverted },
                     NotStaged::WriteFailed(error) => Attempt::WriteFailed { error, reverted },
@@ -330,6 +260,94 @@ impl Runtime {
             result,
             applied_at,
         }
+    }
+
+    /// The destination already holds `rendered`, first look since start: the running HAProxy
+    /// may differ from the file (a run killed in the middle of an apply). Makes it equal.
+    async fn make_running_equal(
+        &mut self,
+        res: &Resource,
+        rendered: &[u8],
+        metrics: &Metrics,
+    ) -> Attempt {
+        let Ok(cfg) = Config::parse(&String::from_utf8_lossy(rendered)) else {
+            return Attempt::Unchanged;
+        };
+        let Ok(changes) = cfg.server_changes(&cfg) else {
+            return Attempt::Unchanged;
+        };
+        let started = Instant::now();
+        let result = apply_servers(&self.api, &changes, Scope::All, &self.options).await;
+        metrics
+            .runtime_apply_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match self.note(res, result) {
+            Ok(report) => {
+                self.compared = true;
+                self.released(res);
+                if !report.is_noop() {
+                    metrics
+                        .runtime_applies
+                        .get_or_create(&crate::metrics::resource(&res.name))
+                        .inc();
+                    warn!(resource = %res.name, socket = %self.socket.display(), changed = %report, "the running HAProxy differed from the destination (an earlier run was interrupted); its servers now equal the file");
+                }
+                Attempt::Unchanged
+            }
+            Err(e) => Attempt::ReloadCurrent {
+                reason: e.reason(),
+                detail: e.to_string(),
+            },
+        }
+    }
+
+    /// After a render that was applied but not written: brings the running servers back to
+    /// the file that stays; false if that is not possible (the caller reloads the file).
+    async fn revert(
+        &mut self,
+        res: &Resource,
+        result: &Result<SyncReport, SyncError>,
+        old: &Config,
+        new: &Config,
+    ) -> bool {
+        // The running servers may be ahead of the file that stays: bring them back
+        // (through the socket if it answers; else the caller reloads the file).
+        let back = match result {
+            Err(SyncError::Unreachable(_)) => None,
+            _ => new.server_changes(old).ok(),
+        };
+        match back {
+            Some(back) => {
+                let r = apply_servers(&self.api, &back, Scope::Changed, &self.options).await;
+                match self.note(res, r) {
+                    Ok(_) => true,
+                    Err(e) => {
+                        warn!(resource = %res.name, error = %e, "cannot revert the servers applied with a render that was not written; reloading the current file");
+                        false
+                    }
+                }
+            }
+            None => false,
+        }
+    }
+
+    /// Servers this apply puts in maintenance to remove them, noted beside `dest` until the
+    /// apply is over: a run killed in between cannot tell them from an operator's maintenance
+    /// otherwise, and one that comes back to the file would stay out.
+    fn journal_removals(
+        &self,
+        res: &Resource,
+        changes: &proxyctl::config::ServerChanges,
+    ) -> BTreeSet<(String, String)> {
+        let removing: BTreeSet<(String, String)> = changes
+            .changed()
+            .flat_map(|b| b.removed().map(|s| (b.backend.clone(), s.clone())))
+            .collect();
+        if !removing.is_empty() {
+            let all: BTreeSet<_> = self.options.release.union(&removing).cloned().collect();
+            write_journal(&res.dest, &all);
+        }
+        removing
     }
 
     /// An apply completed: the servers an earlier run left in maintenance are settled.
@@ -388,6 +406,27 @@ impl Runtime {
         }
         result
     }
+}
+
+/// The two configs and the server changes between them; `Err` is the reason (a metric label)
+/// and detail of why the runtime API cannot apply this render (no file yet, a config that does
+/// not parse, a structural change).
+fn plan(
+    res: &Resource,
+    current: Option<&[u8]>,
+    rendered: &[u8],
+) -> Result<(Config, Config, proxyctl::config::ServerChanges), (&'static str, String)> {
+    let Some(old) = current else {
+        return Err(("structural", "no destination file yet".into()));
+    };
+    let old = Config::parse(&String::from_utf8_lossy(old))
+        .map_err(|e| ("unparseable", format!("{}: {e}", res.dest.display())))?;
+    let new = Config::parse(&String::from_utf8_lossy(rendered))
+        .map_err(|e| ("unparseable", format!("the render: {e}")))?;
+    let changes = old
+        .server_changes(&new)
+        .map_err(|s| ("structural", s.detail))?;
+    Ok((old, new, changes))
 }
 
 /// `.<dest name>.runtime-removing` beside the destination: the servers (`backend/server` per
