@@ -90,11 +90,15 @@ impl Podman {
         }
         let nofile = own_hard_limit("Max open files").min(1_048_576);
         let nproc = own_hard_limit("Max processes").min(32_768);
+        // File locks (under the service's own --tmpdir), not the default shared-memory ones:
+        // those live in one machine-wide /dev/shm/libpod_lock, and two services starting at
+        // once (tests run on two threads) failed with "failed to open 2048 locks in
+        // /libpod_lock: bad file descriptor".
         fs::write(
             dir.path().join("containers.conf"),
             format!(
                 "[containers]\ndefault_ulimits = [\"nofile={nofile}:{nofile}\", \"nproc={nproc}:{nproc}\"]\n\
-                 [engine]\nevents_logger = \"file\"\ncgroup_manager = \"cgroupfs\"\n"
+                 [engine]\nevents_logger = \"file\"\ncgroup_manager = \"cgroupfs\"\nlock_type = \"file\"\n"
             ),
         )
         .expect("containers.conf");
